@@ -1,0 +1,1 @@
+//! bitsandbytes quantization. (Filled by the bitsandbytes work.)

@@ -1,0 +1,2 @@
+//! `convcache`: the command line.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Hardened safetensors header parsing. (Filled by the detect work.)

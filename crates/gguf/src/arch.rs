@@ -1,0 +1,1 @@
+//! Diffusion architecture detection from tensor key sets. (Filled by the conversion work.)

@@ -1,0 +1,1 @@
+//! Quantization kernels, one type per block format. (Filled by the kernels work.)

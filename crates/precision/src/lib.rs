@@ -1,0 +1,1 @@
+//! Precision conversion of safetensors files. (Filled by the precision work.)

@@ -1,0 +1,1 @@
+//! The three-stage conversion. (Filled by the orchestration work.)

@@ -1,0 +1,2 @@
+//! `cargo xtask <task>`. (Filled by the fixtures work.)
+fn main() {}
