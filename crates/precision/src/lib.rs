@@ -1,1 +1,7 @@
-//! Precision conversion of safetensors files. (Filled by the precision work.)
+//! Precision conversion of safetensors files. (Converter filled by the precision work.)
+//!
+//! - [`writer`]: the streaming safetensors writer every safetensors output goes through.
+
+pub mod writer;
+
+pub use writer::{SafetensorsWriter, TensorSpec};
