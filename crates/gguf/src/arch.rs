@@ -1,1 +1,611 @@
-//! Diffusion architecture detection from tensor key sets. (Filled by the conversion work.)
+//! Diffusion architecture detection from tensor key sets, and the per-architecture tables that
+//! ComfyUI-GGUF's conversion applies.
+//!
+//! The rules are those of ComfyUI-GGUF's `tools/convert.py` (`detect_arch`, `is_model_arch`,
+//! `strip_prefix`, the `Model*` templates) and `tools/lcpp.patch` (which tensors are never
+//! quantized), taken from the `auto_convert` branch (city96/ComfyUI-GGUF @ 4dfc025): it is the
+//! one that knows `qwen_image`, and its flux/sd3 diffusers probes no longer collide with
+//! Qwen-Image's `transformer_blocks.*` keys (main's would reject Qwen-Image as diffusers flux).
+//! Its key sets are a superset of main's otherwise.
+//!
+//! Detection: architectures are tried in [`Arch::DETECTION_ORDER`]; one matches when every key
+//! of any one of its [`Arch::keys_detect`] tuples is present; the first match wins. If the
+//! matching architecture has a [`Arch::keys_banned`] key, the file is in the diffusers layout
+//! and is refused: ComfyUI-GGUF only loads the reference layout (fused q/k/v, original names).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+
+/// Tensors with at most this many elements are stored in F32 (F16 for F16/FP8 sources)
+/// rather than quantized (convert.py `QUANTIZATION_THRESHOLD`).
+pub const QUANTIZATION_THRESHOLD: u64 = 1024;
+/// The sd1/sdxl reshape applies only to tensors with at least this many elements
+/// (convert.py `REARRANGE_THRESHOLD`).
+pub const REARRANGE_THRESHOLD: u64 = 512;
+/// Longest tensor name convert.py accepts (patched llama.cpp has `GGML_MAX_NAME` = 128).
+pub const MAX_TENSOR_NAME_LENGTH: usize = 127;
+/// Most dims llama-quantize handles (convert.py `MAX_TENSOR_DIMS`); larger tensors are written
+/// as F32 with all their dims, as `fix_5d_tensors.py` does.
+pub const MAX_TENSOR_DIMS: usize = 4;
+
+/// A diffusion-model architecture, as named in `general.architecture`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Arch {
+    Flux,
+    Sd3,
+    Aura,
+    Hidream,
+    Cosmos,
+    Ltxv,
+    Hyvid,
+    Wan,
+    Sdxl,
+    Sd1,
+    Lumina2,
+    QwenImage,
+}
+
+/// A tensor-name rule of the quantization blacklist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPattern {
+    /// The name contains this substring.
+    Contains(&'static str),
+    /// The name is exactly this.
+    Exact(&'static str),
+}
+
+impl KeyPattern {
+    /// Whether `name` matches.
+    pub fn matches(self, name: &str) -> bool {
+        match self {
+            KeyPattern::Contains(s) => name.contains(s),
+            KeyPattern::Exact(s) => name == s,
+        }
+    }
+}
+
+use KeyPattern::{Contains as C, Exact as E};
+
+/// Per-architecture data; one row per [`Arch`], in detection order.
+struct ArchSpec {
+    arch: Arch,
+    name: &'static str,
+    detect: &'static [&'static [&'static str]],
+    banned: &'static [&'static str],
+    hiprec: &'static [&'static str],
+    ignore: &'static [&'static str],
+    shape_fix: bool,
+    ndims_fix: bool,
+    no_quant: &'static [KeyPattern],
+}
+
+const FLUX_LIKE_NO_QUANT: &[KeyPattern] = &[
+    C("txt_in."),
+    C("img_in."),
+    C("time_in."),
+    C("vector_in."),
+    C("guidance_in."),
+    C("final_layer."),
+];
+
+const UNET_NO_QUANT: &[KeyPattern] = &[
+    C("class_embedding."),
+    C("time_embedding."),
+    C("add_embedding."),
+    C("time_embed."),
+    C("label_emb."),
+    C("conv_in."),
+    C("conv_out."),
+    E("input_blocks.0.0.weight"),
+    E("out.2.weight"),
+];
+
+/// The tables, in convert.py's `arch_list` order (auto_convert branch).
+const SPECS: [ArchSpec; 12] = [
+    ArchSpec {
+        arch: Arch::Flux,
+        name: "flux",
+        detect: &[
+            &["single_transformer_blocks.0.attn.norm_k.weight"],
+            &["double_blocks.0.img_attn.proj.weight"],
+        ],
+        banned: &["single_transformer_blocks.0.attn.norm_k.weight"],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("txt_in."),
+            C("img_in."),
+            C("time_in."),
+            C("vector_in."),
+            C("guidance_in."),
+            C("final_layer."),
+            // Flux.2
+            C("single_stream_modulation."),
+            C("double_stream_modulation_"),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Sd3,
+        name: "sd3",
+        detect: &[
+            &["transformer_blocks.0.ff_context.net.0.proj.weight"],
+            &["joint_blocks.0.x_block.attn.qkv.weight"],
+        ],
+        banned: &["transformer_blocks.0.ff_context.net.0.proj.weight"],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("final_layer."),
+            C("time_text_embed."),
+            C("context_embedder."),
+            C("t_embedder."),
+            C("y_embedder."),
+            C("x_embedder."),
+            E("proj_out.weight"),
+            E("pos_embed"),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Aura,
+        name: "aura",
+        detect: &[
+            &["double_layers.3.modX.1.weight"],
+            &["joint_transformer_blocks.3.ff_context.out_projection.weight"],
+        ],
+        banned: &["joint_transformer_blocks.3.ff_context.out_projection.weight"],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("t_embedder."),
+            C("init_x_linear."),
+            E("modF.1.weight"),
+            E("cond_seq_linear.weight"),
+            E("final_linear.weight"),
+            E("positional_encoding"),
+            E("register_tokens"),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Hidream,
+        name: "hidream",
+        detect: &[&[
+            "caption_projection.0.linear.weight",
+            "double_stream_blocks.0.block.ff_i.shared_experts.w3.weight",
+        ]],
+        banned: &[],
+        hiprec: &[".ff_i.gate.weight", "img_emb.emb_pos"],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("p_embedder."),
+            C("t_embedder."),
+            C("x_embedder."),
+            C("final_layer."),
+            C(".ff_i.gate.weight"),
+            C("caption_projection."),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Cosmos,
+        name: "cosmos",
+        detect: &[&[
+            "blocks.0.mlp.layer1.weight",
+            "blocks.0.adaln_modulation_cross_attn.1.weight",
+        ]],
+        banned: &[],
+        hiprec: &["pos_embedder"],
+        ignore: &["_extra_state", "accum_"],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("p_embedder."),
+            C("t_embedder."),
+            C("t_embedding_norm."),
+            C("x_embedder."),
+            C("pos_embedder."),
+            C("final_layer."),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::QwenImage,
+        name: "qwen_image",
+        detect: &[&[
+            "time_text_embed.timestep_embedder.linear_2.weight",
+            "transformer_blocks.0.attn.norm_added_q.weight",
+            "transformer_blocks.0.img_mlp.net.0.proj.weight",
+        ]],
+        banned: &[],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("img_in."),
+            C("txt_in."),
+            C("time_text_embed."),
+            C("proj_out."),
+            C("norm_out."),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Ltxv,
+        name: "ltxv",
+        detect: &[&[
+            "adaln_single.emb.timestep_embedder.linear_2.weight",
+            "transformer_blocks.27.scale_shift_table",
+            "caption_projection.linear_2.weight",
+        ]],
+        banned: &[],
+        hiprec: &["scale_shift_table"],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("adaln_single."),
+            C("caption_projection."),
+            C("patchify_proj."),
+            C("proj_out."),
+            C("scale_shift_table"),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Hyvid,
+        name: "hyvid",
+        detect: &[&[
+            "double_blocks.0.img_attn_proj.weight",
+            "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight",
+        ]],
+        banned: &[],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: true,
+        no_quant: FLUX_LIKE_NO_QUANT,
+    },
+    ArchSpec {
+        arch: Arch::Wan,
+        name: "wan",
+        detect: &[&[
+            "blocks.0.self_attn.norm_q.weight",
+            "text_embedding.2.weight",
+            "head.modulation",
+        ]],
+        banned: &[],
+        hiprec: &[
+            ".modulation",
+            ".encoder.padding_tokens",
+            "trainable_cond_mask",
+            "casual_audio_encoder.weights",
+            "casual_audio_encoder.encoder.conv",
+        ],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: true,
+        no_quant: &[
+            C("modulation."),
+            C("patch_embedding."),
+            C("text_embedding."),
+            C("time_projection."),
+            C("time_embedding."),
+            C("img_emb."),
+            C("head."),
+            // Wan S2V
+            C("cond_encoder."),
+            C("frame_packer."),
+            C("audio_injector."),
+            C("casual_audio_encoder."),
+            C("trainable_cond_mask."),
+        ],
+    },
+    ArchSpec {
+        arch: Arch::Sdxl,
+        name: "sdxl",
+        detect: &[
+            &[
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "add_embedding.linear_1.weight",
+            ],
+            &[
+                "input_blocks.3.0.op.weight",
+                "input_blocks.6.0.op.weight",
+                "output_blocks.2.2.conv.weight",
+                "output_blocks.5.2.conv.weight",
+            ],
+            &["label_emb.0.0.weight"],
+        ],
+        banned: &[],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: true,
+        ndims_fix: false,
+        no_quant: UNET_NO_QUANT,
+    },
+    ArchSpec {
+        arch: Arch::Sd1,
+        name: "sd1",
+        detect: &[
+            &["down_blocks.0.downsamplers.0.conv.weight"],
+            &[
+                "input_blocks.3.0.op.weight",
+                "input_blocks.6.0.op.weight",
+                "input_blocks.9.0.op.weight",
+                "output_blocks.2.1.conv.weight",
+                "output_blocks.5.2.conv.weight",
+                "output_blocks.8.2.conv.weight",
+            ],
+        ],
+        banned: &[],
+        hiprec: &[],
+        ignore: &[],
+        shape_fix: true,
+        ndims_fix: false,
+        no_quant: UNET_NO_QUANT,
+    },
+    ArchSpec {
+        arch: Arch::Lumina2,
+        name: "lumina2",
+        detect: &[&[
+            "cap_embedder.1.weight",
+            "context_refiner.0.attention.qkv.weight",
+        ]],
+        banned: &[],
+        // Z-Image, which is detected as lumina2.
+        hiprec: &["x_pad_token", "cap_pad_token"],
+        ignore: &[],
+        shape_fix: false,
+        ndims_fix: false,
+        no_quant: &[
+            C("t_embedder."),
+            C("x_embedder."),
+            C("final_layer."),
+            C("cap_embedder."),
+            C("context_refiner."),
+            C("noise_refiner."),
+            C("x_pad_token."),
+            C("cap_pad_token."),
+        ],
+    },
+];
+
+impl Arch {
+    /// Every architecture, in the order detection tries them (convert.py's `arch_list`):
+    /// sdxl before sd1, whose diffusers probe is a subset of sdxl's.
+    pub const DETECTION_ORDER: [Arch; 12] = [
+        Arch::Flux,
+        Arch::Sd3,
+        Arch::Aura,
+        Arch::Hidream,
+        Arch::Cosmos,
+        Arch::QwenImage,
+        Arch::Ltxv,
+        Arch::Hyvid,
+        Arch::Wan,
+        Arch::Sdxl,
+        Arch::Sd1,
+        Arch::Lumina2,
+    ];
+
+    fn spec(self) -> &'static ArchSpec {
+        // Every arch has a row (unit-tested); the fallback is never taken.
+        SPECS.iter().find(|s| s.arch == self).unwrap_or(&SPECS[0])
+    }
+
+    /// The `general.architecture` string (one of ComfyUI-GGUF's `IMG_ARCH_LIST`).
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// Key tuples; the architecture matches when all keys of any one tuple are present.
+    pub fn keys_detect(self) -> &'static [&'static [&'static str]] {
+        self.spec().detect
+    }
+
+    /// Keys whose presence (after a match) marks the diffusers layout, which is refused.
+    pub fn keys_banned(self) -> &'static [&'static str] {
+        self.spec().banned
+    }
+
+    /// Name substrings of tensors kept in high precision (F32 for F32/BF16 sources): raw
+    /// `nn.Parameter`s that ComfyUI cannot load from BF16 or quantized data.
+    pub fn keys_hiprec(self) -> &'static [&'static str] {
+        self.spec().hiprec
+    }
+
+    /// Name substrings of tensors left out of the output.
+    pub fn keys_ignore(self) -> &'static [&'static str] {
+        self.spec().ignore
+    }
+
+    /// Whether convert.py's sd1/sdxl reshape applies: a tensor with more than one dim, at least
+    /// [`REARRANGE_THRESHOLD`] elements, an element count divisible by 256 and a last torch dim
+    /// not divisible by 256 is stored as `(n/256, 256)` with its original shape recorded in
+    /// `comfy.gguf.orig_shape.<name>` (INT32 array, torch order).
+    pub fn shape_fix(self) -> bool {
+        self.spec().shape_fix
+    }
+
+    /// Whether tensors with more than [`MAX_TENSOR_DIMS`] dims are tolerated (hyvid, wan: they
+    /// end up as F32 with all their dims); for other architectures such a tensor is an error.
+    pub fn ndims_fix(self) -> bool {
+        self.spec().ndims_fix
+    }
+
+    /// The patched llama-quantize's per-architecture rules for tensors that are never quantized
+    /// (they keep the base type). Besides these, only tensors with exactly 2 dims whose name
+    /// ends in `weight` and does not contain `_norm.weight` are quantized.
+    pub fn no_quant_patterns(self) -> &'static [KeyPattern] {
+        self.spec().no_quant
+    }
+
+    /// Whether `name` contains a [`Arch::keys_hiprec`] substring.
+    pub fn is_hiprec(self, name: &str) -> bool {
+        self.keys_hiprec().iter().any(|k| name.contains(k))
+    }
+
+    /// Whether `name` contains a [`Arch::keys_ignore`] substring.
+    pub fn is_ignored(self, name: &str) -> bool {
+        self.keys_ignore().iter().any(|k| name.contains(k))
+    }
+
+    /// Whether `name` matches a [`Arch::no_quant_patterns`] rule.
+    pub fn is_quant_excluded(self, name: &str) -> bool {
+        self.no_quant_patterns().iter().any(|p| p.matches(name))
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An `--arch` value that names no architecture.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown architecture `{0}` (expected one of: flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2)"
+)]
+pub struct UnknownArchName(pub String);
+
+impl FromStr for Arch {
+    type Err = UnknownArchName;
+    /// Case-insensitive; `-` is accepted for `_` (`qwen-image`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let norm = s.trim().to_ascii_lowercase().replace('-', "_");
+        Arch::DETECTION_ORDER
+            .into_iter()
+            .find(|a| a.name() == norm)
+            .ok_or_else(|| UnknownArchName(s.to_owned()))
+    }
+}
+
+/// Why no architecture could be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArchError {
+    /// The keys are those of `arch` in the diffusers layout.
+    #[error(
+        "this is a {arch} model in the diffusers layout; only the reference (non-diffusers) layout \
+         can be converted, because ComfyUI-GGUF loads original key names with fused q/k/v \
+         projections. Use the model's original single-file checkpoint instead"
+    )]
+    DiffusersLayout { arch: Arch },
+    /// No architecture's key set is present.
+    #[error(
+        "unknown model architecture: the tensor names match none of flux, sd3, aura, hidream, \
+         cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2 (a full checkpoint with VAE \
+         and text encoders must have its diffusion model extracted; --arch forces one)"
+    )]
+    Unknown,
+}
+
+/// Detects the architecture from tensor names (already stripped of their prefix) by
+/// convert.py's rule: the first architecture in [`Arch::DETECTION_ORDER`] with any key tuple
+/// fully present wins, and is refused if it also has a banned (diffusers) key.
+pub fn detect_arch<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<Arch, ArchError> {
+    let keys: HashSet<&str> = keys.into_iter().collect();
+    for arch in Arch::DETECTION_ORDER {
+        let matched = arch
+            .keys_detect()
+            .iter()
+            .any(|tuple| tuple.iter().all(|k| keys.contains(k)));
+        if matched {
+            if arch.keys_banned().iter().any(|k| keys.contains(k)) {
+                return Err(ArchError::DiffusersLayout { arch });
+            }
+            return Ok(arch);
+        }
+    }
+    Err(ArchError::Unknown)
+}
+
+/// The prefix ComfyUI's loaders and most checkpoints put before diffusion-model keys.
+pub const DIFFUSION_MODEL_PREFIX: &str = "model.diffusion_model.";
+
+/// `name` without a leading `model.diffusion_model.` (the per-name rule of ComfyUI-GGUF's
+/// loader). For a whole state dict, use [`KeyPrefix`], which is convert.py's rule.
+pub fn strip_prefix(name: &str) -> &str {
+    name.strip_prefix(DIFFUSION_MODEL_PREFIX).unwrap_or(name)
+}
+
+/// The prefix convert.py's `strip_prefix` removes from a whole state dict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPrefix {
+    /// Keys are used as they are.
+    None,
+    /// Some key starts with `model.diffusion_model.` (a full checkpoint).
+    DiffusionModel,
+    /// No key has the above, but some key starts with `model.`.
+    Model,
+    /// Every key starts with `net.` (Cosmos).
+    Net,
+}
+
+impl KeyPrefix {
+    /// Chooses the prefix as convert.py does: `model.diffusion_model.` if any key starts with
+    /// it, else `model.` if any key starts with it, else `net.` if all keys start with it.
+    pub fn detect<'a>(keys: impl IntoIterator<Item = &'a str> + Clone) -> KeyPrefix {
+        if keys
+            .clone()
+            .into_iter()
+            .any(|k| k.starts_with("model.diffusion_model."))
+        {
+            KeyPrefix::DiffusionModel
+        } else if keys.clone().into_iter().any(|k| k.starts_with("model.")) {
+            KeyPrefix::Model
+        } else {
+            let mut it = keys.into_iter().peekable();
+            if it.peek().is_some() && it.all(|k| k.starts_with("net.")) {
+                KeyPrefix::Net
+            } else {
+                KeyPrefix::None
+            }
+        }
+    }
+
+    /// The prefix string (empty for [`KeyPrefix::None`]).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyPrefix::None => "",
+            KeyPrefix::DiffusionModel => "model.diffusion_model.",
+            KeyPrefix::Model => "model.",
+            KeyPrefix::Net => "net.",
+        }
+    }
+
+    /// The key as convert.py keeps it: `None` when the key does not contain the prefix (it
+    /// is dropped, e.g. VAE and text-encoder keys of a full checkpoint), else the key with
+    /// every occurrence of the prefix removed (Python's `str.replace`).
+    pub fn apply(self, key: &str) -> Option<Cow<'_, str>> {
+        let p = self.as_str();
+        if p.is_empty() {
+            return Some(Cow::Borrowed(key));
+        }
+        if let Some(rest) = key.strip_prefix(p)
+            && !rest.contains(p)
+        {
+            return Some(Cow::Borrowed(rest));
+        }
+        key.contains(p).then(|| Cow::Owned(key.replace(p, "")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_are_in_detection_order() {
+        for (spec, arch) in SPECS.iter().zip(Arch::DETECTION_ORDER) {
+            assert_eq!(spec.arch, arch);
+            assert_eq!(arch.spec().name, spec.name);
+        }
+    }
+}

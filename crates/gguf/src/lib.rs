@@ -18,6 +18,7 @@ pub mod reader;
 pub mod types;
 pub mod writer;
 
-pub use reader::{GgufError, GgufFile, MetadataValue, TensorInfo};
+pub use arch::{Arch, ArchError, detect_arch};
+pub use reader::{GgufError, GgufErrorKind, GgufFile, MetadataValue, TensorInfo};
 pub use types::{FileType, GgmlType};
-pub use writer::GgufWriter;
+pub use writer::{GgufWriter, TensorDesc};
