@@ -1,1 +1,58 @@
-//! Where converted models live, and whether a cached one can be trusted. (Filled by the cache work.)
+//! Where converted models live, and whether a cached one can be trusted.
+//!
+//! - [`ModelsDir`]: finding the models dir (flag, `CONVCACHE_MODELS_DIR`, a ComfyUI install
+//!   above the current dir, `./models`) and the output dirs inside it.
+//! - [`naming`]: `{basename}_{precision}.{ext}` output names and parsing them back exactly.
+//! - [`digest`]: the chunked XXH3-128 content digest of a source.
+//! - [`provenance`]: the `convcache.*` key-values every output carries.
+//! - [`Cache`]: validated [`Cache::lookup`], [`Cache::batch_check`], [`Cache::list`],
+//!   [`Cache::stats`], [`Cache::cleanup`], [`Cache::evict_to`], and the file conventions the
+//!   converter (crate `smart`) follows: per-output lock files, temporaries, use stamps.
+//!
+//! # Files in an output dir
+//! - `flux_bf16.safetensors`: an output (published only by atomic rename).
+//! - `.flux_bf16.safetensors.<pid>.tmp`: an output being written by process `<pid>`.
+//! - `.convcache/flux_bf16.safetensors.lock`: the output's lock (locked while it is written
+//!   or removed; never deleted, so every process locks the same inode).
+//! - `.convcache/flux_bf16.safetensors.used`: its use stamp; the stamp's mtime is the last
+//!   time the output was produced or served from the cache (least-recently-used eviction).
+//!
+//! # What may be deleted
+//! [`Cache::cleanup`] and [`Cache::evict_to`] only remove regular files (never symlinks, never
+//! directories) found directly in the output dirs, whose names parse as output names and whose
+//! contents carry convcache provenance, and only while holding their lock (so never an output
+//! that is being written).
+
+pub mod digest;
+mod examine;
+mod models_dir;
+pub mod naming;
+pub mod provenance;
+mod store;
+
+use std::path::PathBuf;
+
+pub use examine::{Examined, examine};
+pub use models_dir::{MODELS_DIR_ENV, ModelsDir, ModelsDirOrigin};
+pub use naming::{basename_of, output_file_name, parse_output_name};
+pub use provenance::{Provenance, SourceStat};
+pub use store::{
+    Cache, CheckEntry, Entry, Eviction, Kind, Lookup, LookupOptions, LookupStatus, PrecisionTotals,
+    Removed, STATE_DIR, Stats, last_used, lock_path, open_lock, parse_temp_name, record_use_at,
+    remove_temporaries_locked, temp_path, use_stamp_path,
+};
+
+/// Why a cache operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A filesystem operation failed.
+    #[error("{path}: cannot {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// The source is not a regular file.
+    #[error("{0}: not a regular file")]
+    NotAFile(PathBuf),
+}

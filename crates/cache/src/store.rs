@@ -1,0 +1,741 @@
+//! Lookup, listing, statistics, cleanup and eviction over the output dirs.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, TryLockError};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use detect::Precision;
+use detect::precision::Container;
+
+use crate::examine::{Examined, examine};
+use crate::naming::{
+    self, basename_of, disambiguated_basename, output_file_name, parse_output_name,
+};
+use crate::provenance::{Provenance, SourceStat, absolute};
+use crate::{CacheError, ModelsDir, digest};
+
+/// Name of the hidden folder (inside each output dir) holding lock files and use stamps.
+pub const STATE_DIR: &str = ".convcache";
+
+/// How strictly [`Cache::lookup`] validates.
+#[derive(Debug, Clone, Default)]
+pub struct LookupOptions {
+    /// A file without provenance at the standard path is not used even when its precision is
+    /// right (`--strict`): it is reported [`LookupStatus::Foreign`] and gets reconverted.
+    pub strict: bool,
+    /// Hash the source even when its size and mtime match the provenance. Without it, a source
+    /// rewritten in place with the same size and its mtime restored is not noticed.
+    pub verify_digest: bool,
+    /// When set, an output written by another converter version is stale.
+    pub converter_version: Option<String>,
+}
+
+/// The verdict on the cache path of one (source, target).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum LookupStatus {
+    /// A complete output in the target precision whose provenance names this source,
+    /// unchanged, and this target.
+    Hit,
+    /// A complete file in the target precision at the standard path without provenance
+    /// (another tool made it). Used unless [`LookupOptions::strict`].
+    Unverified,
+    /// Nothing at the path.
+    Missing,
+    /// An output of this source made before the source (or the converter) changed.
+    Stale(String),
+    /// A file that cannot serve: incomplete, corrupt, wrong precision, unreadable provenance.
+    Broken(String),
+    /// A file without provenance, rejected because of [`LookupOptions::strict`].
+    Foreign,
+}
+
+impl LookupStatus {
+    /// Whether the file at the path can be used as the conversion's result.
+    pub fn is_usable(&self) -> bool {
+        matches!(self, LookupStatus::Hit | LookupStatus::Unverified)
+    }
+}
+
+/// The result of [`Cache::lookup`].
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub status: LookupStatus,
+    /// The usable output ([`LookupStatus::is_usable`]), or else where a new conversion must be
+    /// published (possibly replacing what is there).
+    pub path: PathBuf,
+    /// The source's identity facts.
+    pub source: SourceStat,
+    /// The source's digest, if the lookup had to compute it (reuse it for the provenance).
+    pub source_digest: Option<String>,
+    /// The provenance of the file at [`Lookup::path`], if it has one.
+    pub provenance: Option<Provenance>,
+    /// Earlier outputs of this source for this target under another name (a digest-suffixed
+    /// name of older content): to remove once the new conversion is published.
+    pub superseded: Vec<PathBuf>,
+}
+
+/// One target of [`Cache::batch_check`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckEntry {
+    #[serde(serialize_with = "ser_precision")]
+    pub target: Precision,
+    /// A file is at `path`.
+    pub exists: bool,
+    /// That file can be used (a hit, or an unverified foreign file when not strict).
+    pub valid: bool,
+    #[serde(flatten)]
+    pub status: LookupStatus,
+    pub path: PathBuf,
+}
+
+/// Which output dirs [`Cache::list`] and friends look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// `diffusion_models/converted`: safetensors precisions and bitsandbytes.
+    Precision,
+    /// `diffusion_models/gguf`.
+    Gguf,
+    All,
+}
+
+/// One output in a listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Entry {
+    /// The basename in the file name (a digest-suffixed one for a second same-named source).
+    pub basename: String,
+    #[serde(serialize_with = "ser_precision")]
+    pub precision: Precision,
+    pub path: PathBuf,
+    pub size: u64,
+    /// The source path from the provenance; `None` for a file another tool made.
+    pub source: Option<PathBuf>,
+    /// The full provenance, if any.
+    pub provenance: Option<Provenance>,
+    /// Last time it was produced or served (seconds since the Unix epoch in JSON).
+    #[serde(serialize_with = "ser_time")]
+    pub last_used: SystemTime,
+}
+
+/// Totals of [`Cache::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Stats {
+    pub count: u64,
+    pub total_bytes: u64,
+    /// Canonical precision name -> (count, bytes).
+    pub by_precision: BTreeMap<String, PrecisionTotals>,
+}
+
+/// Count and bytes of one precision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrecisionTotals {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// A file removed (or, in a dry run, that would be removed).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Removed {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// What [`Cache::evict_to`] did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Eviction {
+    pub removed: Vec<Removed>,
+    /// Bytes of all listed outputs before.
+    pub bytes_before: u64,
+    /// Bytes after (what a dry run would leave).
+    pub bytes_after: u64,
+}
+
+fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.canonical_name())
+}
+
+fn ser_time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    s.serialize_u64(secs)
+}
+
+/// The converted-models cache inside a models dir.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    models: ModelsDir,
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// The source's digest, computed at most once per lookup or batch.
+struct LazyDigest<'a> {
+    source: &'a Path,
+    value: Option<String>,
+}
+
+impl LazyDigest<'_> {
+    fn get(&mut self) -> Result<&str, CacheError> {
+        if self.value.is_none() {
+            self.value = Some(digest::digest_file(self.source)?);
+        }
+        Ok(self.value.as_deref().unwrap_or_default())
+    }
+}
+
+impl Cache {
+    pub fn new(models: ModelsDir) -> Cache {
+        Cache { models }
+    }
+
+    pub fn models_dir(&self) -> &ModelsDir {
+        &self.models
+    }
+
+    /// The standard output path for `source` in `target` (the plain name; [`Cache::lookup`]
+    /// may answer a digest-suffixed one when another source owns it).
+    pub fn standard_path(&self, source: &Path, target: Precision) -> PathBuf {
+        self.models
+            .output_dir(target)
+            .join(output_file_name(&basename_of(source), target))
+    }
+
+    /// Validates what the cache holds for `source` in `target`.
+    ///
+    /// A hit needs: a complete file (header parses, size matches it) in the target precision,
+    /// whose provenance names the target and this source — same path, size and mtime, or,
+    /// when those differ, the same content digest. The source is only hashed when the cheap
+    /// facts do not settle it (or [`LookupOptions::verify_digest`]).
+    pub fn lookup(
+        &self,
+        source: &Path,
+        target: Precision,
+        options: &LookupOptions,
+    ) -> Result<Lookup, CacheError> {
+        let stat = SourceStat::of(source)?;
+        let mut digest = LazyDigest {
+            source,
+            value: None,
+        };
+        self.lookup_inner(source, &stat, &mut digest, target, options)
+    }
+
+    /// [`Cache::lookup`] for several targets, hashing the source at most once.
+    pub fn batch_check(
+        &self,
+        source: &Path,
+        targets: &[Precision],
+        options: &LookupOptions,
+    ) -> Result<Vec<CheckEntry>, CacheError> {
+        let stat = SourceStat::of(source)?;
+        let mut digest = LazyDigest {
+            source,
+            value: None,
+        };
+        targets
+            .iter()
+            .map(|&target| {
+                let l = self.lookup_inner(source, &stat, &mut digest, target, options)?;
+                Ok(CheckEntry {
+                    target,
+                    exists: fs::symlink_metadata(&l.path).is_ok(),
+                    valid: l.status.is_usable(),
+                    status: l.status,
+                    path: l.path,
+                })
+            })
+            .collect()
+    }
+
+    fn lookup_inner(
+        &self,
+        source: &Path,
+        stat: &SourceStat,
+        digest: &mut LazyDigest<'_>,
+        target: Precision,
+        options: &LookupOptions,
+    ) -> Result<Lookup, CacheError> {
+        let dir = self.models.output_dir(target);
+        let base = basename_of(source);
+        let plain = dir.join(output_file_name(&base, target));
+        let plain_ex = examine(&plain);
+        let alternates = alternates(&dir, &base, target);
+
+        let version_ok = |p: &Provenance| {
+            options
+                .converter_version
+                .as_ref()
+                .is_none_or(|v| *v == p.converter_version)
+        };
+        // The provenance of a file that is a complete output of `target` by a current converter.
+        let valid_prov = |ex: &Examined| -> Option<Provenance> {
+            ex.provenance
+                .clone()
+                .filter(|p| ex.is_complete_in(target) && p.target == target && version_ok(p))
+        };
+        let same_facts = |p: &Provenance| {
+            p.source_path == stat.path
+                && p.source_size == stat.size
+                && p.source_mtime_ns == stat.mtime_ns
+        };
+        let candidates: Vec<&Examined> = plain_ex.iter().chain(alternates.iter()).collect();
+        let hit = |ex: &Examined, p: Provenance, digest: Option<String>| Lookup {
+            status: LookupStatus::Hit,
+            path: ex.path.clone(),
+            source: stat.clone(),
+            source_digest: digest,
+            provenance: Some(p),
+            superseded: Vec::new(),
+        };
+
+        // 1. The cheap identity: same path, size and mtime.
+        for ex in &candidates {
+            if let Some(p) = valid_prov(ex).filter(same_facts) {
+                if !options.verify_digest {
+                    return Ok(hit(ex, p, None));
+                }
+                if digest.get()? == p.source_digest {
+                    return Ok(hit(ex, p, digest.value.clone()));
+                }
+            }
+        }
+        // 2. A file another tool made, right precision, no provenance.
+        if let Some(ex) = &plain_ex
+            && !ex.has_provenance_keys
+            && ex.is_complete_in(target)
+            && !options.strict
+        {
+            return Ok(Lookup {
+                status: LookupStatus::Unverified,
+                path: plain,
+                source: stat.clone(),
+                source_digest: digest.value.clone(),
+                provenance: None,
+                superseded: Vec::new(),
+            });
+        }
+        // 3. The same content under other facts (moved, copied, touched).
+        let d = digest.get()?.to_string();
+        for ex in &candidates {
+            if let Some(p) = valid_prov(ex).filter(|p| p.source_digest == d) {
+                return Ok(hit(ex, p, Some(d)));
+            }
+        }
+
+        // 4. No usable output: decide where the new one goes, and why.
+        let stale_reason = |p: &Provenance| -> String {
+            if p.source_digest == d {
+                format!(
+                    "made by converter `{}`, current is `{}`",
+                    p.converter_version,
+                    options.converter_version.as_deref().unwrap_or("?")
+                )
+            } else if p.source_size != stat.size {
+                format!(
+                    "the source changed size ({} -> {} bytes)",
+                    p.source_size, stat.size
+                )
+            } else {
+                "the source's content changed".to_string()
+            }
+        };
+        let verdict = |ex: &Examined| -> LookupStatus {
+            if let Some(r) = ex.defect_for(target) {
+                return LookupStatus::Broken(r);
+            }
+            match &ex.provenance {
+                None if ex.has_provenance_keys => {
+                    LookupStatus::Broken("its provenance is unreadable".into())
+                }
+                None => LookupStatus::Foreign,
+                Some(p) if p.target != target => {
+                    LookupStatus::Broken(format!("its provenance says it was made as {}", p.target))
+                }
+                Some(p) => LookupStatus::Stale(stale_reason(p)),
+            }
+        };
+        let (status, path, provenance) = match &plain_ex {
+            None => (LookupStatus::Missing, plain.clone(), None),
+            Some(ex) => {
+                let owned_by_other = ex.provenance.as_ref().is_some_and(|p| {
+                    ex.is_complete_in(target)
+                        && p.target == target
+                        && p.source_path != stat.path
+                        && p.source_digest != d
+                });
+                if owned_by_other {
+                    let alt = dir.join(output_file_name(
+                        &disambiguated_basename(&base, digest::short(&d)),
+                        target,
+                    ));
+                    match examine(&alt) {
+                        None => (LookupStatus::Missing, alt, None),
+                        Some(aex) => (verdict(&aex), alt, aex.provenance.clone()),
+                    }
+                } else {
+                    (verdict(ex), plain.clone(), ex.provenance.clone())
+                }
+            }
+        };
+        let superseded = alternates
+            .iter()
+            .filter(|ex| ex.path != path)
+            .filter(|ex| {
+                ex.provenance
+                    .as_ref()
+                    .is_some_and(|p| p.source_path == stat.path && p.target == target)
+            })
+            .map(|ex| ex.path.clone())
+            .collect();
+        Ok(Lookup {
+            status,
+            path,
+            source: stat.clone(),
+            source_digest: Some(d),
+            provenance,
+            superseded,
+        })
+    }
+
+    fn dirs(&self, kind: Kind) -> Vec<(PathBuf, Container)> {
+        let mut v = Vec::new();
+        if matches!(kind, Kind::Precision | Kind::All) {
+            v.push((self.models.converted_dir(), Container::Safetensors));
+        }
+        if matches!(kind, Kind::Gguf | Kind::All) {
+            v.push((self.models.gguf_dir(), Container::Gguf));
+        }
+        v
+    }
+
+    /// The outputs in the dirs of `kind`: regular files directly inside whose names parse as
+    /// output names of that dir's container (symlinks, temporaries and other files are not
+    /// listed). Sorted by path.
+    pub fn list(&self, kind: Kind) -> Result<Vec<Entry>, CacheError> {
+        let mut out = Vec::new();
+        for (dir, container) in self.dirs(kind) {
+            for (path, size) in output_files(&dir, container)? {
+                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let Some((basename, precision)) = parse_output_name(name) else {
+                    continue;
+                };
+                let provenance = examine(&path).and_then(|e| e.provenance);
+                out.push(Entry {
+                    basename,
+                    precision,
+                    source: provenance.as_ref().map(|p| p.source_path.clone()),
+                    provenance,
+                    last_used: last_used(&path),
+                    path,
+                    size,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// Count, bytes and the split by precision of what [`Cache::list`] lists.
+    pub fn stats(&self, kind: Kind) -> Result<Stats, CacheError> {
+        let mut s = Stats::default();
+        for e in self.list(kind)? {
+            s.count += 1;
+            s.total_bytes += e.size;
+            let t = s
+                .by_precision
+                .entry(e.precision.canonical_name().to_string())
+                .or_default();
+            t.count += 1;
+            t.bytes += e.size;
+        }
+        Ok(s)
+    }
+
+    /// Keeps the `keep` most recently used outputs of `source` (any target; matched by the
+    /// source path in their provenance) and removes the others.
+    pub fn cleanup(
+        &self,
+        source: &Path,
+        keep: usize,
+        dry_run: bool,
+    ) -> Result<Vec<Removed>, CacheError> {
+        let source = absolute(source);
+        let mut mine: Vec<Entry> = self
+            .list(Kind::All)?
+            .into_iter()
+            .filter(|e| e.source.as_deref() == Some(source.as_path()))
+            .collect();
+        mine.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
+        let mut removed = Vec::new();
+        for e in mine.into_iter().skip(keep) {
+            if self.remove_output(&e.path, dry_run)? {
+                removed.push(Removed {
+                    path: e.path,
+                    size: e.size,
+                });
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes least recently used outputs until all listed outputs total at most `max_bytes`.
+    /// Files without provenance count toward the total but are never removed.
+    pub fn evict_to(&self, max_bytes: u64, dry_run: bool) -> Result<Eviction, CacheError> {
+        let mut entries = self.list(Kind::All)?;
+        let bytes_before: u64 = entries.iter().map(|e| e.size).sum();
+        entries.retain(|e| e.provenance.is_some());
+        entries.sort_by(|a, b| a.last_used.cmp(&b.last_used).then(a.path.cmp(&b.path)));
+        let mut total = bytes_before;
+        let mut removed = Vec::new();
+        for e in entries {
+            if total <= max_bytes {
+                break;
+            }
+            if self.remove_output(&e.path, dry_run)? {
+                total -= e.size;
+                removed.push(Removed {
+                    path: e.path,
+                    size: e.size,
+                });
+            }
+        }
+        Ok(Eviction {
+            removed,
+            bytes_before,
+            bytes_after: total,
+        })
+    }
+
+    /// Removes one output if the cache recognises it; `Ok(false)` when it is left alone (not
+    /// directly in an output dir, not a regular file, not an output name, no provenance, or
+    /// locked by a writer). With `dry_run` nothing is removed but the answer is the same.
+    pub fn remove_output(&self, path: &Path, dry_run: bool) -> Result<bool, CacheError> {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return Ok(false);
+        };
+        let Some((_, precision)) = parse_output_name(name) else {
+            return Ok(false);
+        };
+        if path.parent() != Some(self.models.output_dir(precision).as_path()) {
+            return Ok(false);
+        }
+        let is_regular = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file());
+        if !is_regular(path) {
+            return Ok(false);
+        }
+        let lock = open_lock(path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(e)) => return Err(io_err(path, "lock")(e)),
+        }
+        // Re-checked under the lock: writers publish under it, so the file is stable now.
+        if !is_regular(path) || examine(path).and_then(|e| e.provenance).is_none() {
+            return Ok(false);
+        }
+        if !dry_run {
+            fs::remove_file(path).map_err(io_err(path, "remove"))?;
+            let _ = fs::remove_file(use_stamp_path(path));
+        }
+        Ok(true)
+    }
+
+    /// Records that `output` was used now (a cache hit or a fresh conversion).
+    pub fn record_use(&self, output: &Path) -> Result<(), CacheError> {
+        record_use_at(output, SystemTime::now())
+    }
+
+    /// Removes temporaries in the output dirs whose writer is gone (its output's lock is free).
+    /// Returns the removed paths.
+    pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>, CacheError> {
+        let mut removed = Vec::new();
+        for (dir, _) in self.dirs(Kind::All) {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for ent in rd.flatten() {
+                let name = ent.file_name();
+                let Some((output_name, _pid)) = name.to_str().and_then(parse_temp_name) else {
+                    continue;
+                };
+                let output = dir.join(output_name);
+                let lock = open_lock(&output)?;
+                if lock.try_lock().is_ok() {
+                    removed.extend(remove_temporaries_locked(&output)?);
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Outputs with a digest-suffixed basename `{base}-{8 hex}` for `target` in `dir`.
+fn alternates(dir: &Path, base: &str, target: Precision) -> Vec<Examined> {
+    let Ok(files) = output_files(dir, target.container()) else {
+        return Vec::new();
+    };
+    files
+        .into_iter()
+        .filter(|(p, _)| {
+            let Some((b, prec)) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(parse_output_name)
+            else {
+                return false;
+            };
+            prec == target
+                && b.strip_prefix(base)
+                    .and_then(|r| r.strip_prefix('-'))
+                    .is_some_and(|h| h.len() == 8 && h.bytes().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|(p, _)| examine(&p))
+        .collect()
+}
+
+/// Regular files directly in `dir` whose names parse as outputs in `container`, with sizes.
+/// A missing dir is empty.
+fn output_files(dir: &Path, container: Container) -> Result<Vec<(PathBuf, u64)>, CacheError> {
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir, "list")(e)),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(io_err(dir, "list"))?;
+        // DirEntry::metadata does not follow symlinks.
+        let Ok(meta) = ent.metadata() else { continue };
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        match parse_output_name(name) {
+            Some((_, p)) if p.container() == container => out.push((ent.path(), meta.len())),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn state_path(output: &Path, suffix: &str) -> PathBuf {
+    let dir = output.parent().unwrap_or(Path::new("."));
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(STATE_DIR).join(format!("{name}{suffix}"))
+}
+
+/// `<dir>/.convcache/<name>.lock`: the lock file of an output.
+pub fn lock_path(output: &Path) -> PathBuf {
+    state_path(output, ".lock")
+}
+
+/// `<dir>/.convcache/<name>.used`: the use stamp of an output.
+pub fn use_stamp_path(output: &Path) -> PathBuf {
+    state_path(output, ".used")
+}
+
+/// Opens (creating it and its folder if needed) the lock file of `output`, unlocked.
+pub fn open_lock(output: &Path) -> Result<File, CacheError> {
+    let path = lock_path(output);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent, "create the cache state folder"))?;
+    }
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path, "open the lock file"))
+}
+
+/// Sets the use stamp of `output` to `time`.
+pub fn record_use_at(output: &Path, time: SystemTime) -> Result<(), CacheError> {
+    let path = use_stamp_path(output);
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(io_err(parent, "create the cache state folder"))?;
+    }
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path, "open the use stamp"))?;
+    f.set_modified(time)
+        .map_err(io_err(&path, "set the time of the use stamp"))
+}
+
+/// When `output` was last produced or served: the later of its use stamp and its own mtime.
+pub fn last_used(output: &Path) -> SystemTime {
+    let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+    match (mtime(&use_stamp_path(output)), mtime(output)) {
+        (Some(a), Some(b)) => a.max(b),
+        (a, b) => a.or(b).unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+/// `.<name>.<pid>.tmp`: where process `pid` writes `output` before publishing it.
+pub fn temp_path(output: &Path, pid: u32) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    output.with_file_name(format!(".{name}.{pid}.tmp"))
+}
+
+/// Parses a temporary's name into (output name, writer pid).
+pub fn parse_temp_name(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (output, pid) = rest.rsplit_once('.')?;
+    let pid = pid.parse().ok()?;
+    naming::parse_output_name(output)?;
+    Some((output, pid))
+}
+
+/// Removes every temporary of `output`. The caller holds the output's lock, so no live writer
+/// owns any of them (writers create and publish temporaries only under the lock).
+pub fn remove_temporaries_locked(output: &Path) -> Result<Vec<PathBuf>, CacheError> {
+    let Some(dir) = output.parent() else {
+        return Ok(Vec::new());
+    };
+    let Some(out_name) = output.file_name().and_then(|n| n.to_str()) else {
+        return Ok(Vec::new());
+    };
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir, "list")(e)),
+    };
+    let mut removed = Vec::new();
+    for ent in rd.flatten() {
+        let name = ent.file_name();
+        let is_ours = name
+            .to_str()
+            .and_then(parse_temp_name)
+            .is_some_and(|(o, _)| o == out_name);
+        let regular = ent.metadata().is_ok_and(|m| m.file_type().is_file());
+        if is_ours && regular {
+            let p = ent.path();
+            match fs::remove_file(&p) {
+                Ok(()) => removed.push(p),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&p, "remove the stale temporary")(e)),
+            }
+        }
+    }
+    Ok(removed)
+}
