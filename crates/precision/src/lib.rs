@@ -1,7 +1,11 @@
-//! Precision conversion of safetensors files. (Converter filled by the precision work.)
+//! Precision conversion of safetensors files, bit-identical to PyTorch's `.to(dtype)`.
 //!
+//! - [`cast`]: element casts between F64/F32/F16/BF16/F8_E4M3/F8_E5M2 with torch's exact
+//!   rounding, saturation and NaN rules.
 //! - [`writer`]: the streaming safetensors writer every safetensors output goes through.
 
+pub mod cast;
 pub mod writer;
 
+pub use cast::{CastError, CastStats, cast_slice};
 pub use writer::{SafetensorsWriter, TensorSpec};

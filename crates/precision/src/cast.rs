@@ -1,0 +1,583 @@
+//! Element casts between floating-point dtypes, bit-identical to PyTorch 2.x `tensor.to(dtype)`
+//! on CPU.
+//!
+//! Facts established with torch 2.15 (`tests/golden/make_goldens.py` records them as goldens):
+//!
+//! - Every cast rounds to nearest, ties to even. A cast from F64 to anything narrower than F32
+//!   goes **through F32**, so it rounds twice (`1 + 2^-11 + 2^-40` becomes `1.0` in F16, not
+//!   `1 + 2^-10`); casts from 8- and 16-bit sources go through F32 too, which is exact.
+//! - F32 -> F8_E4M3 (fp8_e4m3fn, no infinities): finite values beyond the largest normal
+//!   saturate to ±448 (`|x| > 464`; 464 itself ties to 448), **and so do ±inf**; NaN becomes
+//!   `0x7F` with the source's sign (`0xFF`). (Older torch produced NaN for `|x| >= 480`; torch
+//!   2.15 saturates.)
+//! - F32 -> F8_E5M2 rounds directly from F32 (not via F16), overflows to ±inf (`|x| >= 61440`),
+//!   keeps ±inf, and NaN becomes `0x7F`/`0xFF` by sign.
+//! - F32 -> F16 overflows to ±inf; NaN keeps its sign, sets the quiet bit and keeps the top
+//!   mantissa bits (the x86 F16C instruction's rule).
+//! - To BF16: NaN becomes `0xFFFF` (sign and payload dropped) when the source is F32 or F64, but
+//!   `0x7FC0` when the source is F16, F8_E4M3 or F8_E5M2 (different kernels inside torch).
+//! - To F32/F64: NaN keeps sign and payload with the quiet bit set, except BF16 -> F32, which is a
+//!   plain 16-bit shift (a signalling NaN stays signalling). F8_E4M3's NaN `0x7F` widens to
+//!   `0x7FF00000`; F8_E5M2 widens like F16 (`x << 8`).
+//! - Subnormals are kept (no flush to zero), signed zeros keep their sign.
+//!
+//! torch itself encodes NaN differently in the scalar loop that finishes each parallel chunk for
+//! F64 -> BF16 (`0x7FC0` instead of `0xFFFF`) and F16 -> F32 (`0x7FFFFFFF` instead of the
+//! payload-keeping NaN); which elements land there depends on torch's thread count. We follow the
+//! vectorised loop, which converts all but at most 15 elements per chunk. Values other than NaN
+//! never depend on the position.
+
+use std::ops::{Add, AddAssign};
+
+use detect::safetensors::Dtype;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use serde::Serialize;
+
+/// What a cast did to the values, for the conversion report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CastStats {
+    /// Finite source values that became ±inf or were saturated to the destination's largest
+    /// finite value (F8_E4M3). An infinite source saturated to ±448 is not counted here.
+    pub overflowed: u64,
+    /// NaN or ±inf values in the output.
+    pub non_finite: u64,
+}
+
+impl Add for CastStats {
+    type Output = CastStats;
+    fn add(self, rhs: CastStats) -> CastStats {
+        CastStats {
+            overflowed: self.overflowed + rhs.overflowed,
+            non_finite: self.non_finite + rhs.non_finite,
+        }
+    }
+}
+
+impl AddAssign for CastStats {
+    fn add_assign(&mut self, rhs: CastStats) {
+        *self = *self + rhs;
+    }
+}
+
+impl std::iter::Sum for CastStats {
+    fn sum<I: Iterator<Item = CastStats>>(iter: I) -> CastStats {
+        iter.fold(CastStats::default(), Add::add)
+    }
+}
+
+/// Why a cast could not run. These are caller mistakes or unsupported dtypes, never data errors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CastError {
+    #[error("cannot cast from {0}: not a supported source dtype")]
+    UnsupportedSource(Dtype),
+    #[error("cannot cast to {0}: not a supported destination dtype")]
+    UnsupportedTarget(Dtype),
+    #[error("{len} source bytes are not a whole number of {dtype} elements")]
+    RaggedSource { dtype: Dtype, len: usize },
+    #[error("destination has {actual} bytes, the cast produces {expected}")]
+    DestinationLength { expected: usize, actual: usize },
+}
+
+/// Whether [`cast_slice`] reads this dtype.
+pub const fn is_cast_source(d: Dtype) -> bool {
+    matches!(
+        d,
+        Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F8E4M3 | Dtype::F8E5M2
+    )
+}
+
+/// Whether [`cast_slice`] writes this dtype.
+pub const fn is_cast_target(d: Dtype) -> bool {
+    is_cast_source(d)
+}
+
+/// Bytes per element of a castable dtype.
+const fn elem_size(d: Dtype) -> usize {
+    (d.bits() / 8) as usize
+}
+
+/// Casts the little-endian elements in `src_bytes` (dtype `src`) into `dst_bytes` (dtype `dst`),
+/// exactly as `torch.Tensor.to` does on CPU (see the module docs for the rules).
+///
+/// `dst_bytes` must hold exactly as many elements as `src_bytes`. When `src == dst` the bytes
+/// are copied.
+pub fn cast_slice(
+    src: Dtype,
+    src_bytes: &[u8],
+    dst: Dtype,
+    dst_bytes: &mut [u8],
+) -> Result<CastStats, CastError> {
+    if !is_cast_source(src) {
+        return Err(CastError::UnsupportedSource(src));
+    }
+    if !is_cast_target(dst) {
+        return Err(CastError::UnsupportedTarget(dst));
+    }
+    let (ss, ds) = (elem_size(src), elem_size(dst));
+    if !src_bytes.len().is_multiple_of(ss) {
+        return Err(CastError::RaggedSource {
+            dtype: src,
+            len: src_bytes.len(),
+        });
+    }
+    let n = src_bytes.len() / ss;
+    let expected = n.checked_mul(ds).ok_or(CastError::DestinationLength {
+        expected: usize::MAX,
+        actual: dst_bytes.len(),
+    })?;
+    if dst_bytes.len() != expected {
+        return Err(CastError::DestinationLength {
+            expected,
+            actual: dst_bytes.len(),
+        });
+    }
+    if src == dst {
+        dst_bytes.copy_from_slice(src_bytes);
+        return Ok(CastStats {
+            overflowed: 0,
+            non_finite: count_non_finite(dst, dst_bytes),
+        });
+    }
+    if src == Dtype::F32 && dst == Dtype::BF16 {
+        return Ok(f32_to_bf16_direct(src_bytes, dst_bytes));
+    }
+    let mut stats = CastStats::default();
+    let mut vals = [0f32; CHUNK];
+    for (s, d) in src_bytes
+        .chunks(CHUNK * ss)
+        .zip(dst_bytes.chunks_mut(CHUNK * ds))
+    {
+        let vals = &mut vals[..s.len() / ss];
+        stats.overflowed += load_f32(src, s, vals);
+        stats += store_f32(src, vals, dst, d);
+    }
+    Ok(stats)
+}
+
+/// Elements per round trip through the F32 intermediate: small enough for L1.
+const CHUNK: usize = 1024;
+
+fn count_non_finite(d: Dtype, bytes: &[u8]) -> u64 {
+    match d {
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .filter(|c| u64_le(c) & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000)
+            .count() as u64,
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32_le(c) & 0x7F80_0000 == 0x7F80_0000)
+            .count() as u64,
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16_le(c) & 0x7C00 == 0x7C00)
+            .count() as u64,
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16_le(c) & 0x7F80 == 0x7F80)
+            .count() as u64,
+        Dtype::F8E4M3 => bytes.iter().filter(|&&b| b & 0x7F == 0x7F).count() as u64,
+        Dtype::F8E5M2 => bytes.iter().filter(|&&b| b & 0x7C == 0x7C).count() as u64,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn u16_le(c: &[u8]) -> u16 {
+    u16::from_le_bytes([c[0], c[1]])
+}
+#[inline(always)]
+fn u32_le(c: &[u8]) -> u32 {
+    u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+}
+#[inline(always)]
+fn u64_le(c: &[u8]) -> u64 {
+    u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
+}
+
+/// The hot path of the product (f32 checkpoints to bf16): one pass, no intermediate.
+fn f32_to_bf16_direct(src: &[u8], dst: &mut [u8]) -> CastStats {
+    let mut overflowed = 0u64;
+    let mut non_finite = 0u64;
+    for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
+        let bits = u32_le(s);
+        let out = f32_bits_to_bf16(bits, BF16_NAN_FROM_F32);
+        let in_finite = (bits & 0x7F80_0000) != 0x7F80_0000;
+        let out_non_finite = (out & 0x7F80) == 0x7F80;
+        overflowed += (in_finite & out_non_finite) as u64;
+        non_finite += out_non_finite as u64;
+        d.copy_from_slice(&out.to_le_bytes());
+    }
+    CastStats {
+        overflowed,
+        non_finite,
+    }
+}
+
+/// torch's F32/F64 -> BF16 NaN (vectorised kernel).
+const BF16_NAN_FROM_F32: u16 = 0xFFFF;
+/// torch's F16/F8 -> BF16 NaN (scalar `c10::BFloat16` constructor).
+const BF16_NAN_FROM_NARROW: u16 = 0x7FC0;
+
+#[inline(always)]
+fn f32_bits_to_bf16(bits: u32, nan: u16) -> u16 {
+    if bits & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        // Round to nearest even at bit 16; a carry into the exponent gives inf, as it should.
+        ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// F64 -> F32 with the NaN rule pinned down (Rust leaves NaN payloads of `as` unspecified).
+#[inline(always)]
+fn f64_to_f32(x: f64) -> f32 {
+    if x.is_nan() {
+        let b = x.to_bits();
+        let sign = ((b >> 32) as u32) & 0x8000_0000;
+        f32::from_bits(sign | 0x7FC0_0000 | (((b >> 29) as u32) & 0x007F_FFFF))
+    } else {
+        x as f32
+    }
+}
+
+/// F32 -> F64, NaN quieted with its payload kept.
+#[inline(always)]
+fn f32_to_f64_bits(x: f32) -> u64 {
+    let b = x.to_bits();
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        (((b & 0x8000_0000) as u64) << 32)
+            | 0x7FF8_0000_0000_0000
+            | (((b & 0x007F_FFFF) as u64) << 29)
+    } else {
+        (x as f64).to_bits()
+    }
+}
+
+/// F32 bits -> fp8 e4m3fn, torch 2.15's saturating rule.
+#[inline(always)]
+pub(crate) fn f32_bits_to_e4m3fn(bits: u32) -> u8 {
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let abs = bits & 0x7FFF_FFFF;
+    let mag = if abs > 0x7F80_0000 {
+        0x7F
+    } else if abs >= 0x43E8_0000 {
+        // |x| >= 464 (inf included): 464 ties to even 448, everything above saturates.
+        0x7E
+    } else if abs < 0x3C80_0000 {
+        // Below 2^-6 the result is subnormal with unit 2^-9: let the FPU round x + 2^14 at that
+        // unit (round-to-nearest-even is Rust's fixed floating-point environment).
+        const MAGIC: f32 = 16384.0;
+        (f32::from_bits(abs) + MAGIC)
+            .to_bits()
+            .wrapping_sub(MAGIC.to_bits()) as u8
+    } else {
+        let odd = (abs >> 20) & 1;
+        ((abs + 0x7_FFFF + odd - (120 << 23)) >> 20) as u8
+    };
+    sign | mag
+}
+
+/// F32 bits -> fp8 e5m2 (no saturation).
+#[inline(always)]
+pub(crate) fn f32_bits_to_e5m2(bits: u32) -> u8 {
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let abs = bits & 0x7FFF_FFFF;
+    let mag = if abs > 0x7F80_0000 {
+        0x7F
+    } else if abs >= 0x4770_0000 {
+        // |x| >= 61440 ties or rounds up past 57344: inf.
+        0x7C
+    } else if abs < 0x3880_0000 {
+        // Subnormal result (below 2^-14), unit 2^-16.
+        const MAGIC: f32 = 128.0;
+        (f32::from_bits(abs) + MAGIC)
+            .to_bits()
+            .wrapping_sub(MAGIC.to_bits()) as u8
+    } else {
+        let odd = (abs >> 21) & 1;
+        ((abs + 0xF_FFFF + odd - (112 << 23)) >> 21) as u8
+    };
+    sign | mag
+}
+
+const fn f16_bits_to_f32_bits(h: u16) -> u32 {
+    let sign = ((h & 0x8000) as u32) << 16;
+    let e = ((h >> 10) & 0x1F) as u32;
+    let m = (h & 0x3FF) as u32;
+    if e == 31 {
+        if m == 0 {
+            sign | 0x7F80_0000
+        } else {
+            sign | 0x7FC0_0000 | (m << 13)
+        }
+    } else if e == 0 {
+        if m == 0 {
+            sign
+        } else {
+            // m * 2^-24, normalised.
+            let p = 31 - m.leading_zeros();
+            sign | ((p + 127 - 24) << 23) | ((m << (23 - p)) & 0x007F_FFFF)
+        }
+    } else {
+        sign | ((e + 112) << 23) | (m << 13)
+    }
+}
+
+const fn e4m3fn_to_f32_bits(b: u8) -> u32 {
+    let sign = ((b & 0x80) as u32) << 24;
+    let e = ((b >> 3) & 0xF) as u32;
+    let m = (b & 7) as u32;
+    if e == 15 && m == 7 {
+        // torch widens the NaN pattern bit by bit: all-ones exponent, mantissa 111 at the top.
+        sign | 0x7FF0_0000
+    } else if e == 0 {
+        if m == 0 {
+            sign
+        } else {
+            // m * 2^-9, normalised.
+            let p = 31 - m.leading_zeros();
+            sign | ((p + 127 - 9) << 23) | ((m << (23 - p)) & 0x007F_FFFF)
+        }
+    } else {
+        sign | ((e + 120) << 23) | (m << 20)
+    }
+}
+
+const fn build_lut(e4m3: bool) -> [u32; 256] {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = if e4m3 {
+            e4m3fn_to_f32_bits(i as u8)
+        } else {
+            f16_bits_to_f32_bits((i as u16) << 8)
+        };
+        i += 1;
+    }
+    t
+}
+
+/// F8_E4M3 -> F32 bits, all 256 patterns.
+pub(crate) static E4M3FN_TO_F32: [u32; 256] = build_lut(true);
+/// F8_E5M2 -> F32 bits, all 256 patterns.
+pub(crate) static E5M2_TO_F32: [u32; 256] = build_lut(false);
+
+/// Widens `src` elements to F32 into `out` (same count). Returns how many finite values
+/// overflowed (only F64 can).
+fn load_f32(src: Dtype, bytes: &[u8], out: &mut [f32]) -> u64 {
+    match src {
+        Dtype::F64 => {
+            let mut overflowed = 0;
+            for (c, o) in bytes.chunks_exact(8).zip(out.iter_mut()) {
+                let x = f64::from_bits(u64_le(c));
+                *o = f64_to_f32(x);
+                overflowed += (x.is_finite() & o.is_infinite()) as u64;
+            }
+            overflowed
+        }
+        Dtype::F32 => {
+            for (c, o) in bytes.chunks_exact(4).zip(out.iter_mut()) {
+                *o = f32::from_bits(u32_le(c));
+            }
+            0
+        }
+        Dtype::F16 => {
+            let mut halves = [f16::ZERO; CHUNK];
+            let halves = &mut halves[..out.len()];
+            for (c, h) in bytes.chunks_exact(2).zip(halves.iter_mut()) {
+                *h = f16::from_bits(u16_le(c));
+            }
+            // `half` uses F16C when the CPU has it, else the same rule in software; both match
+            // torch's vectorised kernel (verified against the all-patterns golden).
+            halves.convert_to_f32_slice(out);
+            0
+        }
+        Dtype::BF16 => {
+            for (c, o) in bytes.chunks_exact(2).zip(out.iter_mut()) {
+                *o = f32::from_bits((u16_le(c) as u32) << 16);
+            }
+            0
+        }
+        Dtype::F8E4M3 => {
+            for (&b, o) in bytes.iter().zip(out.iter_mut()) {
+                *o = f32::from_bits(E4M3FN_TO_F32[b as usize]);
+            }
+            0
+        }
+        Dtype::F8E5M2 => {
+            for (&b, o) in bytes.iter().zip(out.iter_mut()) {
+                *o = f32::from_bits(E5M2_TO_F32[b as usize]);
+            }
+            0
+        }
+        _ => unreachable!("checked by cast_slice"),
+    }
+}
+
+/// Narrows (or widens) F32 values to `dst`, counting overflows of finite values and non-finite
+/// outputs.
+fn store_f32(src: Dtype, vals: &[f32], dst: Dtype, out: &mut [u8]) -> CastStats {
+    let mut overflowed = 0u64;
+    let mut non_finite = 0u64;
+    match dst {
+        Dtype::F64 => {
+            for (&v, o) in vals.iter().zip(out.chunks_exact_mut(8)) {
+                o.copy_from_slice(&f32_to_f64_bits(v).to_le_bytes());
+                non_finite += !v.is_finite() as u64;
+            }
+        }
+        Dtype::F32 => {
+            for (&v, o) in vals.iter().zip(out.chunks_exact_mut(4)) {
+                o.copy_from_slice(&v.to_bits().to_le_bytes());
+                non_finite += !v.is_finite() as u64;
+            }
+        }
+        Dtype::F16 => {
+            let mut halves = [f16::ZERO; CHUNK];
+            let halves = &mut halves[..vals.len()];
+            halves.convert_from_f32_slice(vals);
+            for ((&h, &v), o) in halves.iter().zip(vals).zip(out.chunks_exact_mut(2)) {
+                let bits = h.to_bits();
+                o.copy_from_slice(&bits.to_le_bytes());
+                let out_non_finite = bits & 0x7C00 == 0x7C00;
+                overflowed += (v.is_finite() & out_non_finite) as u64;
+                non_finite += out_non_finite as u64;
+            }
+        }
+        Dtype::BF16 => {
+            let nan = match src {
+                Dtype::F64 | Dtype::F32 => BF16_NAN_FROM_F32,
+                _ => BF16_NAN_FROM_NARROW,
+            };
+            for (&v, o) in vals.iter().zip(out.chunks_exact_mut(2)) {
+                let bits = f32_bits_to_bf16(v.to_bits(), nan);
+                o.copy_from_slice(&bits.to_le_bytes());
+                let out_non_finite = bits & 0x7F80 == 0x7F80;
+                overflowed += (v.is_finite() & out_non_finite) as u64;
+                non_finite += out_non_finite as u64;
+            }
+        }
+        Dtype::F8E4M3 => {
+            for (&v, o) in vals.iter().zip(out.iter_mut()) {
+                let bits = v.to_bits();
+                *o = f32_bits_to_e4m3fn(bits);
+                let abs = bits & 0x7FFF_FFFF;
+                overflowed += ((abs > 0x43E8_0000) & (abs < 0x7F80_0000)) as u64;
+                non_finite += (*o & 0x7F == 0x7F) as u64;
+            }
+        }
+        Dtype::F8E5M2 => {
+            for (&v, o) in vals.iter().zip(out.iter_mut()) {
+                *o = f32_bits_to_e5m2(v.to_bits());
+                let out_non_finite = *o & 0x7C == 0x7C;
+                overflowed += (v.is_finite() & out_non_finite) as u64;
+                non_finite += out_non_finite as u64;
+            }
+        }
+        _ => unreachable!("checked by cast_slice"),
+    }
+    CastStats {
+        overflowed,
+        non_finite,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cast_one_f32(x: f32, dst: Dtype) -> (Vec<u8>, CastStats) {
+        let mut out = vec![0u8; elem_size(dst)];
+        let stats = cast_slice(Dtype::F32, &x.to_le_bytes(), dst, &mut out).unwrap();
+        (out, stats)
+    }
+
+    #[test]
+    fn e4m3fn_saturates_finite_overflow_and_infinities() {
+        assert_eq!(cast_one_f32(1e6, Dtype::F8E4M3).0, [0x7E]);
+        assert_eq!(cast_one_f32(-1e6, Dtype::F8E4M3).0, [0xFE]);
+        assert_eq!(cast_one_f32(f32::INFINITY, Dtype::F8E4M3).0, [0x7E]);
+        assert_eq!(cast_one_f32(f32::NEG_INFINITY, Dtype::F8E4M3).0, [0xFE]);
+        assert_eq!(cast_one_f32(f32::NAN, Dtype::F8E4M3).0, [0x7F]);
+        assert_eq!(cast_one_f32(-f32::NAN, Dtype::F8E4M3).0, [0xFF]);
+        let (_, s) = cast_one_f32(500.0, Dtype::F8E4M3);
+        assert_eq!(
+            s,
+            CastStats {
+                overflowed: 1,
+                non_finite: 0
+            }
+        );
+        let (_, s) = cast_one_f32(f32::INFINITY, Dtype::F8E4M3);
+        assert_eq!(s, CastStats::default());
+    }
+
+    #[test]
+    fn e5m2_keeps_infinities_and_overflows_to_inf() {
+        assert_eq!(cast_one_f32(f32::INFINITY, Dtype::F8E5M2).0, [0x7C]);
+        assert_eq!(cast_one_f32(61440.0, Dtype::F8E5M2).0, [0x7C]);
+        assert_eq!(cast_one_f32(57344.0, Dtype::F8E5M2).0, [0x7B]);
+        let (_, s) = cast_one_f32(1e6, Dtype::F8E5M2);
+        assert_eq!(
+            s,
+            CastStats {
+                overflowed: 1,
+                non_finite: 1
+            }
+        );
+    }
+
+    #[test]
+    fn f16_overflow_is_counted() {
+        let (out, s) = cast_one_f32(1e6, Dtype::F16);
+        assert_eq!(out, 0x7C00u16.to_le_bytes());
+        assert_eq!(
+            s,
+            CastStats {
+                overflowed: 1,
+                non_finite: 1
+            }
+        );
+        let (_, s) = cast_one_f32(f32::INFINITY, Dtype::F16);
+        assert_eq!(
+            s,
+            CastStats {
+                overflowed: 0,
+                non_finite: 1
+            }
+        );
+    }
+
+    #[test]
+    fn f64_to_f16_rounds_twice_through_f32() {
+        let x: f64 = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        let mut out = [0u8; 2];
+        cast_slice(Dtype::F64, &x.to_le_bytes(), Dtype::F16, &mut out).unwrap();
+        assert_eq!(u16::from_le_bytes(out), 0x3C00);
+    }
+
+    #[test]
+    fn lengths_are_checked() {
+        let mut out = [0u8; 3];
+        assert!(matches!(
+            cast_slice(Dtype::F32, &[0u8; 4], Dtype::F16, &mut out),
+            Err(CastError::DestinationLength {
+                expected: 2,
+                actual: 3
+            })
+        ));
+        assert!(matches!(
+            cast_slice(Dtype::F32, &[0u8; 5], Dtype::F16, &mut out),
+            Err(CastError::RaggedSource { .. })
+        ));
+        assert!(matches!(
+            cast_slice(Dtype::F8E8M0, &[0u8; 1], Dtype::F16, &mut out),
+            Err(CastError::UnsupportedSource(Dtype::F8E8M0))
+        ));
+        assert!(matches!(
+            cast_slice(Dtype::F32, &[0u8; 4], Dtype::I32, &mut [0u8; 4]),
+            Err(CastError::UnsupportedTarget(Dtype::I32))
+        ));
+    }
+}
