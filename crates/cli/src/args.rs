@@ -1,0 +1,197 @@
+//! The command line, as clap parses it.
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use detect::Precision;
+
+use crate::size::parse_size;
+
+/// Convert diffusion-model checkpoints between precisions and quantization formats, once.
+///
+/// Exit codes: 0 success; 1 a conversion failed; 2 bad input or usage.
+#[derive(Debug, Parser)]
+#[command(name = "convcache", version, propagate_version = true)]
+pub struct Cli {
+    /// The models directory (default: $CONVCACHE_MODELS_DIR, else the `models/` of a ComfyUI
+    /// install found above the current directory, else ./models).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub models_dir: Option<PathBuf>,
+
+    /// Print stable JSON on stdout instead of text (see docs/cli.md for the fields).
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// No progress bars and no notes; only results and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Convert SRC to each target, or answer from the cache.
+    Convert(ConvertArgs),
+    /// Say, per target, whether a conversion of SRC already exists (converts nothing).
+    Check(CheckArgs),
+    /// List the cached conversions.
+    List(KindArgs),
+    /// Count and size of the cached conversions.
+    Stats(KindArgs),
+    /// Remove old conversions: keep SRC's N most recently used, or shrink the cache to SIZE.
+    Cleanup(CleanupArgs),
+    /// Show each file's format, precision, dtype histogram and architecture.
+    Detect(DetectArgs),
+    /// Make a sample model in a temporary models dir, convert it twice (the second time is a
+    /// cache hit), then list and show statistics.
+    Demo,
+}
+
+/// Targets, as `--to fp16,bf16` or repeated `--to`.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// Target precision(s): fp32, fp16, bf16, fp8 (= fp8_e4m3fn), fp8_e5m2, nf4, fp4, int8,
+    /// Q4_0 ... Q8_0, Q2_K ... Q6_K, gguf_f16 ...; comma-separated or repeated.
+    #[arg(
+        long = "to",
+        value_name = "T[,T...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub targets: Vec<Precision>,
+}
+
+/// `convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The source model file.
+    pub source: PathBuf,
+    #[command(flatten)]
+    pub to: TargetArgs,
+    /// Reconvert a file found at the output path that has no provenance, instead of using it.
+    #[arg(long)]
+    pub strict: bool,
+    /// bitsandbytes NF4/FP4: also quantize the absmax values (double quantization).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// GGUF targets: the architecture to assume instead of detecting it from the tensor names.
+    #[arg(long, value_name = "A")]
+    pub arch: Option<String>,
+}
+
+/// `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The source model file.
+    pub source: PathBuf,
+    #[command(flatten)]
+    pub to: TargetArgs,
+}
+
+/// Which cache folder(s) a command looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KindArg {
+    /// `diffusion_models/converted/` (precision and bitsandbytes outputs).
+    Precision,
+    /// `diffusion_models/gguf/`.
+    Gguf,
+    /// Both.
+    All,
+}
+
+/// `list` and `stats`.
+#[derive(Debug, Args)]
+pub struct KindArgs {
+    /// Which conversions.
+    #[arg(long, value_enum, default_value_t = KindArg::All)]
+    pub kind: KindArg,
+}
+
+/// `cleanup`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("policy").required(true).args(["keep", "max_size"])))]
+pub struct CleanupArgs {
+    /// With --keep: the source whose conversions are cleaned up.
+    pub source: Option<PathBuf>,
+    /// Keep SRC's N most recently used conversions, remove its others.
+    #[arg(long, value_name = "N", requires = "source")]
+    pub keep: Option<usize>,
+    /// Remove least recently used conversions until the cache holds at most SIZE
+    /// (e.g. 20G, 512MiB, 1.5GB; K/M/G/T and KiB.. are powers of 1024, KB/MB/GB/TB of 1000).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "source")]
+    pub max_size: Option<u64>,
+    /// Say what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `detect`.
+#[derive(Debug, Args)]
+pub struct DetectArgs {
+    /// The model files.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn targets_split_on_commas_and_parse_aliases() {
+        let cli =
+            Cli::try_parse_from(["convcache", "convert", "m.safetensors", "--to", "fp8,BF16"])
+                .unwrap();
+        let Command::Convert(c) = cli.command else {
+            panic!("not convert")
+        };
+        assert_eq!(c.to.targets, vec![Precision::Fp8E4m3fn, Precision::Bf16]);
+    }
+
+    #[test]
+    fn usage_errors() {
+        for argv in [
+            &["convcache", "convert", "m.safetensors"][..],
+            &["convcache", "convert", "m.safetensors", "--to", "fp9"],
+            &["convcache", "cleanup", "--dry-run"],
+            &["convcache", "cleanup", "--keep", "2"],
+            &[
+                "convcache",
+                "cleanup",
+                "m",
+                "--keep",
+                "2",
+                "--max-size",
+                "1G",
+            ],
+            &["convcache", "cleanup", "--max-size", "20X"],
+            &["convcache", "detect"],
+        ] {
+            let err = Cli::try_parse_from(argv).expect_err(&argv.join(" "));
+            assert_eq!(err.exit_code(), 2, "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn cleanup_forms() {
+        let cli = Cli::try_parse_from(["convcache", "cleanup", "--max-size", "1.5GB", "--dry-run"])
+            .unwrap();
+        let Command::Cleanup(c) = cli.command else {
+            panic!("not cleanup")
+        };
+        assert_eq!(c.max_size, Some(1_500_000_000));
+        assert!(c.dry_run);
+        let cli =
+            Cli::try_parse_from(["convcache", "--json", "cleanup", "m", "--keep", "2"]).unwrap();
+        assert!(cli.json);
+    }
+}
