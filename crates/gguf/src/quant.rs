@@ -1,1 +1,0 @@
-//! Quantization kernels, one type per block format. (Filled by the kernels work.)
