@@ -1,25 +1,817 @@
-//! Detection. (Filled by the detect work.)
+//! [`detect`]: what a model file is, from its header.
+//!
+//! The format is sniffed from the first bytes (`GGUF` magic; a safetensors length followed by
+//! `{`; a zip or pickle header), the extension only when the content is not conclusive. Then:
+//! - **safetensors**: the header is read (only the header) and validated; the precision is the
+//!   dominant *floating* dtype by bytes over all tensors — not the first tensor, since writers
+//!   put F32 norms and scales first. bitsandbytes layouts (NF4/FP4 quant states, LLM.int8 `SCB`)
+//!   override it; ComfyUI scaled fp8 is reported next to its fp8 precision.
+//! - **GGUF**: `general.file_type` when present, else the dominant tensor type by bytes.
+//! - **pickle checkpoints** (`.ckpt`, `.pt`, `.pth`, `.bin`): recognised and reported with
+//!   `supported_as_source: false`; `detect` returns `Ok` for them (the CLI prints "not supported
+//!   as a source").
+//!
+//! The file name is used only as a last resort (no floating-point tensors to go by), and the
+//! result then says `evidence: filename_guess`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// What [`detect`] found.
-#[derive(Debug, Clone)]
+use gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
+use serde::Serialize;
+
+use crate::precision::{Container, Precision};
+use crate::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError};
+
+/// What [`detect`] found. This struct, serialized, is the stable JSON of
+/// `convcache detect --json`; every field is documented with its JSON spelling.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Detection {
+    /// The path as given.
     pub path: PathBuf,
+    /// The container: `"safetensors"`, `"gguf"` or `"pickle"`.
+    pub format: Format,
+    /// The precision as its canonical name (`"bf16"`, `"fp8_e4m3fn"`, `"nf4"`, `"Q4_K_M"`,
+    /// `"F16"` for an F16 GGUF file, ...), or `null` when it cannot be determined (pickle
+    /// checkpoints; files whose dominant floating dtype convcache cannot read, like F4/F6 or
+    /// the FNUZ/E8M0 fp8 variants; integer-only files without a precision in their name).
+    pub precision: Option<Precision>,
+    /// How `precision` was determined: `"header"`, `"filename_guess"` (the header had nothing
+    /// to go by; the file name's suffix was used), or `"undetermined"` (`precision` is null).
+    pub evidence: Evidence,
+    /// Whether convcache can read this file as a conversion source: false for pickle
+    /// checkpoints and for files whose dominant floating dtype it cannot read. `notes` says why.
+    pub supported_as_source: bool,
+    /// Per-dtype counts, largest byte total first (ties: more tensors first, then by name).
+    /// `dtype` is the safetensors dtype string (`"BF16"`, `"F8_E4M3"`, `"U8"`) or the ggml
+    /// type name (`"Q4_K"`, `"F32"`).
+    pub histogram: Vec<DtypeCount>,
+    /// The model architecture (`"flux"`, `"sdxl"`, ...): GGUF's `general.architecture`; for
+    /// safetensors, detected from the tensor names. `null` when unknown.
+    pub architecture: Option<String>,
+    /// ComfyUI scaled-fp8 layout, when present (safetensors only).
+    pub fp8_scaling: Option<Fp8Scaling>,
+    /// bitsandbytes layout, when present (safetensors only); it decides `precision`.
+    pub bitsandbytes: Option<BnbLayout>,
+    /// safetensors `__metadata__`; for GGUF, the string, number and boolean metadata values
+    /// rendered as strings (arrays are left out).
+    pub metadata: BTreeMap<String, String>,
+    /// Size of the file in bytes.
+    pub file_size: u64,
+    /// Number of tensors.
+    pub tensor_count: u64,
+    /// GGUF only: the `general.file_type` name (`"Q4_K_M"`), or `"unknown (N)"` for an id
+    /// convcache does not know; `null` when absent or not GGUF.
+    pub gguf_file_type: Option<String>,
+    /// Human-readable remarks (why `precision` is null, a guess, or how it was inferred).
+    pub notes: Vec<String>,
 }
 
-/// Why a file could not be detected.
+/// A file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// safetensors.
+    Safetensors,
+    /// GGUF.
+    Gguf,
+    /// A PyTorch pickle checkpoint (`.ckpt`, `.pt`, `.pth`, `.bin`): recognised, not supported
+    /// as a source.
+    Pickle,
+}
+
+impl Format {
+    /// The lowercase name, as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Gguf => "gguf",
+            Format::Pickle => "pickle",
+        }
+    }
+}
+
+/// How a precision was determined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Evidence {
+    /// From the header's dtypes, metadata or layout.
+    Header,
+    /// The header had no floating-point tensors; the file name's suffix was used.
+    FilenameGuess,
+    /// No precision was determined.
+    Undetermined,
+}
+
+/// One row of the dtype histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DtypeCount {
+    /// safetensors dtype string or ggml type name.
+    pub dtype: String,
+    /// Tensors of this dtype.
+    pub tensors: u64,
+    /// Data bytes of those tensors.
+    pub bytes: u64,
+}
+
+/// ComfyUI's scaled-fp8 layout: fp8 weights with per-tensor float32 scales.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fp8Scaling {
+    /// The key of the `scaled_fp8` marker tensor, if present.
+    pub marker: Option<String>,
+    /// The marker's dtype (ComfyUI reads the fp8 flavour from it; F32 means e4m3fn).
+    pub marker_dtype: Option<String>,
+    /// Number of `*.scale_weight` tensors (one per scaled weight).
+    pub scale_weights: u64,
+    /// Number of `*.scale_input` tensors (activation scales).
+    pub scale_inputs: u64,
+}
+
+/// A bitsandbytes quantization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BnbQuantType {
+    /// 4-bit NormalFloat.
+    Nf4,
+    /// 4-bit float.
+    Fp4,
+    /// LLM.int8 (row-wise absmax, `SCB` scales).
+    Int8,
+}
+
+impl BnbQuantType {
+    /// The precision it stands for.
+    pub fn precision(self) -> Precision {
+        match self {
+            BnbQuantType::Nf4 => Precision::Nf4,
+            BnbQuantType::Fp4 => Precision::Fp4,
+            BnbQuantType::Int8 => Precision::Int8,
+        }
+    }
+}
+
+/// A bitsandbytes layout found in a safetensors header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BnbLayout {
+    /// `"nf4"`, `"fp4"` or `"int8"`.
+    pub quant_type: BnbQuantType,
+    /// Number of quantized weights (quant-state tensors for 4-bit; `I8` weights with an `SCB`
+    /// for int8).
+    pub quantized_weights: u64,
+    /// 4-bit only: whether the absmax values are themselves quantized (`nested_absmax` keys).
+    pub double_quant: bool,
+}
+
+/// Why a file could not be detected. Display: `PATH: problem`, one line (the CLI prints it
+/// verbatim and exits 2).
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
-    #[error("{path}: {source}")]
-    Io {
+    /// The path does not exist.
+    #[error("{}: no such file", path.display())]
+    NotFound {
+        /// The path.
         path: PathBuf,
-        source: std::io::Error,
+    },
+    /// The path is a directory.
+    #[error("{}: is a directory, not a model file", path.display())]
+    IsDirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path is a device, FIFO or socket.
+    #[error("{}: not a regular file", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file cannot be opened for reading.
+    #[error("{}: permission denied", path.display())]
+    PermissionDenied {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file has no bytes.
+    #[error("{}: the file is empty", path.display())]
+    Empty {
+        /// The path.
+        path: PathBuf,
+    },
+    /// A safetensors file that ends before its header does.
+    #[error("{}: {source}", path.display())]
+    Truncated {
+        /// The path.
+        path: PathBuf,
+        /// [`HeaderError::TooShort`] or [`HeaderError::HeaderPastEnd`].
+        source: HeaderError,
+    },
+    /// An invalid safetensors header.
+    #[error("{}: {source}", path.display())]
+    Header {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        source: HeaderError,
+    },
+    /// An invalid GGUF file (the GGUF error already names the path).
+    #[error("{source}")]
+    Gguf {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        source: GgufError,
+    },
+    /// Neither safetensors, GGUF nor a pickle checkpoint, by content or extension.
+    #[error(
+        "{}: unknown format (not safetensors, GGUF or a pickle checkpoint; first bytes {magic})",
+        path.display()
+    )]
+    UnknownFormat {
+        /// The path.
+        path: PathBuf,
+        /// The first bytes, in hex.
+        magic: String,
+    },
+    /// Another I/O error.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
     },
 }
 
-/// Detects `path`'s format and precision from its header.
+impl DetectError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            DetectError::NotFound { path }
+            | DetectError::IsDirectory { path }
+            | DetectError::NotAFile { path }
+            | DetectError::PermissionDenied { path }
+            | DetectError::Empty { path }
+            | DetectError::Truncated { path, .. }
+            | DetectError::Header { path, .. }
+            | DetectError::Gguf { path, .. }
+            | DetectError::UnknownFormat { path, .. }
+            | DetectError::Io { path, .. } => path,
+        }
+    }
+
+    /// A stable snake_case name of the error kind: `not_found`, `is_directory`, `not_a_file`,
+    /// `permission_denied`, `empty`, `truncated`, `gguf`, `unknown_format`, `io`, or for header
+    /// errors the [`HeaderError::kind`] (`overlap`, `unknown_dtype`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DetectError::NotFound { .. } => "not_found",
+            DetectError::IsDirectory { .. } => "is_directory",
+            DetectError::NotAFile { .. } => "not_a_file",
+            DetectError::PermissionDenied { .. } => "permission_denied",
+            DetectError::Empty { .. } => "empty",
+            DetectError::Truncated { .. } => "truncated",
+            DetectError::Header { source, .. } => source.kind(),
+            DetectError::Gguf { .. } => "gguf",
+            DetectError::UnknownFormat { .. } => "unknown_format",
+            DetectError::Io { .. } => "io",
+        }
+    }
+
+    /// Maps an I/O error on `path` to its specific variant (missing, directory, permission).
+    pub fn from_io(path: &Path, source: io::Error) -> DetectError {
+        let path = path.to_owned();
+        match source.kind() {
+            io::ErrorKind::NotFound => DetectError::NotFound { path },
+            io::ErrorKind::PermissionDenied => DetectError::PermissionDenied { path },
+            io::ErrorKind::IsADirectory => DetectError::IsDirectory { path },
+            _ => DetectError::Io { path, source },
+        }
+    }
+
+    fn from_safetensors(err: SafetensorsError) -> DetectError {
+        match err {
+            SafetensorsError::Io { path, source } => DetectError::from_io(&path, source),
+            SafetensorsError::NotAFile { path } => DetectError::NotAFile { path },
+            SafetensorsError::Header { path, source } if source.is_truncation() => {
+                DetectError::Truncated { path, source }
+            }
+            SafetensorsError::Header { path, source } => DetectError::Header { path, source },
+            err @ SafetensorsError::Changed { .. } => DetectError::Io {
+                path: err.path().to_owned(),
+                source: io::Error::other(err.to_string()),
+            },
+        }
+    }
+}
+
+/// Bytes read to sniff the format.
+const SNIFF_LEN: usize = 16;
+
+/// Detects `path`'s format and precision from its header, reading only the header bytes.
 pub fn detect(path: &Path) -> Result<Detection, DetectError> {
-    Ok(Detection {
-        path: path.to_owned(),
+    let meta = std::fs::metadata(path).map_err(|e| DetectError::from_io(path, e))?;
+    if meta.is_dir() {
+        return Err(DetectError::IsDirectory {
+            path: path.to_owned(),
+        });
+    }
+    if !meta.is_file() {
+        // Never open a FIFO or device: reading one can block forever.
+        return Err(DetectError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mut file = File::open(path).map_err(|e| DetectError::from_io(path, e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| DetectError::from_io(path, e))?
+        .len();
+    if file_len == 0 {
+        return Err(DetectError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    let mut head = Vec::with_capacity(SNIFF_LEN);
+    (&mut file)
+        .take(SNIFF_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| DetectError::from_io(path, e))?;
+
+    match sniff(&head, file_len, path) {
+        Some(Format::Safetensors) => {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| DetectError::from_io(path, e))?;
+            let header = safetensors::read_header_from(&mut file, path, file_len)
+                .map_err(DetectError::from_safetensors)?;
+            Ok(detect_safetensors(path, &header, file_len))
+        }
+        Some(Format::Gguf) => {
+            drop(file);
+            let gguf = GgufFile::open(path).map_err(|source| DetectError::Gguf {
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(detect_gguf(path, &gguf, file_len))
+        }
+        Some(Format::Pickle) => Ok(Detection {
+            path: path.to_owned(),
+            format: Format::Pickle,
+            precision: None,
+            evidence: Evidence::Undetermined,
+            supported_as_source: false,
+            histogram: Vec::new(),
+            architecture: None,
+            fp8_scaling: None,
+            bitsandbytes: None,
+            metadata: BTreeMap::new(),
+            file_size: file_len,
+            tensor_count: 0,
+            gguf_file_type: None,
+            notes: vec![
+                "pickle checkpoint: recognised but not supported as a source (pickle files can \
+                 run code when loaded; convert it to safetensors with a trusted tool first)"
+                    .to_owned(),
+            ],
+        }),
+        None => Err(DetectError::UnknownFormat {
+            path: path.to_owned(),
+            magic: head.iter().take(8).map(|b| format!("{b:02x}")).collect(),
+        }),
+    }
+}
+
+fn extension(path: &Path) -> Option<String> {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+}
+
+/// The format by content, then by extension. `head` is the first (up to) [`SNIFF_LEN`] bytes.
+///
+/// Strong content signatures win over the extension; the one-byte pickle protocol marker is
+/// weak (a safetensors header length can start with 0x80), so it only counts when the extension
+/// says nothing.
+fn sniff(head: &[u8], file_len: u64, path: &Path) -> Option<Format> {
+    if let Some(first8) = head.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+        let header_len = u64::from_le_bytes(first8);
+        if head.get(8) == Some(&b'{')
+            && header_len <= safetensors::MAX_HEADER_LEN
+            && 8 + header_len <= file_len
+        {
+            return Some(Format::Safetensors);
+        }
+    }
+    if head.starts_with(b"GGUF") {
+        return Some(Format::Gguf);
+    }
+    // torch.save's zip archive format (PyTorch >= 1.6).
+    if head.starts_with(b"PK\x03\x04") {
+        return Some(Format::Pickle);
+    }
+    match extension(path).as_deref() {
+        Some("safetensors" | "sft") => return Some(Format::Safetensors),
+        Some("gguf") => return Some(Format::Gguf),
+        Some("ckpt" | "pt" | "pth" | "bin") => return Some(Format::Pickle),
+        _ => {}
+    }
+    // Legacy torch.save: a pickle stream, protocol 2..=5.
+    if head.first() == Some(&0x80) && matches!(head.get(1), Some(2..=5)) {
+        return Some(Format::Pickle);
+    }
+    None
+}
+
+fn sorted_histogram(rows: BTreeMap<String, (u64, u64)>) -> Vec<DtypeCount> {
+    let mut hist: Vec<DtypeCount> = rows
+        .into_iter()
+        .map(|(dtype, (tensors, bytes))| DtypeCount {
+            dtype,
+            tensors,
+            bytes,
+        })
+        .collect();
+    hist.sort_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then(b.tensors.cmp(&a.tensors))
+            .then(a.dtype.cmp(&b.dtype))
+    });
+    hist
+}
+
+/// The floating dtype holding the most bytes (ties: more tensors, then the enum order).
+fn dominant_float(header: &Header) -> Option<Dtype> {
+    let mut per_dtype: BTreeMap<Dtype, (u64, u64)> = BTreeMap::new();
+    for t in header.tensors.iter().filter(|t| t.dtype.is_float()) {
+        let e = per_dtype.entry(t.dtype).or_default();
+        e.0 = e.0.saturating_add(t.byte_len());
+        e.1 += 1;
+    }
+    per_dtype
+        .into_iter()
+        .max_by_key(|&(_, (bytes, tensors))| (bytes, tensors))
+        .map(|(d, _)| d)
+}
+
+fn detect_bitsandbytes(header: &Header) -> Option<BnbLayout> {
+    let mut nf4 = 0u64;
+    let mut fp4 = 0u64;
+    let mut nested = 0u64;
+    let mut int8 = 0u64;
+    for t in &header.tensors {
+        let name = t.name.as_str();
+        if name.ends_with("quant_state.bitsandbytes__nf4") {
+            nf4 += 1;
+        } else if name.ends_with("quant_state.bitsandbytes__fp4") {
+            fp4 += 1;
+        } else if name.ends_with(".weight.nested_absmax") {
+            nested += 1;
+        } else if let Some(module) = name.strip_suffix(".SCB") {
+            // LLM.int8 stores `P.SCB` next to an I8 `P.weight`.
+            let weight = format!("{module}.weight");
+            if header.tensor(&weight).is_some_and(|w| w.dtype == Dtype::I8) {
+                int8 += 1;
+            }
+        }
+    }
+    let (quant_type, quantized_weights) = [
+        (BnbQuantType::Nf4, nf4),
+        (BnbQuantType::Fp4, fp4),
+        (BnbQuantType::Int8, int8),
+    ]
+    .into_iter()
+    .max_by_key(|&(_, n)| n)?;
+    (quantized_weights > 0).then_some(BnbLayout {
+        quant_type,
+        quantized_weights,
+        double_quant: quant_type != BnbQuantType::Int8 && nested > 0,
     })
+}
+
+fn detect_fp8_scaling(header: &Header) -> Option<Fp8Scaling> {
+    let marker = header
+        .tensors
+        .iter()
+        .find(|t| t.name == "scaled_fp8" || t.name.ends_with(".scaled_fp8"));
+    let scale_weights = header
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".scale_weight"))
+        .count() as u64;
+    let scale_inputs = header
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".scale_input"))
+        .count() as u64;
+    (marker.is_some() || scale_weights > 0).then(|| Fp8Scaling {
+        marker: marker.map(|t| t.name.clone()),
+        marker_dtype: marker.map(|t| t.dtype.as_str().to_owned()),
+        scale_weights,
+        scale_inputs,
+    })
+}
+
+/// The precision a file name's suffix names (`flux_fp8_e4m3fn`, `model_Q4_K_M`), trying the
+/// longest `_`-separated suffix first so `fp8_e4m3fn` wins over `e4m3fn`.
+fn guess_from_file_name(path: &Path, container: Container) -> Option<Precision> {
+    let stem = path.file_stem()?.to_str()?;
+    stem.match_indices('_').find_map(|(i, _)| {
+        let suffix = &stem[i + 1..];
+        Precision::from_suffix(suffix, container).or_else(|| {
+            suffix
+                .parse::<Precision>()
+                .ok()
+                .filter(|p| p.container() == container)
+        })
+    })
+}
+
+/// The architecture from tensor names (safetensors).
+///
+/// Wired to `gguf::arch` once its `detect_arch` is available; until then no architecture is
+/// reported for safetensors files.
+fn architecture_from_tensor_names<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
+    let _ = names;
+    None
+}
+
+fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection {
+    let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for t in &header.tensors {
+        let e = rows.entry(t.dtype.as_str().to_owned()).or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(t.byte_len());
+    }
+    let bitsandbytes = detect_bitsandbytes(header);
+    let fp8_scaling = detect_fp8_scaling(header);
+    let mut notes = Vec::new();
+    let mut supported_as_source = true;
+
+    let (precision, evidence) = if let Some(bnb) = bitsandbytes {
+        (Some(bnb.quant_type.precision()), Evidence::Header)
+    } else if let Some(dtype) = dominant_float(header) {
+        match Precision::from_safetensors_dtype(dtype) {
+            Some(p) => (Some(p), Evidence::Header),
+            None => {
+                supported_as_source = false;
+                notes.push(format!(
+                    "most floating-point bytes are {dtype}, a dtype convcache recognises but \
+                     cannot convert from"
+                ));
+                (None, Evidence::Undetermined)
+            }
+        }
+    } else {
+        match guess_from_file_name(path, Container::Safetensors) {
+            Some(p) => {
+                notes.push(format!(
+                    "no floating-point tensors in the header; precision {p} guessed from the \
+                     file name"
+                ));
+                (Some(p), Evidence::FilenameGuess)
+            }
+            None => {
+                notes.push(
+                    "no floating-point tensors in the header and no precision in the file name"
+                        .to_owned(),
+                );
+                (None, Evidence::Undetermined)
+            }
+        }
+    };
+
+    if let Some(s) = &fp8_scaling {
+        notes.push(format!(
+            "ComfyUI scaled fp8: {} per-tensor weight scales{}",
+            s.scale_weights,
+            if s.marker.is_some() {
+                ", `scaled_fp8` marker present"
+            } else {
+                ""
+            }
+        ));
+    }
+
+    Detection {
+        path: path.to_owned(),
+        format: Format::Safetensors,
+        precision,
+        evidence,
+        supported_as_source,
+        histogram: sorted_histogram(rows),
+        architecture: architecture_from_tensor_names(
+            header.tensors.iter().map(|t| t.name.as_str()),
+        ),
+        fp8_scaling,
+        bitsandbytes,
+        metadata: header.metadata.clone(),
+        file_size: file_len,
+        tensor_count: header.tensors.len() as u64,
+        gguf_file_type: None,
+        notes,
+    }
+}
+
+/// A non-negative integer metadata value.
+fn metadata_uint(v: &MetadataValue) -> Option<u64> {
+    match *v {
+        MetadataValue::U8(x) => Some(x.into()),
+        MetadataValue::U16(x) => Some(x.into()),
+        MetadataValue::U32(x) => Some(x.into()),
+        MetadataValue::U64(x) => Some(x),
+        MetadataValue::I8(x) => u64::try_from(x).ok(),
+        MetadataValue::I16(x) => u64::try_from(x).ok(),
+        MetadataValue::I32(x) => u64::try_from(x).ok(),
+        MetadataValue::I64(x) => u64::try_from(x).ok(),
+        _ => None,
+    }
+}
+
+/// A scalar metadata value as a string; `None` for arrays.
+fn render_metadata(v: &MetadataValue) -> Option<String> {
+    Some(match v {
+        MetadataValue::U8(x) => x.to_string(),
+        MetadataValue::I8(x) => x.to_string(),
+        MetadataValue::U16(x) => x.to_string(),
+        MetadataValue::I16(x) => x.to_string(),
+        MetadataValue::U32(x) => x.to_string(),
+        MetadataValue::I32(x) => x.to_string(),
+        MetadataValue::U64(x) => x.to_string(),
+        MetadataValue::I64(x) => x.to_string(),
+        MetadataValue::F32(x) => x.to_string(),
+        MetadataValue::F64(x) => x.to_string(),
+        MetadataValue::Bool(x) => x.to_string(),
+        MetadataValue::String(s) => s.clone(),
+        MetadataValue::Array(_) => return None,
+    })
+}
+
+fn detect_gguf(path: &Path, gguf: &GgufFile, file_len: u64) -> Detection {
+    let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut per_type: BTreeMap<GgmlType, (u64, u64)> = BTreeMap::new();
+    for t in &gguf.tensors {
+        let n = t
+            .dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .unwrap_or(u64::MAX);
+        let bytes = t.ggml_type.bytes_for(n).unwrap_or(0);
+        let e = rows.entry(t.ggml_type.name().to_owned()).or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(bytes);
+        let e = per_type.entry(t.ggml_type).or_default();
+        e.0 = e.0.saturating_add(bytes);
+        e.1 += 1;
+    }
+
+    let mut metadata = BTreeMap::new();
+    let mut architecture = None;
+    let mut file_type_id = None;
+    for (key, value) in &gguf.metadata {
+        if let Some(s) = render_metadata(value) {
+            metadata.insert(key.clone(), s);
+        }
+        match key.as_str() {
+            "general.architecture" => {
+                if let MetadataValue::String(s) = value {
+                    architecture = Some(s.clone());
+                }
+            }
+            "general.file_type" => file_type_id = metadata_uint(value),
+            _ => {}
+        }
+    }
+
+    let mut notes = Vec::new();
+    let known_file_type = file_type_id
+        .and_then(|id| u32::try_from(id).ok())
+        .and_then(FileType::from_id);
+    let gguf_file_type = match (file_type_id, known_file_type) {
+        (_, Some(ft)) => Some(ft.name().to_owned()),
+        (Some(id), None) => {
+            notes.push(format!(
+                "general.file_type {id} is not a file type convcache knows; precision taken \
+                 from the tensor types"
+            ));
+            Some(format!("unknown ({id})"))
+        }
+        (None, None) => None,
+    };
+    let dominant = per_type
+        .into_iter()
+        .max_by_key(|&(_, (bytes, tensors))| (bytes, tensors))
+        .map(|(t, _)| t);
+    let (precision, evidence) = match (known_file_type, dominant) {
+        (Some(ft), _) => (Some(Precision::Gguf(ft)), Evidence::Header),
+        (None, Some(t)) => {
+            let p = Precision::gguf_from_dominant_type(t);
+            if file_type_id.is_none() {
+                notes.push(format!(
+                    "no general.file_type; precision {p} inferred from the dominant tensor \
+                     type {t}"
+                ));
+            }
+            (Some(p), Evidence::Header)
+        }
+        (None, None) => match guess_from_file_name(path, Container::Gguf) {
+            Some(p) => {
+                notes.push(format!(
+                    "no tensors and no general.file_type; precision {p} guessed from the \
+                     file name"
+                ));
+                (Some(p), Evidence::FilenameGuess)
+            }
+            None => {
+                notes.push("no tensors and no general.file_type".to_owned());
+                (None, Evidence::Undetermined)
+            }
+        },
+    };
+
+    Detection {
+        path: path.to_owned(),
+        format: Format::Gguf,
+        precision,
+        evidence,
+        supported_as_source: true,
+        histogram: sorted_histogram(rows),
+        architecture,
+        fp8_scaling: None,
+        bitsandbytes: None,
+        metadata,
+        file_size: file_len,
+        tensor_count: gguf.tensors.len() as u64,
+        gguf_file_type,
+        notes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_map_to_specific_variants() {
+        let p = Path::new("/models/x.safetensors");
+        let e = DetectError::from_io(p, io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(e.kind(), "permission_denied");
+        assert_eq!(e.to_string(), "/models/x.safetensors: permission denied");
+        let e = DetectError::from_io(p, io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(e.kind(), "not_found");
+        let e = DetectError::from_io(p, io::Error::from(io::ErrorKind::IsADirectory));
+        assert_eq!(e.kind(), "is_directory");
+        let e = DetectError::from_io(p, io::Error::other("disk on fire"));
+        assert_eq!(e.kind(), "io");
+        assert_eq!(e.to_string(), "/models/x.safetensors: disk on fire");
+    }
+
+    #[test]
+    fn sniffing_prefers_content_over_extension() {
+        let mut st = 2u64.to_le_bytes().to_vec();
+        st.extend_from_slice(b"{}");
+        assert_eq!(
+            sniff(&st, 10, Path::new("a.bin")),
+            Some(Format::Safetensors)
+        );
+        assert_eq!(
+            sniff(b"GGUF\x03\0\0\0", 100, Path::new("a.safetensors")),
+            Some(Format::Gguf)
+        );
+        assert_eq!(
+            sniff(b"PK\x03\x04rest", 100, Path::new("a.safetensors")),
+            Some(Format::Pickle)
+        );
+        // A safetensors length whose low byte is 0x80 must not read as a pickle.
+        let weak = [0x80, 0x02, 0, 0, 0, 0, 0, 0, b'['];
+        assert_eq!(
+            sniff(&weak, 1000, Path::new("a.safetensors")),
+            Some(Format::Safetensors)
+        );
+        assert_eq!(sniff(&weak, 1000, Path::new("a")), Some(Format::Pickle));
+        assert_eq!(sniff(b"hello", 5, Path::new("a.txt")), None);
+        assert_eq!(
+            sniff(b"hello", 5, Path::new("a.CKPT")),
+            Some(Format::Pickle)
+        );
+    }
+
+    #[test]
+    fn file_name_guesses_take_the_longest_suffix() {
+        let g = |name: &str, c| guess_from_file_name(Path::new(name), c);
+        assert_eq!(
+            g("flux_fp8_e4m3fn.safetensors", Container::Safetensors),
+            Some(Precision::Fp8E4m3fn)
+        );
+        assert_eq!(
+            g("sd_xl_base_1.0_fp16.safetensors", Container::Safetensors),
+            Some(Precision::Fp16)
+        );
+        assert_eq!(
+            g("flux_Q4_K_M.gguf", Container::Gguf),
+            Some(Precision::Gguf(FileType::Q4KM))
+        );
+        assert_eq!(g("flux_dev.safetensors", Container::Safetensors), None);
+        assert_eq!(g("flux_Q4_K_M.safetensors", Container::Safetensors), None);
+    }
 }

@@ -6,15 +6,22 @@
 use std::fmt;
 use std::str::FromStr;
 
-use gguf::FileType;
+use gguf::{FileType, GgmlType};
+
+use crate::safetensors::Dtype;
 
 /// A precision a model file can be in, or a conversion can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Precision {
+    /// IEEE float32 (`fp32`).
     Fp32,
+    /// IEEE float16 (`fp16`).
     Fp16,
+    /// bfloat16 (`bf16`).
     Bf16,
+    /// float8 e4m3fn, finite-only, max 448 (`fp8_e4m3fn`; `fp8` is an alias).
     Fp8E4m3fn,
+    /// float8 e5m2 (`fp8_e5m2`).
     Fp8E5m2,
     /// bitsandbytes NF4.
     Nf4,
@@ -29,7 +36,9 @@ pub enum Precision {
 /// The container a precision lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Container {
+    /// A `.safetensors` file.
     Safetensors,
+    /// A `.gguf` file.
     Gguf,
 }
 
@@ -81,6 +90,53 @@ impl Precision {
         matches!(self, Precision::Nf4 | Precision::Fp4 | Precision::Int8)
     }
 
+    /// A name that [`FromStr`] parses back to this precision: the canonical name, except
+    /// `gguf_f32`/`gguf_f16`/`gguf_bf16` for the plain-float GGUF file types (whose canonical
+    /// names `F32`/`F16`/`BF16` parse as the safetensors precisions).
+    pub fn target_name(self) -> &'static str {
+        match self {
+            Precision::Gguf(FileType::AllF32) => "gguf_f32",
+            Precision::Gguf(FileType::MostlyF16) => "gguf_f16",
+            Precision::Gguf(FileType::MostlyBF16) => "gguf_bf16",
+            p => p.canonical_name(),
+        }
+    }
+
+    /// The safetensors precision a tensor dtype stands for, when convcache has one:
+    /// F32, F16, BF16, F8_E4M3 and F8_E5M2. Integer dtypes, F64 and the newer F8/F6/F4
+    /// formats have none.
+    pub fn from_safetensors_dtype(dtype: Dtype) -> Option<Precision> {
+        match dtype {
+            Dtype::F32 => Some(Precision::Fp32),
+            Dtype::F16 => Some(Precision::Fp16),
+            Dtype::BF16 => Some(Precision::Bf16),
+            Dtype::F8E4M3 => Some(Precision::Fp8E4m3fn),
+            Dtype::F8E5M2 => Some(Precision::Fp8E5m2),
+            _ => None,
+        }
+    }
+
+    /// The GGUF file type a file is in when most of its bytes are tensors of `ggml_type`
+    /// (used when `general.file_type` is absent). The K-quant mixes are ambiguous from one
+    /// tensor type; the `_M` mix is reported, as llama-quantize names `Q4_K` = `Q4_K_M`.
+    pub fn gguf_from_dominant_type(ggml_type: GgmlType) -> Precision {
+        Precision::Gguf(match ggml_type {
+            GgmlType::F32 => FileType::AllF32,
+            GgmlType::F16 => FileType::MostlyF16,
+            GgmlType::BF16 => FileType::MostlyBF16,
+            GgmlType::Q4_0 => FileType::Q4_0,
+            GgmlType::Q4_1 => FileType::Q4_1,
+            GgmlType::Q5_0 => FileType::Q5_0,
+            GgmlType::Q5_1 => FileType::Q5_1,
+            GgmlType::Q8_0 => FileType::Q8_0,
+            GgmlType::Q2K => FileType::Q2K,
+            GgmlType::Q3K => FileType::Q3KM,
+            GgmlType::Q4K => FileType::Q4KM,
+            GgmlType::Q5K => FileType::Q5KM,
+            GgmlType::Q6K => FileType::Q6K,
+        })
+    }
+
     /// Parses a name that appears as a file-name suffix in `container` (exact canonical
     /// name for safetensors; case-insensitive ggml name for GGUF).
     pub fn from_suffix(suffix: &str, container: Container) -> Option<Precision> {
@@ -111,16 +167,20 @@ pub struct PrecisionParseError(pub String);
 impl FromStr for Precision {
     type Err = PrecisionParseError;
 
-    /// Accepts canonical names and aliases, case-insensitively.
+    /// Accepts canonical names and aliases, case-insensitively, with `-` and `_` equivalent.
+    ///
+    /// Bare `f16`/`F16` and `f32` mean the safetensors precisions (that is what people type);
+    /// plain-float GGUF targets are `gguf_f32`, `gguf_f16`, `gguf_bf16`. Quantized GGUF names
+    /// may carry a `gguf_` prefix, and `Q3_K`, `Q4_K`, `Q5_K` mean their `_M` mixes, as in
+    /// llama-quantize.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let lower = s.trim().to_ascii_lowercase();
+        let lower = s.trim().to_ascii_lowercase().replace('-', "_");
         let p = match lower.as_str() {
             "fp32" | "float32" | "f32" | "float" => Precision::Fp32,
-            "fp16" | "float16" | "half" => Precision::Fp16,
+            "fp16" | "float16" | "half" | "f16" => Precision::Fp16,
             "bf16" | "bfloat16" => Precision::Bf16,
-            "fp8" | "fp8_e4m3fn" | "fp8_e4m3" | "float8_e4m3fn" | "f8_e4m3" | "e4m3fn" => {
-                Precision::Fp8E4m3fn
-            }
+            "fp8" | "float8" | "fp8_e4m3fn" | "fp8_e4m3" | "float8_e4m3fn" | "f8_e4m3"
+            | "e4m3fn" | "e4m3" => Precision::Fp8E4m3fn,
             "fp8_e5m2" | "float8_e5m2" | "f8_e5m2" | "e5m2" => Precision::Fp8E5m2,
             "nf4" | "bnb_nf4" => Precision::Nf4,
             "fp4" | "bnb_fp4" => Precision::Fp4,
@@ -130,15 +190,29 @@ impl FromStr for Precision {
             "gguf_f32" => Precision::Gguf(FileType::AllF32),
             "gguf_f16" => Precision::Gguf(FileType::MostlyF16),
             "gguf_bf16" => Precision::Gguf(FileType::MostlyBF16),
-            other => match other.parse::<FileType>() {
-                // Plain F32/F16/BF16 spelled bare are safetensors precisions above (f32) or
-                // ambiguous (f16, bf16 -> bf16 handled above); only quantized mixes parse here.
-                Ok(t) if t.base_type().is_quantized() => Precision::Gguf(t),
-                Ok(FileType::MostlyF16) => Precision::Fp16,
-                _ => return Err(PrecisionParseError(s.to_owned())),
-            },
+            other => {
+                let bare = other.strip_prefix("gguf_").unwrap_or(other);
+                let mix = match bare {
+                    "q3_k" => "q3_k_m",
+                    "q4_k" => "q4_k_m",
+                    "q5_k" => "q5_k_m",
+                    b => b,
+                };
+                match mix.parse::<FileType>() {
+                    // Only quantized mixes parse here: the plain-float spellings are above.
+                    Ok(t) if t.base_type().is_quantized() => Precision::Gguf(t),
+                    _ => return Err(PrecisionParseError(s.to_owned())),
+                }
+            }
         };
         Ok(p)
+    }
+}
+
+impl serde::Serialize for Precision {
+    /// As its canonical name: the stable JSON spelling.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.canonical_name())
     }
 }
 
@@ -152,12 +226,20 @@ pub enum SkipReason {
 impl fmt::Display for SkipReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SkipReason::AlreadyTarget => f.write_str("the source already is in the target precision"),
+            SkipReason::AlreadyTarget => {
+                f.write_str("the source already is in the target precision")
+            }
         }
     }
 }
 
 /// Whether converting a `source` file to `target` is unnecessary, and why.
+///
+/// Aliases need no special case: every spelling of a precision (`fp8`, `FP8_E4M3FN`,
+/// `uint8`/`int8`, `q4_k_m`/`Q4_K_M`/`gguf_q4_k_m`) parses to the same [`Precision`] value.
+/// The container is part of the value, so a safetensors fp16 source and a `gguf_f16` target
+/// are different (a conversion is needed), while a GGUF file whose `general.file_type` is F16
+/// (detected as `Precision::Gguf(FileType::MostlyF16)`) is already a `gguf_f16` target.
 pub fn should_skip(source: Precision, target: Precision) -> Option<SkipReason> {
     (source == target).then_some(SkipReason::AlreadyTarget)
 }
@@ -176,7 +258,10 @@ mod tests {
                 _ => p.canonical_name(),
             };
             assert_eq!(name.parse::<Precision>(), Ok(p), "{name}");
-            assert_eq!(Precision::from_suffix(p.canonical_name(), p.container()), Some(p));
+            assert_eq!(
+                Precision::from_suffix(p.canonical_name(), p.container()),
+                Some(p)
+            );
         }
     }
 
