@@ -1,0 +1,542 @@
+//! Lookup, listing, cleanup and eviction against real files in temporary models dirs.
+//!
+//! Outputs are written here directly (a small safetensors file with provenance), standing in
+//! for what `smart` publishes; `smart`'s own tests cover the conversion side.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use cache::provenance::SourceStat;
+use cache::{
+    Cache, Kind, LookupOptions, LookupStatus, ModelsDir, Provenance, digest, record_use_at,
+};
+use detect::Precision;
+use detect::safetensors::Dtype;
+use precision::{SafetensorsWriter, TensorSpec};
+
+const VERSION: &str = "test-converter/1";
+
+/// Writes a safetensors file with one 2-D tensor of `dtype` filled with `fill`.
+fn write_model(path: &Path, dtype: Dtype, n: u64, fill: u8, meta: &BTreeMap<String, String>) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let spec = TensorSpec {
+        name: "w".into(),
+        dtype,
+        shape: vec![2, n],
+    };
+    let len = spec.byte_len().unwrap() as usize;
+    let f = fs::File::create(path).unwrap();
+    let mut w = SafetensorsWriter::new(f, &[spec], meta).unwrap();
+    w.write_chunk(&vec![fill; len]).unwrap();
+    w.finish().unwrap();
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    cache: Cache,
+}
+
+fn env() -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let cache = Cache::new(ModelsDir::at(root.join("models")));
+    Env {
+        _tmp: tmp,
+        root,
+        cache,
+    }
+}
+
+fn source(env: &Env, rel: &str, fill: u8) -> PathBuf {
+    let p = env.root.join(rel);
+    write_model(&p, Dtype::F32, 8, fill, &BTreeMap::new());
+    p
+}
+
+/// Writes what a conversion of `src` to `target` would publish at `at`.
+fn publish(src: &Path, target: Precision, at: &Path) -> Provenance {
+    let prov = Provenance::new(
+        &SourceStat::of(src).unwrap(),
+        digest::digest_file(src).unwrap(),
+        target,
+        VERSION,
+    );
+    let dtype = match target {
+        Precision::Fp16 => Dtype::F16,
+        Precision::Bf16 => Dtype::BF16,
+        Precision::Fp32 => Dtype::F32,
+        _ => Dtype::F8E4M3,
+    };
+    write_model(at, dtype, 8, 1, &prov.to_metadata());
+    prov
+}
+
+fn opts() -> LookupOptions {
+    LookupOptions {
+        converter_version: Some(VERSION.into()),
+        ..Default::default()
+    }
+}
+
+fn file_digest(p: &Path) -> String {
+    digest::digest_bytes(&fs::read(p).unwrap())
+}
+
+fn set_mtime(p: &Path, t: SystemTime) {
+    fs::File::options()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+#[test]
+fn missing_then_hit_without_hashing_the_source() {
+    let e = env();
+    let src = source(&e, "models/checkpoints/flux_fp32.safetensors", 3);
+    let before = file_digest(&src);
+    let l = e.cache.lookup(&src, Precision::Bf16, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Missing);
+    let expected = e
+        .root
+        .join("models/diffusion_models/converted/flux_bf16.safetensors");
+    assert_eq!(l.path, expected);
+
+    publish(&src, Precision::Bf16, &l.path);
+    let l = e.cache.lookup(&src, Precision::Bf16, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Hit);
+    assert_eq!(l.path, expected);
+    assert!(
+        l.source_digest.is_none(),
+        "a fast hit does not hash the source"
+    );
+    assert_eq!(file_digest(&src), before);
+}
+
+#[test]
+fn source_changed_size_is_stale() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    publish(&src, Precision::Fp16, &out);
+    write_model(&src, Dtype::F32, 16, 3, &BTreeMap::new());
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert!(
+        matches!(&l.status, LookupStatus::Stale(r) if r.contains("size")),
+        "{:?}",
+        l.status
+    );
+    assert_eq!(l.path, out, "reconverted in place");
+}
+
+#[test]
+fn same_size_content_change_is_caught_by_mtime_or_by_verify_digest() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    publish(&src, Precision::Fp16, &out);
+    let old_mtime = fs::metadata(&src).unwrap().modified().unwrap();
+
+    // Same size, other content, new mtime: the mtime differs, the digest decides: stale.
+    write_model(&src, Dtype::F32, 8, 4, &BTreeMap::new());
+    set_mtime(&src, old_mtime + Duration::from_secs(5));
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert!(matches!(l.status, LookupStatus::Stale(_)), "{:?}", l.status);
+
+    // Mtime restored: size and mtime match, which the default lookup trusts (documented
+    // limitation); verify_digest hashes and catches it.
+    set_mtime(&src, old_mtime);
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Hit);
+    let strict_digest = LookupOptions {
+        verify_digest: true,
+        ..opts()
+    };
+    let l = e
+        .cache
+        .lookup(&src, Precision::Fp16, &strict_digest)
+        .unwrap();
+    assert!(
+        matches!(&l.status, LookupStatus::Stale(r) if r.contains("content")),
+        "{:?}",
+        l.status
+    );
+}
+
+#[test]
+fn touched_or_moved_source_with_same_content_is_a_hit_by_digest() {
+    let e = env();
+    let src = source(&e, "a/flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    publish(&src, Precision::Fp16, &out);
+    set_mtime(&src, SystemTime::now() + Duration::from_secs(100));
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Hit);
+    assert!(l.source_digest.is_some());
+
+    let moved = e.root.join("b/flux.safetensors");
+    fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    fs::rename(&src, &moved).unwrap();
+    let l = e.cache.lookup(&moved, Precision::Fp16, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Hit);
+    assert_eq!(l.path, out);
+}
+
+#[test]
+fn same_basename_in_two_folders_gets_two_outputs_both_found() {
+    let e = env();
+    let a = source(&e, "one/flux.safetensors", 3);
+    let b = source(&e, "two/flux.safetensors", 9);
+    let la = e.cache.lookup(&a, Precision::Bf16, &opts()).unwrap();
+    publish(&a, Precision::Bf16, &la.path);
+
+    let lb = e.cache.lookup(&b, Precision::Bf16, &opts()).unwrap();
+    assert_eq!(lb.status, LookupStatus::Missing);
+    assert_ne!(lb.path, la.path);
+    let short = &digest::digest_file(&b).unwrap()[..8];
+    assert_eq!(
+        lb.path.file_name().unwrap().to_str().unwrap(),
+        format!("flux-{short}_bf16.safetensors")
+    );
+    publish(&b, Precision::Bf16, &lb.path);
+
+    let la2 = e.cache.lookup(&a, Precision::Bf16, &opts()).unwrap();
+    let lb2 = e.cache.lookup(&b, Precision::Bf16, &opts()).unwrap();
+    assert_eq!((la2.status, &la2.path), (LookupStatus::Hit, &la.path));
+    assert_eq!((lb2.status, &lb2.path), (LookupStatus::Hit, &lb.path));
+    // Both are listed with their own source.
+    let sources: Vec<_> = e
+        .cache
+        .list(Kind::All)
+        .unwrap()
+        .into_iter()
+        .map(|x| x.source.unwrap())
+        .collect();
+    assert_eq!(sources.len(), 2);
+    assert!(sources.contains(&fs::canonicalize(&a).unwrap()));
+    assert!(sources.contains(&fs::canonicalize(&b).unwrap()));
+}
+
+#[test]
+fn foreign_file_is_unverified_unless_strict_and_never_in_the_wrong_precision() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    write_model(&out, Dtype::F16, 4, 0, &BTreeMap::new());
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert_eq!((l.status, &l.path), (LookupStatus::Unverified, &out));
+    let strict = LookupOptions {
+        strict: true,
+        ..opts()
+    };
+    let l = e.cache.lookup(&src, Precision::Fp16, &strict).unwrap();
+    assert_eq!((l.status, &l.path), (LookupStatus::Foreign, &out));
+
+    write_model(&out, Dtype::BF16, 4, 0, &BTreeMap::new());
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert!(
+        matches!(l.status, LookupStatus::Broken(_)),
+        "{:?}",
+        l.status
+    );
+    assert_eq!(l.path, out);
+}
+
+#[test]
+fn corrupted_outputs_are_never_hits() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    let broken = |l: &cache::Lookup| matches!(l.status, LookupStatus::Broken(_));
+
+    // Truncated.
+    publish(&src, Precision::Fp16, &out);
+    let bytes = fs::read(&out).unwrap();
+    fs::write(&out, &bytes[..bytes.len() - 1]).unwrap();
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert!(broken(&l), "{:?}", l.status);
+    // Bytes appended.
+    let mut longer = bytes.clone();
+    longer.push(0);
+    fs::write(&out, &longer).unwrap();
+    assert!(broken(
+        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
+    ));
+    // A header byte flipped (the JSON no longer parses).
+    let mut flipped = bytes.clone();
+    flipped[8] ^= 0xff;
+    fs::write(&out, &flipped).unwrap();
+    assert!(broken(
+        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
+    ));
+    // Shorter than a header.
+    fs::write(&out, b"abc").unwrap();
+    assert!(broken(
+        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
+    ));
+    // Wrong precision under the name, with a provenance claiming the right one.
+    let prov = Provenance::new(
+        &SourceStat::of(&src).unwrap(),
+        digest::digest_file(&src).unwrap(),
+        Precision::Fp16,
+        VERSION,
+    );
+    write_model(&out, Dtype::BF16, 8, 1, &prov.to_metadata());
+    assert!(broken(
+        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
+    ));
+    // Right precision, provenance made for another target.
+    let mut other = prov.clone();
+    other.target = Precision::Bf16;
+    write_model(&out, Dtype::F16, 8, 1, &other.to_metadata());
+    assert!(broken(
+        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
+    ));
+    // A provenance record that does not parse.
+    let mut meta = prov.to_metadata();
+    meta.insert("convcache.source_size".into(), "many".into());
+    write_model(&out, Dtype::F16, 8, 1, &meta);
+    assert!(broken(
+        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
+    ));
+}
+
+#[test]
+fn other_converter_version_is_stale_when_asked() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    publish(&src, Precision::Fp16, &out);
+    let newer = LookupOptions {
+        converter_version: Some("test-converter/2".into()),
+        ..Default::default()
+    };
+    let l = e.cache.lookup(&src, Precision::Fp16, &newer).unwrap();
+    assert!(matches!(&l.status, LookupStatus::Stale(r) if r.contains("converter")));
+    let any = LookupOptions::default();
+    assert_eq!(
+        e.cache.lookup(&src, Precision::Fp16, &any).unwrap().status,
+        LookupStatus::Hit
+    );
+}
+
+#[test]
+fn batch_check_reports_each_target() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    publish(
+        &src,
+        Precision::Fp16,
+        &e.cache.standard_path(&src, Precision::Fp16),
+    );
+    let out = e.cache.standard_path(&src, Precision::Bf16);
+    write_model(&out, Dtype::F32, 4, 0, &BTreeMap::new());
+    let r = e
+        .cache
+        .batch_check(
+            &src,
+            &[Precision::Fp16, Precision::Bf16, Precision::Fp8E4m3fn],
+            &opts(),
+        )
+        .unwrap();
+    assert_eq!(
+        r.iter().map(|c| (c.exists, c.valid)).collect::<Vec<_>>(),
+        vec![(true, true), (true, false), (false, false)]
+    );
+    assert_eq!(r[2].status, LookupStatus::Missing);
+    let json = serde_json::to_value(&r[0]).unwrap();
+    assert_eq!(json["target"], "fp16");
+    assert_eq!(json["status"], "hit");
+}
+
+/// A cache with: 3 outputs of `src` (fp16, bf16, fp8) used at known times, a foreign file, a
+/// symlink to a file outside named like an output, a temporary, an unrelated file.
+struct Populated {
+    e: Env,
+    src: PathBuf,
+    outputs: Vec<PathBuf>,
+    outside: PathBuf,
+    link: PathBuf,
+    foreign: PathBuf,
+    temp: PathBuf,
+    unrelated: PathBuf,
+}
+
+fn populated() -> Populated {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let mut outputs = Vec::new();
+    for (i, t) in [Precision::Fp16, Precision::Bf16, Precision::Fp8E4m3fn]
+        .into_iter()
+        .enumerate()
+    {
+        let p = e.cache.standard_path(&src, t);
+        publish(&src, t, &p);
+        set_mtime(&p, base);
+        record_use_at(&p, base + Duration::from_secs(10 * i as u64)).unwrap();
+        outputs.push(p);
+    }
+    let dir = e.cache.models_dir().converted_dir();
+    let outside = e.root.join("precious_fp16.safetensors");
+    write_model(&outside, Dtype::F16, 64, 0, &BTreeMap::new());
+    let link = dir.join("precious_fp16.safetensors");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let foreign = dir.join("other_fp16.safetensors");
+    write_model(&foreign, Dtype::F16, 64, 0, &BTreeMap::new());
+    set_mtime(&foreign, base);
+    let temp = cache::temp_path(&dir.join("flux_fp32.safetensors"), 999_999);
+    fs::write(&temp, b"partial").unwrap();
+    let unrelated = dir.join("notes.txt");
+    fs::write(&unrelated, b"hello").unwrap();
+    Populated {
+        e,
+        src,
+        outputs,
+        outside,
+        link,
+        foreign,
+        temp,
+        unrelated,
+    }
+}
+
+impl Populated {
+    fn untouched(&self) {
+        assert!(self.outside.is_file());
+        assert!(fs::symlink_metadata(&self.link).unwrap().is_symlink());
+        assert!(self.foreign.is_file());
+        assert!(self.temp.is_file());
+        assert!(self.unrelated.is_file());
+        assert!(self.src.is_file());
+    }
+}
+
+#[test]
+fn list_and_stats_see_regular_outputs_only() {
+    let p = populated();
+    let list = p.e.cache.list(Kind::All).unwrap();
+    let names: Vec<_> = list
+        .iter()
+        .map(|x| x.path.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "flux_bf16.safetensors",
+            "flux_fp16.safetensors",
+            "flux_fp8_e4m3fn.safetensors",
+            "other_fp16.safetensors"
+        ]
+    );
+    assert_eq!(list[0].basename, "flux");
+    assert_eq!(list[2].precision, Precision::Fp8E4m3fn);
+    assert!(list[3].source.is_none());
+    assert!(p.e.cache.list(Kind::Gguf).unwrap().is_empty());
+    let s = p.e.cache.stats(Kind::Precision).unwrap();
+    assert_eq!(s.count, 4);
+    assert_eq!(s.total_bytes, list.iter().map(|x| x.size).sum::<u64>());
+    assert_eq!(s.by_precision["fp16"].count, 2);
+    assert_eq!(s.by_precision["bf16"].count, 1);
+}
+
+#[test]
+fn cleanup_keeps_the_most_recently_used_of_that_source() {
+    let p = populated();
+    let before = file_digest(&p.src);
+    let dry = p.e.cache.cleanup(&p.src, 1, true).unwrap();
+    assert_eq!(dry.len(), 2);
+    assert!(
+        p.outputs.iter().all(|o| o.is_file()),
+        "dry run removes nothing"
+    );
+
+    let removed = p.e.cache.cleanup(&p.src, 1, false).unwrap();
+    let removed: Vec<_> = removed.into_iter().map(|r| r.path).collect();
+    // Used at +0 (fp16), +10 (bf16), +20 (fp8): fp8 is kept.
+    assert_eq!(removed, vec![p.outputs[1].clone(), p.outputs[0].clone()]);
+    assert!(p.outputs[2].is_file());
+    assert!(!p.outputs[0].exists() && !p.outputs[1].exists());
+    p.untouched();
+    assert_eq!(file_digest(&p.src), before);
+}
+
+#[test]
+fn evict_removes_least_recently_used_and_nothing_else() {
+    let p = populated();
+    let sizes: Vec<u64> = p
+        .outputs
+        .iter()
+        .map(|o| fs::metadata(o).unwrap().len())
+        .collect();
+    let all = p.e.cache.stats(Kind::All).unwrap().total_bytes;
+    // Room for everything but one output: the least recently used (fp16) goes.
+    let ev = p.e.cache.evict_to(all - 1, false).unwrap();
+    assert_eq!(ev.removed.len(), 1);
+    assert_eq!(ev.removed[0].path, p.outputs[0]);
+    assert_eq!(ev.bytes_after, all - sizes[0]);
+
+    // A hit counts as a use: bf16 used now, so fp8 goes before it.
+    p.e.cache.record_use(&p.outputs[1]).unwrap();
+    let ev = p.e.cache.evict_to(all - sizes[0] - 1, true).unwrap();
+    assert_eq!(ev.removed[0].path, p.outputs[2]);
+    assert!(p.outputs[2].is_file(), "dry run");
+
+    // Down to zero: every output with provenance goes; the rest stays.
+    let ev = p.e.cache.evict_to(0, false).unwrap();
+    assert_eq!(ev.removed.len(), 2);
+    assert!(ev.bytes_after > 0, "the foreign file still counts");
+    p.untouched();
+}
+
+#[test]
+fn a_locked_output_is_never_removed() {
+    let p = populated();
+    let lock = cache::open_lock(&p.outputs[0]).unwrap();
+    lock.lock().unwrap();
+    let ev = p.e.cache.evict_to(0, false).unwrap();
+    assert!(!ev.removed.iter().any(|r| r.path == p.outputs[0]));
+    assert!(p.outputs[0].is_file());
+    drop(lock);
+    assert!(p.e.cache.remove_output(&p.outputs[0], false).unwrap());
+    assert!(!p.outputs[0].exists());
+}
+
+#[test]
+fn remove_output_refuses_anything_outside_or_unrecognised() {
+    let p = populated();
+    let c = &p.e.cache;
+    assert!(!c.remove_output(&p.link, false).unwrap());
+    assert!(!c.remove_output(&p.foreign, false).unwrap());
+    assert!(!c.remove_output(&p.unrelated, false).unwrap());
+    assert!(!c.remove_output(&p.temp, false).unwrap());
+    assert!(!c.remove_output(&p.outside, false).unwrap());
+    // An output-like file with provenance but outside the output dirs.
+    let elsewhere = p.e.root.join("flux_fp16.safetensors");
+    fs::copy(&p.outputs[0], &elsewhere).unwrap();
+    assert!(!c.remove_output(&elsewhere, false).unwrap());
+    assert!(elsewhere.is_file());
+    p.untouched();
+}
+
+#[test]
+fn sweep_removes_temporaries_of_dead_writers_only() {
+    let p = populated();
+    let dir = p.e.cache.models_dir().converted_dir();
+    let live_out = dir.join("live_fp16.safetensors");
+    let live_temp = cache::temp_path(&live_out, std::process::id());
+    fs::write(&live_temp, b"in progress").unwrap();
+    let lock = cache::open_lock(&live_out).unwrap();
+    lock.lock().unwrap();
+    let removed = p.e.cache.sweep_temporaries().unwrap();
+    assert_eq!(removed, vec![p.temp.clone()]);
+    assert!(live_temp.is_file());
+    assert_eq!(
+        cache::parse_temp_name(live_temp.file_name().unwrap().to_str().unwrap()),
+        Some(("live_fp16.safetensors", std::process::id()))
+    );
+}
