@@ -1,0 +1,708 @@
+//! Which ggml type each tensor of a diffusion model gets, as ComfyUI-GGUF's path decides it.
+//!
+//! ComfyUI-GGUF makes a quantized file in two steps: `tools/convert.py` writes an F16/BF16 "base"
+//! GGUF (some tensors F32), then a patched `llama-quantize` re-types the tensors it is allowed to
+//! quantize. [`plan`] reproduces both decisions in one pass so a converter can stream the source
+//! once: for every tensor it records the *base* type (what convert.py would have stored, which
+//! fixes the values the quantizer sees) and the *final* type written to the file.
+//!
+//! Tensor order is convert.py's: the source keys sorted (safetensors' `keys()` order), which
+//! matters because some mixes upgrade only the first N matching tensors.
+
+use std::collections::BTreeMap;
+
+use crate::arch::{self, Arch, KeyPrefix};
+use crate::reader::MetadataValue;
+use crate::types::{FileType, GgmlType};
+
+/// convert.py keeps tensors at or under this many elements in F32 (when the source is F32/BF16).
+const QUANTIZATION_THRESHOLD: u64 = 1024;
+/// sd1/sdxl tensors with at least this many elements may be flattened to rows of 256.
+const REARRANGE_THRESHOLD: u64 = 512;
+/// convert.py refuses longer names (the patched ggml allows 127 bytes plus the NUL).
+pub const MAX_TENSOR_NAME_LEN: usize = 127;
+/// ComfyUI-GGUF's loader and gguf-py read more, ggml reads at most this many dims.
+const MAX_GGML_DIMS: usize = 4;
+
+/// The element type of a source tensor, as far as the policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceDtype {
+    F32,
+    F16,
+    BF16,
+    /// Either fp8 flavour: convert.py widens these to F16.
+    F8,
+    /// Anything that is not a float convcache reads (ints, bools, newer sub-byte floats).
+    Unsupported,
+}
+
+/// One tensor of the source state dict.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceTensor<'a> {
+    pub name: &'a str,
+    /// Torch order.
+    pub shape: &'a [u64],
+    pub dtype: SourceDtype,
+}
+
+/// What happens to one source tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTensor {
+    /// The key in the source file (prefix included).
+    pub source_name: String,
+    /// The GGUF tensor name (prefix stripped).
+    pub name: String,
+    /// The shape stored in the file, torch order (flattened for sd1/sdxl reshapes).
+    pub shape: Vec<u64>,
+    /// The original torch shape when the tensor was flattened (`comfy.gguf.orig_shape.<name>`).
+    pub orig_shape: Option<Vec<u64>>,
+    /// The type convert.py's base file would hold: the values the quantizer starts from are the
+    /// source rounded through this type.
+    pub base_type: GgmlType,
+    /// The type written.
+    pub ggml_type: GgmlType,
+}
+
+impl PlannedTensor {
+    /// Number of elements.
+    pub fn n_elements(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// Dims in ggml order, as written in the tensor info (leading torch 1s kept).
+    pub fn ggml_dims(&self) -> Vec<u64> {
+        self.shape.iter().rev().copied().collect()
+    }
+
+    /// Bytes of this tensor's data in the file.
+    pub fn byte_len(&self) -> Option<u64> {
+        self.ggml_type.bytes_for(self.n_elements())
+    }
+}
+
+/// A tensor left out of the output, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedTensor {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// The whole output: metadata in file order, tensors in file order.
+#[derive(Debug, Clone)]
+pub struct GgufPlan {
+    pub arch: Arch,
+    pub file_type: FileType,
+    pub metadata: Vec<(String, MetadataValue)>,
+    pub tensors: Vec<PlannedTensor>,
+    pub dropped: Vec<DroppedTensor>,
+}
+
+impl GgufPlan {
+    /// Count of tensors per written type, for reports.
+    pub fn type_histogram(&self) -> BTreeMap<&'static str, usize> {
+        let mut h = BTreeMap::new();
+        for t in &self.tensors {
+            *h.entry(t.ggml_type.name()).or_insert(0) += 1;
+        }
+        h
+    }
+}
+
+/// Why a state dict cannot be converted.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Arch(#[from] arch::ArchError),
+    #[error("tensor `{name}` has dtype that cannot be converted to GGUF")]
+    UnsupportedDtype { name: String },
+    #[error("tensor name `{name}` is longer than {MAX_TENSOR_NAME_LEN} bytes")]
+    NameTooLong { name: String },
+    #[error("tensor `{name}`: element count overflows")]
+    ShapeOverflow { name: String },
+    #[error("two source tensors map to the GGUF name `{name}`")]
+    DuplicateName { name: String },
+    #[error("no tensors left to convert")]
+    Empty,
+}
+
+/// convert.py's prefix handling: which keys survive, under which names.
+fn strip_prefixes<'a>(tensors: &[SourceTensor<'a>]) -> Vec<(String, SourceTensor<'a>)> {
+    let prefix = KeyPrefix::detect(tensors.iter().map(|t| t.name));
+    tensors
+        .iter()
+        .filter_map(|t| prefix.apply(t.name).map(|n| (n.into_owned(), *t)))
+        .collect()
+}
+
+fn contains_any(name: &str, patterns: &[&str]) -> bool {
+    patterns.iter().any(|p| name.contains(p))
+}
+
+/// ggml's `ggml_n_dims`: trailing ggml dims of 1 (leading torch 1s) do not count; at least 1.
+fn ggml_n_dims(torch_shape: &[u64]) -> usize {
+    let leading_ones = torch_shape.iter().take_while(|&&d| d == 1).count();
+    (torch_shape.len() - leading_ones).max(1)
+}
+
+/// The name groups the patched quantizer upgrades.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NameGroup {
+    VProjection,
+    FusedQkv,
+    FfnDown,
+}
+
+fn name_group(name: &str) -> Option<NameGroup> {
+    const V: &[&str] = &[
+        "attn_v.weight",
+        ".to_v.weight",
+        ".v.weight",
+        ".attn.w1v.weight",
+        ".attn.w2v.weight",
+        "_attn.v_proj.weight",
+        ".add_v_proj.weight",
+    ];
+    const QKV: &[&str] = &["attn_qkv.weight", "attn.qkv.weight", "attention.qkv.weight"];
+    const FFN: &[&str] = &[
+        "ffn_down",
+        ".ffn.2.weight",
+        ".ff.net.2.weight",
+        ".mlp.layer2.weight",
+        ".adaln_modulation_mlp.2.weight",
+        ".feed_forward.w2.weight",
+        ".img_mlp.net.2.weight",
+        ".txt_mlp.net.2.weight",
+    ];
+    if contains_any(name, V) {
+        Some(NameGroup::VProjection)
+    } else if contains_any(name, QKV) {
+        Some(NameGroup::FusedQkv)
+    } else if contains_any(name, FFN) || (name.contains("experts.") && name.contains(".w2.weight"))
+    {
+        Some(NameGroup::FfnDown)
+    } else {
+        None
+    }
+}
+
+/// The patched `llama-quantize`'s type for a quantizable tensor.
+fn mix_type(target: FileType, name: &str, arch: Arch, v_seen: usize) -> GgmlType {
+    use FileType as F;
+    use GgmlType as G;
+    let base = target.base_type();
+    let by_group = match name_group(name) {
+        Some(NameGroup::VProjection) => match target {
+            F::Q2K => G::Q3K,
+            F::Q3KM if v_seen < 2 => G::Q5K,
+            F::Q3KM => G::Q4K,
+            F::Q3KL => G::Q5K,
+            F::Q4KM | F::Q5KM => G::Q6K,
+            F::Q4KS if v_seen < 4 => G::Q5K,
+            _ => base,
+        },
+        Some(NameGroup::FusedQkv) => match target {
+            F::Q3KM | F::Q3KL => G::Q4K,
+            F::Q4KM => G::Q5K,
+            F::Q5KM => G::Q6K,
+            _ => base,
+        },
+        Some(NameGroup::FfnDown) => match target {
+            F::Q3KM => G::Q4K,
+            F::Q3KL | F::Q4KS => G::Q5K,
+            F::Q4KM | F::Q5KM => G::Q6K,
+            F::Q4_0 => G::Q4_1,
+            F::Q5_0 => G::Q5_1,
+            _ => base,
+        },
+        None => base,
+    };
+    if arch == Arch::QwenImage
+        && (name.contains("transformer_blocks.0.") || name.contains("transformer_blocks.59."))
+    {
+        return match target {
+            F::Q2K | F::Q3KS | F::Q3KM | F::Q3KL => G::Q4K,
+            F::Q4KM => G::Q5K,
+            F::Q5KM => G::Q6K,
+            _ => by_group,
+        };
+    }
+    by_group
+}
+
+/// Plans the GGUF file ComfyUI-GGUF's tools would make of `tensors` for `target`.
+///
+/// `forced_arch` overrides detection (`--arch`).
+pub fn plan(
+    tensors: &[SourceTensor<'_>],
+    forced_arch: Option<Arch>,
+    target: FileType,
+) -> Result<GgufPlan, PlanError> {
+    let mut named = strip_prefixes(tensors);
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    for pair in named.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            return Err(PlanError::DuplicateName {
+                name: pair[0].0.clone(),
+            });
+        }
+    }
+    let arch = match forced_arch {
+        Some(a) => a,
+        None => arch::detect_arch(named.iter().map(|(n, _)| n.as_str()))?,
+    };
+    let quantized_target = target.base_type().is_quantized();
+
+    let mut dropped = Vec::new();
+    let mut planned = Vec::with_capacity(named.len());
+    let mut high_dim = Vec::new();
+    let mut v_seen = 0usize;
+    for (name, src) in named {
+        if arch.is_ignored(&name) {
+            dropped.push(DroppedTensor {
+                name,
+                reason: "ignored for this architecture",
+            });
+            continue;
+        }
+        let n = src
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| PlanError::ShapeOverflow { name: name.clone() })?;
+        if n == 0 {
+            // An empty tensor (e.g. ComfyUI's `scaled_fp8` marker) crashes ggml's loader.
+            dropped.push(DroppedTensor {
+                name,
+                reason: "empty tensor",
+            });
+            continue;
+        }
+        if src.dtype == SourceDtype::Unsupported {
+            return Err(PlanError::UnsupportedDtype { name });
+        }
+        if name.len() > MAX_TENSOR_NAME_LEN {
+            return Err(PlanError::NameTooLong { name });
+        }
+
+        let high_precision_source = matches!(src.dtype, SourceDtype::F32 | SourceDtype::BF16);
+        let keep_f32 = high_precision_source
+            && (src.shape.len() == 1 || n <= QUANTIZATION_THRESHOLD || arch.is_hiprec(&name));
+        let base_type = match target {
+            FileType::AllF32 => GgmlType::F32,
+            _ if keep_f32 => GgmlType::F32,
+            FileType::MostlyF16 => GgmlType::F16,
+            FileType::MostlyBF16 => GgmlType::BF16,
+            _ if src.dtype == SourceDtype::BF16 => GgmlType::BF16,
+            _ => GgmlType::F16,
+        };
+
+        if src.shape.len() > MAX_GGML_DIMS {
+            // ComfyUI-GGUF's fix_5d_tensors end state: F32 with every dim.
+            high_dim.push(PlannedTensor {
+                source_name: src.name.to_owned(),
+                name,
+                shape: src.shape.to_vec(),
+                orig_shape: None,
+                base_type: GgmlType::F32,
+                ggml_type: GgmlType::F32,
+            });
+            continue;
+        }
+
+        let mut shape = src.shape.to_vec();
+        let mut orig_shape = None;
+        if arch.shape_fix()
+            && shape.len() > 1
+            && n >= REARRANGE_THRESHOLD
+            && n % 256 == 0
+            && shape.last().is_some_and(|&d| d % 256 != 0)
+        {
+            orig_shape = Some(std::mem::replace(&mut shape, vec![n / 256, 256]));
+        }
+
+        let quantizable = quantized_target
+            && name.ends_with("weight")
+            && !name.contains("_norm.weight")
+            && ggml_n_dims(&shape) == 2
+            && !arch.is_quant_excluded(&name);
+        let ggml_type = if quantizable {
+            let chosen = mix_type(target, &name, arch, v_seen);
+            if name_group(&name) == Some(NameGroup::VProjection) {
+                v_seen += 1;
+            }
+            let row = *shape.last().unwrap_or(&1);
+            if row % chosen.block_size() as u64 == 0 {
+                chosen
+            } else if chosen.block_size() == 256 {
+                // The patch's fallback for K-quants is F16, whatever the base.
+                GgmlType::F16
+            } else {
+                base_type
+            }
+        } else {
+            base_type
+        };
+        planned.push(PlannedTensor {
+            source_name: src.name.to_owned(),
+            name,
+            shape,
+            orig_shape,
+            base_type,
+            ggml_type,
+        });
+    }
+
+    // fix_5d_tensors puts each high-dim tensor right after its `.bias` sibling.
+    for t in high_dim {
+        let at = planned
+            .iter()
+            .position(|p| p.name.replace(".bias", ".weight") == t.name)
+            .map_or(planned.len(), |i| i + 1);
+        planned.insert(at, t);
+    }
+    if planned.is_empty() {
+        return Err(PlanError::Empty);
+    }
+
+    let file_type = target;
+    let mut metadata: Vec<(String, MetadataValue)> = vec![(
+        "general.architecture".into(),
+        MetadataValue::String(arch.name().into()),
+    )];
+    let version_and_type = [
+        (
+            "general.quantization_version".to_owned(),
+            MetadataValue::U32(2),
+        ),
+        (
+            "general.file_type".to_owned(),
+            MetadataValue::U32(file_type.id()),
+        ),
+    ];
+    let mut orig_shapes = Vec::new();
+    for t in &planned {
+        if let Some(s) = &t.orig_shape {
+            // The loader accepts only INT32 arrays here.
+            let dims = s
+                .iter()
+                .map(|&d| i32::try_from(d).map(MetadataValue::I32))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| PlanError::ShapeOverflow {
+                    name: t.name.clone(),
+                })?;
+            orig_shapes.push((
+                format!("comfy.gguf.orig_shape.{}", t.name),
+                MetadataValue::Array(dims),
+            ));
+        }
+    }
+    if quantized_target {
+        // llama-quantize copies convert.py's keys, then re-sets these two, which moves them last.
+        metadata.extend(orig_shapes);
+        metadata.extend(version_and_type);
+    } else {
+        metadata.extend(version_and_type);
+        metadata.extend(orig_shapes);
+    }
+
+    Ok(GgufPlan {
+        arch,
+        file_type,
+        metadata,
+        tensors: planned,
+        dropped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t<'a>(name: &'a str, shape: &'a [u64], dtype: SourceDtype) -> SourceTensor<'a> {
+        SourceTensor { name, shape, dtype }
+    }
+
+    fn type_of(plan: &GgufPlan, name: &str) -> GgmlType {
+        plan.tensors
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name} not planned"))
+            .ggml_type
+    }
+
+    const F32: SourceDtype = SourceDtype::F32;
+
+    fn flux_like(dtype: SourceDtype) -> Vec<SourceTensor<'static>> {
+        vec![
+            t("double_blocks.0.img_attn.proj.weight", &[3072, 3072], dtype),
+            t("double_blocks.0.img_attn.qkv.weight", &[9216, 3072], dtype),
+            t("double_blocks.0.img_attn.qkv.bias", &[9216], dtype),
+            t(
+                "double_blocks.0.img_attn.norm.key_norm.scale",
+                &[128],
+                dtype,
+            ),
+            t("double_blocks.0.img_mlp.2.weight", &[3072, 12288], dtype),
+            t("img_in.weight", &[3072, 64], dtype),
+            t("final_layer.linear.weight", &[64, 3072], dtype),
+            t("single_blocks.0.linear2.weight", &[3072, 15360], dtype),
+            t("single_blocks.0.odd.weight", &[64, 100], dtype),
+            t("tiny.weight", &[16, 16], dtype),
+        ]
+    }
+
+    #[test]
+    fn flux_q4_k_m_types() {
+        let plan = plan(&flux_like(F32), None, FileType::Q4KM).unwrap();
+        assert_eq!(plan.arch, Arch::Flux);
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.proj.weight"),
+            GgmlType::Q4K
+        );
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.qkv.weight"),
+            GgmlType::Q5K
+        );
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.qkv.bias"),
+            GgmlType::F32
+        );
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.norm.key_norm.scale"),
+            GgmlType::F32
+        );
+        // Flux's MLP down matches no FFN pattern.
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_mlp.2.weight"),
+            GgmlType::Q4K
+        );
+        // Blacklisted: keeps the F16 base of an F32 source.
+        assert_eq!(type_of(&plan, "img_in.weight"), GgmlType::F16);
+        assert_eq!(type_of(&plan, "final_layer.linear.weight"), GgmlType::F16);
+        assert_eq!(
+            type_of(&plan, "single_blocks.0.linear2.weight"),
+            GgmlType::Q4K
+        );
+        // Row of 100: the K-quant fallback is F16.
+        assert_eq!(type_of(&plan, "single_blocks.0.odd.weight"), GgmlType::F16);
+        // <= 1024 elements: F32 base, then row 16 cannot hold a K block -> F16.
+        let tiny = plan
+            .tensors
+            .iter()
+            .find(|p| p.name == "tiny.weight")
+            .unwrap();
+        assert_eq!(
+            (tiny.base_type, tiny.ggml_type),
+            (GgmlType::F32, GgmlType::F16)
+        );
+        // convert.py order: sorted names.
+        let names: Vec<_> = plan.tensors.iter().map(|p| p.name.clone()).collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        let keys: Vec<_> = plan.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "general.architecture",
+                "general.quantization_version",
+                "general.file_type"
+            ]
+        );
+        assert_eq!(plan.metadata[2].1, MetadataValue::U32(15));
+    }
+
+    #[test]
+    fn bf16_source_keeps_bf16_base_and_f16_source_keeps_f16_for_small_tensors() {
+        let plan = plan(&flux_like(SourceDtype::BF16), None, FileType::Q8_0).unwrap();
+        assert_eq!(type_of(&plan, "img_in.weight"), GgmlType::BF16);
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.qkv.bias"),
+            GgmlType::F32
+        );
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.qkv.weight"),
+            GgmlType::Q8_0
+        );
+        let plan = plan_f16();
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.qkv.bias"),
+            GgmlType::F16
+        );
+    }
+
+    fn plan_f16() -> GgufPlan {
+        plan(&flux_like(SourceDtype::F16), None, FileType::Q8_0).unwrap()
+    }
+
+    #[test]
+    fn legacy_fallback_keeps_base_and_ffn_down_upgrades() {
+        let tensors = vec![
+            t("double_blocks.0.img_attn.proj.weight", &[64, 64], F32),
+            t("double_blocks.0.img_attn.x.weight", &[64, 48], F32),
+            t("blocks.0.ffn.2.weight", &[64, 64], F32),
+        ];
+        let plan = plan(&tensors, Some(Arch::Flux), FileType::Q4_0).unwrap();
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.proj.weight"),
+            GgmlType::Q4_0
+        );
+        assert_eq!(
+            type_of(&plan, "double_blocks.0.img_attn.x.weight"),
+            GgmlType::F16
+        );
+        assert_eq!(type_of(&plan, "blocks.0.ffn.2.weight"), GgmlType::Q4_1);
+    }
+
+    #[test]
+    fn q3_k_m_upgrades_only_the_first_two_v_projections_in_file_order() {
+        let tensors = vec![
+            t("input_blocks.3.0.op.weight", &[320, 320, 3, 3], F32),
+            t("input_blocks.6.0.op.weight", &[640, 640, 3, 3], F32),
+            t("output_blocks.2.2.conv.weight", &[1280, 1280, 3, 3], F32),
+            t("output_blocks.5.2.conv.weight", &[1280, 1280, 3, 3], F32),
+            t("label_emb.0.0.weight", &[1280, 2816], F32),
+            t("b.attn1.to_v.weight", &[512, 512], F32),
+            t("a.attn1.to_v.weight", &[512, 512], F32),
+            t("c.attn1.to_v.weight", &[512, 512], F32),
+        ];
+        let plan = plan(&tensors, None, FileType::Q3KM).unwrap();
+        assert_eq!(plan.arch, Arch::Sdxl);
+        assert_eq!(type_of(&plan, "a.attn1.to_v.weight"), GgmlType::Q5K);
+        assert_eq!(type_of(&plan, "b.attn1.to_v.weight"), GgmlType::Q5K);
+        assert_eq!(type_of(&plan, "c.attn1.to_v.weight"), GgmlType::Q4K);
+    }
+
+    #[test]
+    fn sd_convolutions_are_flattened_with_their_original_shape_recorded() {
+        let tensors = vec![
+            t("input_blocks.0.0.weight", &[320, 4, 3, 3], F32),
+            t("input_blocks.3.0.op.weight", &[320, 320, 3, 3], F32),
+            t("input_blocks.6.0.op.weight", &[640, 640, 3, 3], F32),
+            t("input_blocks.9.0.op.weight", &[1280, 1280, 3, 3], F32),
+            t("output_blocks.2.1.conv.weight", &[1280, 1280, 3, 3], F32),
+            t("output_blocks.5.2.conv.weight", &[1280, 1280, 3, 3], F32),
+            t("output_blocks.8.2.conv.weight", &[640, 640, 3, 3], F32),
+            t("middle_block.1.proj_in.weight", &[1280, 320], F32),
+            t("middle_block.1.norm.weight", &[1280], F32),
+        ];
+        let plan = plan(&tensors, None, FileType::Q4KS).unwrap();
+        assert_eq!(plan.arch, Arch::Sd1);
+        let conv = plan
+            .tensors
+            .iter()
+            .find(|p| p.name == "input_blocks.3.0.op.weight")
+            .unwrap();
+        assert_eq!(conv.shape, vec![3600, 256]);
+        assert_eq!(conv.orig_shape, Some(vec![320, 320, 3, 3]));
+        assert_eq!(conv.ggml_type, GgmlType::Q4K);
+        // [320, 4, 3, 3] has 11520 elements = 45 * 256: flattened, but excluded by name.
+        let first = plan
+            .tensors
+            .iter()
+            .find(|p| p.name == "input_blocks.0.0.weight")
+            .unwrap();
+        assert_eq!(first.ggml_type, GgmlType::F16);
+        assert!(first.orig_shape.is_some());
+        let key = "comfy.gguf.orig_shape.input_blocks.3.0.op.weight";
+        let (_, v) = plan.metadata.iter().find(|(k, _)| k == key).unwrap();
+        assert_eq!(
+            *v,
+            MetadataValue::Array([320, 320, 3, 3].map(MetadataValue::I32).to_vec())
+        );
+        // Quantized outputs: orig shapes before the two keys llama-quantize re-sets.
+        assert_eq!(plan.metadata.last().unwrap().0, "general.file_type");
+        assert_eq!(type_of(&plan, "middle_block.1.norm.weight"), GgmlType::F32);
+    }
+
+    #[test]
+    fn five_dim_tensors_are_f32_after_their_bias() {
+        let tensors = vec![
+            t("blocks.0.self_attn.norm_q.weight", &[1536], F32),
+            t("text_embedding.2.weight", &[1536, 1536], F32),
+            t("head.modulation", &[1, 2, 1536], F32),
+            t("patch_embedding.weight", &[1536, 16, 1, 2, 2], F32),
+            t("patch_embedding.bias", &[1536], F32),
+            t("blocks.0.self_attn.v.weight", &[1536, 1536], F32),
+        ];
+        let plan = plan(&tensors, None, FileType::Q4KM).unwrap();
+        assert_eq!(plan.arch, Arch::Wan);
+        let i = plan
+            .tensors
+            .iter()
+            .position(|p| p.name == "patch_embedding.bias")
+            .unwrap();
+        let five = &plan.tensors[i + 1];
+        assert_eq!(five.name, "patch_embedding.weight");
+        assert_eq!(five.ggml_type, GgmlType::F32);
+        assert_eq!(five.ggml_dims(), vec![2, 2, 1, 16, 1536]);
+        assert_eq!(type_of(&plan, "blocks.0.self_attn.v.weight"), GgmlType::Q6K);
+        assert_eq!(type_of(&plan, "head.modulation"), GgmlType::F32);
+        assert_eq!(type_of(&plan, "text_embedding.2.weight"), GgmlType::F16);
+    }
+
+    #[test]
+    fn prefix_is_stripped_and_other_components_dropped() {
+        let tensors = vec![
+            t(
+                "model.diffusion_model.double_blocks.0.img_attn.proj.weight",
+                &[256, 256],
+                F32,
+            ),
+            t(
+                "first_stage_model.decoder.conv_in.weight",
+                &[512, 4, 3, 3],
+                F32,
+            ),
+            t("model.diffusion_model.img_in.weight", &[256, 64], F32),
+        ];
+        let plan = plan(&tensors, None, FileType::MostlyF16).unwrap();
+        let names: Vec<_> = plan.tensors.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["double_blocks.0.img_attn.proj.weight", "img_in.weight"]
+        );
+        assert!(plan.tensors.iter().all(|p| p.ggml_type == GgmlType::F16));
+        let keys: Vec<_> = plan.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "general.architecture",
+                "general.quantization_version",
+                "general.file_type"
+            ]
+        );
+    }
+
+    #[test]
+    fn refusals_and_drops() {
+        let tensors = vec![
+            t("double_blocks.0.img_attn.proj.weight", &[256, 256], F32),
+            t("scaled_fp8", &[0], SourceDtype::F8),
+        ];
+        let plan = plan(&tensors, None, FileType::Q8_0).unwrap();
+        assert_eq!(plan.dropped.len(), 1);
+        let bad = vec![
+            t("double_blocks.0.img_attn.proj.weight", &[256, 256], F32),
+            t("step", &[1], SourceDtype::Unsupported),
+        ];
+        assert!(matches!(
+            super::plan(&bad, None, FileType::Q8_0),
+            Err(PlanError::UnsupportedDtype { .. })
+        ));
+        let unknown = vec![t("foo.weight", &[256, 256], F32)];
+        assert!(matches!(
+            super::plan(&unknown, None, FileType::Q8_0),
+            Err(PlanError::Arch(arch::ArchError::Unknown))
+        ));
+        let huge = vec![t(
+            "double_blocks.0.img_attn.proj.weight",
+            &[u64::MAX, 4],
+            F32,
+        )];
+        assert!(matches!(
+            super::plan(&huge, None, FileType::Q8_0),
+            Err(PlanError::ShapeOverflow { .. })
+        ));
+    }
+}
