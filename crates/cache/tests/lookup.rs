@@ -3,6 +3,8 @@
 //! Outputs are written here directly (a small safetensors file with provenance), standing in
 //! for what `smart` publishes; `smart`'s own tests cover the conversion side.
 
+#![allow(clippy::unwrap_used)] // test code: a failed setup step should fail the test loudly
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
