@@ -46,6 +46,19 @@ pub const MAX_ARRAY_DEPTH: usize = 16;
 /// 32 bytes of memory while a UINT8 element costs 1 byte of file, so file size alone would
 /// bound memory only loosely; real files stay far below this (an LLM tokenizer has ~1M).
 pub const MAX_METADATA_VALUES: u64 = 1 << 22;
+/// Most tensors in one file (the largest real models have some 10^5).
+pub const MAX_TENSORS: u64 = 1 << 20;
+/// Most bytes of strings (keys, string values, tensor names) in one header. Lengths are also
+/// checked against the file size, but a sparse file can be huge and cost nothing, so the copy
+/// into memory needs its own bound.
+pub const MAX_STRING_BYTES: u64 = 1 << 28;
+/// Up-front reservation limit for a vector whose length comes from the file; beyond it the
+/// vector grows only as entries are actually parsed.
+const MAX_RESERVE: u64 = 1 << 12;
+
+fn reserve(n: u64) -> usize {
+    n.min(MAX_RESERVE) as usize
+}
 
 /// The 13 GGUF metadata value type ids, in id order.
 const TYPE_NAMES: [&str; 13] = [
@@ -247,7 +260,8 @@ pub enum GgufErrorKind {
     UnsupportedVersion(u32),
     /// The header ends in the middle of `what`, which starts at `offset`.
     Truncated { what: &'static str, offset: u64 },
-    /// A tensor or metadata count that the remaining bytes cannot hold.
+    /// A tensor or metadata count that the remaining bytes cannot hold, or above
+    /// [`MAX_TENSORS`] / [`MAX_METADATA_VALUES`].
     CountTooLarge {
         what: &'static str,
         count: u64,
@@ -260,6 +274,8 @@ pub enum GgufErrorKind {
         offset: u64,
         remaining: u64,
     },
+    /// The header's strings exceed [`MAX_STRING_BYTES`] in total (at the string at `offset`).
+    StringsTooLarge { offset: u64 },
     /// A string that is not UTF-8.
     InvalidUtf8 { what: &'static str, offset: u64 },
     /// A metadata value type id that is not one of the 13.
@@ -312,6 +328,11 @@ impl fmt::Display for GgufErrorKind {
         match self {
             K::NotAFile => write!(f, "not a regular file"),
             K::BadMagic(m) => write!(f, "not a GGUF file (magic {m:02x?}, expected \"GGUF\")"),
+            K::UnsupportedVersion(v) if matches!(v.swap_bytes(), 2 | 3) => write!(
+                f,
+                "big-endian GGUF file (version {}); only little-endian files are supported",
+                v.swap_bytes()
+            ),
             K::UnsupportedVersion(v) => {
                 write!(
                     f,
@@ -340,6 +361,10 @@ impl fmt::Display for GgufErrorKind {
             } => write!(
                 f,
                 "{what} length {len} at byte {offset} cannot fit in the {remaining} bytes left in the file"
+            ),
+            K::StringsTooLarge { offset } => write!(
+                f,
+                "the string at byte {offset} takes the header's strings past {MAX_STRING_BYTES} bytes"
             ),
             K::InvalidUtf8 { what, offset } => write!(f, "{what} at byte {offset} is not UTF-8"),
             K::UnknownValueType { type_id, offset } => {
@@ -587,6 +612,8 @@ type ParseResult<T> = std::result::Result<T, GgufErrorKind>;
 struct Cursor<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// String bytes still allowed ([`MAX_STRING_BYTES`]).
+    string_budget: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -639,6 +666,10 @@ impl<'a> Cursor<'a> {
                 remaining: self.remaining(),
             });
         }
+        if len > self.string_budget {
+            return Err(GgufErrorKind::StringsTooLarge { offset: start });
+        }
+        self.string_budget -= len;
         // `len <= remaining <= usize::MAX`, so the cast is lossless.
         let raw = self.take(len as usize, what)?;
         match std::str::from_utf8(raw) {
@@ -654,7 +685,11 @@ impl<'a> Cursor<'a> {
 /// Parses and validates a whole file.
 fn parse(bytes: &[u8]) -> ParseResult<Header> {
     let file_len = bytes.len() as u64;
-    let mut c = Cursor { bytes, pos: 0 };
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        string_budget: MAX_STRING_BYTES,
+    };
     let magic: [u8; 4] = c.array("magic")?;
     if magic != GGUF_MAGIC {
         return Err(GgufErrorKind::BadMagic(magic));
@@ -671,7 +706,7 @@ fn parse(bytes: &[u8]) -> ParseResult<Header> {
     const MIN_KV: u64 = 13;
     const MIN_TENSOR_INFO: u64 = 24;
     let kv_bytes = n_kv.checked_mul(MIN_KV);
-    if kv_bytes.is_none_or(|b| b > c.remaining()) {
+    if n_kv > MAX_METADATA_VALUES || kv_bytes.is_none_or(|b| b > c.remaining()) {
         return Err(GgufErrorKind::CountTooLarge {
             what: "metadata",
             count: n_kv,
@@ -679,10 +714,11 @@ fn parse(bytes: &[u8]) -> ParseResult<Header> {
         });
     }
     let ti_bytes = n_tensors.checked_mul(MIN_TENSOR_INFO);
-    if ti_bytes
-        .zip(kv_bytes)
-        .and_then(|(a, b)| a.checked_add(b))
-        .is_none_or(|b| b > c.remaining())
+    if n_tensors > MAX_TENSORS
+        || ti_bytes
+            .zip(kv_bytes)
+            .and_then(|(a, b)| a.checked_add(b))
+            .is_none_or(|b| b > c.remaining())
     {
         return Err(GgufErrorKind::CountTooLarge {
             what: "tensor",
@@ -691,9 +727,8 @@ fn parse(bytes: &[u8]) -> ParseResult<Header> {
         });
     }
 
-    // Both counts are now bounded by the file size, so reserving them is bounded too.
-    let mut metadata = Vec::with_capacity(n_kv as usize);
-    let mut keys = HashSet::with_capacity(n_kv as usize);
+    let mut metadata = Vec::with_capacity(reserve(n_kv));
+    let mut keys = HashSet::with_capacity(reserve(n_kv));
     let mut budget = MAX_METADATA_VALUES;
     for _ in 0..n_kv {
         let key = c.string("metadata key")?;
@@ -711,9 +746,9 @@ fn parse(bytes: &[u8]) -> ParseResult<Header> {
         Some((_, v)) => return Err(GgufErrorKind::BadAlignmentType(v.type_name())),
     };
 
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
-    let mut names = HashSet::with_capacity(n_tensors as usize);
-    let mut byte_lens = Vec::with_capacity(n_tensors as usize);
+    let mut tensors = Vec::with_capacity(reserve(n_tensors));
+    let mut names = HashSet::with_capacity(reserve(n_tensors));
+    let mut byte_lens = Vec::with_capacity(reserve(n_tensors));
     for _ in 0..n_tensors {
         let (info, len) = read_tensor_info(&mut c)?;
         if !names.insert(info.name.clone()) {
@@ -837,8 +872,7 @@ fn read_typed(
             if len > *budget {
                 return Err(GgufErrorKind::TooManyValues);
             }
-            // `len` is bounded by the remaining bytes and by the value budget.
-            let mut items = Vec::with_capacity(len as usize);
+            let mut items = Vec::with_capacity(reserve(len));
             for _ in 0..len {
                 items.push(read_typed(
                     c,

@@ -20,7 +20,7 @@ use std::io::{self, Write};
 
 use crate::reader::{
     ALIGNMENT_KEY, GGUF_MAGIC, GGUF_VERSION, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_METADATA_VALUES,
-    MetadataValue, ShapeProblem, check_shape,
+    MAX_STRING_BYTES, MAX_TENSORS, MetadataValue, ShapeProblem, check_shape,
 };
 use crate::types::GgmlType;
 
@@ -144,8 +144,20 @@ fn put_value(
     Ok(())
 }
 
+/// Bytes of string data in a value (string values, nested ones included).
+fn string_bytes(v: &MetadataValue) -> u64 {
+    match v {
+        MetadataValue::String(s) => s.len() as u64,
+        MetadataValue::Array(items) => items.iter().map(string_bytes).sum(),
+        _ => 0,
+    }
+}
+
 /// The tensor infos' data lengths, after checking names and shapes.
 fn tensor_lens(tensors: &[TensorDesc]) -> io::Result<Vec<u64>> {
+    if tensors.len() as u64 > MAX_TENSORS {
+        return Err(invalid(format!("more than {MAX_TENSORS} tensors")));
+    }
     let mut names = HashSet::with_capacity(tensors.len());
     tensors
         .iter()
@@ -224,6 +236,17 @@ fn plan(
         put_string(&mut h, key);
         h.extend_from_slice(&value.type_id().to_le_bytes());
         put_value(&mut h, key, value, 0, &mut budget)?;
+    }
+    let strings: u64 = metadata
+        .iter()
+        .chain(extra.as_ref())
+        .map(|(k, v)| k.len() as u64 + string_bytes(v))
+        .chain(tensors.iter().map(|t| t.name.len() as u64))
+        .sum();
+    if strings > MAX_STRING_BYTES {
+        return Err(invalid(format!(
+            "the header's strings take {strings} bytes (at most {MAX_STRING_BYTES})"
+        )));
     }
     let mut offset = 0u64;
     for (t, &len) in tensors.iter().zip(&lens) {

@@ -3,7 +3,10 @@
 
 use std::path::Path;
 
-use gguf::reader::{GgufErrorKind as K, GgufFile, MAX_ARRAY_DEPTH, MAX_METADATA_VALUES};
+use gguf::reader::{
+    GgufErrorKind as K, GgufFile, MAX_ARRAY_DEPTH, MAX_METADATA_VALUES, MAX_STRING_BYTES,
+    MAX_TENSORS,
+};
 use gguf::{GgmlType, GgufError};
 
 /// Little-endian GGUF byte builder.
@@ -495,4 +498,51 @@ fn open_reports_io_and_non_files() {
     let f = GgufFile::open(&good).expect("valid file on disk");
     assert_eq!(f.tensor_data(&f.tensors[0]).len(), 32);
     assert_eq!(f.file_len(), valid().0.len() as u64);
+}
+
+/// Writes `head` into a sparse file of `len` bytes: a huge file that costs no disk or memory,
+/// which is exactly what a hostile input can be.
+fn sparse_file(dir: &Path, head: &[u8], len: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("sparse.gguf");
+    let mut f = std::fs::File::create(&path).expect("create");
+    f.write_all(head).expect("write");
+    f.set_len(len).expect("set_len");
+    path
+}
+
+#[test]
+fn counts_above_the_caps_are_refused_even_when_the_file_is_big_enough() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = MAX_TENSORS + 1;
+    let path = sparse_file(dir.path(), &B::header(3, n, 0).0, 24 + n * 24);
+    let e = GgufFile::open(&path).expect_err("too many tensors");
+    assert!(matches!(
+        e.kind(),
+        Some(K::CountTooLarge {
+            what: "tensor",
+            count,
+            ..
+        }) if *count == n
+    ));
+}
+
+#[test]
+fn strings_beyond_the_budget_are_refused_before_copying() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let len = MAX_STRING_BYTES + 1;
+    let mut head = B::header(3, 0, 1);
+    head.u64(len);
+    let path = sparse_file(dir.path(), &head.0, 32 + len + 16);
+    let e = GgufFile::open(&path).expect_err("string too large");
+    assert_eq!(e.kind(), Some(&K::StringsTooLarge { offset: 24 }));
+}
+
+#[test]
+fn big_endian_files_are_named_as_such() {
+    let mut b = valid();
+    b.0[4..8].copy_from_slice(&3u32.to_be_bytes());
+    assert_eq!(b.kind(), K::UnsupportedVersion(3u32.swap_bytes()));
+    let msg = b.parse().expect_err("big endian").to_string();
+    assert!(msg.contains("big-endian"), "{msg}");
 }
