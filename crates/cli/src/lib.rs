@@ -11,21 +11,46 @@
 //! - [`progress`]: progress bars with ETA on stderr.
 
 pub mod args;
+pub mod cache_cmds;
+pub mod detect_cmd;
 pub mod output;
 pub mod progress;
 pub mod sample;
 pub mod size;
 
+use args::{Cli, Command};
+use cache::{Cache, ModelsDir};
 use output::{Exit, Failure, Ui};
 
-/// Runs a parsed command line and returns its exit code.
-pub fn run(cli: args::Cli) -> Exit {
+/// Runs a parsed command line and returns its exit code. Errors have been printed.
+pub fn run(cli: Cli) -> Exit {
     let ui = Ui {
         json: cli.json,
         quiet: cli.quiet,
     };
-    ui.error(&Failure::failed(
-        "this command is not available in this build yet",
-    ));
-    Exit::Failed
+    match dispatch(&ui, &cli) {
+        Ok(exit) => exit,
+        Err(failure) => {
+            ui.error(&failure);
+            failure.exit
+        }
+    }
+}
+
+fn models_dir(cli: &Cli) -> Result<ModelsDir, Failure> {
+    ModelsDir::resolve(cli.models_dir.as_deref()).map_err(Failure::input)
+}
+
+fn dispatch(ui: &Ui, cli: &Cli) -> Result<Exit, Failure> {
+    match &cli.command {
+        Command::Detect(a) => Ok(detect_cmd::run(ui, a)),
+        // Wired to `smart` as soon as it lands (crates/cli/src/convert_cmd.rs, demo.rs).
+        Command::Demo | Command::Convert(_) => Err(Failure::failed(
+            "conversions are not available in this build yet",
+        )),
+        Command::Check(a) => cache_cmds::check(ui, &Cache::new(models_dir(cli)?), a),
+        Command::List(a) => cache_cmds::list(ui, &Cache::new(models_dir(cli)?), a),
+        Command::Stats(a) => cache_cmds::stats(ui, &Cache::new(models_dir(cli)?), a),
+        Command::Cleanup(a) => cache_cmds::cleanup(ui, &Cache::new(models_dir(cli)?), a),
+    }
 }

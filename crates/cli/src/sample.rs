@@ -52,6 +52,7 @@ impl SampleSpec {
                 vec![3 * h, h],
             ));
             specs.push(f32_tensor(format!("{p}.img_attn.qkv.bias"), vec![3 * h]));
+            specs.push(f32_tensor(format!("{p}.img_attn.proj.weight"), vec![h, h]));
             specs.push(f32_tensor(
                 format!("{p}.img_attn.norm.query_norm.scale"),
                 vec![h / 2],

@@ -1,0 +1,236 @@
+//! `check`, `list`, `stats` and `cleanup`: presentation over [`cache::Cache`].
+
+use std::path::Path;
+
+use cache::{Cache, CacheError, CheckEntry, Entry, Kind, LookupOptions, LookupStatus, Stats};
+use serde_json::{Value, json};
+
+use crate::args::{CheckArgs, CleanupArgs, KindArg, KindArgs};
+use crate::output::{Exit, Failure, Ui};
+use crate::size::human_bytes;
+
+/// The cache kind of a `--kind` value.
+pub fn kind(k: KindArg) -> Kind {
+    match k {
+        KindArg::Precision => Kind::Precision,
+        KindArg::Gguf => Kind::Gguf,
+        KindArg::All => Kind::All,
+    }
+}
+
+/// Cache errors at this level are about files the user pointed at or the models dir: bad input.
+fn input(e: CacheError) -> Failure {
+    Failure::input(e)
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A source argument must be a readable regular file; say so in the one-line form.
+pub fn check_source(source: &Path) -> Result<(), Failure> {
+    match std::fs::metadata(source) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Failure::input(format!(
+            "{}: not a regular file",
+            source.display()
+        ))),
+        Err(e) => Err(Failure::input(format!("{}: {e}", source.display()))),
+    }
+}
+
+/// The status word of a lookup, as in `check --json`.
+pub fn status_word(s: &LookupStatus) -> (&'static str, Option<&str>) {
+    match s {
+        LookupStatus::Hit => ("hit", None),
+        LookupStatus::Unverified => ("unverified", None),
+        LookupStatus::Missing => ("missing", None),
+        LookupStatus::Stale(r) => ("stale", Some(r.as_str())),
+        LookupStatus::Broken(r) => ("broken", Some(r.as_str())),
+        LookupStatus::Foreign => ("foreign", None),
+    }
+}
+
+/// One `check --json` row.
+pub fn check_json(source: &Path, e: &CheckEntry) -> Value {
+    let (status, reason) = status_word(&e.status);
+    json!({
+        "source": path_str(source),
+        "target": e.target.canonical_name(),
+        "exists": e.exists,
+        "valid": e.valid,
+        "status": status,
+        "reason": reason,
+        "path": path_str(&e.path),
+    })
+}
+
+/// `convcache check SRC --to T,...`.
+pub fn check(ui: &Ui, cache: &Cache, args: &CheckArgs) -> Result<Exit, Failure> {
+    check_source(&args.source)?;
+    let entries = cache
+        .batch_check(&args.source, &args.to.targets, &LookupOptions::default())
+        .map_err(input)?;
+    if ui.json {
+        let rows: Vec<Value> = entries
+            .iter()
+            .map(|e| check_json(&args.source, e))
+            .collect();
+        ui.print_json(&Value::Array(rows));
+    } else {
+        for e in &entries {
+            let (status, reason) = status_word(&e.status);
+            let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+            ui.print(format!(
+                "{:<12} {:<10} {}{reason}",
+                e.target.canonical_name(),
+                status,
+                e.path.display()
+            ));
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+/// One `list --json` entry.
+pub fn entry_json(e: &Entry) -> Value {
+    let last_used = e
+        .last_used
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json!({
+        "basename": e.basename,
+        "precision": e.precision.canonical_name(),
+        "path": path_str(&e.path),
+        "size": e.size,
+        "source": e.source.as_deref().map(path_str),
+        "last_used": last_used,
+    })
+}
+
+/// `convcache list`.
+pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
+    let entries = cache.list(kind(args.kind)).map_err(input)?;
+    if ui.json {
+        ui.print_json(&Value::Array(entries.iter().map(entry_json).collect()));
+    } else if entries.is_empty() {
+        ui.note(format!(
+            "no conversions in {}",
+            cache.models_dir().root().display()
+        ));
+    } else {
+        for e in &entries {
+            let source = e
+                .source
+                .as_deref()
+                .map(path_str)
+                .unwrap_or_else(|| "(made by another tool)".into());
+            ui.print(format!(
+                "{:<12} {:>11}  {}  <- {source}",
+                e.precision.canonical_name(),
+                human_bytes(e.size),
+                e.path.display()
+            ));
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+/// The `stats --json` object.
+pub fn stats_json(s: &Stats) -> Value {
+    let by: serde_json::Map<String, Value> = s
+        .by_precision
+        .iter()
+        .map(|(k, t)| (k.clone(), json!({"count": t.count, "bytes": t.bytes})))
+        .collect();
+    json!({
+        "count": s.count,
+        "total_bytes": s.total_bytes,
+        "by_precision": by,
+    })
+}
+
+/// The text form of [`Stats`].
+pub fn stats_text(s: &Stats) -> String {
+    let mut out = format!("{} conversion(s), {}", s.count, human_bytes(s.total_bytes));
+    for (name, t) in &s.by_precision {
+        out.push_str(&format!(
+            "\n  {name:<12} {:>4}  {:>11}",
+            t.count,
+            human_bytes(t.bytes)
+        ));
+    }
+    out
+}
+
+/// `convcache stats`.
+pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
+    let s = cache.stats(kind(args.kind)).map_err(input)?;
+    if ui.json {
+        ui.print_json(&stats_json(&s));
+    } else {
+        ui.print(stats_text(&s));
+    }
+    Ok(Exit::Ok)
+}
+
+/// `convcache cleanup`.
+pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failure> {
+    // clap guarantees exactly one policy, and a source with --keep.
+    let (policy, removed, before, after) = match (args.keep, args.max_size, &args.source) {
+        (Some(keep), _, Some(source)) => {
+            check_source(source)?;
+            let before = cache.stats(Kind::All).map_err(input)?.total_bytes;
+            let removed = cache
+                .cleanup(source, keep, args.dry_run)
+                .map_err(Failure::failed)?;
+            let freed: u64 = removed.iter().map(|r| r.size).sum();
+            ("keep", removed, before, before.saturating_sub(freed))
+        }
+        (None, Some(max), _) => {
+            let e = cache.evict_to(max, args.dry_run).map_err(Failure::failed)?;
+            ("max_size", e.removed, e.bytes_before, e.bytes_after)
+        }
+        _ => {
+            return Err(Failure::input(
+                "cleanup: give SRC --keep N, or --max-size SIZE",
+            ));
+        }
+    };
+    let freed: u64 = removed.iter().map(|r| r.size).sum();
+    if ui.json {
+        let rows: Vec<Value> = removed
+            .iter()
+            .map(|r| json!({"path": path_str(&r.path), "size": r.size}))
+            .collect();
+        ui.print_json(&json!({
+            "dry_run": args.dry_run,
+            "policy": policy,
+            "removed": rows,
+            "freed_bytes": freed,
+            "bytes_before": before,
+            "bytes_after": after,
+        }));
+    } else {
+        let verb = if args.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        for r in &removed {
+            ui.print(format!(
+                "{verb} {} ({})",
+                r.path.display(),
+                human_bytes(r.size)
+            ));
+        }
+        ui.print(format!(
+            "{verb} {} file(s), {}; the cache holds {}",
+            removed.len(),
+            human_bytes(freed),
+            human_bytes(after)
+        ));
+    }
+    Ok(Exit::Ok)
+}
