@@ -285,10 +285,9 @@ pub fn cases() -> Vec<Case> {
         Some("length"),
     ));
     let mut truncated = gguf_preamble(b"GGUF", 3, 0, 1);
-    gguf_string(&mut truncated, b"general.architecture");
-    truncated.extend_from_slice(&8u32.to_le_bytes()); // STRING
-    truncated.extend_from_slice(&4u64.to_le_bytes());
-    truncated.extend_from_slice(b"fl");
+    gguf_string(&mut truncated, b"general.file_type");
+    truncated.extend_from_slice(&4u32.to_le_bytes()); // UINT32, of which only 2 bytes follow
+    truncated.extend_from_slice(&[15, 0]);
     cases.push(file("truncated.gguf", truncated, "gguf", Some("truncated")));
     cases.push(file("magic_only.gguf", b"GGUF".to_vec(), "gguf", None));
 

@@ -527,13 +527,24 @@ fn guess_from_file_name(path: &Path, container: Container) -> Option<Precision> 
     })
 }
 
-/// The architecture from tensor names (safetensors).
-///
-/// Wired to `gguf::arch` once its `detect_arch` is available; until then no architecture is
-/// reported for safetensors files.
-fn architecture_from_tensor_names<'a>(names: impl Iterator<Item = &'a str>) -> Option<String> {
-    let _ = names;
-    None
+/// The architecture from safetensors tensor names, by ComfyUI-GGUF's key-set rules
+/// (`gguf::arch`), on names stripped of the `model.diffusion_model.` prefix. A model in the
+/// diffusers layout is still named, with a note (convcache cannot convert that layout to GGUF).
+fn architecture_from_tensor_names<'a>(
+    names: impl Iterator<Item = &'a str>,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    match gguf::arch::detect_arch(names.map(gguf::arch::strip_prefix)) {
+        Ok(arch) => Some(arch.name().to_owned()),
+        Err(gguf::ArchError::DiffusersLayout { arch }) => {
+            notes.push(format!(
+                "{} model in the diffusers layout (GGUF conversion needs the original layout)",
+                arch.name()
+            ));
+            Some(arch.name().to_owned())
+        }
+        Err(_) => None,
+    }
 }
 
 fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection {
@@ -593,6 +604,9 @@ fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection 
         ));
     }
 
+    let architecture =
+        architecture_from_tensor_names(header.tensors.iter().map(|t| t.name.as_str()), &mut notes);
+
     Detection {
         path: path.to_owned(),
         format: Format::Safetensors,
@@ -600,9 +614,7 @@ fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection 
         evidence,
         supported_as_source,
         histogram: sorted_histogram(rows),
-        architecture: architecture_from_tensor_names(
-            header.tensors.iter().map(|t| t.name.as_str()),
-        ),
+        architecture,
         fp8_scaling,
         bitsandbytes,
         metadata: header.metadata.clone(),

@@ -647,7 +647,12 @@ fn parse_json(json: &[u8], data_start: u64, data_len: u64) -> Result<Header, Hea
         }
     }
 
-    tensors.sort_by_key(|t: &TensorEntry| t.data_offsets);
+    // Names break ties between zero-length tensors, so the order never depends on the JSON's.
+    tensors.sort_by(|a, b| {
+        a.data_offsets
+            .cmp(&b.data_offsets)
+            .then_with(|| a.name.cmp(&b.name))
+    });
     let mut expected = 0u64;
     let mut previous: Option<&str> = None;
     for t in &tensors {
