@@ -92,18 +92,31 @@ fn min_value_size(type_id: u32) -> Option<u64> {
 /// (it is written back as an array of UINT8).
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetadataValue {
+    /// UINT8 (type 0).
     U8(u8),
+    /// INT8 (type 1).
     I8(i8),
+    /// UINT16 (type 2).
     U16(u16),
+    /// INT16 (type 3).
     I16(i16),
+    /// UINT32 (type 4).
     U32(u32),
+    /// INT32 (type 5).
     I32(i32),
+    /// FLOAT32 (type 6).
     F32(f32),
+    /// BOOL (type 7), one byte.
     Bool(bool),
+    /// STRING (type 8): u64 length, UTF-8 bytes.
     String(String),
+    /// ARRAY (type 9): element type, u64 count, untagged elements, which may be arrays.
     Array(Vec<MetadataValue>),
+    /// UINT64 (type 10).
     U64(u64),
+    /// INT64 (type 11).
     I64(i64),
+    /// FLOAT64 (type 12).
     F64(f64),
 }
 
@@ -221,9 +234,11 @@ impl From<&str> for MetadataValue {
 /// One tensor's entry in the info block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// The tensor's name, unique in its file.
     pub name: String,
     /// Dims in ggml order (innermost first), as stored.
     pub dims: Vec<u64>,
+    /// How the data is encoded.
     pub ggml_type: GgmlType,
     /// Offset relative to the start of the data section.
     pub offset: u64,
@@ -492,12 +507,15 @@ impl fmt::Debug for Storage {
 /// An opened, validated GGUF file.
 #[derive(Debug)]
 pub struct GgufFile {
+    /// The path it was opened from (or given to [`GgufFile::from_bytes`]).
     pub path: PathBuf,
+    /// The GGUF version (2 or 3).
     pub version: u32,
     /// Metadata in file order.
     pub metadata: Vec<(String, MetadataValue)>,
     /// Tensor infos in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Data alignment: `general.alignment`, else [`DEFAULT_ALIGNMENT`].
     pub alignment: u64,
     /// Absolute offset of the data section (the end of the info block, aligned).
     pub data_offset: u64,

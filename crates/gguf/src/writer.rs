@@ -13,7 +13,7 @@
 //!
 //! The writer refuses (with `InvalidInput`) anything [`crate::GgufFile`] would refuse to read:
 //! duplicate keys or names, mixed-type arrays, too-deep nesting, zero-sized or overflowing
-//! shapes, rows that are not whole blocks, more than [`MAX_DIMS`](crate::reader::MAX_DIMS) dims.
+//! shapes, rows that are not whole blocks, more than [`MAX_DIMS`] dims.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -29,9 +29,11 @@ pub use crate::reader::DEFAULT_ALIGNMENT;
 /// One tensor of the output, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorDesc {
+    /// The tensor's name (unique in the file).
     pub name: String,
     /// Dims in ggml order (innermost first); see [`dims_from_torch_shape`].
     pub dims: Vec<u64>,
+    /// How the data is encoded; rows (`dims[0]`) must be whole blocks of it.
     pub ggml_type: GgmlType,
 }
 
