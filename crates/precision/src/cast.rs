@@ -158,7 +158,8 @@ pub fn cast_slice(
 /// Elements per round trip through the F32 intermediate: small enough for L1.
 const CHUNK: usize = 1024;
 
-fn count_non_finite(d: Dtype, bytes: &[u8]) -> u64 {
+/// NaN and ±inf elements in `bytes` of dtype `d` (0 for non-float dtypes).
+pub(crate) fn count_non_finite(d: Dtype, bytes: &[u8]) -> u64 {
     match d {
         Dtype::F64 => bytes
             .chunks_exact(8)
