@@ -13,6 +13,15 @@
 //!
 //! The file name is used only as a last resort (no floating-point tensors to go by), and the
 //! result then says `evidence: filename_guess`.
+//!
+//! Decisions worth knowing:
+//! - Pickle checkpoints are `Ok` with `supported_as_source: false` (not an error), so
+//!   `convcache detect` can list them next to other files.
+//! - A safetensors file whose dominant floating dtype is one of the newer formats (F4, F6,
+//!   F8_E8M0, the FNUZ fp8 variants) is `Ok` with `precision: None`, `supported_as_source:
+//!   false` and a note naming the dtype; the minority dtypes (norms, scales) are not promoted
+//!   to the file's precision.
+//! - Errors are [`DetectError`], one line `PATH: problem`, with a stable [`DetectError::kind`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -214,8 +223,9 @@ pub enum DetectError {
         /// What is wrong.
         source: HeaderError,
     },
-    /// An invalid GGUF file (the GGUF error already names the path).
-    #[error("{source}")]
+    /// An invalid GGUF file (the GGUF error already names the path; control characters
+    /// from names in the file are escaped to keep the message on one line).
+    #[error("{}", one_line(&source.to_string()))]
     Gguf {
         /// The path.
         path: PathBuf,
@@ -303,6 +313,20 @@ impl DetectError {
             },
         }
     }
+}
+
+/// `message` with control characters (a newline in a tensor name) escaped.
+fn one_line(message: &str) -> String {
+    message
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// Bytes read to sniff the format.
@@ -564,6 +588,13 @@ fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection 
     } else if let Some(dtype) = dominant_float(header) {
         match Precision::from_safetensors_dtype(dtype) {
             Some(p) => (Some(p), Evidence::Header),
+            None if dtype.is_convertible_float() => {
+                notes.push(format!(
+                    "most floating-point bytes are {dtype}, which has no precision name in \
+                     convcache (it can still be converted from)"
+                ));
+                (None, Evidence::Undetermined)
+            }
             None => {
                 supported_as_source = false;
                 notes.push(format!(

@@ -413,3 +413,31 @@ fn safetensors_architecture_comes_from_the_tensor_names() {
     );
     assert_eq!(detect(&path).unwrap().architecture, None);
 }
+
+#[test]
+fn f64_models_have_no_precision_name_but_remain_a_source() {
+    let (_dir, path) = write_temp(
+        "sci.safetensors",
+        &safetensors(&[("w", Dtype::F64, &[8, 8]), ("b", Dtype::F32, &[8])], &[]),
+    );
+    let d = detect(&path).unwrap();
+    assert_eq!((d.precision, d.evidence), (None, Evidence::Undetermined));
+    assert!(d.supported_as_source);
+    assert!(d.notes[0].contains("F64"), "{:?}", d.notes);
+}
+
+#[test]
+fn gguf_errors_stay_on_one_line_even_with_hostile_names() {
+    // Two tensors with the same name containing a newline: the reader refuses the duplicate.
+    let name = "evil\nname";
+    let bytes = gguf_file(
+        &[],
+        &[(name, GgmlType::F32, &[8]), (name, GgmlType::F32, &[8])],
+    );
+    let (_dir, path) = write_temp("dup.gguf", &bytes);
+    let e = detect(&path).unwrap_err();
+    assert_eq!(e.kind(), "gguf");
+    let msg = e.to_string();
+    common::assert_one_line_naming(&msg, &path);
+    assert!(msg.contains(r"evil\nname"), "{msg}");
+}
