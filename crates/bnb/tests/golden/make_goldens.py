@@ -17,6 +17,8 @@ Writes, next to this script:
   RMSNorm scale, a 4-D conv, a token embedding, an int tensor).
 - model_{nf4,nf4_dq,fp4,int8}.safetensors: that model with every Linear weight quantized the way
   Forge does it (`Linear4bit` / `Linear8bitLt` state dicts), everything else unchanged.
+- model_{nf4_dq,int8}_dequant.safetensors: bnb's dequantization (`QuantState.from_dict` +
+  `dequantize_4bit`; `int8_vectorwise_dequant` -> bf16) of those files' quantized weights.
 """
 
 import json
@@ -152,6 +154,14 @@ def model():
             for k, v in lin.state_dict(prefix=p + ".").items():
                 out[k] = v.detach().contiguous().clone()
         save_file(out, os.path.join(HERE, f"model_{variant}.safetensors"))
+        if variant == "nf4_dq":
+            # bnb's own dequantization of every quantized weight (dtype from the quant state)
+            dq = {}
+            for p in LINEARS:
+                qs = {k[len(p) + len(".weight."):]: v for k, v in out.items() if k.startswith(p + ".weight.")}
+                state = F.QuantState.from_dict(qs, device=torch.device("cpu"))
+                dq[p + ".weight"] = F.dequantize_4bit(out[p + ".weight"], state).contiguous()
+            save_file(dq, os.path.join(HERE, "model_nf4_dq_dequant.safetensors"))
 
     out = {k: v for k, v in src.items() if not any(k.startswith(p + ".") for p in LINEARS)}
     for p, (o, i) in LINEARS.items():
@@ -162,6 +172,9 @@ def model():
         for k, v in lin.state_dict(prefix=p + ".").items():
             out[k] = v.detach().contiguous().clone()
     save_file(out, os.path.join(HERE, "model_int8.safetensors"))
+    dq = {p + ".weight": F.int8_vectorwise_dequant(out[p + ".weight"], out[p + ".SCB"]).to(torch.bfloat16).contiguous()
+          for p in LINEARS}
+    save_file(dq, os.path.join(HERE, "model_int8_dequant.safetensors"))
 
 
 if __name__ == "__main__":
