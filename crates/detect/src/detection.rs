@@ -38,7 +38,8 @@ use crate::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError};
 /// `convcache detect --json`; every field is documented with its JSON spelling.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Detection {
-    /// The path as given.
+    /// The path as given (in JSON, non-UTF-8 bytes are replaced by U+FFFD).
+    #[serde(serialize_with = "serialize_path_lossy")]
     pub path: PathBuf,
     /// The container: `"safetensors"`, `"gguf"` or `"pickle"`.
     pub format: Format,
@@ -76,6 +77,10 @@ pub struct Detection {
     pub gguf_file_type: Option<String>,
     /// Human-readable remarks (why `precision` is null, a guess, or how it was inferred).
     pub notes: Vec<String>,
+}
+
+fn serialize_path_lossy<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
 }
 
 /// A file format.

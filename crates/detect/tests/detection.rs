@@ -441,3 +441,21 @@ fn gguf_errors_stay_on_one_line_even_with_hostile_names() {
     common::assert_one_line_naming(&msg, &path);
     assert!(msg.contains(r"evil\nname"), "{msg}");
 }
+
+#[test]
+fn json_survives_a_non_utf8_path() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"m\xff.safetensors"));
+    std::fs::write(&path, safetensors(&[("w", Dtype::F16, &[2])], &[])).unwrap();
+    let v = serde_json::to_value(detect(&path).unwrap()).unwrap();
+    assert!(
+        v["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("m\u{fffd}.safetensors")
+    );
+    assert_eq!(v["precision"], "fp16");
+}
