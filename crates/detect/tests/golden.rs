@@ -1,6 +1,7 @@
 //! Files written by the reference tools (see `golden/make_goldens.py`): the parser reads what
 //! safetensors itself wrote exactly as safetensors reports it, and bitsandbytes' own saved
-//! layouts are detected as nf4/fp4/int8.
+//! layouts are detected as nf4/fp4/int8; the adversarial cases convcache refuses are the ones
+//! safetensors and gguf-py refuse too.
 
 use std::path::PathBuf;
 
@@ -60,5 +61,38 @@ fn bitsandbytes_saved_layouts_are_detected() {
         assert_eq!(b.quantized_weights, 1, "{file}");
         assert_eq!(b.double_quant, double_quant, "{file}");
         assert_eq!(d.precision, Some(quant_type.precision()), "{file}");
+    }
+}
+
+/// Cases convcache refuses on purpose although the reference library reads them.
+const STRICTER_THAN_REFERENCE: &[(&str, &str)] = &[(
+    "rank_too_large.safetensors",
+    "a shape of more than MAX_RANK dims is refused to bound memory on hostile headers",
+)];
+
+#[test]
+fn the_reference_libraries_refuse_the_same_cases() {
+    let verdicts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("reference_verdicts.json")).unwrap())
+            .unwrap();
+    let verdicts = verdicts.as_object().unwrap();
+    for case in detect::corpus::cases() {
+        let reference_reads_it =
+            case.name.ends_with(".safetensors") || case.name.ends_with(".gguf");
+        if !reference_reads_it || case.content == detect::corpus::Content::Directory {
+            continue;
+        }
+        let verdict = verdicts.get(case.name).unwrap_or_else(|| {
+            panic!(
+                "{}: no reference verdict; rerun golden/reference_verdicts.py",
+                case.name
+            )
+        });
+        let expected = if STRICTER_THAN_REFERENCE.iter().any(|(n, _)| *n == case.name) {
+            "accepted"
+        } else {
+            "rejected"
+        };
+        assert_eq!(verdict, expected, "{}", case.name);
     }
 }
