@@ -13,6 +13,7 @@
 //! This crate depends on no other convcache crate.
 
 pub mod arch;
+pub mod convert;
 pub mod mix;
 pub mod quant;
 pub mod reader;

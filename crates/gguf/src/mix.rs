@@ -32,7 +32,9 @@ pub enum SourceDtype {
     BF16,
     /// Either fp8 flavour: convert.py widens these to F16.
     F8,
-    /// Anything that is not a float convcache reads (ints, bools, newer sub-byte floats).
+    /// Integers and booleans (position ids, masks): not weights, left out of the file.
+    NonFloat,
+    /// A float format convcache cannot read (F64, the newer sub-byte floats): an error.
     Unsupported,
 }
 
@@ -125,13 +127,24 @@ pub enum PlanError {
     Empty,
 }
 
-/// convert.py's prefix handling: which keys survive, under which names.
-fn strip_prefixes<'a>(tensors: &[SourceTensor<'a>]) -> Vec<(String, SourceTensor<'a>)> {
+/// convert.py's prefix handling: which keys survive, under which names; the other keys (VAE and
+/// text encoders of a full checkpoint) are recorded in `dropped`.
+fn strip_prefixes<'a>(
+    tensors: &[SourceTensor<'a>],
+    dropped: &mut Vec<DroppedTensor>,
+) -> Vec<(String, SourceTensor<'a>)> {
     let prefix = KeyPrefix::detect(tensors.iter().map(|t| t.name));
-    tensors
-        .iter()
-        .filter_map(|t| prefix.apply(t.name).map(|n| (n.into_owned(), *t)))
-        .collect()
+    let mut kept = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        match prefix.apply(t.name) {
+            Some(n) => kept.push((n.into_owned(), *t)),
+            None => dropped.push(DroppedTensor {
+                name: t.name.to_owned(),
+                reason: "outside the diffusion model (key prefix)",
+            }),
+        }
+    }
+    kept
 }
 
 fn contains_any(name: &str, patterns: &[&str]) -> bool {
@@ -237,7 +250,8 @@ pub fn plan(
     forced_arch: Option<Arch>,
     target: FileType,
 ) -> Result<GgufPlan, PlanError> {
-    let mut named = strip_prefixes(tensors);
+    let mut dropped = Vec::new();
+    let mut named = strip_prefixes(tensors, &mut dropped);
     named.sort_by(|a, b| a.0.cmp(&b.0));
     for pair in named.windows(2) {
         if pair[0].0 == pair[1].0 {
@@ -252,7 +266,6 @@ pub fn plan(
     };
     let quantized_target = target.base_type().is_quantized();
 
-    let mut dropped = Vec::new();
     let mut planned = Vec::with_capacity(named.len());
     let mut high_dim = Vec::new();
     let mut v_seen = 0usize;
@@ -274,6 +287,13 @@ pub fn plan(
             dropped.push(DroppedTensor {
                 name,
                 reason: "empty tensor",
+            });
+            continue;
+        }
+        if src.dtype == SourceDtype::NonFloat {
+            dropped.push(DroppedTensor {
+                name,
+                reason: "integer or boolean tensor (not a weight)",
             });
             continue;
         }
@@ -309,7 +329,11 @@ pub fn plan(
             continue;
         }
 
-        let mut shape = src.shape.to_vec();
+        let mut shape = if src.shape.is_empty() {
+            vec![1]
+        } else {
+            src.shape.to_vec()
+        };
         let mut orig_shape = None;
         if arch.shape_fix()
             && shape.len() > 1
@@ -396,14 +420,11 @@ pub fn plan(
             ));
         }
     }
-    if quantized_target {
-        // llama-quantize copies convert.py's keys, then re-sets these two, which moves them last.
-        metadata.extend(orig_shapes);
-        metadata.extend(version_and_type);
-    } else {
-        metadata.extend(version_and_type);
-        metadata.extend(orig_shapes);
-    }
+    // convert.py writes the two keys before the tensors' orig shapes. llama-quantize b3962
+    // copies every key in order and then sets these two again; the ggml of that tag
+    // (`gguf_get_or_add_key`) overwrites an existing key in place, so the order stays.
+    metadata.extend(version_and_type);
+    metadata.extend(orig_shapes);
 
     Ok(GgufPlan {
         arch,
@@ -610,8 +631,22 @@ mod tests {
             *v,
             MetadataValue::Array([320, 320, 3, 3].map(MetadataValue::I32).to_vec())
         );
-        // Quantized outputs: orig shapes before the two keys llama-quantize re-sets.
-        assert_eq!(plan.metadata.last().unwrap().0, "general.file_type");
+        // llama-quantize b3962 re-sets the two keys in place: orig shapes stay last.
+        let keys: Vec<_> = plan.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            &keys[..3],
+            [
+                "general.architecture",
+                "general.quantization_version",
+                "general.file_type"
+            ]
+        );
+        assert_eq!(keys.len(), 3 + 8);
+        assert!(
+            keys[3..]
+                .iter()
+                .all(|k| k.starts_with("comfy.gguf.orig_shape."))
+        );
         assert_eq!(type_of(&plan, "middle_block.1.norm.weight"), GgmlType::F32);
     }
 
@@ -662,6 +697,11 @@ mod tests {
             names,
             ["double_blocks.0.img_attn.proj.weight", "img_in.weight"]
         );
+        assert_eq!(plan.dropped.len(), 1);
+        assert_eq!(
+            plan.dropped[0].name,
+            "first_stage_model.decoder.conv_in.weight"
+        );
         assert!(plan.tensors.iter().all(|p| p.ggml_type == GgmlType::F16));
         let keys: Vec<_> = plan.metadata.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
@@ -679,9 +719,21 @@ mod tests {
         let tensors = vec![
             t("double_blocks.0.img_attn.proj.weight", &[256, 256], F32),
             t("scaled_fp8", &[0], SourceDtype::F8),
+            t("text_position_ids", &[1, 77], SourceDtype::NonFloat),
+            t("logit_scale", &[], F32),
         ];
         let plan = plan(&tensors, None, FileType::Q8_0).unwrap();
-        assert_eq!(plan.dropped.len(), 1);
+        let dropped: Vec<_> = plan.dropped.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(dropped, ["scaled_fp8", "text_position_ids"]);
+        let scalar = plan
+            .tensors
+            .iter()
+            .find(|p| p.name == "logit_scale")
+            .unwrap();
+        assert_eq!(
+            (scalar.shape.as_slice(), scalar.ggml_type),
+            (&[1u64][..], GgmlType::F32)
+        );
         let bad = vec![
             t("double_blocks.0.img_attn.proj.weight", &[256, 256], F32),
             t("step", &[1], SourceDtype::Unsupported),
