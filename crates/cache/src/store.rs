@@ -230,6 +230,26 @@ impl Cache {
         self.lookup_inner(source, &stat, &mut digest, target, options)
     }
 
+    /// [`Cache::lookup`] reusing the digest an earlier lookup computed (`earlier.source_digest`),
+    /// as long as the source's size and mtime have not changed since; for re-checking under a
+    /// lock without hashing a large source twice.
+    pub fn lookup_again(
+        &self,
+        source: &Path,
+        target: Precision,
+        options: &LookupOptions,
+        earlier: &Lookup,
+    ) -> Result<Lookup, CacheError> {
+        let stat = SourceStat::of(source)?;
+        let mut digest = LazyDigest {
+            source,
+            value: earlier.source_digest.clone().filter(|_| {
+                stat.size == earlier.source.size && stat.mtime_ns == earlier.source.mtime_ns
+            }),
+        };
+        self.lookup_inner(source, &stat, &mut digest, target, options)
+    }
+
     /// [`Cache::lookup`] for several targets, hashing the source at most once.
     pub fn batch_check(
         &self,

@@ -1,1 +1,305 @@
-//! The three-stage conversion. (Filled by the orchestration work.)
+//! The three-stage conversion: the source already is the target; a valid cached output; or
+//! convert under a lock with verification and atomic publish.
+//!
+//! [`smart_convert`]:
+//! 1. `detect::detect(source)`; if `detect::should_skip(source precision, target)`, the source
+//!    itself is the answer ([`Status::SourceIsTarget`]).
+//! 2. [`cache::Cache::lookup`] with the chosen backend's converter version: a valid output is the
+//!    answer ([`Status::Cached`], or [`Status::CachedUnverified`] for a file without
+//!    provenance). The hit is recorded as a use (for least-recently-used eviction).
+//! 3. Otherwise: take the output's exclusive lock (`File::lock` on
+//!    `<output dir>/.convcache/<name>.lock`), look again (another process may have just
+//!    finished), remove temporaries of dead writers, plan, check free space and the file-size
+//!    limit against the exact output size, stream into `.<name>.<pid>.tmp` in the output dir,
+//!    fsync, verify (re-detect: precision = target, complete, size = planned, provenance as
+//!    written), rename into place, fsync the directory ([`Status::Converted`]).
+//!
+//! On any error the temporary is removed and nothing appears at the cache path; a temporary
+//! left by a killed process is removed by the next conversion of that output (or any
+//! conversion into that dir, through [`cache::Cache::sweep_temporaries`]).
+//!
+//! Converters plug in through [`Backend`] (see [`backends`]).
+
+mod backend;
+pub mod backends;
+mod publish;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use cache::{Cache, CacheError, LookupOptions, LookupStatus, ModelsDir};
+use detect::{DetectError, Precision};
+
+pub use backend::{Backend, BackendOptions, Job, PlannedConversion};
+pub use backends::default_backends;
+pub use publish::ignore_file_size_signal;
+
+/// What [`smart_convert`] needs besides the source and target.
+pub struct Options<'a> {
+    pub models_dir: ModelsDir,
+    /// Reconvert files at the cache path that carry no provenance (made by another tool).
+    pub strict: bool,
+    /// Hash the source on every lookup, not only when its size or mtime changed.
+    pub verify_digest: bool,
+    /// bitsandbytes 4-bit targets: double-quantize absmax.
+    pub double_quant: bool,
+    /// Called with progress while hashing and converting.
+    pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Set to stop a running conversion (it fails with [`SmartError::Cancelled`], nothing is
+    /// published and the temporary is removed).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl<'a> Options<'a> {
+    /// Defaults: not strict, no digest on every lookup, no double quantization, no progress.
+    pub fn new(models_dir: ModelsDir) -> Options<'a> {
+        Options {
+            models_dir,
+            strict: false,
+            verify_digest: false,
+            double_quant: false,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("models_dir", &self.models_dir)
+            .field("strict", &self.strict)
+            .field("verify_digest", &self.verify_digest)
+            .field("double_quant", &self.double_quant)
+            .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel)
+            .finish()
+    }
+}
+
+/// Which stage answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The source already is in the target precision; `path` is the source.
+    SourceIsTarget,
+    /// A valid earlier conversion.
+    Cached,
+    /// A file without provenance at the cache path, in the target precision.
+    CachedUnverified,
+    /// Converted now.
+    Converted,
+}
+
+/// What [`smart_convert`] did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub status: Status,
+    /// The file in the target precision.
+    pub path: PathBuf,
+    /// The source, as given.
+    pub source: PathBuf,
+    #[serde(serialize_with = "ser_precision")]
+    pub target: Precision,
+    /// The source's detected precision.
+    #[serde(serialize_with = "ser_opt_precision")]
+    pub source_precision: Option<Precision>,
+    /// The converter's report ([`Status::Converted`] only).
+    pub report: Option<serde_json::Value>,
+    /// Why the file at the cache path was replaced (stale, broken, foreign), if it was.
+    pub replaced: Option<String>,
+}
+
+fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.canonical_name())
+}
+
+fn ser_opt_precision<S: serde::Serializer>(p: &Option<Precision>, s: S) -> Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.serialize_str(p.canonical_name()),
+        None => s.serialize_none(),
+    }
+}
+
+/// What is being done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Computing the source's content digest (bytes of the source).
+    Hashing,
+    /// Converting (source bytes and tensors read).
+    Converting,
+}
+
+/// A progress report: `done` of `total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub tensors_done: u64,
+    pub tensors_total: u64,
+}
+
+/// Why a conversion failed. Every message names the file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum SmartError {
+    /// The source could not be read or recognised.
+    #[error(transparent)]
+    Detect(#[from] DetectError),
+    /// A cache operation failed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// The source's precision could not be determined.
+    #[error("{0}: cannot determine the source's precision")]
+    UnknownSourcePrecision(PathBuf),
+    /// No backend converts this source to this target.
+    #[error("{path}: no converter turns {from} into {target}")]
+    Unsupported {
+        path: PathBuf,
+        from: String,
+        target: Precision,
+    },
+    /// The cache path of the output is the source itself (a mislabelled file in the cache dir).
+    #[error("{0}: the source is at the cache path of its own conversion; move or rename it first")]
+    SourceIsOutput(PathBuf),
+    /// Not enough free space for the output, found before writing.
+    #[error(
+        "{path}: not enough free space: the output needs {needed} bytes, {available} are available"
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    /// The output would exceed the process's file-size limit (`ulimit -f`).
+    #[error("{path}: the output needs {needed} bytes, over the file-size limit of {limit} bytes")]
+    FileSizeLimit {
+        path: PathBuf,
+        needed: u64,
+        limit: u64,
+    },
+    /// The disk filled up (ENOSPC) or the file-size limit was hit (EFBIG) while writing.
+    #[error("{path}: no space left while writing the output ({source}); nothing was published")]
+    DiskFull {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A filesystem operation failed.
+    #[error("{path}: cannot {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    /// The converter failed (its message names the file).
+    #[error("{0}")]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
+    /// The written output did not verify; nothing was published.
+    #[error("{path}: the converted output failed verification: {problem}; nothing was published")]
+    Verify { path: PathBuf, problem: String },
+    /// [`Options::cancel`] was set.
+    #[error("{0}: conversion cancelled; nothing was published")]
+    Cancelled(PathBuf),
+}
+
+impl SmartError {
+    /// Wraps a converter error.
+    pub fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SmartError {
+        SmartError::Backend(e.into())
+    }
+}
+
+/// Converts `source` to `target` with the default backends, or answers from the source itself
+/// or the cache. See the crate docs for the stages.
+pub fn smart_convert(
+    source: &Path,
+    target: Precision,
+    options: &Options<'_>,
+) -> Result<Outcome, SmartError> {
+    smart_convert_with(source, target, options, &default_backends())
+}
+
+/// [`smart_convert`] with an explicit list of backends (the first that supports the job is
+/// used).
+pub fn smart_convert_with(
+    source: &Path,
+    target: Precision,
+    options: &Options<'_>,
+    backends: &[&dyn Backend],
+) -> Result<Outcome, SmartError> {
+    let detection = detect::detect(source)?;
+    let source_precision = detection.precision;
+    let outcome = |status, path: PathBuf, report, replaced| Outcome {
+        status,
+        path,
+        source: source.to_path_buf(),
+        target,
+        source_precision,
+        report,
+        replaced,
+    };
+    let Some(sp) = source_precision else {
+        return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
+    };
+
+    // Stage 1: nothing to do.
+    if detect::should_skip(sp, target).is_some() {
+        return Ok(outcome(
+            Status::SourceIsTarget,
+            source.to_path_buf(),
+            None,
+            None,
+        ));
+    }
+
+    // Stage 2: a valid earlier conversion.
+    let backend_options = BackendOptions {
+        double_quant: options.double_quant,
+    };
+    let backend = backends
+        .iter()
+        .copied()
+        .find(|b| b.supports(&detection, target));
+    let lookup_options = LookupOptions {
+        strict: options.strict,
+        verify_digest: options.verify_digest,
+        converter_version: backend.map(|b| b.converter_version(target, &backend_options)),
+    };
+    let cache = Cache::new(options.models_dir.clone());
+    let lookup = cache.lookup(source, target, &lookup_options)?;
+    if let Some(status) = usable(&lookup.status) {
+        // A read-only models dir must not turn a hit into a failure: the stamp is best effort.
+        let _ = cache.record_use(&lookup.path);
+        return Ok(outcome(status, lookup.path, None, None));
+    }
+
+    // Stage 3: convert.
+    let Some(backend) = backend else {
+        return Err(SmartError::Unsupported {
+            path: source.to_path_buf(),
+            from: sp.canonical_name().to_string(),
+            target,
+        });
+    };
+    let job = publish::Convert {
+        cache: &cache,
+        source,
+        detection: &detection,
+        target,
+        backend,
+        backend_options,
+        lookup_options: &lookup_options,
+        options,
+    };
+    let done = job.run(lookup)?;
+    Ok(outcome(done.status, done.path, done.report, done.replaced))
+}
+
+fn usable(status: &LookupStatus) -> Option<Status> {
+    match status {
+        LookupStatus::Hit => Some(Status::Cached),
+        LookupStatus::Unverified => Some(Status::CachedUnverified),
+        _ => None,
+    }
+}

@@ -1,0 +1,100 @@
+//! safetensors float -> nf4/fp4/int8 (bitsandbytes layout), and bitsandbytes -> fp32/fp16/bf16.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use detect::detection::Format;
+use detect::safetensors::SafetensorsFile;
+use detect::{Detection, Precision};
+
+use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
+
+/// The `bnb` crate's quantizer and dequantizer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BnbBackend;
+
+/// Bump when the bytes written for some target change.
+const VERSION: &str = "bnb-1";
+
+fn is_dequant_target(target: Precision) -> bool {
+    matches!(target, Precision::Fp32 | Precision::Fp16 | Precision::Bf16)
+}
+
+impl Backend for BnbBackend {
+    fn name(&self) -> &'static str {
+        "bitsandbytes"
+    }
+
+    fn supports(&self, source: &Detection, target: Precision) -> bool {
+        if source.format != Format::Safetensors {
+            return false;
+        }
+        if source.bitsandbytes.is_some() {
+            is_dequant_target(target)
+        } else {
+            source.supported_as_source && target.is_bitsandbytes()
+        }
+    }
+
+    fn converter_version(&self, target: Precision, options: &BackendOptions) -> String {
+        // Double quantization changes the bytes of 4-bit outputs only.
+        if options.double_quant && matches!(target, Precision::Nf4 | Precision::Fp4) {
+            format!("{VERSION}+double_quant")
+        } else {
+            VERSION.to_string()
+        }
+    }
+
+    fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
+        let src = SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?;
+        let plan = if job.source.bitsandbytes.is_some() {
+            ::bnb::plan_dequantize_file(&src, job.target)
+        } else {
+            let options = ::bnb::Options {
+                double_quant: job.options.double_quant,
+            };
+            ::bnb::plan(&src.header, job.target, &options)
+        }
+        .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
+        let metadata = precision::convert::merged_metadata(&src.header, job.extra_metadata);
+        let output_len = plan
+            .output_len(&metadata)
+            .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
+        let source_bytes = src.header.data_len();
+        Ok(Box::new(Planned {
+            src,
+            plan,
+            metadata,
+            output_len,
+            source_bytes,
+        }))
+    }
+}
+
+struct Planned {
+    src: SafetensorsFile,
+    plan: ::bnb::Plan,
+    metadata: BTreeMap<String, String>,
+    output_len: u64,
+    source_bytes: u64,
+}
+
+impl PlannedConversion for Planned {
+    fn output_len(&self) -> u64 {
+        self.output_len
+    }
+
+    fn totals(&self) -> (u64, u64) {
+        (self.source_bytes, self.plan.source_tensors())
+    }
+
+    fn write(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<serde_json::Value, SmartError> {
+        let report = ::bnb::convert(&self.src, &self.plan, &self.metadata, out, progress)
+            .map_err(SmartError::backend)?;
+        serde_json::to_value(report).map_err(SmartError::backend)
+    }
+}

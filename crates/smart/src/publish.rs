@@ -1,0 +1,414 @@
+//! Stage 3: convert under the output's lock, into a temporary, verify, publish atomically.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cache::{Cache, Lookup, LookupOptions, LookupStatus, Provenance, digest};
+use detect::{Detection, Precision};
+
+use crate::{Backend, BackendOptions, Job, Options, Phase, Progress, SmartError, Status};
+
+/// How many times the lock is re-taken when the output path moves under us (another source
+/// claimed the plain name meanwhile). More would mean a livelock, not progress.
+const MAX_LOCK_ATTEMPTS: usize = 4;
+
+/// Write buffer between the converter and the temporary file.
+const WRITE_BUFFER: usize = 1 << 20;
+
+pub(crate) struct Convert<'a> {
+    pub cache: &'a Cache,
+    pub source: &'a Path,
+    pub detection: &'a Detection,
+    pub target: Precision,
+    pub backend: &'a dyn Backend,
+    pub backend_options: BackendOptions,
+    pub lookup_options: &'a LookupOptions,
+    pub options: &'a Options<'a>,
+}
+
+pub(crate) struct Done {
+    pub status: Status,
+    pub path: PathBuf,
+    pub report: Option<serde_json::Value>,
+    pub replaced: Option<String>,
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SmartError {
+    let path = path.to_path_buf();
+    move |source| SmartError::Io { path, op, source }
+}
+
+/// Removes the temporary unless it was published.
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The temporary file's writer: remembers the first I/O error (to tell a full disk from other
+/// failures whatever the converter wraps it in), counts bytes and honours cancellation.
+struct Sink<'a> {
+    file: File,
+    written: u64,
+    error: Option<(io::ErrorKind, Option<i32>)>,
+    cancel: Option<&'a AtomicBool>,
+    cancelled: bool,
+}
+
+impl Write for Sink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            self.cancelled = true;
+            return Err(io::Error::other("conversion cancelled"));
+        }
+        match self.file.write(buf) {
+            Ok(n) => {
+                self.written += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                self.error.get_or_insert((e.kind(), e.raw_os_error()));
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn is_no_space(raw: Option<i32>, kind: io::ErrorKind) -> bool {
+    kind == io::ErrorKind::StorageFull
+        || kind == io::ErrorKind::FileTooLarge
+        || raw.is_some_and(|r| r == libc::ENOSPC || r == libc::EFBIG)
+}
+
+impl Convert<'_> {
+    fn report(&self, p: Progress) {
+        if let Some(cb) = self.options.progress {
+            cb(p);
+        }
+    }
+
+    pub(crate) fn run(&self, first: Lookup) -> Result<Done, SmartError> {
+        let mut lookup = first;
+        for _ in 0..MAX_LOCK_ATTEMPTS {
+            let out = lookup.path.clone();
+            let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
+            fs::create_dir_all(&dir).map_err(io_err(&dir, "create the output directory"))?;
+            let lock = cache::open_lock(&out)?;
+            lock.lock()
+                .map_err(io_err(&cache::lock_path(&out), "lock"))?;
+
+            // Another process may have finished while we waited, or the source changed.
+            let again =
+                self.cache
+                    .lookup_again(self.source, self.target, self.lookup_options, &lookup)?;
+            if again.path != out {
+                lookup = again;
+                continue;
+            }
+            match again.status {
+                LookupStatus::Hit | LookupStatus::Unverified => {
+                    let _ = self.cache.record_use(&out);
+                    let status = if again.status == LookupStatus::Hit {
+                        Status::Cached
+                    } else {
+                        Status::CachedUnverified
+                    };
+                    return Ok(Done {
+                        status,
+                        path: out,
+                        report: None,
+                        replaced: None,
+                    });
+                }
+                _ => return self.convert_locked(again, lookup.source_digest.clone()),
+            }
+            // `lock` is released here, on drop.
+        }
+        Err(SmartError::Io {
+            path: lookup.path,
+            op: "settle on an output path (it kept changing)",
+            source: io::Error::other("too many attempts"),
+        })
+    }
+
+    /// Converts into `lookup.path`; the caller holds its lock.
+    fn convert_locked(
+        &self,
+        lookup: Lookup,
+        known_digest: Option<String>,
+    ) -> Result<Done, SmartError> {
+        let out = lookup.path.clone();
+        let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if same_file(&out, self.source) {
+            return Err(SmartError::SourceIsOutput(self.source.to_path_buf()));
+        }
+        cache::remove_temporaries_locked(&out)?;
+        // Other outputs' leftovers: best effort, a failure here is not this conversion's.
+        let _ = self.cache.sweep_temporaries();
+
+        let digest = match lookup.source_digest.clone().or(known_digest) {
+            Some(d) => d,
+            None => {
+                let total = lookup.source.size;
+                let p = |done| Progress {
+                    phase: Phase::Hashing,
+                    bytes_done: done,
+                    bytes_total: total,
+                    tensors_done: 0,
+                    tensors_total: 0,
+                };
+                self.report(p(0));
+                let d = digest::digest_file(self.source)?;
+                self.report(p(total));
+                d
+            }
+        };
+        let version = self
+            .backend
+            .converter_version(self.target, &self.backend_options);
+        let provenance = Provenance::new(&lookup.source, digest, self.target, version);
+        let extra = provenance.to_metadata();
+        let planned = self.backend.plan(&Job {
+            source_path: self.source,
+            source: self.detection,
+            target: self.target,
+            extra_metadata: &extra,
+            options: self.backend_options,
+        })?;
+        let needed = planned.output_len();
+        check_space(&dir, &out, needed)?;
+
+        let tmp = cache::temp_path(&out, std::process::id());
+        let mut guard = TempGuard {
+            path: tmp.clone(),
+            armed: false,
+        };
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create the temporary output"))?;
+        guard.armed = true;
+        let mut writer = BufWriter::with_capacity(
+            WRITE_BUFFER,
+            Sink {
+                file,
+                written: 0,
+                error: None,
+                cancel: self.options.cancel,
+                cancelled: false,
+            },
+        );
+        let (bytes_total, tensors_total) = planned.totals();
+        let mut progress = |bytes_done, tensors_done| {
+            self.report(Progress {
+                phase: Phase::Converting,
+                bytes_done,
+                bytes_total,
+                tensors_done,
+                tensors_total,
+            })
+        };
+        self.report(Progress {
+            phase: Phase::Converting,
+            bytes_done: 0,
+            bytes_total,
+            tensors_done: 0,
+            tensors_total,
+        });
+        let result = planned
+            .write(&mut writer, &mut progress)
+            .and_then(|report| {
+                writer
+                    .flush()
+                    .map_err(io_err(&tmp, "write the temporary output"))?;
+                Ok(report)
+            });
+        let sink = writer.get_ref();
+        let (cancelled, first_error, written) = (sink.cancelled, sink.error, sink.written);
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if cancelled {
+                    return Err(SmartError::Cancelled(out));
+                }
+                if let Some((kind, raw)) = first_error
+                    && is_no_space(raw, kind)
+                {
+                    let source = raw
+                        .map(io::Error::from_raw_os_error)
+                        .unwrap_or_else(|| io::Error::from(kind));
+                    return Err(SmartError::DiskFull { path: out, source });
+                }
+                return Err(e);
+            }
+        };
+        let sink = writer
+            .into_inner()
+            .map_err(|e| io_err(&tmp, "write the temporary output")(e.into_error()))?;
+        sink.file.sync_all().map_err(|e| match e.raw_os_error() {
+            Some(r) if is_no_space(Some(r), e.kind()) => SmartError::DiskFull {
+                path: out.clone(),
+                source: e,
+            },
+            _ => io_err(&tmp, "flush the temporary output to disk")(e),
+        })?;
+        drop(sink);
+
+        verify(&tmp, &out, self.target, &provenance, needed, written)?;
+        fs::rename(&tmp, &out).map_err(io_err(&out, "publish the output (rename)"))?;
+        guard.armed = false;
+        sync_dir(&dir)?;
+
+        let _ = self.cache.record_use(&out);
+        for old in &lookup.superseded {
+            let _ = self.cache.remove_output(old, false);
+        }
+        let replaced = match &lookup.status {
+            LookupStatus::Missing => None,
+            LookupStatus::Stale(r) => Some(format!("stale: {r}")),
+            LookupStatus::Broken(r) => Some(format!("broken: {r}")),
+            LookupStatus::Foreign => Some("a file without provenance (strict)".into()),
+            LookupStatus::Hit | LookupStatus::Unverified => None,
+        };
+        Ok(Done {
+            status: Status::Converted,
+            path: out,
+            report: Some(report),
+            replaced,
+        })
+    }
+}
+
+/// Whether `a` and `b` are the same file (both exist and share device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(a), fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        match (fs::canonicalize(a), fs::canonicalize(b)) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        }
+    }
+}
+
+/// Fails early, before writing anything, when the output cannot fit: free space in `dir`, and
+/// the process's file-size limit (exceeding it would raise SIGXFSZ, which kills by default).
+fn check_space(dir: &Path, out: &Path, needed: u64) -> Result<(), SmartError> {
+    let available = fs4::available_space(dir).map_err(io_err(dir, "read the free space of"))?;
+    if available < needed {
+        return Err(SmartError::NoSpace {
+            path: out.to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    if let Some(limit) = file_size_limit()
+        && needed > limit
+    {
+        return Err(SmartError::FileSizeLimit {
+            path: out.to_path_buf(),
+            needed,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// The soft `RLIMIT_FSIZE`, if limited.
+fn file_size_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) };
+        if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+            return Some(lim.rlim_cur);
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Makes writes beyond the file-size limit fail with EFBIG instead of killing the process with
+/// SIGXFSZ, so the conversion can clean up and report it. For programs (the CLI) to call once at
+/// start; a library does not change signal dispositions on its own.
+pub fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting SIGXFSZ to SIG_IGN installs no handler code; it is async-signal-safe
+    // and affects only how that one signal is delivered.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+/// Re-detects the written temporary: complete, in `target`, of the planned size, carrying the
+/// provenance that was written.
+fn verify(
+    tmp: &Path,
+    out: &Path,
+    target: Precision,
+    provenance: &Provenance,
+    needed: u64,
+    written: u64,
+) -> Result<(), SmartError> {
+    let fail = |problem: String| SmartError::Verify {
+        path: out.to_path_buf(),
+        problem,
+    };
+    if written != needed {
+        return Err(fail(format!("{written} bytes written, {needed} planned")));
+    }
+    let ex = cache::examine(tmp).ok_or_else(|| fail("the temporary file vanished".into()))?;
+    if ex.size != needed {
+        return Err(fail(format!("{} bytes on disk, {needed} planned", ex.size)));
+    }
+    if let Some(defect) = ex.defect_for(target) {
+        return Err(fail(defect));
+    }
+    if ex.provenance.as_ref() != Some(provenance) {
+        return Err(fail("its provenance is not the one written".into()));
+    }
+    Ok(())
+}
+
+/// Makes the rename durable.
+fn sync_dir(dir: &Path) -> Result<(), SmartError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir, "sync the output directory"))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}

@@ -1,0 +1,612 @@
+//! The three stages end to end, in process, on small safetensors models in temporary dirs.
+
+#![allow(clippy::unwrap_used)] // test code: a failed setup step should fail the test loudly
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+
+use cache::{ModelsDir, Provenance, digest};
+use detect::safetensors::Dtype;
+use detect::{Detection, Precision};
+use precision::{SafetensorsWriter, TensorSpec};
+use smart::backends::PrecisionBackend;
+use smart::{
+    Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
+    smart_convert, smart_convert_with,
+};
+
+/// Writes a small flux-like model: one 2-D weight and a 1-D bias, `dtype` floats from `seed`.
+fn write_model(path: &Path, dtype: Dtype, seed: u32, rows: u64) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let specs = vec![
+        TensorSpec {
+            name: "double_blocks.0.img_attn.qkv.weight".into(),
+            dtype,
+            shape: vec![rows, 32],
+        },
+        TensorSpec {
+            name: "double_blocks.0.img_attn.qkv.bias".into(),
+            dtype,
+            shape: vec![rows],
+        },
+    ];
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let f = fs::File::create(path).unwrap();
+    let mut w = SafetensorsWriter::new(f, &specs, &meta).unwrap();
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    for spec in &specs {
+        let n = spec.shape.iter().product::<u64>();
+        let mut bytes = Vec::new();
+        for _ in 0..n {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = (x as f32 / u32::MAX as f32) * 4.0 - 2.0;
+            match dtype {
+                Dtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                Dtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                Dtype::BF16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                _ => unreachable!("test models are f32/f16/bf16"),
+            }
+        }
+        w.write_chunk(&bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+struct Env {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    models: ModelsDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let models = ModelsDir::at(root.join("models"));
+        Env {
+            _tmp: tmp,
+            root,
+            models,
+        }
+    }
+
+    fn source(&self, rel: &str, seed: u32) -> PathBuf {
+        let p = self.root.join(rel);
+        write_model(&p, Dtype::F32, seed, 64);
+        p
+    }
+
+    fn options(&self) -> Options<'static> {
+        Options::new(self.models.clone())
+    }
+
+    fn converted(&self) -> PathBuf {
+        self.models.converted_dir()
+    }
+
+    /// Every file in the converted dir (hidden ones included), the state folder excluded.
+    fn files(&self) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.converted())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n != cache::STATE_DIR)
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn hash(p: &Path) -> String {
+    digest::digest_bytes(&fs::read(p).unwrap())
+}
+
+fn detected(p: &Path) -> Detection {
+    detect::detect(p).unwrap()
+}
+
+// ---------- the stages ----------
+
+#[test]
+fn source_already_in_target_is_the_answer() {
+    let e = Env::new();
+    let src = e.root.join("flux_fp16.safetensors");
+    write_model(&src, Dtype::F16, 1, 16);
+    let before = hash(&src);
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::SourceIsTarget);
+    assert_eq!(o.path, src);
+    assert_eq!(o.source_precision, Some(Precision::Fp16));
+    assert!(e.files().is_empty(), "nothing written: {:?}", e.files());
+    assert_eq!(hash(&src), before);
+}
+
+#[test]
+fn converts_then_serves_from_the_cache() {
+    let e = Env::new();
+    let src = e.source("checkpoints/flux_fp32.safetensors", 1);
+    let before = hash(&src);
+    let o = smart_convert(&src, Precision::Bf16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(o.path, e.converted().join("flux_bf16.safetensors"));
+    assert_eq!(o.source_precision, Some(Precision::Fp32));
+    let report = o.report.clone().unwrap();
+    assert_eq!(report["target"], "bf16");
+    let d = detected(&o.path);
+    assert_eq!(d.precision, Some(Precision::Bf16));
+    let prov = Provenance::from_metadata(&d.metadata).unwrap();
+    assert_eq!(prov.source_digest, digest::digest_file(&src).unwrap());
+    assert_eq!(prov.target, Precision::Bf16);
+    assert_eq!(d.metadata["format"], "pt", "the source's metadata is kept");
+    assert_eq!(e.files(), vec!["flux_bf16.safetensors"]);
+    let json = serde_json::to_value(&o).unwrap();
+    assert_eq!(json["status"], "converted");
+    assert_eq!(json["target"], "bf16");
+    assert_eq!(json["source_precision"], "fp32");
+
+    let output_bytes = hash(&o.path);
+    let again = smart_convert(&src, Precision::Bf16, &e.options()).unwrap();
+    assert_eq!(again.status, Status::Cached);
+    assert_eq!(again.path, o.path);
+    assert!(again.report.is_none());
+    assert_eq!(hash(&o.path), output_bytes, "a hit rewrites nothing");
+    assert_eq!(hash(&src), before);
+}
+
+#[test]
+fn progress_reaches_the_totals() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let seen: Mutex<Vec<Progress>> = Mutex::new(Vec::new());
+    let cb = |p: Progress| seen.lock().unwrap().push(p);
+    let mut options = e.options();
+    options.progress = Some(&cb);
+    smart_convert(&src, Precision::Fp16, &options).unwrap();
+    let seen = seen.into_inner().unwrap();
+    let conv: Vec<_> = seen
+        .iter()
+        .filter(|p| p.phase == Phase::Converting)
+        .collect();
+    let last = conv.last().unwrap();
+    assert_eq!(last.bytes_done, last.bytes_total);
+    assert_eq!(last.tensors_done, 2);
+    assert_eq!(last.tensors_total, 2);
+    assert_eq!(last.bytes_total, 64 * 32 * 4 + 64 * 4);
+    assert!(conv.windows(2).all(|w| w[0].bytes_done <= w[1].bytes_done));
+}
+
+#[test]
+fn modified_source_is_reconverted_in_place() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let first = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    let first_bytes = hash(&first.path);
+    // Other values and another size.
+    write_model(&src, Dtype::F32, 2, 96);
+    let before = hash(&src);
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(o.path, first.path);
+    assert!(o.replaced.as_deref().unwrap().starts_with("stale"));
+    assert_ne!(hash(&o.path), first_bytes);
+    let prov = Provenance::from_metadata(&detected(&o.path).metadata).unwrap();
+    assert_eq!(prov.source_digest, digest::digest_file(&src).unwrap());
+    assert_eq!(e.files(), vec!["flux_fp16.safetensors"]);
+    assert_eq!(hash(&src), before);
+}
+
+#[test]
+fn same_basename_from_two_folders_gets_two_outputs() {
+    let e = Env::new();
+    let a = e.source("one/flux.safetensors", 1);
+    let b = e.source("two/flux.safetensors", 2);
+    let oa = smart_convert(&a, Precision::Bf16, &e.options()).unwrap();
+    let ob = smart_convert(&b, Precision::Bf16, &e.options()).unwrap();
+    assert_eq!(
+        (oa.status, ob.status),
+        (Status::Converted, Status::Converted)
+    );
+    assert_ne!(oa.path, ob.path);
+    let short = &digest::digest_file(&b).unwrap()[..8];
+    assert_eq!(
+        ob.path,
+        e.converted().join(format!("flux-{short}_bf16.safetensors"))
+    );
+    let oa2 = smart_convert(&a, Precision::Bf16, &e.options()).unwrap();
+    let ob2 = smart_convert(&b, Precision::Bf16, &e.options()).unwrap();
+    assert_eq!((oa2.status, &oa2.path), (Status::Cached, &oa.path));
+    assert_eq!((ob2.status, &ob2.path), (Status::Cached, &ob.path));
+}
+
+#[test]
+fn foreign_file_is_used_unverified_or_replaced_when_strict() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let foreign = e.converted().join("flux_bf16.safetensors");
+    write_model(&foreign, Dtype::BF16, 7, 16);
+    let o = smart_convert(&src, Precision::Bf16, &e.options()).unwrap();
+    assert_eq!((o.status, &o.path), (Status::CachedUnverified, &foreign));
+
+    let mut strict = e.options();
+    strict.strict = true;
+    let o = smart_convert(&src, Precision::Bf16, &strict).unwrap();
+    assert_eq!((o.status, &o.path), (Status::Converted, &foreign));
+    assert!(Provenance::from_metadata(&detected(&foreign).metadata).is_some());
+    let o = smart_convert(&src, Precision::Bf16, &strict).unwrap();
+    assert_eq!(o.status, Status::Cached);
+}
+
+#[test]
+fn corrupted_cache_files_are_reconverted_never_served() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let good = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    let good_bytes = fs::read(&good.path).unwrap();
+    type Corrupt<'a> = Box<dyn Fn(&Path) + 'a>;
+    let corruptions: Vec<(&str, Corrupt)> = vec![
+        (
+            "truncated",
+            Box::new(|p: &Path| fs::write(p, &good_bytes[..good_bytes.len() - 10]).unwrap()),
+        ),
+        (
+            "header flipped",
+            Box::new(|p: &Path| {
+                let mut b = good_bytes.clone();
+                b[8] ^= 0x55;
+                fs::write(p, b).unwrap()
+            }),
+        ),
+        (
+            "wrong precision under the name",
+            Box::new(|p: &Path| write_model(p, Dtype::BF16, 1, 64)),
+        ),
+    ];
+    for (what, corrupt) in corruptions {
+        corrupt(&good.path);
+        let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+        assert_eq!(o.status, Status::Converted, "{what}");
+        assert!(
+            o.replaced.as_deref().unwrap().starts_with("broken"),
+            "{what}"
+        );
+        assert_eq!(fs::read(&o.path).unwrap(), good_bytes, "{what}");
+    }
+}
+
+#[test]
+fn temporaries_of_dead_writers_are_removed() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let out = e.converted().join("flux_fp16.safetensors");
+    fs::create_dir_all(e.converted()).unwrap();
+    // As left by a process killed mid-write (pids far above any pid_max).
+    let dead = cache::temp_path(&out, 4_000_000_001);
+    let other = cache::temp_path(&e.converted().join("other_bf16.safetensors"), 4_000_000_002);
+    fs::write(&dead, b"partial").unwrap();
+    fs::write(&other, b"partial").unwrap();
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(e.files(), vec!["flux_fp16.safetensors"]);
+}
+
+#[test]
+fn unsupported_target_is_a_clear_error() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let err = smart_convert(&src, "Q4_K_M".parse().unwrap(), &e.options()).unwrap_err();
+    assert!(matches!(err, SmartError::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("flux.safetensors"));
+}
+
+#[test]
+fn a_source_at_its_own_cache_path_is_never_overwritten() {
+    let e = Env::new();
+    // An f32 file misnamed as the bf16 output of itself.
+    let src = e.converted().join("flux_bf16.safetensors");
+    write_model(&src, Dtype::F32, 1, 64);
+    let before = hash(&src);
+    let err = smart_convert(&src, Precision::Bf16, &e.options()).unwrap_err();
+    assert!(matches!(err, SmartError::SourceIsOutput(_)), "{err}");
+    assert_eq!(hash(&src), before);
+}
+
+#[test]
+fn bitsandbytes_targets_go_through_the_bnb_backend() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let o = smart_convert(&src, Precision::Nf4, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(o.path, e.converted().join("flux_nf4.safetensors"));
+    assert_eq!(detected(&o.path).precision, Some(Precision::Nf4));
+    assert_eq!(
+        smart_convert(&src, Precision::Nf4, &e.options())
+            .unwrap()
+            .status,
+        Status::Cached
+    );
+    // Double quantization writes other bytes: the earlier output is stale for it.
+    let mut dq = e.options();
+    dq.double_quant = true;
+    let o = smart_convert(&src, Precision::Nf4, &dq).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(
+        smart_convert(&src, Precision::Nf4, &dq).unwrap().status,
+        Status::Cached
+    );
+}
+
+// ---------- failures: nothing published, no temporary left ----------
+
+/// How the test backend misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The writer fails after half the output.
+    FailMidway,
+    /// The header's first JSON byte is corrupted.
+    CorruptHeader,
+    /// Claims an output too large for any disk.
+    Huge,
+    /// Claims a tiny output and writes the real one.
+    UnderReport,
+}
+
+/// The precision backend with injected faults, counting conversions.
+struct TestBackend {
+    fault: Fault,
+    writes: Arc<AtomicUsize>,
+}
+
+impl TestBackend {
+    fn new(fault: Fault) -> TestBackend {
+        TestBackend {
+            fault,
+            writes: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+struct TestPlanned {
+    inner: Box<dyn PlannedConversion>,
+    fault: Fault,
+    writes: Arc<AtomicUsize>,
+}
+
+/// Passes bytes through, failing after `fail_after` or patching byte 8.
+struct FaultyWriter<'a> {
+    inner: &'a mut dyn Write,
+    pos: u64,
+    fail_after: Option<u64>,
+    corrupt_byte_8: bool,
+}
+
+impl Write for FaultyWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(limit) = self.fail_after
+            && self.pos + buf.len() as u64 > limit
+        {
+            return Err(io::Error::other("injected failure"));
+        }
+        let mut b = buf.to_vec();
+        if self.corrupt_byte_8 && self.pos <= 8 && self.pos + b.len() as u64 > 8 {
+            b[(8 - self.pos) as usize] = b'x';
+        }
+        self.inner.write_all(&b)?;
+        self.pos += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl PlannedConversion for TestPlanned {
+    fn output_len(&self) -> u64 {
+        match self.fault {
+            Fault::Huge => u64::MAX / 4,
+            Fault::UnderReport => 1,
+            _ => self.inner.output_len(),
+        }
+    }
+    fn totals(&self) -> (u64, u64) {
+        self.inner.totals()
+    }
+    fn write(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<serde_json::Value, SmartError> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        let mut w = FaultyWriter {
+            inner: out,
+            pos: 0,
+            fail_after: (self.fault == Fault::FailMidway).then(|| self.inner.output_len() / 2),
+            corrupt_byte_8: self.fault == Fault::CorruptHeader,
+        };
+        self.inner.write(&mut w, progress)
+    }
+}
+
+impl Backend for TestBackend {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+    fn supports(&self, source: &Detection, target: Precision) -> bool {
+        PrecisionBackend.supports(source, target)
+    }
+    fn converter_version(&self, target: Precision, options: &BackendOptions) -> String {
+        PrecisionBackend.converter_version(target, options)
+    }
+    fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
+        Ok(Box::new(TestPlanned {
+            inner: PrecisionBackend.plan(job)?,
+            fault: self.fault,
+            writes: self.writes.clone(),
+        }))
+    }
+}
+
+fn writes_of(b: &TestBackend) -> usize {
+    b.writes.load(Ordering::SeqCst)
+}
+
+fn assert_nothing_published(e: &Env, src: &Path, before: &str) {
+    assert_eq!(e.files(), Vec::<String>::new(), "no output, no temporary");
+    assert_eq!(hash(src), before);
+}
+
+#[test]
+fn writer_error_midway_leaves_nothing() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let b = TestBackend::new(Fault::FailMidway);
+    let err = smart_convert_with(&src, Precision::Fp16, &e.options(), &[&b]).unwrap_err();
+    assert!(err.to_string().contains("injected failure"), "{err}");
+    assert_eq!(writes_of(&b), 1);
+    assert_nothing_published(&e, &src, &before);
+    // The next run converts normally.
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+}
+
+#[test]
+fn output_failing_verification_is_not_published() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let b = TestBackend::new(Fault::CorruptHeader);
+    let err = smart_convert_with(&src, Precision::Fp16, &e.options(), &[&b]).unwrap_err();
+    assert!(matches!(err, SmartError::Verify { .. }), "{err}");
+    assert_nothing_published(&e, &src, &before);
+}
+
+#[test]
+fn not_enough_space_fails_before_writing() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let b = TestBackend::new(Fault::Huge);
+    let err = smart_convert_with(&src, Precision::Fp16, &e.options(), &[&b]).unwrap_err();
+    assert!(matches!(err, SmartError::NoSpace { .. }), "{err}");
+    assert!(err.to_string().contains("flux_fp16.safetensors"), "{err}");
+    assert_eq!(writes_of(&b), 0);
+    assert_nothing_published(&e, &src, &before);
+}
+
+#[test]
+fn cancelled_conversion_leaves_nothing() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let cancel = AtomicBool::new(true);
+    let mut options = e.options();
+    options.cancel = Some(&cancel);
+    let err = smart_convert(&src, Precision::Fp16, &options).unwrap_err();
+    assert!(matches!(err, SmartError::Cancelled(_)), "{err}");
+    assert_nothing_published(&e, &src, &before);
+}
+
+/// Runs `name` (a test of this file) in a child process with `CONVCACHE_TEST_CHILD` set, and
+/// returns whether it passed. Used where the test changes process-wide state (rlimits).
+fn run_child(name: &str) -> bool {
+    let exe = std::env::current_exe().unwrap();
+    std::process::Command::new(exe)
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env("CONVCACHE_TEST_CHILD", "1")
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn file_size_limit_is_reported_and_nothing_published() {
+    if std::env::var_os("CONVCACHE_TEST_CHILD").is_none() {
+        assert!(run_child(
+            "file_size_limit_is_reported_and_nothing_published"
+        ));
+        return;
+    }
+    // Child: a 4 KiB file-size limit, SIGXFSZ ignored so writes fail with EFBIG.
+    smart::ignore_file_size_signal();
+    let lim = libc::rlimit {
+        rlim_cur: 4096,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass; this child process runs only this test.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
+    let e = Env::new();
+    let src = e.root.join("flux.safetensors");
+    {
+        // The source itself must be written before the limit matters: 64x32 f32 is 8 KiB.
+        let lim_off = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim_off) }, 0);
+        write_model(&src, Dtype::F32, 1, 64);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
+    }
+    let before = hash(&src);
+
+    // Known up front: refused before writing.
+    let err = smart_convert(&src, Precision::Fp16, &e.options()).unwrap_err();
+    assert!(matches!(err, SmartError::FileSizeLimit { .. }), "{err}");
+    assert_nothing_published(&e, &src, &before);
+
+    // Discovered while writing (EFBIG): a clear no-space error.
+    let b = TestBackend::new(Fault::UnderReport);
+    let err = smart_convert_with(&src, Precision::Fp16, &e.options(), &[&b]).unwrap_err();
+    assert!(matches!(err, SmartError::DiskFull { .. }), "{err}");
+    assert!(err.to_string().contains("flux_fp16.safetensors"), "{err}");
+    assert_nothing_published(&e, &src, &before);
+}
+
+// ---------- concurrency ----------
+
+#[test]
+fn threads_racing_convert_once_and_agree_on_the_path() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let b = TestBackend::new(Fault::None);
+    let n = 6;
+    let barrier = Barrier::new(n);
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    let options = e.options();
+                    barrier.wait();
+                    smart_convert_with(&src, Precision::Bf16, &options, &[&b]).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(writes_of(&b), 1, "converted exactly once");
+    let converted = outcomes
+        .iter()
+        .filter(|o| o.status == Status::Converted)
+        .count();
+    assert_eq!(converted, 1);
+    assert!(outcomes.iter().all(|o| o.path == outcomes[0].path));
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o.status, Status::Converted | Status::Cached))
+    );
+    assert_eq!(e.files(), vec!["flux_bf16.safetensors"]);
+    assert_eq!(hash(&src), before);
+}
