@@ -1,6 +1,6 @@
 //! The dispatched (SIMD where available) kernels write exactly the bytes of the portable
-//! scalar kernels, on random inputs of varied magnitude and shape, and every kernel survives
-//! arbitrary f32 bit patterns (NaN, infinities) without panicking.
+//! scalar kernels, on random inputs of varied magnitude and shape and on arbitrary non-NaN
+//! bit patterns; every kernel survives NaN inputs without panicking.
 
 use gguf::GgmlType;
 use gguf::quant::{dequantize_to_vec, quantize_scalar, quantize_to_vec};
@@ -55,16 +55,25 @@ proptest! {
         }
     }
 
+    /// Any finite or infinite bit pattern (overflowing sums, infinite scales): both paths
+    /// agree. NaN inputs are only required not to panic: Rust, like C, leaves the payload of
+    /// a NaN produced from two NaN operands unspecified, and `nearest_int`'s bit trick turns
+    /// the payload into a level, so neither path nor ggml has defined bytes for them.
     #[test]
-    fn arbitrary_bits_never_panic(bits in prop::collection::vec(any::<u32>(), 256)) {
-        let x: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).collect();
+    fn arbitrary_bits_agree_and_never_panic(bits in prop::collection::vec(any::<u32>(), 256)) {
+        let raw: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).collect();
+        let no_nan: Vec<f32> = raw
+            .iter()
+            .map(|v| if v.is_nan() { f32::INFINITY.copysign(*v) } else { *v })
+            .collect();
         for ty in GgmlType::ALL {
-            let fast = quantize_to_vec(ty, &x).expect("quantize");
+            let fast = quantize_to_vec(ty, &no_nan).expect("quantize");
             let mut slow = vec![0u8; fast.len()];
-            quantize_scalar(ty, &x, &mut slow).expect("quantize");
+            quantize_scalar(ty, &no_nan, &mut slow).expect("quantize");
             prop_assert_eq!(&fast, &slow, "{}", ty);
-            let back = dequantize_to_vec(ty, &fast).expect("dequantize");
-            prop_assert_eq!(back.len(), x.len());
+            let with_nan = quantize_to_vec(ty, &raw).expect("quantize");
+            let back = dequantize_to_vec(ty, &with_nan).expect("dequantize");
+            prop_assert_eq!(back.len(), raw.len());
         }
     }
 

@@ -306,6 +306,36 @@ pub(crate) fn search_q6k_scalar(x: &[f32; QK_K]) -> ([f32; 16], [u8; QK_K]) {
     (scales, l)
 }
 
+/// Re-quantization of one sub-block against its stored (scale, min), vectorized when `simd`.
+#[inline]
+fn requant_affine(x: &[f32], dm: f32, d: f32, nmax: i32, out: &mut [u8], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: callers pass simd = true only after detecting AVX2.
+        unsafe { super::x86::requant_affine(x, dm, d, nmax, out) };
+        return;
+    }
+    let _ = simd;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = nearest_int((v + dm) / d).clamp(0, nmax) as u8;
+    }
+}
+
+/// Symmetric re-quantization (`clamp(nearest_int(x / d), lo, hi) + offset`).
+#[inline]
+fn requant_symmetric(x: &[f32], d: f32, lo: i32, hi: i32, offset: i32, out: &mut [u8], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: callers pass simd = true only after detecting AVX2.
+        unsafe { super::x86::requant_symmetric(x, d, lo, hi, offset, out) };
+        return;
+    }
+    let _ = simd;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (nearest_int(v / d).clamp(lo, hi) + offset) as u8;
+    }
+}
+
 /// Largest value with ggml's strict `>` from a zero start.
 fn running_max(v: &[f32]) -> f32 {
     let mut m = 0.0f32;
@@ -337,6 +367,7 @@ fn finish_q45k(
     s: &mut MinScaleSearch<8>,
     nmax: i32,
     scales12: &mut [u8],
+    simd: bool,
 ) -> (u16, u16) {
     let max_scale = running_max(&s.scales);
     let max_min = running_max(&s.mins);
@@ -371,15 +402,14 @@ fn finish_q45k(
             continue;
         }
         let dm = dmin_all * m as f32;
-        for ii in 0..32 {
-            s.l[32 * j + ii] = nearest_int((x[32 * j + ii] + dm) / d).clamp(0, nmax) as u8;
-        }
+        let r = 32 * j..32 * j + 32;
+        requant_affine(&x[r.clone()], dm, d, nmax, &mut s.l[r], simd);
     }
     (d_bits, dmin_bits)
 }
 
-fn write_q4k(x: &[f32; QK_K], mut s: MinScaleSearch<8>, y: &mut [u8; 144]) {
-    let (d, dmin) = finish_q45k(x, &mut s, 15, &mut y[4..16]);
+fn write_q4k(x: &[f32; QK_K], mut s: MinScaleSearch<8>, y: &mut [u8; 144], simd: bool) {
+    let (d, dmin) = finish_q45k(x, &mut s, 15, &mut y[4..16], simd);
     y[0..2].copy_from_slice(&d.to_le_bytes());
     y[2..4].copy_from_slice(&dmin.to_le_bytes());
     for c in 0..4 {
@@ -389,8 +419,8 @@ fn write_q4k(x: &[f32; QK_K], mut s: MinScaleSearch<8>, y: &mut [u8; 144]) {
     }
 }
 
-fn write_q5k(x: &[f32; QK_K], mut s: MinScaleSearch<8>, y: &mut [u8; 176]) {
-    let (d, dmin) = finish_q45k(x, &mut s, 31, &mut y[4..16]);
+fn write_q5k(x: &[f32; QK_K], mut s: MinScaleSearch<8>, y: &mut [u8; 176], simd: bool) {
+    let (d, dmin) = finish_q45k(x, &mut s, 31, &mut y[4..16], simd);
     y[0..2].copy_from_slice(&d.to_le_bytes());
     y[2..4].copy_from_slice(&dmin.to_le_bytes());
     let (qh, ql) = y[16..].split_at_mut(32);
@@ -415,7 +445,7 @@ fn write_q5k(x: &[f32; QK_K], mut s: MinScaleSearch<8>, y: &mut [u8; 176]) {
     }
 }
 
-fn write_q2k(x: &[f32; QK_K], mut s: MinScaleSearch<16>, y: &mut [u8; 84]) {
+fn write_q2k(x: &[f32; QK_K], mut s: MinScaleSearch<16>, y: &mut [u8; 84], simd: bool) {
     let max_scale = running_max(&s.scales);
     let max_min = running_max(&s.mins);
     let (scales, rest) = y.split_at_mut(16);
@@ -447,9 +477,8 @@ fn write_q2k(x: &[f32; QK_K], mut s: MinScaleSearch<16>, y: &mut [u8; 84]) {
             continue;
         }
         let dm = dmin_all * (scales[j] >> 4) as f32;
-        for ii in 0..16 {
-            s.l[16 * j + ii] = nearest_int((x[16 * j + ii] + dm) / d).clamp(0, 3) as u8;
-        }
+        let r = 16 * j..16 * j + 16;
+        requant_affine(&x[r.clone()], dm, d, 3, &mut s.l[r], simd);
     }
     pack_2bit(&s.l, qs);
 }
@@ -464,7 +493,13 @@ fn pack_2bit(l: &[u8; QK_K], qs: &mut [u8]) {
     }
 }
 
-fn write_q6k(x: &[f32; QK_K], scales_f: [f32; 16], mut l: [u8; QK_K], y: &mut [u8; 210]) {
+fn write_q6k(
+    x: &[f32; QK_K],
+    scales_f: [f32; 16],
+    mut l: [u8; QK_K],
+    y: &mut [u8; 210],
+    simd: bool,
+) {
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
     for &s in &scales_f {
@@ -488,9 +523,8 @@ fn write_q6k(x: &[f32; QK_K], scales_f: [f32; 16], mut l: [u8; QK_K], y: &mut [u
         if d == 0.0 {
             continue;
         }
-        for ii in 0..16 {
-            l[16 * j + ii] = (nearest_int(x[16 * j + ii] / d).clamp(-32, 31) + 32) as u8;
-        }
+        let r = 16 * j..16 * j + 16;
+        requant_symmetric(&x[r.clone()], d, -32, 31, 32, &mut l[r], simd);
     }
     let (ql, rest) = y.split_at_mut(128);
     let qh = &mut rest[..64];
@@ -604,14 +638,14 @@ impl BlockFormat for Q2K {
         if has_avx2() {
             // SAFETY: AVX2 was detected on this CPU just above.
             let s = unsafe { super::x86::search_q2k_avx2(x) };
-            return write_q2k(x, s, fixed_mut(dst));
+            return write_q2k(x, s, fixed_mut(dst), true);
         }
-        write_q2k(x, search_q2k_scalar(x), fixed_mut(dst));
+        write_q2k(x, search_q2k_scalar(x), fixed_mut(dst), false);
     }
 
     fn quantize_block_scalar(src: &[f32], dst: &mut [u8]) {
         let x = fixed(src);
-        write_q2k(x, search_q2k_scalar(x), fixed_mut(dst));
+        write_q2k(x, search_q2k_scalar(x), fixed_mut(dst), false);
     }
 
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
@@ -664,14 +698,14 @@ impl BlockFormat for Q4K {
         if has_avx2() {
             // SAFETY: AVX2 was detected on this CPU just above.
             let s = unsafe { super::x86::search_q45k_avx2(x, Q4K_PARAMS) };
-            return write_q4k(x, s, fixed_mut(dst));
+            return write_q4k(x, s, fixed_mut(dst), true);
         }
-        write_q4k(x, search_q45k_scalar(x, Q4K_PARAMS), fixed_mut(dst));
+        write_q4k(x, search_q45k_scalar(x, Q4K_PARAMS), fixed_mut(dst), false);
     }
 
     fn quantize_block_scalar(src: &[f32], dst: &mut [u8]) {
         let x = fixed(src);
-        write_q4k(x, search_q45k_scalar(x, Q4K_PARAMS), fixed_mut(dst));
+        write_q4k(x, search_q45k_scalar(x, Q4K_PARAMS), fixed_mut(dst), false);
     }
 
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
@@ -704,14 +738,14 @@ impl BlockFormat for Q5K {
         if has_avx2() {
             // SAFETY: AVX2 was detected on this CPU just above.
             let s = unsafe { super::x86::search_q45k_avx2(x, Q5K_PARAMS) };
-            return write_q5k(x, s, fixed_mut(dst));
+            return write_q5k(x, s, fixed_mut(dst), true);
         }
-        write_q5k(x, search_q45k_scalar(x, Q5K_PARAMS), fixed_mut(dst));
+        write_q5k(x, search_q45k_scalar(x, Q5K_PARAMS), fixed_mut(dst), false);
     }
 
     fn quantize_block_scalar(src: &[f32], dst: &mut [u8]) {
         let x = fixed(src);
-        write_q5k(x, search_q45k_scalar(x, Q5K_PARAMS), fixed_mut(dst));
+        write_q5k(x, search_q45k_scalar(x, Q5K_PARAMS), fixed_mut(dst), false);
     }
 
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {
@@ -746,16 +780,16 @@ impl BlockFormat for Q6K {
         if has_avx2() {
             // SAFETY: AVX2 was detected on this CPU just above.
             let (s, l) = unsafe { super::x86::search_q6k_avx2(x) };
-            return write_q6k(x, s, l, fixed_mut(dst));
+            return write_q6k(x, s, l, fixed_mut(dst), true);
         }
         let (s, l) = search_q6k_scalar(x);
-        write_q6k(x, s, l, fixed_mut(dst));
+        write_q6k(x, s, l, fixed_mut(dst), false);
     }
 
     fn quantize_block_scalar(src: &[f32], dst: &mut [u8]) {
         let x = fixed(src);
         let (s, l) = search_q6k_scalar(x);
-        write_q6k(x, s, l, fixed_mut(dst));
+        write_q6k(x, s, l, fixed_mut(dst), false);
     }
 
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

@@ -58,8 +58,10 @@ fn qkx2_lanes<const N: usize>(
             _mm256_mul_ps(d, d)
         }
     };
-    let level = |iscale: __m256, x: __m256, min: __m256| {
-        let q = nearest_int_v(_mm256_mul_ps(iscale, _mm256_sub_ps(x, min)));
+    // `xm` caches x − min (the same IEEE subtraction the scalar loop repeats), refreshed
+    // whenever a lane accepts a new min.
+    let level = |iscale: __m256, xm: __m256| {
+        let q = nearest_int_v(_mm256_mul_ps(iscale, xm));
         _mm256_cvtepi32_ps(_mm256_max_epi32(_mm256_min_epi32(q, nmax_i), zero_i))
     };
 
@@ -81,10 +83,14 @@ fn qkx2_lanes<const N: usize>(
     let iscale = _mm256_div_ps(_mm256_set1_ps(nmaxf), _mm256_sub_ps(max, min));
     let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
 
+    let mut xm = [zero; N];
+    for i in 0..N {
+        xm[i] = _mm256_sub_ps(xt[i], min);
+    }
     let mut l = [zero; N];
     let mut best_error = zero;
     for i in 0..N {
-        let lf = level(iscale, xt[i], min);
+        let lf = level(iscale, xm[i]);
         l[i] = lf;
         let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, lf), min), xt[i]);
         best_error = _mm256_add_ps(best_error, _mm256_mul_ps(wt[i], err(diff)));
@@ -99,7 +105,7 @@ fn qkx2_lanes<const N: usize>(
         );
         let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
         for i in 0..N {
-            let lf = level(iscale, xt[i], min);
+            let lf = level(iscale, xm[i]);
             laux[i] = lf;
             let wl = _mm256_mul_ps(wt[i], lf);
             sum_l = _mm256_add_ps(sum_l, wl);
@@ -140,6 +146,9 @@ fn qkx2_lanes<const N: usize>(
         best_error = _mm256_blendv_ps(best_error, cur_error, better);
         scale = _mm256_blendv_ps(scale, this_scale, better);
         min = _mm256_blendv_ps(min, this_min, better);
+        for i in 0..N {
+            xm[i] = _mm256_sub_ps(xt[i], min);
+        }
     }
 
     // Degenerate lanes returned early in the scalar code: L = 0, scale 0, the_min = −min.
@@ -327,4 +336,41 @@ pub(crate) fn search_q6k_avx2(x: &[f32; QK_K]) -> ([f32; 16], [u8; QK_K]) {
         }
     }
     (scales, levels)
+}
+
+/// `out[i] = clamp(nearest_int((x[i] + dm) / d), 0, nmax)`, eight values at a time; each
+/// lane is the scalar expression. `x.len()` must be a multiple of 8 and equal `out.len()`.
+#[target_feature(enable = "avx2")]
+pub(crate) fn requant_affine(x: &[f32], dm: f32, d: f32, nmax: i32, out: &mut [u8]) {
+    let (dmv, dv) = (_mm256_set1_ps(dm), _mm256_set1_ps(d));
+    let (lo, hi) = (_mm256_setzero_si256(), _mm256_set1_epi32(nmax));
+    for (xs, os) in x.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+        // SAFETY: `xs` has exactly 8 f32; loadu has no alignment requirement.
+        let v = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+        let q = nearest_int_v(_mm256_div_ps(_mm256_add_ps(v, dmv), dv));
+        let q = _mm256_max_epi32(_mm256_min_epi32(q, hi), lo);
+        for (o, q) in os.iter_mut().zip(lanes_i(q)) {
+            *o = q as u8;
+        }
+    }
+}
+
+/// `out[i] = clamp(nearest_int(x[i] / d), lo, hi) + offset`, eight values at a time.
+#[target_feature(enable = "avx2")]
+pub(crate) fn requant_symmetric(x: &[f32], d: f32, lo: i32, hi: i32, offset: i32, out: &mut [u8]) {
+    let dv = _mm256_set1_ps(d);
+    let (lov, hiv, offv) = (
+        _mm256_set1_epi32(lo),
+        _mm256_set1_epi32(hi),
+        _mm256_set1_epi32(offset),
+    );
+    for (xs, os) in x.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+        // SAFETY: `xs` has exactly 8 f32; loadu has no alignment requirement.
+        let v = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+        let q = nearest_int_v(_mm256_div_ps(v, dv));
+        let q = _mm256_add_epi32(_mm256_max_epi32(_mm256_min_epi32(q, hiv), lov), offv);
+        for (o, q) in os.iter_mut().zip(lanes_i(q)) {
+            *o = q as u8;
+        }
+    }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Peer timing for `cargo run --release -p gguf --example quant_bench -- TYPE N_ROWS`:
 ggml's reference quantizer through `ggml_quantize_chunk` (no imatrix), single-threaded
-(the call itself never spawns threads), best of three, MB/s of f32 input.
+(the call itself never spawns threads), best of --runs (default 5), MB/s of f32 input.
 
     /work/pyref/bin/python crates/gguf/tests/golden/quant/bench_ggml.py TYPE N_ROWS [--lib PATH]
 
@@ -41,6 +41,7 @@ def main():
     ap.add_argument("rows", type=int)
     ap.add_argument("--row-len", type=int, default=4096)
     ap.add_argument("--lib", default=None)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--random", action="store_true", help="numpy normal*0.02 input (faster setup)")
     a = ap.parse_args()
     path = a.lib or find_lib()
@@ -53,7 +54,7 @@ def main():
         x = inputs(n)
     x = x.reshape(a.rows, a.row_len)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(max(1, a.runs)):
         t0 = time.perf_counter()
         g.quantize(t[0], t[1], t[2], t[3], x)
         best = min(best, time.perf_counter() - t0)
