@@ -187,6 +187,15 @@ def small_cases():
     return cases
 
 
+def pip_version(dist):
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
 def find_lib():
     hits = []
     for p in sys.path:
@@ -325,6 +334,8 @@ def main():
         "generator": "make_goldens.py",
         "library": os.path.basename(path),
         "entry": g.kind,
+        "llama_cpp_python": pip_version("llama_cpp_python"),
+        "gguf_py": pip_version("gguf"),
         "types": [t[0] for t in TYPES],
         "cases": [],
     }
