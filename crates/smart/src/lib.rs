@@ -296,6 +296,117 @@ pub fn smart_convert_with(
     Ok(outcome(done.status, done.path, done.report, done.replaced))
 }
 
+/// The verdict of [`check`] for one target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    /// The source already is in the target precision (`path` is the source).
+    SourceIsTarget,
+    /// A valid cached output.
+    Hit,
+    /// A file without provenance in the target precision (used unless strict).
+    Unverified,
+    Missing,
+    /// An output made before the source or the converter changed.
+    Stale,
+    /// Incomplete, corrupt, wrong precision or unreadable provenance.
+    Broken,
+    /// A file without provenance, rejected because strict.
+    Foreign,
+}
+
+/// One target of [`check`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    #[serde(serialize_with = "ser_precision")]
+    pub target: Precision,
+    pub status: CheckStatus,
+    /// Whether [`smart_convert`] would answer without converting.
+    pub valid: bool,
+    /// Whether a file is at `path`.
+    pub exists: bool,
+    /// The file that would be answered, or where a conversion would be published.
+    pub path: PathBuf,
+    /// Why a file at `path` is stale or broken.
+    pub reason: Option<String>,
+}
+
+/// What [`smart_convert`] would do for each target, without converting or recording a use:
+/// the same detection, skip rule, backend choice (its converter version) and lookup.
+pub fn check(
+    source: &Path,
+    targets: &[Precision],
+    options: &Options<'_>,
+) -> Result<Vec<Check>, SmartError> {
+    check_with(source, targets, options, &default_backends())
+}
+
+/// [`check`] with explicit backends.
+pub fn check_with(
+    source: &Path,
+    targets: &[Precision],
+    options: &Options<'_>,
+    backends: &[&dyn Backend],
+) -> Result<Vec<Check>, SmartError> {
+    let detection = detect::detect(source)?;
+    let sp = detection
+        .precision
+        .ok_or_else(|| SmartError::UnknownSourcePrecision(source.to_path_buf()))?;
+    let cache = Cache::new(options.models_dir.clone());
+    let backend_options = BackendOptions {
+        double_quant: options.double_quant,
+    };
+    let mut earlier: Option<cache::Lookup> = None;
+    let mut out = Vec::with_capacity(targets.len());
+    for &target in targets {
+        if detect::should_skip(sp, target).is_some() {
+            out.push(Check {
+                target,
+                status: CheckStatus::SourceIsTarget,
+                valid: true,
+                exists: true,
+                path: source.to_path_buf(),
+                reason: None,
+            });
+            continue;
+        }
+        let lookup_options = LookupOptions {
+            strict: options.strict,
+            verify_digest: options.verify_digest,
+            converter_version: backends
+                .iter()
+                .find(|b| b.supports(&detection, target))
+                .map(|b| b.converter_version(target, &backend_options)),
+        };
+        // Reuse the digest across targets (it is only valid while the source is unchanged,
+        // which lookup_again checks).
+        let l = match &earlier {
+            Some(e) => cache.lookup_again(source, target, &lookup_options, e)?,
+            None => cache.lookup(source, target, &lookup_options)?,
+        };
+        let (status, reason) = match &l.status {
+            LookupStatus::Hit => (CheckStatus::Hit, None),
+            LookupStatus::Unverified => (CheckStatus::Unverified, None),
+            LookupStatus::Missing => (CheckStatus::Missing, None),
+            LookupStatus::Stale(r) => (CheckStatus::Stale, Some(r.clone())),
+            LookupStatus::Broken(r) => (CheckStatus::Broken, Some(r.clone())),
+            LookupStatus::Foreign => (CheckStatus::Foreign, None),
+        };
+        out.push(Check {
+            target,
+            status,
+            valid: l.status.is_usable(),
+            exists: std::fs::symlink_metadata(&l.path).is_ok(),
+            path: l.path.clone(),
+            reason,
+        });
+        if l.source_digest.is_some() || earlier.is_none() {
+            earlier = Some(l);
+        }
+    }
+    Ok(out)
+}
+
 fn usable(status: &LookupStatus) -> Option<Status> {
     match status {
         LookupStatus::Hit => Some(Status::Cached),

@@ -610,3 +610,48 @@ fn threads_racing_convert_once_and_agree_on_the_path() {
     assert_eq!(e.files(), vec!["flux_bf16.safetensors"]);
     assert_eq!(hash(&src), before);
 }
+
+#[test]
+fn check_agrees_with_what_convert_would_do() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    smart_convert(&src, Precision::Nf4, &e.options()).unwrap();
+    let targets = [
+        Precision::Fp32,
+        Precision::Fp16,
+        Precision::Bf16,
+        Precision::Nf4,
+    ];
+    let c = smart::check(&src, &targets, &e.options()).unwrap();
+    let got: Vec<_> = c.iter().map(|c| (c.status, c.valid, c.exists)).collect();
+    use smart::CheckStatus as S;
+    assert_eq!(
+        got,
+        vec![
+            (S::SourceIsTarget, true, true),
+            (S::Hit, true, true),
+            (S::Missing, false, false),
+            (S::Hit, true, true),
+        ]
+    );
+    assert_eq!(c[0].path, src);
+    // Another converter setting (double quantization) makes the nf4 output stale.
+    let mut dq = e.options();
+    dq.double_quant = true;
+    let c = smart::check(&src, &[Precision::Nf4], &dq).unwrap();
+    assert_eq!(c[0].status, S::Stale);
+    assert!(c[0].reason.as_deref().unwrap().contains("converter"));
+    let json = serde_json::to_value(&c[0]).unwrap();
+    assert_eq!(json["status"], "stale");
+    assert_eq!(json["target"], "nf4");
+    // The source changed: stale.
+    write_model(&src, Dtype::F32, 3, 80);
+    let c = smart::check(&src, &[Precision::Fp16], &e.options()).unwrap();
+    assert_eq!(c[0].status, S::Stale);
+    // check converts nothing.
+    assert_eq!(
+        e.files(),
+        vec!["flux_fp16.safetensors", "flux_nf4.safetensors"]
+    );
+}
