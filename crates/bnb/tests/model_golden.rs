@@ -39,14 +39,8 @@ fn keys(f: &SafetensorsFile) -> BTreeSet<String> {
     f.header.tensors.iter().map(|t| t.name.clone()).collect()
 }
 
-/// Every tensor of `want` is in `got` with the same dtype, shape and bytes, and no other keys;
-/// `relaxed(key)` may compare differently (returns true when it handled the key).
-fn assert_same_file(
-    got: &SafetensorsFile,
-    want: &SafetensorsFile,
-    what: &str,
-    relaxed: &dyn Fn(&str, &[u8], &[u8]) -> bool,
-) {
+/// Every tensor of `want` is in `got` with the same dtype, shape and bytes, and no other keys.
+fn assert_same_file(got: &SafetensorsFile, want: &SafetensorsFile, what: &str) {
     assert_eq!(keys(got), keys(want), "{what}: key set");
     for w in &want.header.tensors {
         let (g, gb) = got.tensor(&w.name).unwrap();
@@ -56,15 +50,12 @@ fn assert_same_file(
             "{what}: `{}`",
             w.name
         );
-        let wb = want.tensor_bytes(w);
-        if !relaxed(&w.name, gb, wb) {
-            assert!(gb == wb, "{what}: bytes of `{}` differ", w.name);
-        }
+        assert!(
+            gb == want.tensor_bytes(w),
+            "{what}: bytes of `{}` differ",
+            w.name
+        );
     }
-}
-
-fn exact(_: &str, _: &[u8], _: &[u8]) -> bool {
-    false
 }
 
 #[test]
@@ -78,7 +69,7 @@ fn nf4_fp4_int8_models_identical_to_bitsandbytes() {
     ] {
         let p = plan(&src.header, target, &Options::default()).unwrap();
         let got = run(&src, &p, dir.path(), file);
-        assert_same_file(&got, &golden(file), file, &exact);
+        assert_same_file(&got, &golden(file), file);
     }
 }
 
@@ -152,7 +143,7 @@ fn f32_source_quantizes_through_bf16() {
     let p = plan(&f32src.header, Precision::Nf4, &Options::default()).unwrap();
     assert_eq!(p.float_dtype, Dtype::BF16);
     let got = run(&f32src, &p, dir.path(), "nf4.safetensors");
-    assert_same_file(&got, &golden("model_nf4.safetensors"), "f32 -> nf4", &exact);
+    assert_same_file(&got, &golden("model_nf4.safetensors"), "f32 -> nf4");
 }
 
 #[test]

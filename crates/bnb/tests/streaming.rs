@@ -1,0 +1,223 @@
+//! Large tensors go through several windows and parallel tasks; the bytes must not depend on
+//! that split. Also hostile bitsandbytes files are refused, not trusted.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bnb::kernels::{BLOCKSIZE, QuantType, Quantizer4, quantize_4bit, quantize_int8_rows};
+use bnb::{Options, TensorSource, convert_from, plan};
+use detect::Precision;
+use detect::safetensors::{Dtype, Header, TensorEntry};
+
+struct Mem {
+    header: Header,
+    data: Vec<u8>,
+}
+
+impl TensorSource for Mem {
+    fn path(&self) -> &Path {
+        Path::new("memory")
+    }
+    fn entries(&self) -> &[TensorEntry] {
+        &self.header.tensors
+    }
+    fn bytes(&self, e: &TensorEntry) -> &[u8] {
+        &self.data[e.data_offsets.0 as usize..e.data_offsets.1 as usize]
+    }
+}
+
+/// A one-tensor bf16 source `name` of `shape` with deterministic, varied values.
+fn source(name: &str, shape: [u64; 2]) -> (Mem, Vec<f32>) {
+    let n = (shape[0] * shape[1]) as usize;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let vals: Vec<f32> = (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            // bf16-exact values with a few outliers and zero stretches
+            let v = if i % 100_003 < 64 {
+                0.0
+            } else {
+                u * (1.0 + (i % 7) as f32)
+            };
+            f32::from_bits(v.to_bits() & 0xffff_0000)
+        })
+        .collect();
+    let data: Vec<u8> = vals
+        .iter()
+        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+        .collect();
+    let header = Header {
+        metadata: BTreeMap::new(),
+        tensors: vec![TensorEntry {
+            name: name.into(),
+            dtype: Dtype::BF16,
+            shape: shape.to_vec(),
+            data_offsets: (0, data.len() as u64),
+        }],
+        data_start: 8,
+    };
+    (Mem { header, data }, vals)
+}
+
+fn tensor<'a>(out: &'a [u8], name: &str) -> &'a [u8] {
+    let n = u64::from_le_bytes(out[..8].try_into().unwrap()) as usize;
+    let h: serde_json::Value = serde_json::from_slice(&out[8..8 + n]).unwrap();
+    let o = &h[name]["data_offsets"];
+    let (a, b) = (
+        o[0].as_u64().unwrap() as usize,
+        o[1].as_u64().unwrap() as usize,
+    );
+    &out[8 + n + a..8 + n + b]
+}
+
+#[test]
+fn four_bit_bytes_do_not_depend_on_windows_or_threads() {
+    // 4_325_437 elements: more than one 4M-element window, odd, with a partial final block.
+    let (src, vals) = source("blk.weight", [1_123, 3_851]);
+    for qt in [QuantType::Nf4, QuantType::Fp4] {
+        let target = if qt == QuantType::Nf4 {
+            Precision::Nf4
+        } else {
+            Precision::Fp4
+        };
+        let p = plan(&src.header, target, &Options::default()).unwrap();
+        let mut out = Vec::new();
+        convert_from(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+        let mut codes = vec![0u8; vals.len().div_ceil(2)];
+        let mut absmax = vec![0f32; vals.len().div_ceil(BLOCKSIZE)];
+        quantize_4bit(&Quantizer4::new(qt), &vals, &mut codes, &mut absmax);
+        assert!(
+            tensor(&out, "blk.weight") == codes.as_slice(),
+            "{qt:?} codes"
+        );
+        let am: Vec<u8> = absmax.iter().flat_map(|a| a.to_le_bytes()).collect();
+        assert!(
+            tensor(&out, "blk.weight.absmax") == am.as_slice(),
+            "{qt:?} absmax"
+        );
+    }
+}
+
+#[test]
+fn int8_bytes_do_not_depend_on_windows_or_threads() {
+    let (src, vals) = source("lin.weight", [2_100, 2_011]);
+    let p = plan(&src.header, Precision::Int8, &Options::default()).unwrap();
+    let mut out = Vec::new();
+    convert_from(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+    // bf16 -> f16 -> f32 is what bnb quantizes; these values are f16-exact except tiny ones,
+    // so round through f16 explicitly.
+    let x16: Vec<f32> = vals
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let mut q = vec![0i8; vals.len()];
+    let mut scb = vec![0f32; 2_100];
+    quantize_int8_rows(&x16, 2_011, &mut q, &mut scb);
+    let qb: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+    assert!(tensor(&out, "lin.weight") == qb.as_slice());
+    let sb: Vec<u8> = scb.iter().flat_map(|a| a.to_le_bytes()).collect();
+    assert!(tensor(&out, "lin.SCB") == sb.as_slice());
+    assert_eq!(tensor(&out, "lin.weight_format"), [0u8]);
+}
+
+/// Writes a safetensors file of (name, dtype, shape, bytes).
+fn write_file(dir: &Path, tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)]) -> std::path::PathBuf {
+    let specs: Vec<precision::TensorSpec> = tensors
+        .iter()
+        .map(|(n, d, s, _)| precision::TensorSpec {
+            name: n.to_string(),
+            dtype: *d,
+            shape: s.clone(),
+        })
+        .collect();
+    let path = dir.join("f.safetensors");
+    let mut w = precision::SafetensorsWriter::new(
+        std::fs::File::create(&path).unwrap(),
+        &specs,
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    for (_, _, _, b) in tensors {
+        w.write_chunk(b).unwrap();
+    }
+    w.finish().unwrap();
+    path
+}
+
+#[test]
+fn hostile_bitsandbytes_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = |shape: &str| {
+        format!(
+            r#"{{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": {shape}}}"#
+        )
+        .into_bytes()
+    };
+    let qmap = vec![0u8; 64];
+    let good = |shape: &str, weight: usize, absmax: u64, extra: bool| {
+        let j = json(shape);
+        let mut v = vec![
+            (
+                "w.weight",
+                Dtype::U8,
+                vec![weight as u64, 1],
+                vec![0x77u8; weight],
+            ),
+            (
+                "w.weight.absmax",
+                Dtype::F32,
+                vec![absmax],
+                vec![0u8; absmax as usize * 4],
+            ),
+            ("w.weight.quant_map", Dtype::F32, vec![16], qmap.clone()),
+            (
+                "w.weight.quant_state.bitsandbytes__nf4",
+                Dtype::U8,
+                vec![j.len() as u64],
+                j,
+            ),
+        ];
+        if extra {
+            v.push(("w.weight.surprise", Dtype::U8, vec![1], vec![0]));
+        }
+        v
+    };
+    let open = |t: &[(&str, Dtype, Vec<u64>, Vec<u8>)]| {
+        detect::safetensors::SafetensorsFile::open(&write_file(dir.path(), t)).unwrap()
+    };
+    // The well-formed file plans and converts.
+    let ok = open(&good("[4, 64]", 128, 4, false));
+    let p = bnb::plan_dequantize_file(&ok, Precision::Bf16).unwrap();
+    let mut out = Vec::new();
+    bnb::convert(&ok, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+    // A shape claiming far more elements than the packed bytes hold.
+    for (bad, what) in [
+        (good("[4000000, 4000000]", 128, 4, false), "packed codes"),
+        (good("[4, 64]", 127, 4, false), "packed codes"),
+        (good("[4, 64]", 128, 5, false), "absmax"),
+        (good("[4, 64]", 128, 4, true), "unexpected key"),
+        (good("[4, 64", 128, 4, false), "not valid JSON"),
+    ] {
+        let f = open(&bad);
+        let e = bnb::plan_dequantize_file(&f, Precision::Bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(what), "{e}");
+        assert!(e.starts_with(&f.path.display().to_string()), "{e}");
+    }
+    let mut missing = good("[4, 64]", 128, 4, false);
+    missing.remove(1);
+    let f = open(&missing);
+    let e = bnb::plan_dequantize_file(&f, Precision::Bf16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("w.weight.absmax") && e.contains("missing"),
+        "{e}"
+    );
+}
