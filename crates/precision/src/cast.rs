@@ -196,23 +196,28 @@ fn u64_le(c: &[u8]) -> u64 {
     u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])
 }
 
-/// The hot path of the product (f32 checkpoints to bf16): one pass, no intermediate.
+/// The hot path of the product (f32 checkpoints to bf16): one pass, no intermediate, written so
+/// that the compiler vectorises it (fixed-size arrays, no branches, 32-bit counters per block).
 fn f32_to_bf16_direct(src: &[u8], dst: &mut [u8]) -> CastStats {
-    let mut overflowed = 0u64;
-    let mut non_finite = 0u64;
-    for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
-        let bits = u32_le(s);
-        let out = f32_bits_to_bf16(bits, BF16_NAN_FROM_F32);
-        let in_finite = (bits & 0x7F80_0000) != 0x7F80_0000;
-        let out_non_finite = (out & 0x7F80) == 0x7F80;
-        overflowed += (in_finite & out_non_finite) as u64;
-        non_finite += out_non_finite as u64;
-        d.copy_from_slice(&out.to_le_bytes());
+    let (src, _) = src.as_chunks::<4>();
+    let (dst, _) = dst.as_chunks_mut::<2>();
+    let mut stats = CastStats::default();
+    for (s, d) in src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)) {
+        let mut overflowed = 0u32;
+        let mut non_finite = 0u32;
+        for (s, d) in s.iter().zip(d.iter_mut()) {
+            let bits = u32::from_le_bytes(*s);
+            let out = f32_bits_to_bf16(bits, BF16_NAN_FROM_F32);
+            let in_finite = (bits & 0x7F80_0000) != 0x7F80_0000;
+            let out_non_finite = (out & 0x7F80) == 0x7F80;
+            overflowed += (in_finite & out_non_finite) as u32;
+            non_finite += out_non_finite as u32;
+            *d = out.to_le_bytes();
+        }
+        stats.overflowed += overflowed as u64;
+        stats.non_finite += non_finite as u64;
     }
-    CastStats {
-        overflowed,
-        non_finite,
-    }
+    stats
 }
 
 /// torch's F32/F64 -> BF16 NaN (vectorised kernel).
@@ -256,50 +261,45 @@ fn f32_to_f64_bits(x: f32) -> u64 {
 }
 
 /// F32 bits -> fp8 e4m3fn, torch 2.15's saturating rule.
+///
+/// Every case is computed and then selected, without branches, so loops over it vectorise.
 #[inline(always)]
 pub(crate) fn f32_bits_to_e4m3fn(bits: u32) -> u8 {
-    let sign = ((bits >> 24) & 0x80) as u8;
+    let sign = (bits >> 24) & 0x80;
     let abs = bits & 0x7FFF_FFFF;
-    let mag = if abs > 0x7F80_0000 {
-        0x7F
-    } else if abs >= 0x43E8_0000 {
-        // |x| >= 464 (inf included): 464 ties to even 448, everything above saturates.
-        0x7E
-    } else if abs < 0x3C80_0000 {
-        // Below 2^-6 the result is subnormal with unit 2^-9: let the FPU round x + 2^14 at that
-        // unit (round-to-nearest-even is Rust's fixed floating-point environment).
-        const MAGIC: f32 = 16384.0;
-        (f32::from_bits(abs) + MAGIC)
-            .to_bits()
-            .wrapping_sub(MAGIC.to_bits()) as u8
-    } else {
-        let odd = (abs >> 20) & 1;
-        ((abs + 0x7_FFFF + odd - (120 << 23)) >> 20) as u8
-    };
-    sign | mag
+    // Below 2^-6 the result is subnormal with unit 2^-9: let the FPU round x + 2^14 at that unit
+    // (round-to-nearest-even is Rust's fixed floating-point environment). Only used below 2^-6.
+    const MAGIC: f32 = 16384.0;
+    let subnormal = (f32::from_bits(abs) + MAGIC)
+        .to_bits()
+        .wrapping_sub(MAGIC.to_bits());
+    // Normal: round to nearest even at bit 20, rebias the exponent (127 -> 7).
+    let odd = (abs >> 20) & 1;
+    let normal = (abs + 0x7_FFFF + odd).wrapping_sub(120 << 23) >> 20;
+    let mut mag = if abs < 0x3C80_0000 { subnormal } else { normal };
+    // |x| >= 464 (inf included): 464 ties to even 448, everything above saturates.
+    mag = if abs >= 0x43E8_0000 { 0x7E } else { mag };
+    mag = if abs > 0x7F80_0000 { 0x7F } else { mag };
+    (sign | mag) as u8
 }
 
-/// F32 bits -> fp8 e5m2 (no saturation).
+/// F32 bits -> fp8 e5m2 (no saturation), branch-free like [`f32_bits_to_e4m3fn`].
 #[inline(always)]
 pub(crate) fn f32_bits_to_e5m2(bits: u32) -> u8 {
-    let sign = ((bits >> 24) & 0x80) as u8;
+    let sign = (bits >> 24) & 0x80;
     let abs = bits & 0x7FFF_FFFF;
-    let mag = if abs > 0x7F80_0000 {
-        0x7F
-    } else if abs >= 0x4770_0000 {
-        // |x| >= 61440 ties or rounds up past 57344: inf.
-        0x7C
-    } else if abs < 0x3880_0000 {
-        // Subnormal result (below 2^-14), unit 2^-16.
-        const MAGIC: f32 = 128.0;
-        (f32::from_bits(abs) + MAGIC)
-            .to_bits()
-            .wrapping_sub(MAGIC.to_bits()) as u8
-    } else {
-        let odd = (abs >> 21) & 1;
-        ((abs + 0xF_FFFF + odd - (112 << 23)) >> 21) as u8
-    };
-    sign | mag
+    // Subnormal result (below 2^-14), unit 2^-16.
+    const MAGIC: f32 = 128.0;
+    let subnormal = (f32::from_bits(abs) + MAGIC)
+        .to_bits()
+        .wrapping_sub(MAGIC.to_bits());
+    let odd = (abs >> 21) & 1;
+    let normal = (abs + 0xF_FFFF + odd).wrapping_sub(112 << 23) >> 21;
+    let mut mag = if abs < 0x3880_0000 { subnormal } else { normal };
+    // |x| >= 61440 ties or rounds up past 57344: inf.
+    mag = if abs >= 0x4770_0000 { 0x7C } else { mag };
+    mag = if abs > 0x7F80_0000 { 0x7F } else { mag };
+    (sign | mag) as u8
 }
 
 const fn f16_bits_to_f32_bits(h: u16) -> u32 {
@@ -364,30 +364,30 @@ pub(crate) static E4M3FN_TO_F32: [u32; 256] = build_lut(true);
 /// F8_E5M2 -> F32 bits, all 256 patterns.
 pub(crate) static E5M2_TO_F32: [u32; 256] = build_lut(false);
 
-/// Widens `src` elements to F32 into `out` (same count). Returns how many finite values
-/// overflowed (only F64 can).
+/// Widens `src` elements to F32 into `out` (same count, at most [`CHUNK`]). Returns how many
+/// finite values overflowed (only F64 can).
 fn load_f32(src: Dtype, bytes: &[u8], out: &mut [f32]) -> u64 {
     match src {
         Dtype::F64 => {
-            let mut overflowed = 0;
-            for (c, o) in bytes.chunks_exact(8).zip(out.iter_mut()) {
-                let x = f64::from_bits(u64_le(c));
+            let mut overflowed = 0u32;
+            for (c, o) in bytes.as_chunks::<8>().0.iter().zip(out.iter_mut()) {
+                let x = f64::from_bits(u64::from_le_bytes(*c));
                 *o = f64_to_f32(x);
-                overflowed += (x.is_finite() & o.is_infinite()) as u64;
+                overflowed += (x.is_finite() & o.is_infinite()) as u32;
             }
-            overflowed
+            overflowed as u64
         }
         Dtype::F32 => {
-            for (c, o) in bytes.chunks_exact(4).zip(out.iter_mut()) {
-                *o = f32::from_bits(u32_le(c));
+            for (c, o) in bytes.as_chunks::<4>().0.iter().zip(out.iter_mut()) {
+                *o = f32::from_bits(u32::from_le_bytes(*c));
             }
             0
         }
         Dtype::F16 => {
             let mut halves = [f16::ZERO; CHUNK];
             let halves = &mut halves[..out.len()];
-            for (c, h) in bytes.chunks_exact(2).zip(halves.iter_mut()) {
-                *h = f16::from_bits(u16_le(c));
+            for (c, h) in bytes.as_chunks::<2>().0.iter().zip(halves.iter_mut()) {
+                *h = f16::from_bits(u16::from_le_bytes(*c));
             }
             // `half` uses F16C when the CPU has it, else the same rule in software; both match
             // torch's vectorised kernel (verified against the all-patterns golden).
@@ -395,8 +395,8 @@ fn load_f32(src: Dtype, bytes: &[u8], out: &mut [f32]) -> u64 {
             0
         }
         Dtype::BF16 => {
-            for (c, o) in bytes.chunks_exact(2).zip(out.iter_mut()) {
-                *o = f32::from_bits((u16_le(c) as u32) << 16);
+            for (c, o) in bytes.as_chunks::<2>().0.iter().zip(out.iter_mut()) {
+                *o = f32::from_bits((u16::from_le_bytes(*c) as u32) << 16);
             }
             0
         }
@@ -416,34 +416,40 @@ fn load_f32(src: Dtype, bytes: &[u8], out: &mut [f32]) -> u64 {
     }
 }
 
-/// Narrows (or widens) F32 values to `dst`, counting overflows of finite values and non-finite
-/// outputs.
+/// Narrows (or widens) F32 values (at most [`CHUNK`]) to `dst`, counting overflows of finite
+/// values and non-finite outputs.
 fn store_f32(src: Dtype, vals: &[f32], dst: Dtype, out: &mut [u8]) -> CastStats {
-    let mut overflowed = 0u64;
-    let mut non_finite = 0u64;
+    // Per-call counts fit in 32 bits (CHUNK elements); narrow counters vectorise better.
+    let mut overflowed = 0u32;
+    let mut non_finite = 0u32;
     match dst {
         Dtype::F64 => {
-            for (&v, o) in vals.iter().zip(out.chunks_exact_mut(8)) {
-                o.copy_from_slice(&f32_to_f64_bits(v).to_le_bytes());
-                non_finite += !v.is_finite() as u64;
+            for (&v, o) in vals.iter().zip(out.as_chunks_mut::<8>().0.iter_mut()) {
+                *o = f32_to_f64_bits(v).to_le_bytes();
+                non_finite += !v.is_finite() as u32;
             }
         }
         Dtype::F32 => {
-            for (&v, o) in vals.iter().zip(out.chunks_exact_mut(4)) {
-                o.copy_from_slice(&v.to_bits().to_le_bytes());
-                non_finite += !v.is_finite() as u64;
+            for (&v, o) in vals.iter().zip(out.as_chunks_mut::<4>().0.iter_mut()) {
+                *o = v.to_bits().to_le_bytes();
+                non_finite += !v.is_finite() as u32;
             }
         }
         Dtype::F16 => {
             let mut halves = [f16::ZERO; CHUNK];
             let halves = &mut halves[..vals.len()];
             halves.convert_from_f32_slice(vals);
-            for ((&h, &v), o) in halves.iter().zip(vals).zip(out.chunks_exact_mut(2)) {
+            for ((&h, &v), o) in halves
+                .iter()
+                .zip(vals)
+                .zip(out.as_chunks_mut::<2>().0.iter_mut())
+            {
                 let bits = h.to_bits();
-                o.copy_from_slice(&bits.to_le_bytes());
+                *o = bits.to_le_bytes();
                 let out_non_finite = bits & 0x7C00 == 0x7C00;
-                overflowed += (v.is_finite() & out_non_finite) as u64;
-                non_finite += out_non_finite as u64;
+                let in_finite = v.to_bits() & 0x7F80_0000 != 0x7F80_0000;
+                overflowed += (in_finite & out_non_finite) as u32;
+                non_finite += out_non_finite as u32;
             }
         }
         Dtype::BF16 => {
@@ -451,12 +457,13 @@ fn store_f32(src: Dtype, vals: &[f32], dst: Dtype, out: &mut [u8]) -> CastStats 
                 Dtype::F64 | Dtype::F32 => BF16_NAN_FROM_F32,
                 _ => BF16_NAN_FROM_NARROW,
             };
-            for (&v, o) in vals.iter().zip(out.chunks_exact_mut(2)) {
+            for (&v, o) in vals.iter().zip(out.as_chunks_mut::<2>().0.iter_mut()) {
                 let bits = f32_bits_to_bf16(v.to_bits(), nan);
-                o.copy_from_slice(&bits.to_le_bytes());
+                *o = bits.to_le_bytes();
                 let out_non_finite = bits & 0x7F80 == 0x7F80;
-                overflowed += (v.is_finite() & out_non_finite) as u64;
-                non_finite += out_non_finite as u64;
+                let in_finite = v.to_bits() & 0x7F80_0000 != 0x7F80_0000;
+                overflowed += (in_finite & out_non_finite) as u32;
+                non_finite += out_non_finite as u32;
             }
         }
         Dtype::F8E4M3 => {
@@ -464,23 +471,25 @@ fn store_f32(src: Dtype, vals: &[f32], dst: Dtype, out: &mut [u8]) -> CastStats 
                 let bits = v.to_bits();
                 *o = f32_bits_to_e4m3fn(bits);
                 let abs = bits & 0x7FFF_FFFF;
-                overflowed += ((abs > 0x43E8_0000) & (abs < 0x7F80_0000)) as u64;
-                non_finite += (*o & 0x7F == 0x7F) as u64;
+                overflowed += ((abs > 0x43E8_0000) & (abs < 0x7F80_0000)) as u32;
+                non_finite += (*o & 0x7F == 0x7F) as u32;
             }
         }
         Dtype::F8E5M2 => {
             for (&v, o) in vals.iter().zip(out.iter_mut()) {
-                *o = f32_bits_to_e5m2(v.to_bits());
+                let bits = v.to_bits();
+                *o = f32_bits_to_e5m2(bits);
                 let out_non_finite = *o & 0x7C == 0x7C;
-                overflowed += (v.is_finite() & out_non_finite) as u64;
-                non_finite += out_non_finite as u64;
+                let in_finite = bits & 0x7F80_0000 != 0x7F80_0000;
+                overflowed += (in_finite & out_non_finite) as u32;
+                non_finite += out_non_finite as u32;
             }
         }
         _ => unreachable!("checked by cast_slice"),
     }
     CastStats {
-        overflowed,
-        non_finite,
+        overflowed: overflowed as u64,
+        non_finite: non_finite as u64,
     }
 }
 

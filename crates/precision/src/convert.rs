@@ -4,7 +4,8 @@
 //! how it is produced; [`Plan::output_len`] gives the exact output size before anything is
 //! written; [`convert`] streams the conversion: header first, then tensor by tensor, large tensors
 //! in chunks converted in parallel into a reused buffer while the previous chunk is written.
-//! Memory is bounded by two chunk buffers, never by the model.
+//! Memory is bounded by three chunk buffers (one read, two converted), never by the model: the
+//! source is read with positioned reads, not through its memory map (see `Source`).
 //!
 //! Which tensors change (the rules of issue 3):
 //! - 32- and 16-bit targets: every floating tensor is cast to the target dtype.
@@ -20,7 +21,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
-use detect::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry};
+use detect::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry, parse_header};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -137,6 +138,15 @@ pub enum ConvertError {
         tensor: String,
         source: CastError,
     },
+    /// Reading the source failed.
+    #[error("{}: reading the source failed: {source}", shown(path))]
+    Read { path: PathBuf, source: io::Error },
+    /// The source file is no longer the one whose header was validated.
+    #[error(
+        "{}: the file changed after it was opened (size or header differ)",
+        shown(path)
+    )]
+    SourceChanged { path: PathBuf },
     /// Writing the output failed (disk full, closed pipe...).
     #[error("{}: writing the converted output failed: {source}", shown(path))]
     Write { path: PathBuf, source: io::Error },
@@ -158,6 +168,8 @@ impl ConvertError {
             | ConvertError::UnsupportedDtype { path, .. }
             | ConvertError::PlanMismatch { path, .. }
             | ConvertError::Cast { path, .. }
+            | ConvertError::Read { path, .. }
+            | ConvertError::SourceChanged { path }
             | ConvertError::Write { path, .. } => path,
         }
     }
@@ -169,15 +181,17 @@ impl ConvertError {
             | ConvertError::UnsupportedDtype { path, .. }
             | ConvertError::PlanMismatch { path, .. }
             | ConvertError::Cast { path, .. }
+            | ConvertError::Read { path, .. }
+            | ConvertError::SourceChanged { path }
             | ConvertError::Write { path, .. } => *path = file.to_owned(),
         }
         self
     }
 
-    /// The I/O error, when writing failed (to tell a full disk from bad input).
+    /// The I/O error, when reading or writing failed (to tell a full disk from bad input).
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
-            ConvertError::Write { source, .. } => Some(source),
+            ConvertError::Write { source, .. } | ConvertError::Read { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -302,16 +316,87 @@ pub fn convert_with<W: Write>(
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ConvertError> {
-    convert_source(
-        &src.path,
-        &src.header,
-        &|t: &TensorEntry| src.tensor_bytes(t),
-        plan,
-        metadata,
-        out,
-        options,
-        progress,
-    )
+    check_plan(&src.path, &src.header, plan)?;
+    let source = Source::open(src)?;
+    convert_source(&source, plan, metadata, out, options, progress)
+}
+
+/// Reads tensor data with positioned reads rather than through the memory map: the pages of a
+/// mapping would count in the process's resident set as the conversion walks the file (a 20 GB
+/// model would show 20 GB RSS), and a file truncated by someone else would be an I/O error here
+/// instead of a SIGBUS.
+struct Source<'a> {
+    path: &'a Path,
+    header: &'a Header,
+    file: ReadAt,
+}
+
+#[cfg(unix)]
+type ReadAt = std::fs::File;
+#[cfg(not(unix))]
+type ReadAt = std::sync::Mutex<std::fs::File>;
+
+impl<'a> Source<'a> {
+    /// Opens `src.path` again and checks it still is the file whose header was validated (same
+    /// size, same header), so the offsets of `src.header` are valid for it.
+    fn open(src: &'a SafetensorsFile) -> Result<Self, ConvertError> {
+        let read_err = |source: io::Error| ConvertError::Read {
+            path: src.path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(&src.path).map_err(read_err)?;
+        let len = file.metadata().map_err(read_err)?.len();
+        let changed = || ConvertError::SourceChanged {
+            path: src.path.clone(),
+        };
+        if len != src.file_len() {
+            return Err(changed());
+        }
+        #[cfg(not(unix))]
+        let file = std::sync::Mutex::new(file);
+        let source = Source {
+            path: &src.path,
+            header: &src.header,
+            file,
+        };
+        // data_start <= 8 + 100 MB (validated header), and the file is at least that long.
+        let mut prefix = vec![0u8; src.header.data_start as usize];
+        source.read_at(0, &mut prefix).map_err(read_err)?;
+        match parse_header(&prefix, len) {
+            Ok(h) if h == src.header => Ok(source),
+            _ => Err(changed()),
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(buf, offset)
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = self
+                .file
+                .lock()
+                .map_err(|_| io::Error::other("source file lock poisoned"))?;
+            f.seek(SeekFrom::Start(offset))?;
+            f.read_exact(buf)
+        }
+    }
+
+    /// Reads the source bytes of `piece` into `buf`.
+    fn read_piece(&self, piece: &Piece, buf: &mut [u8]) -> Result<(), ConvertError> {
+        let entry = &self.header.tensors[piece.tensor];
+        let size = entry.dtype.bits() / 8;
+        let offset = self.header.data_start + entry.data_offsets.0 + piece.start as u64 * size;
+        self.read_at(offset, buf)
+            .map_err(|source| ConvertError::Read {
+                path: self.path.to_owned(),
+                source,
+            })
+    }
 }
 
 /// One unit of output: a whole small tensor, or a chunk of a large one.
@@ -341,19 +426,26 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// The converter over any source of tensor bytes (a mapped file, or memory in tests).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn convert_source<'a, W: Write>(
-    path: &Path,
-    header: &'a Header,
-    data: &dyn Fn(&'a TensorEntry) -> &'a [u8],
+/// Grows `buf` to at least `len` bytes (at once to `cap` when first needed, so it is allocated
+/// once) and returns its first `len` bytes.
+fn sized(buf: &mut Vec<u8>, len: usize, cap: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len.max(cap), 0);
+    }
+    &mut buf[..len]
+}
+
+/// The streaming loop. Memory: one source buffer and two output buffers of at most
+/// `options.chunk_bytes` each.
+fn convert_source<W: Write>(
+    source: &Source<'_>,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
     out: W,
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ConvertError> {
-    check_plan(path, header, plan)?;
+    let (path, header) = (source.path, source.header);
     let write_err = |source: io::Error| ConvertError::Write {
         path: path.to_owned(),
         source,
@@ -387,27 +479,30 @@ pub(crate) fn convert_source<'a, W: Write>(
     }
 
     let budget = options.chunk_bytes.max(1);
-    // Two buffers: one being written while the next chunk is converted into the other. Sized
-    // for the largest chunk actually converted, so small models allocate little.
-    let max_cast_chunk = plan
-        .specs
-        .iter()
-        .zip(&plan.actions)
-        .filter(|(_, a)| **a == Action::Cast)
-        .map(|(s, _)| s.byte_len().unwrap_or(0).min(budget as u64) as usize)
-        .max()
-        .unwrap_or(0);
+    // Buffers are sized for the largest piece, so a small model allocates little.
+    let largest = |bytes: &dyn Fn(usize) -> u64| {
+        (0..plan.specs.len())
+            .map(|i| bytes(i).min(budget as u64) as usize)
+            .max()
+            .unwrap_or(0)
+    };
+    let in_cap = largest(&|i| header.tensors[i].byte_len());
+    let out_cap = largest(&|i| match plan.actions[i] {
+        Action::Cast => plan.specs[i].byte_len().unwrap_or(0),
+        Action::Copy => 0,
+    });
+    let mut input: Vec<u8> = Vec::new();
+    // `front` holds a converted piece waiting to be written while the next piece is read and
+    // converted into `back` on the thread pool.
     let mut front: Vec<u8> = Vec::new();
     let mut back: Vec<u8> = Vec::new();
-    // A converted piece waiting in `front` to be written.
     let mut pending: Option<(Piece, usize)> = None;
     let mut bytes_done = 0u64;
     let mut tensors_done = 0u64;
 
     let mut finish_piece = |piece: Piece, bytes_done: &mut u64, tensors_done: &mut u64| {
         let entry = &header.tensors[piece.tensor];
-        let src_size = entry.dtype.bits() / 8;
-        *bytes_done += (piece.end - piece.start) as u64 * src_size;
+        *bytes_done += (piece.end - piece.start) as u64 * (entry.dtype.bits() / 8);
         if piece.last_of_tensor {
             *tensors_done += 1;
         }
@@ -416,33 +511,37 @@ pub(crate) fn convert_source<'a, W: Write>(
 
     for piece in pieces(header, plan, budget) {
         let entry = &header.tensors[piece.tensor];
-        let src_size = (entry.dtype.bits() / 8) as usize;
-        let src_all = data(entry);
-        let src = &src_all[piece.start * src_size..piece.end * src_size];
+        let src_len = (piece.end - piece.start) * (entry.dtype.bits() / 8) as usize;
         match plan.actions[piece.tensor] {
             Action::Copy => {
                 if let Some((p, len)) = pending.take() {
                     write_some(&mut w, &front[..len]).map_err(write_err)?;
                     finish_piece(p, &mut bytes_done, &mut tensors_done);
                 }
+                let src = sized(&mut input, src_len, in_cap);
+                source.read_piece(&piece, src)?;
                 write_some(&mut w, src).map_err(write_err)?;
                 report.non_finite += crate::cast::count_non_finite(entry.dtype, src);
                 finish_piece(piece, &mut bytes_done, &mut tensors_done);
             }
             Action::Cast => {
                 let dst_dtype = plan.specs[piece.tensor].dtype;
-                let dst_size = (dst_dtype.bits() / 8) as usize;
-                let len = (piece.end - piece.start) * dst_size;
-                if back.len() < len {
-                    back.resize(len.max(max_cast_chunk), 0);
-                }
-                let target = &mut back[..len];
+                let len = (piece.end - piece.start) * (dst_dtype.bits() / 8) as usize;
+                let src = sized(&mut input, src_len, in_cap);
+                let dst = sized(&mut back, len, out_cap);
                 let mut cast_result = Ok(CastStats::default());
                 let mut write_result = Ok(());
-                // Convert this piece on the pool while this thread writes the previous one.
                 rayon::in_place_scope(|s| {
                     s.spawn(|_| {
-                        cast_result = cast_par(entry.dtype, src, dst_dtype, target);
+                        cast_result = source.read_piece(&piece, src).and_then(|()| {
+                            cast_par(entry.dtype, src, dst_dtype, dst).map_err(|source| {
+                                ConvertError::Cast {
+                                    path: path.to_owned(),
+                                    tensor: entry.name.clone(),
+                                    source,
+                                }
+                            })
+                        });
                     });
                     if let Some((_, plen)) = pending {
                         write_result = write_some(&mut w, &front[..plen]);
@@ -452,11 +551,7 @@ pub(crate) fn convert_source<'a, W: Write>(
                 if let Some((p, _)) = pending.take() {
                     finish_piece(p, &mut bytes_done, &mut tensors_done);
                 }
-                let stats = cast_result.map_err(|source| ConvertError::Cast {
-                    path: path.to_owned(),
-                    tensor: entry.name.clone(),
-                    source,
-                })?;
+                let stats = cast_result?;
                 report.overflowed += stats.overflowed;
                 report.non_finite += stats.non_finite;
                 std::mem::swap(&mut front, &mut back);

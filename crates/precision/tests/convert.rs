@@ -419,3 +419,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_source_changed_after_opening_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let model = |name: &str, n: usize| {
+        vec![(
+            name.to_string(),
+            Dtype::F32,
+            vec![n as u64],
+            f32_bytes(&vec![1.5; n]),
+        )]
+    };
+    let write = |m: Vec<(String, Dtype, Vec<u64>, Vec<u8>)>| {
+        let refs: Vec<(&str, Dtype, Vec<u64>, Vec<u8>)> = m
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.clone()))
+            .collect();
+        write_model(&path, &refs, &BTreeMap::new());
+    };
+    write(model("a", 8));
+    let src = SafetensorsFile::open(&path).unwrap();
+    let p = plan(&src.header, Precision::Fp16).unwrap();
+    // Same size, different header.
+    write(model("b", 8));
+    let err = convert(&src, &p, &BTreeMap::new(), Vec::new(), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, ConvertError::SourceChanged { .. }), "{err}");
+    // Different size.
+    write(model("a", 4));
+    let err = convert(&src, &p, &BTreeMap::new(), Vec::new(), &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, ConvertError::SourceChanged { .. }), "{err}");
+    assert!(err.to_string().starts_with(&path.display().to_string()));
+}
