@@ -41,11 +41,22 @@ fn combine(len: u64, chunk_hashes: &[u128]) -> String {
     format!("{:032x}", xxh3_128(&buf))
 }
 
+/// Chunks hashed between two progress reports (512 MiB).
+const CHUNKS_PER_REPORT: usize = 64;
+
 /// The digest of the file at `path`, read through a memory map.
 ///
 /// The source must not be truncated while it is hashed (convcache never writes sources; another
 /// program truncating a model mid-run would also break the conversion itself).
 pub fn digest_file(path: &Path) -> Result<String, CacheError> {
+    digest_file_with_progress(path, &mut |_, _| {})
+}
+
+/// [`digest_file`], calling `progress(bytes hashed, file size)` as it goes.
+pub fn digest_file_with_progress(
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<String, CacheError> {
     let io = |op, source| CacheError::Io {
         path: path.to_path_buf(),
         op,
@@ -61,7 +72,16 @@ pub fn digest_file(path: &Path) -> Result<String, CacheError> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io("memory-map the source", e))?;
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Sequential);
-    Ok(digest_bytes(&map))
+    let bytes: &[u8] = &map;
+    let mut chunk_hashes = Vec::with_capacity(bytes.len().div_ceil(CHUNK_SIZE));
+    let mut done = 0u64;
+    progress(0, len);
+    for batch in bytes.chunks(CHUNK_SIZE * CHUNKS_PER_REPORT) {
+        chunk_hashes.par_extend(batch.par_chunks(CHUNK_SIZE).map(xxh3_128));
+        done += batch.len() as u64;
+        progress(done, len);
+    }
+    Ok(combine(len, &chunk_hashes))
 }
 
 /// The first 8 hex digits, used to tell apart outputs of same-named sources.
@@ -83,6 +103,10 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let d = digest_file(&p).unwrap();
         assert_eq!(d, digest_bytes(&data));
+        let mut last = (0, 0);
+        let with = digest_file_with_progress(&p, &mut |a, b| last = (a, b)).unwrap();
+        assert_eq!(with, d);
+        assert_eq!(last, (data.len() as u64, data.len() as u64));
         assert_eq!(d.len(), 32);
         let mut changed = data.clone();
         changed[CHUNK_SIZE + 5] ^= 1;

@@ -344,6 +344,18 @@ impl Cache {
                 superseded: Vec::new(),
             });
         }
+        // Nothing at all to compare against: no need to hash here (the converter hashes the
+        // source for the provenance, with progress).
+        if candidates.is_empty() {
+            return Ok(Lookup {
+                status: LookupStatus::Missing,
+                path: plain,
+                source: stat.clone(),
+                source_digest: digest.value.clone(),
+                provenance: None,
+                superseded: Vec::new(),
+            });
+        }
         // 3. The same content under other facts (moved, copied, touched).
         let d = digest.get()?.to_string();
         for ex in &candidates {
@@ -505,6 +517,30 @@ impl Cache {
                     path: e.path,
                     size: e.size,
                 });
+            }
+        }
+        Ok(removed)
+    }
+
+    /// [`Cache::cleanup`] for every source: per source (the source path in the provenance),
+    /// keeps the `keep` most recently used outputs. Files without provenance are left alone.
+    pub fn cleanup_all(&self, keep: usize, dry_run: bool) -> Result<Vec<Removed>, CacheError> {
+        let mut by_source: BTreeMap<PathBuf, Vec<Entry>> = BTreeMap::new();
+        for e in self.list(Kind::All)? {
+            if let Some(s) = e.source.clone() {
+                by_source.entry(s).or_default().push(e);
+            }
+        }
+        let mut removed = Vec::new();
+        for (_, mut entries) in by_source {
+            entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
+            for e in entries.into_iter().skip(keep) {
+                if self.remove_output(&e.path, dry_run)? {
+                    removed.push(Removed {
+                        path: e.path,
+                        size: e.size,
+                    });
+                }
             }
         }
         Ok(removed)

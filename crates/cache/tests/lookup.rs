@@ -444,6 +444,36 @@ fn list_and_stats_see_regular_outputs_only() {
     assert_eq!(s.total_bytes, list.iter().map(|x| x.size).sum::<u64>());
     assert_eq!(s.by_precision["fp16"].count, 2);
     assert_eq!(s.by_precision["bf16"].count, 1);
+    let json = serde_json::to_value(&list).unwrap();
+    assert_eq!(json[0]["precision"], "bf16");
+    assert_eq!(json[0]["last_used"], 1_700_000_010u64);
+    assert_eq!(
+        json[0]["provenance"]["source_digest"],
+        digest::digest_file(&p.src).unwrap()
+    );
+    assert!(json[3]["source"].is_null());
+}
+
+#[test]
+fn cleanup_all_keeps_n_per_source() {
+    let p = populated();
+    let other = source(&p.e, "elsewhere/sdxl.safetensors", 5);
+    let other_out = p.e.cache.standard_path(&other, Precision::Fp16);
+    publish(&other, Precision::Fp16, &other_out);
+    let removed: Vec<_> =
+        p.e.cache
+            .cleanup_all(1, false)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+    assert_eq!(removed, vec![p.outputs[1].clone(), p.outputs[0].clone()]);
+    assert!(
+        other_out.is_file(),
+        "the other source keeps its only output"
+    );
+    assert!(p.outputs[2].is_file());
+    p.untouched();
 }
 
 #[test]
