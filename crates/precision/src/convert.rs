@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::cast::{CastError, CastStats, cast_slice, is_cast_source};
 use crate::writer::{self, SafetensorsWriter, TensorSpec};
 
-/// Output bytes converted per chunk by default (two such buffers are alive at once).
+/// Bytes per chunk by default (one source and two output buffers of this size are alive at once).
 pub const DEFAULT_CHUNK_BYTES: usize = 32 << 20;
 
 /// Elements one rayon task casts: large enough to amortise scheduling, small enough to spread a
@@ -275,7 +275,7 @@ pub fn merged_metadata(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvertOptions {
     /// Output bytes per converted chunk (rounded down to whole elements, at least one element).
-    /// Peak memory is about twice this.
+    /// Peak memory is about three times this (one source and two output buffers).
     pub chunk_bytes: usize,
 }
 

@@ -19,7 +19,9 @@ Writes, next to this script:
   Large sweeps are stored as per-block hashes of torch's output (any single differing element
   changes its block's hash; the Rust test names the block); small ones explicitly as hex.
 - e2e_source.safetensors and e2e_<target>.safetensors: a small mixed model and torch's conversion
-  of it to each target following convcache's rules (see `convert_like_convcache`).
+  of it to each target following convcache's rules (see `convert_like_convcache`). Re-running
+  reproduces the tensors bit for bit; the `__metadata__` key order in the header may differ
+  (safetensors serialises a hash map), which the tests ignore.
 
 torch's CPU cast kernels encode NaN differently in their vectorised loop and in the scalar loop
 that handles the last elements of each parallel chunk, for f64->bf16 and f16->f32 (values other
