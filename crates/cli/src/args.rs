@@ -77,9 +77,10 @@ pub struct ConvertArgs {
     /// bitsandbytes NF4/FP4: also quantize the absmax values (double quantization).
     #[arg(long)]
     pub double_quant: bool,
-    /// GGUF targets: the architecture to assume instead of detecting it from the tensor names.
+    /// GGUF targets: the architecture to assume instead of detecting it from the tensor names
+    /// (flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2).
     #[arg(long, value_name = "A")]
-    pub arch: Option<String>,
+    pub arch: Option<gguf::Arch>,
 }
 
 /// `check`.
@@ -175,6 +176,15 @@ mod tests {
             ],
             &["convcache", "cleanup", "--max-size", "20X"],
             &["convcache", "detect"],
+            &[
+                "convcache",
+                "convert",
+                "m",
+                "--to",
+                "Q8_0",
+                "--arch",
+                "nope",
+            ],
         ] {
             let err = Cli::try_parse_from(argv).expect_err(&argv.join(" "));
             assert_eq!(err.exit_code(), 2, "{argv:?}");

@@ -9,9 +9,13 @@
 //! - [`sample`]: the deterministic flux-like sample model.
 //! - [`output`]: exit codes, one-line errors, JSON and text on stdout.
 //! - [`progress`]: progress bars with ETA on stderr.
+//! - [`detect_cmd`], [`convert_cmd`], [`cache_cmds`], [`demo`]: one module per command family,
+//!   turning library results into text or the JSON documented in `docs/cli.md`.
 
 pub mod args;
 pub mod cache_cmds;
+pub mod convert_cmd;
+pub mod demo;
 pub mod detect_cmd;
 pub mod output;
 pub mod progress;
@@ -24,6 +28,9 @@ use output::{Exit, Failure, Ui};
 
 /// Runs a parsed command line and returns its exit code. Errors have been printed.
 pub fn run(cli: Cli) -> Exit {
+    // A `ulimit -f` smaller than an output must fail the write (EFBIG, reported and cleaned up)
+    // rather than kill the process with SIGXFSZ half-way.
+    smart::ignore_file_size_signal();
     let ui = Ui {
         json: cli.json,
         quiet: cli.quiet,
@@ -44,10 +51,8 @@ fn models_dir(cli: &Cli) -> Result<ModelsDir, Failure> {
 fn dispatch(ui: &Ui, cli: &Cli) -> Result<Exit, Failure> {
     match &cli.command {
         Command::Detect(a) => Ok(detect_cmd::run(ui, a)),
-        // Wired to `smart` as soon as it lands (crates/cli/src/convert_cmd.rs, demo.rs).
-        Command::Demo | Command::Convert(_) => Err(Failure::failed(
-            "conversions are not available in this build yet",
-        )),
+        Command::Demo => demo::run(ui),
+        Command::Convert(a) => Ok(convert_cmd::run(ui, models_dir(cli)?, a)),
         Command::Check(a) => cache_cmds::check(ui, &Cache::new(models_dir(cli)?), a),
         Command::List(a) => cache_cmds::list(ui, &Cache::new(models_dir(cli)?), a),
         Command::Stats(a) => cache_cmds::stats(ui, &Cache::new(models_dir(cli)?), a),

@@ -1,0 +1,247 @@
+//! `convcache convert SRC --to T[,T...]`: presentation over [`smart::smart_convert`].
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cache::ModelsDir;
+use detect::Precision;
+use serde_json::{Value, json};
+use smart::{Outcome, SmartError, Status};
+
+use crate::args::ConvertArgs;
+use crate::output::{Exit, Failure, Ui, one_line};
+use crate::progress::Bar;
+
+/// What the CLI passes to every conversion besides source and target.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub models: ModelsDir,
+    pub strict: bool,
+    pub double_quant: bool,
+}
+
+/// One target's result, as printed.
+#[derive(Debug)]
+pub struct Row {
+    pub source: PathBuf,
+    pub target: Precision,
+    pub result: Result<Outcome, SmartError>,
+    pub elapsed: Duration,
+}
+
+/// The JSON status word of an outcome.
+pub fn status_word(s: &Status) -> &'static str {
+    match s {
+        Status::SourceIsTarget => "source_is_target",
+        Status::Cached => "cached",
+        Status::CachedUnverified => "cached_unverified",
+        Status::Converted => "converted",
+    }
+}
+
+/// The exit code a failed conversion leads to: 2 when the input is at fault (the source cannot
+/// be read or is not a convertible model, no converter makes the target from it, the source
+/// sits at its own output path), else 1 (the conversion itself failed: I/O, full disk,
+/// verification).
+pub fn exit_for(e: &SmartError) -> Exit {
+    match e {
+        SmartError::Detect(_)
+        | SmartError::UnknownSourcePrecision(_)
+        | SmartError::Unsupported { .. }
+        | SmartError::SourceIsOutput(_)
+        | SmartError::Cache(cache::CacheError::NotAFile(_)) => Exit::BadInput,
+        _ => Exit::Failed,
+    }
+}
+
+impl Row {
+    /// The `convert --json` object of this row.
+    pub fn json(&self) -> Value {
+        let source = self.source.display().to_string();
+        let target = self.target.canonical_name();
+        match &self.result {
+            Ok(o) => json!({
+                "source": source,
+                "target": target,
+                "status": status_word(&o.status),
+                "path": o.path.display().to_string(),
+                "report": o.report.clone().unwrap_or(Value::Null),
+                "replaced": o.replaced,
+                "error": null,
+            }),
+            Err(e) => json!({
+                "source": source,
+                "target": target,
+                "status": "failed",
+                "path": null,
+                "report": null,
+                "replaced": null,
+                "error": one_line(&e.to_string()),
+            }),
+        }
+    }
+
+    /// The text line of this row (successes only; failures are error lines on stderr).
+    pub fn text(&self) -> Option<String> {
+        let o = self.result.as_ref().ok()?;
+        let mut notes = vec![if self.elapsed.as_secs_f64() < 1.0 {
+            format!("{:.1} ms", self.elapsed.as_secs_f64() * 1000.0)
+        } else {
+            format!("{:.2} s", self.elapsed.as_secs_f64())
+        }];
+        if let Some(r) = &o.report {
+            notes.extend(report_notes(r));
+        }
+        if let Some(why) = &o.replaced {
+            notes.push(format!("replaced: {why}"));
+        }
+        Some(format!(
+            "{:<16} {:<12} {}  ({})",
+            status_word(&o.status),
+            self.target.canonical_name(),
+            o.path.display(),
+            notes.join("; ")
+        ))
+    }
+}
+
+/// The parts of a converter report worth a glance: values that did not survive the cast and
+/// tensors an fp8 target kept in 16 bits. Reports differ per converter, so keys are looked up
+/// by name and missing ones are skipped.
+pub fn report_notes(report: &Value) -> Vec<String> {
+    let count = |keys: &[&str]| {
+        keys.iter()
+            .filter_map(|k| report.get(*k).and_then(Value::as_u64))
+            .sum::<u64>()
+    };
+    let mut notes = Vec::new();
+    let kept = count(&["tensors_kept_16bit"]);
+    if kept > 0 {
+        notes.push(format!("{kept} tensor(s) kept 16-bit"));
+    }
+    let overflowed = count(&["overflowed", "cast_overflowed"]);
+    if overflowed > 0 {
+        notes.push(format!("{overflowed} value(s) overflowed"));
+    }
+    let non_finite = count(&["non_finite", "cast_non_finite"]);
+    if non_finite > 0 {
+        notes.push(format!("{non_finite} value(s) became non-finite"));
+    }
+    notes
+}
+
+/// Converts `source` to each target in order; a failed target does not stop the others.
+pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Precision]) -> Vec<Row> {
+    targets
+        .iter()
+        .map(|&target| {
+            let label = format!(
+                "{} -> {}",
+                source
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                target.canonical_name()
+            );
+            let bar = Bar::new(label, ui.progress_enabled());
+            let on_progress = |p: smart::Progress| {
+                let phase = match p.phase {
+                    smart::Phase::Hashing => "hashing",
+                    smart::Phase::Converting => "converting",
+                };
+                bar.update(
+                    phase,
+                    p.bytes_done,
+                    p.bytes_total,
+                    p.tensors_done,
+                    p.tensors_total,
+                )
+            };
+            let mut options = smart::Options::new(settings.models.clone());
+            options.strict = settings.strict;
+            options.double_quant = settings.double_quant;
+            options.progress = Some(&on_progress);
+            let started = Instant::now();
+            let result = smart::smart_convert(source, target, &options);
+            bar.finish();
+            Row {
+                source: source.to_path_buf(),
+                target,
+                result,
+                elapsed: started.elapsed(),
+            }
+        })
+        .collect()
+}
+
+/// Prints rows (JSON array, text lines, or `-q` bare paths) and error lines; returns the exit.
+pub fn present(ui: &Ui, rows: &[Row]) -> Exit {
+    let mut exit = Exit::Ok;
+    for r in rows {
+        if let Err(e) = &r.result {
+            ui.error(&Failure::failed(e));
+            exit = exit.max(exit_for(e));
+        }
+    }
+    if ui.json {
+        ui.print_json(&Value::Array(rows.iter().map(Row::json).collect()));
+    } else {
+        for r in rows {
+            match (&r.result, ui.quiet) {
+                (Ok(o), true) => ui.print(o.path.display()),
+                (Ok(_), false) => {
+                    if let Some(t) = r.text() {
+                        ui.print(t)
+                    }
+                }
+                (Err(_), _) => {}
+            }
+        }
+    }
+    exit
+}
+
+/// `convcache convert`.
+pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
+    if let Some(arch) = args.arch {
+        // smart::Options has no architecture override yet; say so rather than pretend.
+        let gguf = args
+            .to
+            .targets
+            .iter()
+            .any(|t| t.container() == detect::precision::Container::Gguf);
+        let why = if gguf {
+            "this build has no GGUF converter to pass it to"
+        } else {
+            "it only applies to GGUF targets"
+        };
+        ui.note(format!(
+            "convcache: note: --arch {} is ignored: {why}",
+            arch.name()
+        ));
+    }
+    let settings = Settings {
+        models,
+        strict: args.strict,
+        double_quant: args.double_quant,
+    };
+    let rows = convert_all(ui, &settings, &args.source, &args.to.targets);
+    present(ui, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_notes_pick_the_counts_that_matter() {
+        let r = json!({"tensors_kept_16bit": 3, "overflowed": 2, "non_finite": 0});
+        assert_eq!(
+            report_notes(&r),
+            ["3 tensor(s) kept 16-bit", "2 value(s) overflowed"]
+        );
+        let r = json!({"cast_overflowed": 0, "cast_non_finite": 5});
+        assert_eq!(report_notes(&r), ["5 value(s) became non-finite"]);
+        assert!(report_notes(&json!({})).is_empty());
+    }
+}

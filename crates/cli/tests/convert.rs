@@ -1,0 +1,470 @@
+//! `convcache convert` end to end: results, the cache, races, crashes, stale sources,
+//! name clashes and a full disk, through the built binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use cli::sample::SampleSpec;
+use common::*;
+use serde_json::Value;
+
+fn path_of(v: &Value) -> PathBuf {
+    PathBuf::from(
+        v["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no path in {v}")),
+    )
+}
+
+#[test]
+fn f32_to_bf16_fp16_fp8_then_again_is_cached() {
+    let s = Scratch::new();
+    let src = s.source("flux_sample.safetensors", SMALL);
+    let first = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16,fp16,fp8"])
+        .ok()
+        .json();
+    let rows = first.as_array().expect("convert --json prints an array");
+    assert_eq!(rows.len(), 3);
+    let conv = s.converted_dir();
+    for (row, (target, name)) in rows.iter().zip([
+        ("bf16", "flux_sample_bf16.safetensors"),
+        ("fp16", "flux_sample_fp16.safetensors"),
+        ("fp8_e4m3fn", "flux_sample_fp8_e4m3fn.safetensors"),
+    ]) {
+        assert_eq!(row["status"], "converted", "{row}");
+        assert_eq!(row["target"], target, "{row}");
+        assert_eq!(row["source"], src.arg(), "{row}");
+        assert_eq!(row["error"], Value::Null, "{row}");
+        assert!(row.get("report").is_some(), "{row}");
+        assert_eq!(path_of(row), conv.join(name), "{row}");
+    }
+    assert_is_bf16_of(&path_of(&rows[0]), &SMALL);
+    assert_is_f16_of(&path_of(&rows[1]), &SMALL);
+
+    // fp8: 2-D weights become F8_E4M3; 1-D biases and norm scales stay 16-bit (bf16 from f32).
+    let fp8 = Safetensors::read(&path_of(&rows[2]));
+    for t in SMALL.tensors() {
+        let want = if t.shape.len() >= 2 {
+            "F8_E4M3"
+        } else {
+            "BF16"
+        };
+        assert_eq!(fp8.dtype(&t.name), want, "{}", t.name);
+    }
+
+    let before: Vec<(Vec<u8>, SystemTime)> = rows
+        .iter()
+        .map(|r| {
+            let p = path_of(r);
+            (
+                std::fs::read(&p).expect("read"),
+                std::fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .expect("mtime"),
+            )
+        })
+        .collect();
+    let second = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16,fp16,fp8"])
+        .ok()
+        .json();
+    for ((a, b), (bytes, mtime)) in rows
+        .iter()
+        .zip(second.as_array().expect("array"))
+        .zip(before)
+    {
+        assert_eq!(b["status"], "cached", "{b}");
+        assert_eq!(a["path"], b["path"]);
+        let p = path_of(b);
+        assert!(
+            std::fs::read(&p).expect("read") == bytes,
+            "cache hit rewrote {p:?}"
+        );
+        assert_eq!(
+            std::fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .expect("mtime"),
+            mtime
+        );
+    }
+    src.assert_unchanged();
+}
+
+#[test]
+fn converting_to_the_source_precision_returns_the_source() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "float32"])
+        .ok()
+        .json();
+    let row = only(&v);
+    assert_eq!(row["status"], "source_is_target", "{row}");
+    assert_eq!(row["target"], "fp32");
+    assert_eq!(path_of(row), src.path);
+    assert!(s.converted_files().is_empty());
+    src.assert_unchanged();
+}
+
+#[test]
+fn text_output_prints_the_path_and_quiet_prints_only_the_path() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    let out = s.converted_dir().join("m_bf16.safetensors");
+    let run = s.run(&["convert", src.arg(), "--to", "bf16"]).ok();
+    assert!(
+        run.stdout.contains(out.to_str().expect("utf-8")),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("converted"), "{}", run.stdout);
+    let run = s.run(&["-q", "convert", src.arg(), "--to", "bf16"]).ok();
+    assert_eq!(run.stdout, format!("{}\n", out.display()));
+    assert!(run.stderr.is_empty(), "{}", run.stderr);
+}
+
+#[test]
+fn racing_processes_convert_once_and_agree_on_the_path() {
+    let s = Scratch::new();
+    let src = s.source("race.safetensors", MEDIUM);
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            s.cmd(&["--json", "convert", src.arg(), "--to", "bf16"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let rows: Vec<Value> = children
+        .into_iter()
+        .map(|c| {
+            let run = Run::from(c.wait_with_output().expect("wait")).ok();
+            only(&run.json()).clone()
+        })
+        .collect();
+    let converted = rows.iter().filter(|r| r["status"] == "converted").count();
+    assert_eq!(converted, 1, "exactly one conversion: {rows:?}");
+    for r in &rows {
+        assert!(r["status"] == "converted" || r["status"] == "cached", "{r}");
+        assert_eq!(r["path"], rows[0]["path"]);
+    }
+    let out = path_of(&rows[0]);
+    assert_is_bf16_of(&out, &MEDIUM);
+    assert_no_temporaries(&s, &["race_bf16.safetensors"]);
+    src.assert_unchanged();
+}
+
+/// Only `expected` and the cache's state folder (`.convcache`: locks, use stamps) remain.
+fn assert_no_temporaries(s: &Scratch, expected: &[&str]) {
+    let left: Vec<String> = s
+        .converted_files()
+        .into_iter()
+        .filter(|f| !expected.contains(&f.as_str()) && f != ".convcache")
+        .collect();
+    assert!(left.is_empty(), "left behind in the cache dir: {left:?}");
+}
+
+/// Whatever is at `out` is a complete file (or nothing is there).
+fn assert_absent_or_complete(out: &Path) {
+    if out.exists() {
+        Safetensors::read(out);
+    }
+}
+
+#[test]
+fn sigkill_mid_conversion_leaves_nothing_corrupt_and_a_rerun_converts() {
+    let s = Scratch::new();
+    let src = s.source("big.safetensors", LARGE);
+    let out = s.converted_dir().join("big_bf16.safetensors");
+    let mut child = s
+        .cmd(&["-q", "convert", src.arg(), "--to", "bf16"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // Kill as soon as a temporary (anything but the final and the state folder) has data.
+    let started = Instant::now();
+    let mut saw_temporary = false;
+    loop {
+        assert_absent_or_complete(&out);
+        let temp = s
+            .converted_files()
+            .into_iter()
+            .find(|f| f != "big_bf16.safetensors" && f != ".convcache");
+        if let Some(t) = temp {
+            let len = std::fs::metadata(s.converted_dir().join(&t))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            if len > 0 {
+                saw_temporary = true;
+                break;
+            }
+        }
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    assert!(
+        saw_temporary,
+        "the conversion finished before it could be killed; the test source is too small"
+    );
+    assert!(
+        !out.exists(),
+        "a killed conversion must not publish: {}",
+        out.display()
+    );
+    src.assert_unchanged();
+
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    let row = only(&v);
+    assert_eq!(row["status"], "converted", "{row}");
+    assert_eq!(path_of(row), out);
+    assert_is_bf16_of(&out, &LARGE);
+    assert_no_temporaries(&s, &["big_bf16.safetensors"]);
+    src.assert_unchanged();
+}
+
+#[test]
+fn a_source_modified_after_conversion_is_reconverted() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    let first = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    let out = path_of(only(&first));
+    assert_is_bf16_of(&out, &SMALL);
+
+    // Same size, different values, a clearly later mtime.
+    let changed = SampleSpec { seed: 99, ..SMALL };
+    changed.write(&src.path).expect("rewrite");
+    let later = SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&src.path)
+        .and_then(|f| f.set_modified(later))
+        .expect("set mtime");
+    let second = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    let row = only(&second);
+    assert_eq!(row["status"], "converted", "{row}");
+    assert_eq!(path_of(row), out);
+    assert_is_bf16_of(&out, &changed);
+    let third = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    assert_eq!(only(&third)["status"], "cached");
+    assert_no_temporaries(&s, &["m_bf16.safetensors"]);
+}
+
+#[test]
+fn the_same_basename_in_two_folders_gets_two_outputs() {
+    let s = Scratch::new();
+    let a = s.source("a/flux.safetensors", SMALL);
+    let b_spec = SampleSpec { seed: 5, ..SMALL };
+    let b = s.source("b/flux.safetensors", b_spec);
+    let pa = path_of(only(
+        &s.run(&["--json", "convert", a.arg(), "--to", "bf16"])
+            .ok()
+            .json(),
+    ));
+    let vb = s
+        .run(&["--json", "convert", b.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    assert_eq!(only(&vb)["status"], "converted", "{vb}");
+    let pb = path_of(only(&vb));
+    assert_ne!(pa, pb, "two sources, one output path");
+    assert!(pa.exists() && pb.exists());
+    assert_is_bf16_of(&pa, &SMALL);
+    assert_is_bf16_of(&pb, &b_spec);
+    for (src, path) in [(&a, &pa), (&b, &pb)] {
+        let v = s
+            .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+            .ok()
+            .json();
+        assert_eq!(only(&v)["status"], "cached", "{v}");
+        assert_eq!(&path_of(only(&v)), path);
+        src.assert_unchanged();
+    }
+    assert_is_bf16_of(&pa, &SMALL);
+    assert_is_bf16_of(&pb, &b_spec);
+}
+
+/// `convcache` with a file-size limit (RLIMIT_FSIZE, as `ulimit -f`): the output cannot grow
+/// past `limit` bytes, as on a full disk. SIGXFSZ keeps its default (kill) disposition here:
+/// convcache itself must make an oversized write an error, not a crash.
+fn with_file_size_limit(mut cmd: Command, limit: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only an async-signal-safe call is made (setrlimit), with
+    // no allocation and no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rl = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+#[test]
+fn a_full_disk_gives_a_clear_error_and_publishes_nothing() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", MEDIUM);
+    // The bf16 output is about 4 MB; allow 1 MB.
+    let cmd = with_file_size_limit(s.cmd(&["convert", src.arg(), "--to", "bf16"]), 1 << 20);
+    let run = Run::from(
+        { cmd }
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run"),
+    );
+    assert_eq!(run.code, 1, "stderr: {}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line:\n{}", run.stderr);
+    assert!(lines[0].starts_with("convcache: "), "{}", lines[0]);
+    assert!(
+        lines[0].contains(s.converted_dir().to_str().expect("utf-8"))
+            || lines[0].contains(src.arg()),
+        "the error names the file: {}",
+        lines[0]
+    );
+    let out = s.converted_dir().join("m_bf16.safetensors");
+    assert!(
+        !out.exists(),
+        "nothing may be published after a failed write"
+    );
+    assert_no_temporaries(&s, &[]);
+    src.assert_unchanged();
+
+    // With room again, the same command succeeds.
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    assert_eq!(only(&v)["status"], "converted");
+    assert_is_bf16_of(&out, &MEDIUM);
+}
+
+#[test]
+fn a_failed_target_does_not_stop_the_others_and_json_stays_valid() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    // Block the fp16 output path with a directory: that target fails, bf16 still converts.
+    std::fs::create_dir_all(s.converted_dir().join("m_fp16.safetensors")).expect("mkdir");
+    let run = s.run(&["--json", "convert", src.arg(), "--to", "bf16,fp16"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let v = run.json();
+    let rows = v.as_array().expect("array");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["status"], "converted", "{v}");
+    assert_eq!(rows[1]["status"], "failed", "{v}");
+    assert_eq!(rows[1]["path"], Value::Null);
+    assert!(rows[1]["error"].is_string(), "{v}");
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    src.assert_unchanged();
+}
+
+/// Writes `spec` cast to bf16 at `path` without provenance, as another tool would.
+fn write_foreign_bf16(path: &Path, spec: &SampleSpec) {
+    use std::io::Write;
+    let specs: Vec<precision::TensorSpec> = spec
+        .tensors()
+        .into_iter()
+        .map(|t| precision::TensorSpec {
+            dtype: detect::safetensors::Dtype::BF16,
+            ..t
+        })
+        .collect();
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    let file = std::fs::File::create(path).expect("create");
+    let mut w = precision::SafetensorsWriter::new(
+        std::io::BufWriter::new(file),
+        &specs,
+        &std::collections::BTreeMap::new(),
+    )
+    .expect("header");
+    for (t, ts) in specs.iter().enumerate() {
+        let n = ts.shape.iter().product::<u64>();
+        w.write_chunk(&expected_bf16(spec, t, n)).expect("write");
+    }
+    w.finish().expect("finish").flush().expect("flush");
+}
+
+#[test]
+fn a_file_from_another_tool_is_used_unverified_and_strict_reconverts_it() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    let out = s.converted_dir().join("m_bf16.safetensors");
+    // Another tool's bf16 file of a different model at the output path.
+    let other = SampleSpec { seed: 77, ..SMALL };
+    write_foreign_bf16(&out, &other);
+
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    assert_eq!(only(&v)["status"], "cached_unverified", "{v}");
+    assert_eq!(path_of(only(&v)), out);
+    assert_is_bf16_of(&out, &other);
+
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16", "--strict"])
+        .ok()
+        .json();
+    assert_eq!(only(&v)["status"], "converted", "{v}");
+    assert_eq!(path_of(only(&v)), out);
+    assert_is_bf16_of(&out, &SMALL);
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16", "--strict"])
+        .ok()
+        .json();
+    assert_eq!(only(&v)["status"], "cached", "{v}");
+    assert_no_temporaries(&s, &["m_bf16.safetensors"]);
+    src.assert_unchanged();
+}
+
+#[test]
+fn the_models_dir_comes_from_the_environment_without_the_flag() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    let env_models = s.root().join("env-models");
+    let run = Run::from(
+        Command::new(env!("CARGO_BIN_EXE_convcache"))
+            .current_dir(s.root())
+            .env("CONVCACHE_MODELS_DIR", &env_models)
+            .args(["--json", "convert", src.arg(), "--to", "fp16"])
+            .output()
+            .expect("run"),
+    )
+    .ok();
+    let out = path_of(only(&run.json()));
+    assert_eq!(
+        out,
+        env_models.join("diffusion_models/converted/m_fp16.safetensors")
+    );
+    assert_is_f16_of(&out, &SMALL);
+    assert!(!s.models().exists());
+}
