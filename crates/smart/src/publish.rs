@@ -170,10 +170,7 @@ impl Convert<'_> {
                     tensors_done: 0,
                     tensors_total: 0,
                 };
-                self.report(p(0));
-                let d = digest::digest_file(self.source)?;
-                self.report(p(total));
-                d
+                digest::digest_file_with_progress(self.source, &mut |done, _| self.report(p(done)))?
             }
         };
         let version = self

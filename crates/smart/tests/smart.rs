@@ -182,6 +182,12 @@ fn progress_reaches_the_totals() {
     assert_eq!(last.tensors_total, 2);
     assert_eq!(last.bytes_total, 64 * 32 * 4 + 64 * 4);
     assert!(conv.windows(2).all(|w| w[0].bytes_done <= w[1].bytes_done));
+    let hashing = seen
+        .iter()
+        .rfind(|p| p.phase == Phase::Hashing)
+        .expect("the source is hashed for its provenance");
+    let size = fs::metadata(&src).unwrap().len();
+    assert_eq!((hashing.bytes_done, hashing.bytes_total), (size, size));
 }
 
 #[test]
