@@ -452,3 +452,49 @@ fn a_source_changed_after_opening_is_refused() {
     assert!(matches!(err, ConvertError::SourceChanged { .. }), "{err}");
     assert!(err.to_string().starts_with(&path.display().to_string()));
 }
+
+/// Tensors large enough for the parallel split inside a chunk (more than 65536 elements per
+/// chunk) and for several chunks per tensor: same bytes and counts as one sequential cast.
+#[test]
+fn large_tensors_split_across_chunks_and_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.safetensors");
+    let n = 300_007usize;
+    let mut x = 0x9E37_79B9u32;
+    let vals: Vec<f32> = (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            match i % 1000 {
+                0 => 1e6,
+                1 => f32::NAN,
+                _ => (x as f32 / u32::MAX as f32 - 0.5) * 100.0,
+            }
+        })
+        .collect();
+    write_model(
+        &path,
+        &[("w", Dtype::F32, vec![1, n as u64], f32_bytes(&vals))],
+        &BTreeMap::new(),
+    );
+    let src = SafetensorsFile::open(&path).unwrap();
+    for target in TARGETS {
+        let dst = precision::target_dtype(target).unwrap();
+        let mut expect = vec![0u8; n * (dst.bits() / 8) as usize];
+        let stats = precision::cast_slice(Dtype::F32, src.tensor("w").unwrap().1, dst, &mut expect)
+            .unwrap();
+        for chunk_bytes in [1 << 20, 400_000, usize::MAX / 2] {
+            let (bytes, report) = run(&src, target, chunk_bytes);
+            let out = reopen(dir.path(), "o.safetensors", &bytes);
+            assert!(out.tensor("w").unwrap().1 == expect.as_slice(), "{target}");
+            assert_eq!(
+                (report.overflowed, report.non_finite),
+                (stats.overflowed, stats.non_finite)
+            );
+        }
+        if target == Precision::Fp16 {
+            assert_eq!(stats.overflowed, 301);
+        }
+    }
+}
