@@ -90,6 +90,12 @@ pub struct CheckArgs {
     pub source: PathBuf,
     #[command(flatten)]
     pub to: TargetArgs,
+    /// Answer as `convert --strict` would (a file without provenance does not count).
+    #[arg(long)]
+    pub strict: bool,
+    /// Answer for `convert --double-quant` outputs.
+    #[arg(long)]
+    pub double_quant: bool,
 }
 
 /// Which cache folder(s) a command looks at.

@@ -2,10 +2,11 @@
 
 use std::path::Path;
 
-use cache::{Cache, CacheError, CheckEntry, Entry, Kind, LookupOptions, LookupStatus, Stats};
+use cache::{Cache, CacheError, Entry, Kind, ModelsDir, Stats};
 use serde_json::{Value, json};
 
 use crate::args::{CheckArgs, CleanupArgs, KindArg, KindArgs};
+use crate::convert_cmd::exit_for;
 use crate::output::{Exit, Failure, Ui};
 use crate::size::human_bytes;
 
@@ -39,53 +40,57 @@ pub fn check_source(source: &Path) -> Result<(), Failure> {
     }
 }
 
-/// The status word of a lookup, as in `check --json`.
-pub fn status_word(s: &LookupStatus) -> (&'static str, Option<&str>) {
+/// The status word of a check, as in `check --json`.
+pub fn check_status_word(s: smart::CheckStatus) -> &'static str {
+    use smart::CheckStatus as S;
     match s {
-        LookupStatus::Hit => ("hit", None),
-        LookupStatus::Unverified => ("unverified", None),
-        LookupStatus::Missing => ("missing", None),
-        LookupStatus::Stale(r) => ("stale", Some(r.as_str())),
-        LookupStatus::Broken(r) => ("broken", Some(r.as_str())),
-        LookupStatus::Foreign => ("foreign", None),
+        S::SourceIsTarget => "source_is_target",
+        S::Hit => "hit",
+        S::Unverified => "unverified",
+        S::Missing => "missing",
+        S::Stale => "stale",
+        S::Broken => "broken",
+        S::Foreign => "foreign",
     }
 }
 
 /// One `check --json` row.
-pub fn check_json(source: &Path, e: &CheckEntry) -> Value {
-    let (status, reason) = status_word(&e.status);
+pub fn check_json(source: &Path, c: &smart::Check) -> Value {
     json!({
         "source": path_str(source),
-        "target": e.target.canonical_name(),
-        "exists": e.exists,
-        "valid": e.valid,
-        "status": status,
-        "reason": reason,
-        "path": path_str(&e.path),
+        "target": c.target.canonical_name(),
+        "status": check_status_word(c.status),
+        "valid": c.valid,
+        "exists": c.exists,
+        "path": path_str(&c.path),
+        "reason": c.reason,
     })
 }
 
-/// `convcache check SRC --to T,...`.
-pub fn check(ui: &Ui, cache: &Cache, args: &CheckArgs) -> Result<Exit, Failure> {
-    check_source(&args.source)?;
-    let entries = cache
-        .batch_check(&args.source, &args.to.targets, &LookupOptions::default())
-        .map_err(input)?;
+/// `convcache check SRC --to T,...`: what `convert` would do, per target, converting nothing.
+pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failure> {
+    let mut options = smart::Options::new(models);
+    options.strict = args.strict;
+    options.double_quant = args.double_quant;
+    let checks = smart::check(&args.source, &args.to.targets, &options).map_err(|e| Failure {
+        exit: exit_for(&e),
+        message: e.to_string(),
+    })?;
     if ui.json {
-        let rows: Vec<Value> = entries
-            .iter()
-            .map(|e| check_json(&args.source, e))
-            .collect();
+        let rows: Vec<Value> = checks.iter().map(|c| check_json(&args.source, c)).collect();
         ui.print_json(&Value::Array(rows));
     } else {
-        for e in &entries {
-            let (status, reason) = status_word(&e.status);
-            let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+        for c in &checks {
+            let reason = c
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
             ui.print(format!(
-                "{:<12} {:<10} {}{reason}",
-                e.target.canonical_name(),
-                status,
-                e.path.display()
+                "{:<12} {:<16} {}{reason}",
+                c.target.canonical_name(),
+                check_status_word(c.status),
+                c.path.display()
             ));
         }
     }

@@ -53,7 +53,7 @@ fn dispatch(ui: &Ui, cli: &Cli) -> Result<Exit, Failure> {
         Command::Detect(a) => Ok(detect_cmd::run(ui, a)),
         Command::Demo => demo::run(ui),
         Command::Convert(a) => Ok(convert_cmd::run(ui, models_dir(cli)?, a)),
-        Command::Check(a) => cache_cmds::check(ui, &Cache::new(models_dir(cli)?), a),
+        Command::Check(a) => cache_cmds::check(ui, models_dir(cli)?, a),
         Command::List(a) => cache_cmds::list(ui, &Cache::new(models_dir(cli)?), a),
         Command::Stats(a) => cache_cmds::stats(ui, &Cache::new(models_dir(cli)?), a),
         Command::Cleanup(a) => cache_cmds::cleanup(ui, &Cache::new(models_dir(cli)?), a),

@@ -42,11 +42,14 @@ fn check_reports_per_target_and_converts_nothing() {
 
     s.run(&["convert", src.arg(), "--to", "bf16"]).ok();
     let v = s
-        .run(&["--json", "check", src.arg(), "--to", "bf16,fp16"])
+        .run(&["--json", "check", src.arg(), "--to", "bf16,fp16,fp32"])
         .ok()
         .json();
     let rows = v.as_array().expect("array");
+    assert_eq!(rows.len(), 3);
     assert_eq!(rows[0]["target"], "bf16");
+    assert_eq!(rows[0]["status"], "hit", "{v}");
+    assert_eq!(rows[0]["valid"], true, "{v}");
     assert_eq!(rows[0]["exists"], true, "{v}");
     assert_eq!(
         rows[0]["path"],
@@ -57,6 +60,9 @@ fn check_reports_per_target_and_converts_nothing() {
     );
     assert_eq!(rows[1]["target"], "fp16");
     assert_eq!(rows[1]["exists"], false, "{v}");
+    assert_eq!(rows[1]["status"], "missing", "{v}");
+    assert_eq!(rows[2]["status"], "source_is_target", "{v}");
+    assert_eq!(rows[2]["path"], src.arg());
     let files: Vec<String> = s
         .converted_files()
         .into_iter()
