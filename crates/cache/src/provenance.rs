@@ -108,11 +108,14 @@ impl SourceStat {
     }
 }
 
-/// `path` made absolute: canonical if it exists, else joined to the current dir.
+/// `path` made absolute: canonical if it exists, else joined to the current dir. Non-UTF-8
+/// bytes are replaced (lossy), exactly as the provenance stores the path, so that comparisons
+/// with a stored path hold for every path.
 pub fn absolute(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path)
+    let p = std::fs::canonicalize(path)
         .or_else(|_| std::path::absolute(path))
-        .unwrap_or_else(|_| path.to_path_buf())
+        .unwrap_or_else(|_| path.to_path_buf());
+    PathBuf::from(p.to_string_lossy().into_owned())
 }
 
 impl Provenance {

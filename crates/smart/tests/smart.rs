@@ -661,3 +661,17 @@ fn check_agrees_with_what_convert_would_do() {
         vec!["flux_fp16.safetensors", "flux_nf4.safetensors"]
     );
 }
+
+#[test]
+fn non_utf8_source_names_convert_and_hit() {
+    use std::os::unix::ffi::OsStrExt;
+    let e = Env::new();
+    let name = std::ffi::OsStr::from_bytes(b"fl\xffux_fp32.safetensors");
+    let src = e.root.join(name);
+    write_model(&src, Dtype::F32, 1, 16);
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(o.path, e.converted().join("fl\u{fffd}ux_fp16.safetensors"));
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Cached);
+}
