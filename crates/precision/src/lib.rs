@@ -2,7 +2,7 @@
 //!
 //! - [`cast`]: element casts between F64/F32/F16/BF16/F8_E4M3/F8_E5M2 with torch's exact
 //!   rounding, saturation and NaN rules.
-//! - [`convert`]: the streaming safetensors -> safetensors converter ([`plan`], [`convert()`]),
+//! - [`mod@convert`]: the streaming safetensors -> safetensors converter ([`plan`], [`convert()`]),
 //!   with the rules for which tensors change.
 //! - [`writer`]: the streaming safetensors writer every safetensors output goes through.
 
