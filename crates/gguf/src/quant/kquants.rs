@@ -152,38 +152,44 @@ pub(crate) fn make_qx_quants(x: &[f32], l: &mut [u8], nmax: i32) -> f32 {
         l.fill(0);
         return 0.0;
     }
-    let nmaxf = nmax as f32;
-    let mut iscale = -nmaxf / max;
-    let mut sumlx = 0.0f32;
-    let mut suml2 = 0.0f32;
-    for (i, &v) in x.iter().enumerate() {
-        let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-        l[i] = (q + nmax) as u8;
-        let w = v * v;
-        let qf = q as f32;
-        sumlx += w * v * qf;
-        suml2 += w * qf * qf;
+    // w = x·x and (w·x) are the same IEEE results in every pass; computing them once changes
+    // no bit. Sub-blocks are at most 16 values.
+    let n = x.len().min(16);
+    let (x, l) = (&x[..n], &mut l[..n]);
+    let mut w = [0.0f32; 16];
+    let mut wx = [0.0f32; 16];
+    for i in 0..n {
+        w[i] = x[i] * x[i];
+        wx[i] = w[i] * x[i];
     }
+    let nmaxf = nmax as f32;
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+        for i in 0..n {
+            let qf = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1) as f32;
+            sumlx += wx[i] * qf;
+            suml2 += w[i] * qf * qf;
+        }
+        (sumlx, suml2)
+    };
+    let fill = |iscale: f32, l: &mut [u8]| {
+        for i in 0..n {
+            l[i] = (nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1) + nmax) as u8;
+        }
+    };
+    let iscale = -nmaxf / max;
+    let (sumlx, suml2) = sums(iscale);
+    fill(iscale, l);
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
     for is in -9..=9 {
         if is == 0 {
             continue;
         }
-        iscale = -(nmaxf + 0.1 * is as f32) / max;
-        sumlx = 0.0;
-        suml2 = 0.0;
-        for &v in x {
-            let qf = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
-            let w = v * v;
-            sumlx += w * v * qf;
-            suml2 += w * qf * qf;
-        }
+        let iscale = -(nmaxf + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for (i, &v) in x.iter().enumerate() {
-                let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-                l[i] = (q + nmax) as u8;
-            }
+            fill(iscale, l);
             scale = sumlx / suml2;
             best = scale * sumlx;
         }
