@@ -267,6 +267,9 @@ pub fn smart_convert_with(
         converter_version: backend.map(|b| b.converter_version(target, &backend_options)),
     };
     let cache = Cache::new(options.models_dir.clone());
+    // Leftovers of killed writers go on the next run, hit or miss. Best effort: a read-only
+    // models dir must still answer hits.
+    let _ = cache.sweep_temporaries();
     let lookup = cache.lookup(source, target, &lookup_options)?;
     if let Some(status) = usable(&lookup.status) {
         // A read-only models dir must not turn a hit into a failure: the stamp is best effort.

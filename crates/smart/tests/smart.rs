@@ -302,6 +302,12 @@ fn temporaries_of_dead_writers_are_removed() {
     let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
     assert_eq!(o.status, Status::Converted);
     assert_eq!(e.files(), vec!["flux_fp16.safetensors"]);
+
+    // A cache hit also clears leftovers of a killed writer (of any output in the dir).
+    fs::write(&dead, b"partial").unwrap();
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Cached);
+    assert_eq!(e.files(), vec!["flux_fp16.safetensors"]);
 }
 
 #[test]
