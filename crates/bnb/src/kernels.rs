@@ -106,16 +106,37 @@ impl Quantizer4 {
     }
 }
 
-/// Max of |x| that propagates NaN like `torch.max`.
+/// max |x| over a slice, NaN-propagating like `torch.max` (some NaN if any element is NaN).
+///
+/// Works on the bit patterns: for non-NaN values the order of `|x|`'s bits is the order of the
+/// values, and every NaN's bits are above infinity's, so an integer max (which vectorizes)
+/// gives the float max.
 #[inline]
-fn nan_max(m: f32, a: f32) -> f32 {
-    if a > m || a.is_nan() { a } else { m }
+fn abs_max(x: &[f32]) -> f32 {
+    f32::from_bits(x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff)))
 }
 
 /// `clamp(min=MIN_ABSMAX)` that keeps NaN, like torch.
 #[inline]
 fn clamp_min(a: f32) -> f32 {
     if a < MIN_ABSMAX { MIN_ABSMAX } else { a }
+}
+
+impl Quantizer4 {
+    /// Nibbles of up to 64 scaled values (bound by bound over the whole block, which
+    /// vectorizes, instead of value by value).
+    #[inline]
+    fn block_nibbles(&self, s: &[f32; BLOCKSIZE], out: &mut [u8; BLOCKSIZE]) {
+        let mut rank = [0u8; BLOCKSIZE];
+        for &b in &self.bounds {
+            for (r, &v) in rank.iter_mut().zip(s) {
+                *r += u8::from(b < v);
+            }
+        }
+        for (o, r) in out.iter_mut().zip(rank) {
+            *o = self.nibble_of_rank[r as usize];
+        }
+    }
 }
 
 /// Quantizes `x` (the f32 values of consecutive elements of a flattened tensor, starting at a
@@ -130,27 +151,29 @@ fn clamp_min(a: f32) -> f32 {
 pub fn quantize_4bit(q: &Quantizer4, x: &[f32], codes: &mut [u8], absmax: &mut [f32]) {
     debug_assert_eq!(codes.len(), x.len().div_ceil(2));
     debug_assert_eq!(absmax.len(), x.len().div_ceil(BLOCKSIZE));
-    let pad = q.nibble(0.0);
+    let mut scaled = [0f32; BLOCKSIZE];
+    let mut nib = [0u8; BLOCKSIZE];
     for ((block, out), am_out) in x
         .chunks(BLOCKSIZE)
         .zip(codes.chunks_mut(BLOCKSIZE / 2))
         .zip(absmax.iter_mut())
     {
-        let am = block.iter().fold(0.0f32, |m, v| nan_max(m, v.abs()));
-        let mut nib = [pad; BLOCKSIZE];
+        let am = abs_max(block);
         if block.len() == BLOCKSIZE {
             *am_out = am;
             let r = 1.0f32 / clamp_min(am);
-            for (n, &v) in nib.iter_mut().zip(block) {
-                *n = q.nibble(v * r);
+            for (s, &v) in scaled.iter_mut().zip(block) {
+                *s = v * r;
             }
         } else {
             let am = clamp_min(am);
             *am_out = am;
-            for (n, &v) in nib.iter_mut().zip(block) {
-                *n = q.nibble(v / am);
+            scaled = [0.0; BLOCKSIZE]; // the pad element of an odd tail is a scaled 0
+            for (s, &v) in scaled.iter_mut().zip(block) {
+                *s = v / am;
             }
         }
+        q.block_nibbles(&scaled, &mut nib);
         for (byte, pair) in out.iter_mut().zip(nib.chunks_exact(2)) {
             *byte = (pair[0] << 4) | pair[1];
         }
@@ -160,7 +183,8 @@ pub fn quantize_4bit(q: &Quantizer4, x: &[f32], codes: &mut [u8], absmax: &mut [
 /// Decodes the elements `[first, first + out.len())` of a packed 4-bit tensor: f32(code · absmax),
 /// as bnb's CPU and CUDA dequantizers compute before casting to the output dtype.
 ///
-/// `packed` and `absmax` are the whole tensor's; the caller checks their lengths.
+/// `packed` and `absmax` are the whole tensor's; the caller checks their lengths. `blocksize`
+/// is even (bnb's are powers of two), so both nibbles of a byte share one absmax.
 pub fn dequantize_4bit(
     table: &[f32; 16],
     packed: &[u8],
@@ -169,15 +193,22 @@ pub fn dequantize_4bit(
     first: usize,
     out: &mut [f32],
 ) {
-    for (i, o) in out.iter_mut().enumerate() {
-        let e = first + i;
+    let (head, rest) = if first % 2 == 1 && !out.is_empty() {
+        let (h, r) = out.split_at_mut(1);
+        h[0] = table[(packed[first / 2] & 0x0F) as usize] * absmax[first / blocksize];
+        (1, r)
+    } else {
+        (0, out)
+    };
+    let first = first + head;
+    for (k, pair) in rest.chunks_mut(2).enumerate() {
+        let e = first + 2 * k;
         let byte = packed[e / 2];
-        let nib = if e.is_multiple_of(2) {
-            byte >> 4
-        } else {
-            byte & 0x0F
-        };
-        *o = table[nib as usize] * absmax[e / blocksize];
+        let a = absmax[e / blocksize];
+        pair[0] = table[(byte >> 4) as usize] * a;
+        if let Some(lo) = pair.get_mut(1) {
+            *lo = table[(byte & 0x0F) as usize] * a;
+        }
     }
 }
 
@@ -295,7 +326,7 @@ pub fn quantize_int8_rows(x: &[f32], cols: usize, q: &mut [i8], scb: &mut [f32])
     debug_assert_eq!(x.len(), q.len());
     debug_assert_eq!(x.len(), cols * scb.len());
     for ((row, qrow), s) in x.chunks(cols).zip(q.chunks_mut(cols)).zip(scb.iter_mut()) {
-        let am = row.iter().fold(0.0f32, |m, v| nan_max(m, v.abs()));
+        let am = abs_max(row);
         *s = am;
         if am == 0.0 {
             qrow.fill(0);
