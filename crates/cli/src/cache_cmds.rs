@@ -19,9 +19,11 @@ pub fn kind(k: KindArg) -> Kind {
     }
 }
 
-/// Cache errors at this level are about files the user pointed at or the models dir: bad input.
-fn input(e: CacheError) -> Failure {
-    Failure::input(e)
+/// A cache operation that failed (reading or changing the cache dirs): exit 1, as a failed
+/// conversion. Problems with what the user named (a source, an argument) are exit 2 and are
+/// caught before.
+fn failed(e: CacheError) -> Failure {
+    Failure::failed(e)
 }
 
 fn path_str(p: &Path) -> String {
@@ -116,7 +118,7 @@ pub fn entry_json(e: &Entry) -> Value {
 
 /// `convcache list`.
 pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
-    let entries = cache.list(kind(args.kind)).map_err(input)?;
+    let entries = cache.list(kind(args.kind)).map_err(failed)?;
     if ui.json {
         ui.print_json(&Value::Array(entries.iter().map(entry_json).collect()));
     } else if entries.is_empty() {
@@ -171,7 +173,7 @@ pub fn stats_text(s: &Stats) -> String {
 
 /// `convcache stats`.
 pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
-    let s = cache.stats(kind(args.kind)).map_err(input)?;
+    let s = cache.stats(kind(args.kind)).map_err(failed)?;
     if ui.json {
         ui.print_json(&stats_json(&s));
     } else {
@@ -186,15 +188,13 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
     let (policy, removed, before, after) = match (args.keep, args.max_size, &args.source) {
         (Some(keep), _, Some(source)) => {
             check_source(source)?;
-            let before = cache.stats(Kind::All).map_err(input)?.total_bytes;
-            let removed = cache
-                .cleanup(source, keep, args.dry_run)
-                .map_err(Failure::failed)?;
+            let before = cache.stats(Kind::All).map_err(failed)?.total_bytes;
+            let removed = cache.cleanup(source, keep, args.dry_run).map_err(failed)?;
             let freed: u64 = removed.iter().map(|r| r.size).sum();
             ("keep", removed, before, before.saturating_sub(freed))
         }
         (None, Some(max), _) => {
-            let e = cache.evict_to(max, args.dry_run).map_err(Failure::failed)?;
+            let e = cache.evict_to(max, args.dry_run).map_err(failed)?;
             ("max_size", e.removed, e.bytes_before, e.bytes_after)
         }
         _ => {

@@ -12,10 +12,10 @@ use serde_json::Value;
 pub enum Exit {
     /// 0: everything asked for was done.
     Ok = 0,
-    /// 1: a conversion (or a cleanup) failed.
+    /// 1: the operation failed (a conversion, or reading or cleaning the cache dirs).
     Failed = 1,
-    /// 2: bad input (a file that cannot be read or is not a model, an unusable models dir)
-    /// or bad usage.
+    /// 2: bad input (a source that cannot be read, is not a model or cannot become the
+    /// target) or bad usage.
     BadInput = 2,
 }
 
