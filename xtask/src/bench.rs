@@ -492,10 +492,9 @@ fn machine_description(python: Option<&Path>) -> String {
             &py.to_string_lossy(),
             &[
                 "-c",
-                "import sys, torch, safetensors, gguf, bitsandbytes, numpy as np; \
-                 print(f'Python {sys.version.split()[0]}, torch {torch.__version__}, \
-                 safetensors {safetensors.__version__}, gguf {gguf.__version__ if hasattr(gguf, \"__version__\") else \"?\"}, \
-                 bitsandbytes {bitsandbytes.__version__}, numpy {np.__version__}')",
+                "import sys; from importlib.metadata import version as v; \
+                 print(f'Python {sys.version.split()[0]}, ' + ', '.join(f'{p} {v(p)}' for p in \
+                 ('torch', 'safetensors', 'gguf', 'bitsandbytes', 'numpy')))",
             ],
         )
         .unwrap_or_else(|| "unknown".into());
@@ -541,6 +540,12 @@ fn case_report(case: &Case, outcomes: &[Outcome], reps_note: &str) -> String {
                 let lo = times.iter().min().copied().unwrap_or_default();
                 let hi = times.iter().max().copied().unwrap_or_default();
                 let rss = samples.iter().map(|x| x.max_rss_kib).max().unwrap_or(0);
+                // Ratios mean something for the conversion rows, not for the start-up row.
+                let (peer, base) = if matches!(tool, Tool::PythonImports { .. }) {
+                    (None, None)
+                } else {
+                    (peer, base)
+                };
                 let vs_peer = peer.map_or("".into(), |p| {
                     format!("{:.2}x", p.as_secs_f64() / m.as_secs_f64())
                 });

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use detect::safetensors::Dtype;
 use precision::writer::{SafetensorsWriter, TensorSpec, output_len};
 
-use crate::DynResult;
 use crate::layouts::{self, FluxDims, Init, Layout};
 use crate::rng::{SplitMix64, name_seed};
+use crate::{DynResult, adversarial};
 
 /// Elements generated per write, so a large tensor never sits in memory whole.
 const CHUNK_ELEMS: usize = 1 << 20;
@@ -404,6 +404,11 @@ pub fn write_small(out: &Path) -> DynResult<Vec<String>> {
         gguf_name.to_string(),
         manifest_entry(&out.join(gguf_name), Some("flux"), Some("gguf_f16"), "gguf")?,
     );
+    for rel in adversarial::write_corpus(&out.join("adversarial"))? {
+        let rel = format!("adversarial/{rel}");
+        let entry = manifest_entry(&out.join(&rel), None, None, "adversarial")?;
+        manifest.insert(rel, entry);
+    }
     let mut written: Vec<String> = manifest.keys().cloned().collect();
     write_manifest(out, &manifest)?;
     fs::write(out.join("README.md"), readme(&manifest))?;
@@ -452,6 +457,8 @@ do not edit. `cargo xtask fixtures --check` fails when these files differ from a
   `model.diffusion_model.` plus two `first_stage_model.` (VAE) tensors.
 - `flux_f16.gguf`: what ComfyUI-GGUF's convert.py makes of `flux_f32.safetensors` (F16, with
   1-D and <= 1024-element tensors in F32; `general.architecture` = flux, file type F16).
+- `adversarial/`: hostile files `detect` must refuse, written from `detect::corpus` (the
+  same cases detect's tests check); `adversarial/expected.json` gives each one's error kind.
 - `sd3_mixed.safetensors`: F32 norms and biases first, BF16 for the bulk (dominant by bytes), an
   I64 tensor, a BOOL tensor, a 0-d F32 scalar (`logit_scale`) and a 1-element tensor.
 ";

@@ -5,11 +5,13 @@
 //! - `fuzz`: runs the `cargo fuzz` targets of `fuzz/` for a while each.
 //! - `bench`: times convcache against the Python tools people use, and writes BENCHMARKS.md.
 
+mod adversarial;
 mod bench;
 mod fixtures;
 mod fuzz;
 mod layouts;
 mod rng;
+mod torture;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +55,8 @@ enum Task {
     },
     /// Benchmark convcache against the Python peers and write BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Fault injection against the built convcache (kills, races, disk full, corruption).
+    Torture(torture::TortureArgs),
 }
 
 /// The repository root (xtask lives one level below it).
@@ -97,6 +101,7 @@ fn run(cli: Cli) -> DynResult<ExitCode> {
         }
         Task::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Task::Bench(args) => bench::run(&args),
+        Task::Torture(args) => torture::run(&args),
     }
 }
 
