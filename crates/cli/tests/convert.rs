@@ -369,6 +369,56 @@ fn a_full_disk_gives_a_clear_error_and_publishes_nothing() {
 }
 
 #[test]
+fn a_small_tmpfs_gives_a_no_space_error_and_publishes_nothing() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "skipped: mounting a tmpfs needs root (the file-size-limit test covers non-root)"
+        );
+        return;
+    }
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", MEDIUM);
+    let mount = s.root().join("small-disk");
+    std::fs::create_dir(&mount).expect("mkdir");
+    // A private mount namespace: the 1 MiB tmpfs (the bf16 output needs about 4 MB) exists only
+    // for this shell, which runs convcache and then lists what is left in the cache dir.
+    let script = r#"mount -t tmpfs -o size=1m tmpfs "$1" || exit 99
+"$2" --models-dir "$1" convert "$3" --to bf16
+rc=$?
+echo "rc=$rc"
+ls -A "$1/diffusion_models/converted""#;
+    let run = Run::from(
+        Command::new("unshare")
+            .args(["--mount", "sh", "-c", script, "sh"])
+            .arg(&mount)
+            .arg(env!("CARGO_BIN_EXE_convcache"))
+            .arg(&src.path)
+            .current_dir(s.root())
+            .env_remove("CONVCACHE_MODELS_DIR")
+            .output()
+            .expect("run unshare (util-linux)"),
+    );
+    assert_ne!(run.code, 99, "cannot mount a tmpfs: {}", run.stderr);
+    let mut lines = run.stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("rc=1"),
+        "stdout {}\nstderr {}",
+        run.stdout,
+        run.stderr
+    );
+    let left: Vec<&str> = lines.filter(|l| *l != ".convcache").collect();
+    assert!(left.is_empty(), "left in the cache dir: {left:?}");
+    let errors: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(errors.len(), 1, "{}", run.stderr);
+    assert!(errors[0].starts_with("convcache: "), "{}", errors[0]);
+    assert!(errors[0].contains("m_bf16.safetensors"), "{}", errors[0]);
+    assert!(errors[0].contains("space"), "{}", errors[0]);
+    src.assert_unchanged();
+}
+
+#[test]
 fn a_failed_target_does_not_stop_the_others_and_json_stays_valid() {
     let s = Scratch::new();
     let src = s.source("m.safetensors", SMALL);
