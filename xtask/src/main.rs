@@ -5,6 +5,7 @@
 //! - `fuzz`: runs the `cargo fuzz` targets of `fuzz/` for a while each.
 //! - `bench`: times convcache against the Python tools people use, and writes BENCHMARKS.md.
 
+mod adversarial;
 mod bench;
 mod fixtures;
 mod fuzz;
