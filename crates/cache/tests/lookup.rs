@@ -366,6 +366,8 @@ struct Populated {
     foreign: PathBuf,
     temp: PathBuf,
     unrelated: PathBuf,
+    /// Digests of the source and of the file outside, taken when populated.
+    digests: (String, String),
 }
 
 fn populated() -> Populated {
@@ -395,7 +397,9 @@ fn populated() -> Populated {
     fs::write(&temp, b"partial").unwrap();
     let unrelated = dir.join("notes.txt");
     fs::write(&unrelated, b"hello").unwrap();
+    let digests = (file_digest(&src), file_digest(&outside));
     Populated {
+        digests,
         e,
         src,
         outputs,
@@ -414,7 +418,12 @@ impl Populated {
         assert!(self.foreign.is_file());
         assert!(self.temp.is_file());
         assert!(self.unrelated.is_file());
-        assert!(self.src.is_file());
+        assert_eq!(
+            file_digest(&self.src),
+            self.digests.0,
+            "source bytes unchanged"
+        );
+        assert_eq!(file_digest(&self.outside), self.digests.1);
     }
 }
 
