@@ -227,3 +227,38 @@ fn sweeps_match_torch() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// `half`'s slice conversions (what `cast_slice` uses) run F16C instructions when the CPU has
+/// them (the goldens above then test that path) and software otherwise. Its `_const` functions
+/// are the software path: they must agree, so machines without F16C match torch too.
+#[test]
+fn half_software_path_equals_slice_path() {
+    use half::f16;
+    use half::slice::HalfFloatSliceExt;
+    let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+    let mut wide = vec![0f32; all.len()];
+    all.convert_to_f32_slice(&mut wide);
+    for (h, w) in all.iter().zip(&wide) {
+        assert_eq!(
+            h.to_f32_const().to_bits(),
+            w.to_bits(),
+            "{:#06x}",
+            h.to_bits()
+        );
+    }
+    let xs: Vec<f32> = gen_f32_sweep()
+        .into_iter()
+        .chain(gen_f32_random())
+        .map(|b| f32::from_bits(b as u32))
+        .collect();
+    let mut narrow = vec![f16::ZERO; xs.len()];
+    narrow.convert_from_f32_slice(&xs);
+    for (x, n) in xs.iter().zip(&narrow) {
+        assert_eq!(
+            f16::from_f32_const(*x).to_bits(),
+            n.to_bits(),
+            "{:#010x}",
+            x.to_bits()
+        );
+    }
+}
