@@ -252,13 +252,15 @@ pub fn plan(
 ) -> Result<GgufPlan, PlanError> {
     let mut dropped = Vec::new();
     let mut named = strip_prefixes(tensors, &mut dropped);
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    for pair in named.windows(2) {
-        if pair[0].0 == pair[1].0 {
-            return Err(PlanError::DuplicateName {
-                name: pair[0].0.clone(),
-            });
+    let mut seen = std::collections::HashSet::with_capacity(named.len());
+    for (name, _) in &named {
+        if !seen.insert(name.as_str()) {
+            return Err(PlanError::DuplicateName { name: name.clone() });
         }
+    }
+    drop(seen);
+    if target.base_type().is_quantized() {
+        named.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     }
     let arch = match forced_arch {
         Some(a) => a,
@@ -516,7 +518,7 @@ mod tests {
             (tiny.base_type, tiny.ggml_type),
             (GgmlType::F32, GgmlType::F16)
         );
-        // convert.py order: sorted names.
+        // llama-quantize order: sorted names.
         let names: Vec<_> = plan.tensors.iter().map(|p| p.name.clone()).collect();
         let mut sorted = names.clone();
         sorted.sort();
@@ -712,6 +714,34 @@ mod tests {
                 "general.file_type"
             ]
         );
+    }
+
+    #[test]
+    fn plain_targets_keep_file_order_and_quantized_targets_sort_by_name() {
+        // Data-offset order of a mixed file: 4-byte dtypes first.
+        let tensors = vec![
+            t("img_in.bias", &[64], F32),
+            t("double_blocks.0.img_attn.proj.bias", &[64], F32),
+            t("img_in.weight", &[64, 64], SourceDtype::BF16),
+            t(
+                "double_blocks.0.img_attn.proj.weight",
+                &[256, 256],
+                SourceDtype::BF16,
+            ),
+        ];
+        let names = |p: &GgufPlan| p.tensors.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let plain = plan(&tensors, None, FileType::MostlyBF16).unwrap();
+        assert_eq!(
+            names(&plain),
+            tensors
+                .iter()
+                .map(|t| t.name.to_owned())
+                .collect::<Vec<_>>()
+        );
+        let quant = plan(&tensors, None, FileType::Q8_0).unwrap();
+        let mut sorted = names(&plain);
+        sorted.sort();
+        assert_eq!(names(&quant), sorted);
     }
 
     #[test]

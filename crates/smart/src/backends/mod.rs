@@ -7,6 +7,7 @@
 //!   [`default_backends`].
 
 mod bnb;
+pub mod gguf;
 mod precision;
 
 pub use self::bnb::BnbBackend;

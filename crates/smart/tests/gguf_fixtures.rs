@@ -1,0 +1,264 @@
+//! Every fixture architecture converts to GGUF exactly as ComfyUI-GGUF's tools do.
+//!
+//! `crates/gguf/tests/golden/convert/expected.json` holds, per fixture and target, the sha256 of
+//! the file ComfyUI-GGUF's `convert.py` plus the patched llama-quantize (types transcribed from
+//! `lcpp.patch`, bytes from ggml's own quantizer) produce, and the per-tensor type table (see
+//! `make_goldens.py` there). Without provenance keys our output must be that file, byte for byte.
+
+#![allow(clippy::unwrap_used)] // test code: a failed setup step should fail the test loudly
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use gguf::{FileType, GgufFile};
+use smart::backends::gguf::GgufBackend;
+use smart::{Backend, BackendOptions, Job};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn expected() -> serde_json::Value {
+    let path = repo().join("crates/gguf/tests/golden/convert/expected.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// SHA-256 (FIPS 180-4), small and test-only: the goldens hash with Python's hashlib.
+fn sha256(data: &[u8]) -> String {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    let mut msg = data.to_vec();
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&((data.len() as u64) * 8).to_be_bytes());
+    for block in msg.chunks_exact(64) {
+        let mut w = [0u32; 64];
+        for (i, c) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let mut v = h;
+        for i in 0..64 {
+            let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
+            let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
+            let t1 = v[7]
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
+            let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
+            let t2 = s0.wrapping_add(maj);
+            v = [
+                t1.wrapping_add(t2),
+                v[0],
+                v[1],
+                v[2],
+                v[3].wrapping_add(t1),
+                v[4],
+                v[5],
+                v[6],
+            ];
+        }
+        for (a, b) in h.iter_mut().zip(v) {
+            *a = a.wrapping_add(b);
+        }
+    }
+    h.iter().map(|x| format!("{x:08x}")).collect()
+}
+
+#[test]
+fn sha256_matches_the_standard_vectors() {
+    assert_eq!(
+        sha256(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    assert_eq!(
+        sha256(&[b'a'; 1000]),
+        "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3"
+    );
+}
+
+fn target_of(name: &str) -> FileType {
+    match name {
+        "F16" => FileType::MostlyF16,
+        "BF16" => FileType::MostlyBF16,
+        other => other.parse().unwrap(),
+    }
+}
+
+/// Converts `fixture` to `target` through the backend (no provenance keys) and returns the file
+/// and the report.
+fn convert(fixture: &Path, target: FileType) -> (Vec<u8>, serde_json::Value) {
+    let detection = detect::detect(fixture).unwrap();
+    let extra = BTreeMap::new();
+    let job = Job {
+        source_path: fixture,
+        source: &detection,
+        target: detect::Precision::Gguf(target),
+        extra_metadata: &extra,
+        options: BackendOptions::default(),
+    };
+    let backend = GgufBackend { arch: None };
+    assert!(backend.supports(&detection, job.target));
+    let planned = backend.plan(&job).unwrap();
+    let mut out = Vec::new();
+    let mut last = (0, 0);
+    let report = planned
+        .write(&mut out, &mut |bytes, tensors| {
+            assert!(bytes >= last.0 && tensors >= last.1, "progress went back");
+            last = (bytes, tensors);
+        })
+        .unwrap();
+    assert_eq!(planned.output_len(), out.len() as u64);
+    assert_eq!(last, planned.totals(), "progress ends at the totals");
+    (out, report)
+}
+
+#[test]
+fn every_fixture_and_mix_is_byte_identical_to_comfyui_gguf() {
+    let golden = expected();
+    let layouts = golden["layouts"].as_array().unwrap();
+    let check_dir = std::env::var_os("GGUF_CHECK_DIR").map(PathBuf::from);
+    let mut identical = 0;
+    let mut failures = Vec::new();
+    for o in golden["outputs"].as_array().unwrap() {
+        let fixture = o["fixture"].as_str().unwrap();
+        let target_name = o["target"].as_str().unwrap();
+        let target = target_of(target_name);
+        let path = repo().join("fixtures").join(fixture);
+        let (bytes, report) = convert(&path, target);
+        if let Some(dir) = &check_dir {
+            std::fs::create_dir_all(dir).unwrap();
+            let stem = fixture.trim_end_matches(".safetensors");
+            std::fs::write(dir.join(format!("{stem}_{target_name}.gguf")), &bytes).unwrap();
+        }
+        let file = GgufFile::from_bytes(bytes.clone(), Path::new(fixture)).unwrap();
+        let layout = &layouts[o["layout"].as_u64().unwrap() as usize];
+        let want_names: Vec<&str> = layout["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let want_types: Vec<&str> = o["types"].as_str().unwrap().split(',').collect();
+        let got_names: Vec<&str> = file.tensors.iter().map(|t| t.name.as_str()).collect();
+        let got_types: Vec<&str> = file.tensors.iter().map(|t| t.ggml_type.name()).collect();
+        let keys: Vec<&str> = file.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        let want_keys: Vec<&str> = o["kv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            got_names, want_names,
+            "{fixture} -> {target_name}: tensor order"
+        );
+        assert_eq!(keys, want_keys, "{fixture} -> {target_name}: metadata keys");
+        let dims: Vec<Vec<u64>> = file.tensors.iter().map(|t| t.dims.clone()).collect();
+        let want_dims: Vec<Vec<u64>> = serde_json::from_value(layout["dims"].clone()).unwrap();
+        assert_eq!(dims, want_dims, "{fixture} -> {target_name}: dims");
+        // The report's histogram agrees with the file.
+        let mut hist = BTreeMap::new();
+        for t in &got_types {
+            *hist.entry(t.to_string()).or_insert(0u64) += 1;
+        }
+        let report_hist: BTreeMap<String, u64> =
+            serde_json::from_value(report["types"].clone()).unwrap();
+        assert_eq!(hist, report_hist);
+
+        if got_types == want_types {
+            if sha256(&bytes) == o["sha256"].as_str().unwrap() {
+                identical += 1;
+            } else {
+                failures.push(format!(
+                    "{fixture} -> {target_name}: same types, other bytes"
+                ));
+            }
+        } else {
+            // The one intended difference: a plain BF16 target stores every non-F32 tensor as
+            // BF16, where convert.py keeps an fp8 source's weights F16 (it picks BF16 for the
+            // file only because BF16 biases are the most common dtype).
+            let plain_fp8 = fixture.ends_with("_fp8.safetensors") && target_name == "BF16";
+            let only_f16_vs_bf16 = got_types
+                .iter()
+                .zip(&want_types)
+                .all(|(g, w)| g == w || (*g == "BF16" && *w == "F16"));
+            if !(plain_fp8 && only_f16_vs_bf16) {
+                failures.push(format!(
+                    "{fixture} -> {target_name}: types differ: {:?}",
+                    got_names
+                        .iter()
+                        .zip(got_types.iter().zip(&want_types))
+                        .filter(|(_, (g, w))| g != w)
+                        .map(|(n, (g, w))| format!("{n}: {g} (want {w})"))
+                        .collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // 105 outputs, of which the plain outputs of the 5 fp8 fixtures differ by design.
+    assert_eq!(identical, 100);
+}
+
+#[test]
+fn dropped_tensors_are_reported() {
+    let fixtures = repo().join("fixtures");
+    let (_, report) = convert(
+        &fixtures.join("flux_checkpoint_bf16.safetensors"),
+        FileType::Q8_0,
+    );
+    let dropped: Vec<&str> = report["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert!(!dropped.is_empty());
+    assert!(
+        dropped.iter().all(|n| n.starts_with("first_stage_model.")),
+        "{dropped:?}"
+    );
+    assert_eq!(report["architecture"], "flux");
+    assert_eq!(report["file_type"], "Q8_0");
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 0);
+
+    // sd3_mixed: integer and boolean tensors are left out; the 0-d scalar becomes [1].
+    let (bytes, report) = convert(&fixtures.join("sd3_mixed.safetensors"), FileType::Q4KM);
+    let dropped: Vec<&str> = report["dropped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(dropped, ["text_attention_mask", "text_position_ids"]);
+    let file = GgufFile::from_bytes(bytes, Path::new("sd3_mixed.gguf")).unwrap();
+    let scalar = file.tensor("logit_scale").unwrap();
+    assert_eq!(scalar.dims, vec![1]);
+    assert_eq!(scalar.ggml_type, gguf::GgmlType::F32);
+}
