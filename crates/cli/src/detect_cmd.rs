@@ -17,7 +17,9 @@ pub fn run(ui: &Ui, args: &DetectArgs) -> Exit {
             Ok(d) => match serde_json::to_value(&d) {
                 Ok(v) => {
                     if !ui.json {
-                        ui.print(describe(&v));
+                        // A blank line between files.
+                        let sep = if found.is_empty() { "" } else { "\n" };
+                        ui.print(format!("{sep}{}", describe(&v)));
                     }
                     found.push(v);
                 }
@@ -60,7 +62,11 @@ pub fn describe(d: &Value) -> String {
     if let Some(ft) = d.get("gguf_file_type").filter(|v| !v.is_null()) {
         let _ = writeln!(s, "  file type     {}", text(ft));
     }
-    let _ = writeln!(s, "  architecture  {}", text(&d["architecture"]));
+    let arch = match &d["architecture"] {
+        Value::Null => "unknown".to_owned(),
+        a => text(a),
+    };
+    let _ = writeln!(s, "  architecture  {arch}");
     if let Some(fp8) = d.get("fp8_scaling").filter(|v| !v.is_null()) {
         let _ = writeln!(s, "  fp8 scaling   {}", text(fp8));
     }
