@@ -518,3 +518,47 @@ fn the_models_dir_comes_from_the_environment_without_the_flag() {
     assert_is_f16_of(&out, &SMALL);
     assert!(!s.models().exists());
 }
+
+#[test]
+fn progress_bars_are_drawn_on_a_terminal_only() {
+    let s = Scratch::new();
+    let src = s.source("big.safetensors", LARGE);
+    // `script` (util-linux) gives convcache a pseudo-terminal as stdout and stderr.
+    let cmd = format!(
+        "'{}' --models-dir '{}' convert '{}' --to fp16",
+        env!("CARGO_BIN_EXE_convcache"),
+        s.models().display(),
+        src.path.display()
+    );
+    let run = Run::from(
+        Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .current_dir(s.root())
+            .env_remove("CONVCACHE_MODELS_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run script (util-linux)"),
+    )
+    .ok();
+    assert!(
+        run.stdout.contains("ETA"),
+        "no progress bar on a terminal:\n{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("tensors"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("big_fp16.safetensors"),
+        "{}",
+        run.stdout
+    );
+
+    // The same conversion with stderr piped (the cache hit is instant, so convert to bf16).
+    let piped = s.run(&["convert", src.arg(), "--to", "bf16"]).ok();
+    assert!(
+        piped.stderr.is_empty(),
+        "progress on a pipe: {}",
+        piped.stderr
+    );
+    assert!(!piped.stdout.contains("ETA"), "{}", piped.stdout);
+    src.assert_unchanged();
+}
