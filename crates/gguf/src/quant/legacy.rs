@@ -220,19 +220,18 @@ impl BlockFormat for Q8_0 {
 
     fn quantize_block(x: &[f32], y: &mut [u8]) {
         let (x, y): (&[f32; QK], &mut [u8; 34]) = (fixed(x), fixed_mut(y));
-        let mut amax = 0.0f32;
-        for &v in x {
-            // C's MAX(a, b) = a > b ? a : b, which differs from f32::max on NaN.
-            let a = v.abs();
-            amax = if amax > a { amax } else { a };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            if unsafe { super::x86::quantize_q8_0_avx2(x, y) } {
+                return;
+            }
         }
-        let d = amax / 127.0;
-        let id = inverse_or_zero(d);
-        write_f16(y, 0, d);
-        for j in 0..QK {
-            // roundf: half away from zero, which is f32::round.
-            y[2 + j] = c_trunc_i32((x[j] * id).round()) as u8;
-        }
+        q8_0_scalar(x, y);
+    }
+
+    fn quantize_block_scalar(x: &[f32], y: &mut [u8]) {
+        q8_0_scalar(fixed(x), fixed_mut(y));
     }
 
     fn dequantize_block(x: &[u8], y: &mut [f32]) {
@@ -241,6 +240,23 @@ impl BlockFormat for Q8_0 {
         for j in 0..QK {
             y[j] = (x[2 + j] as i8) as f32 * d;
         }
+    }
+}
+
+/// ggml's `quantize_row_q8_0_ref` for one block.
+fn q8_0_scalar(x: &[f32; QK], y: &mut [u8; 34]) {
+    let mut amax = 0.0f32;
+    for &v in x {
+        // C's MAX(a, b) = a > b ? a : b, which differs from f32::max on NaN.
+        let a = v.abs();
+        amax = if amax > a { amax } else { a };
+    }
+    let d = amax / 127.0;
+    let id = inverse_or_zero(d);
+    write_f16(y, 0, d);
+    for j in 0..QK {
+        // roundf: half away from zero, which is f32::round.
+        y[2 + j] = c_trunc_i32((x[j] * id).round()) as u8;
     }
 }
 

@@ -374,3 +374,46 @@ pub(crate) fn requant_symmetric(x: &[f32], d: f32, lo: i32, hi: i32, offset: i32
         }
     }
 }
+
+/// Q8_0 block with AVX2. Returns `false` (writing nothing) when the block holds a NaN: C's
+/// sequential `MAX(amax, |v|)` then depends on where the NaN sits, which only the scalar
+/// scan reproduces. Without NaN the maximum is order-independent (|v| is never −0.0), and
+/// `roundf` (half away from zero) is rebuilt exactly as trunc(p) ± 1 when |p − trunc(p)| ≥ ½.
+#[target_feature(enable = "avx2")]
+pub(crate) fn quantize_q8_0_avx2(x: &[f32; 32], y: &mut [u8; 34]) -> bool {
+    let mut v = [_mm256_setzero_ps(); 4];
+    let mut nan = _mm256_setzero_ps();
+    let mut amax = _mm256_setzero_ps();
+    for (k, vk) in v.iter_mut().enumerate() {
+        // SAFETY: x has 32 values, so 8k..8k+8 is in bounds; loadu needs no alignment.
+        *vk = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) };
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(*vk, *vk));
+        amax = _mm256_max_ps(amax, abs_v(*vk));
+    }
+    if any(nan) {
+        return false;
+    }
+    let amax = lanes(amax)
+        .into_iter()
+        .fold(0.0f32, |m, a| if m > a { m } else { a });
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    y[0..2].copy_from_slice(&super::common::f32_to_f16_bits(d).to_le_bytes());
+    let idv = _mm256_set1_ps(id);
+    let half = _mm256_set1_ps(0.5);
+    let one = _mm256_set1_ps(1.0);
+    let sign = _mm256_set1_ps(-0.0);
+    for (k, vk) in v.iter().enumerate() {
+        let p = _mm256_mul_ps(*vk, idv);
+        let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+        let away = _mm256_cmp_ps::<_CMP_GE_OQ>(abs_v(_mm256_sub_ps(p, t)), half);
+        let step = _mm256_or_ps(_mm256_and_ps(p, sign), one);
+        let r = _mm256_add_ps(t, _mm256_and_ps(away, step));
+        // cvttps2dq gives INT_MIN for NaN/out of range, like the scalar `c_trunc_i32`.
+        let q = lanes_i(_mm256_cvttps_epi32(r));
+        for (o, q) in y[2 + 8 * k..2 + 8 * k + 8].iter_mut().zip(q) {
+            *o = q as u8;
+        }
+    }
+    true
+}
