@@ -424,14 +424,33 @@ fn cast<S: TensorSource, W: Write>(
     Ok(())
 }
 
+/// How f32 results are rounded to BF16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bf16Rounding {
+    /// torch's `.to(torch.bfloat16)`.
+    Torch,
+    /// bnb's native CPU kernel (`float_to_bf16`: add 0x7FFF + lsb, shift), which differs from
+    /// torch only in NaN bits.
+    BnbNative,
+}
+
 /// Writes f32 values as `dst`.
 fn emit<W: Write>(
     name: &str,
     vals: &[f32],
     dst: Dtype,
+    bf16: Bf16Rounding,
     w: &mut SafetensorsWriter<W>,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), BnbError> {
+    if dst == Dtype::BF16 && bf16 == Bf16Rounding::BnbNative {
+        let out: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| kernels::f32_to_bf16_bnb(v).to_le_bytes())
+            .collect();
+        w.write_chunk(&out)?;
+        return Ok(());
+    }
     let f = f32_bytes(vals);
     if dst == Dtype::F32 {
         w.write_chunk(&f)?;
@@ -482,6 +501,13 @@ fn dequant4<S: TensorSource, W: Write>(
         ));
     }
     let table = state.quant_type.dequant_table(&state.shape);
+    // bnb's CPU `dequantize_4bit` uses its native kernel unless the last dimension is odd (then
+    // the PyTorch fallback, which rounds with torch).
+    let bf16 = if state.shape.last().is_some_and(|d| d % 2 == 0) {
+        Bf16Rounding::BnbNative
+    } else {
+        Bf16Rounding::Torch
+    };
     let packed = src.bytes(weight);
     for start in (0..n).step_by(WINDOW) {
         let len = WINDOW.min(n - start);
@@ -489,7 +515,7 @@ fn dequant4<S: TensorSource, W: Write>(
         vals.par_chunks_mut(SUB).enumerate().for_each(|(i, o)| {
             kernels::dequantize_4bit(&table, packed, &absmax, bs, start + i * SUB, o);
         });
-        emit(&weight.name, &vals, dst, w, ctx)?;
+        emit(&weight.name, &vals, dst, bf16, w, ctx)?;
         ctx.advance(len.div_ceil(2) as u64, 0);
     }
     Ok(())
@@ -532,7 +558,7 @@ fn dequant_int8<S: TensorSource, W: Write>(
                 let r = r0 + i * task_rows;
                 dequantize_int8_rows(qc, cols, &scb[r..r + qc.len() / cols], o);
             });
-        emit(&weight.name, &vals, dst, w, ctx)?;
+        emit(&weight.name, &vals, dst, Bf16Rounding::Torch, w, ctx)?;
         ctx.advance((nr * cols) as u64, 0);
     }
     Ok(())

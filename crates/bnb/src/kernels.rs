@@ -101,7 +101,7 @@ impl Quantizer4 {
     /// The nibble of scaled value `s`.
     #[inline]
     pub fn nibble(&self, s: f32) -> u8 {
-        let rank: usize = self.bounds.iter().map(|&b| usize::from(b < s)).sum();
+        let rank: usize = self.bounds.iter().map(|&b| usize::from(!(s <= b))).sum();
         self.nibble_of_rank[rank]
     }
 }
@@ -130,7 +130,8 @@ impl Quantizer4 {
         let mut rank = [0u8; BLOCKSIZE];
         for &b in &self.bounds {
             for (r, &v) in rank.iter_mut().zip(s) {
-                *r += u8::from(b < v);
+                // `b < v`, except that NaN ranks above every bound, as in `torch.bucketize`.
+                *r += u8::from(!(v <= b));
             }
         }
         for (o, r) in out.iter_mut().zip(rank) {
@@ -210,6 +211,15 @@ pub fn dequantize_4bit(
             *lo = table[(byte & 0x0F) as usize] * a;
         }
     }
+}
+
+/// f32 -> bf16 as bnb's native CPU dequantizer rounds (`float_to_bf16`: add 0x7FFF plus the
+/// lowest kept bit, shift). Equal to torch's rounding except for NaN bits (a quiet NaN keeps its
+/// sign and top payload bits here; torch writes 0xFFFF).
+#[inline]
+pub fn f32_to_bf16_bnb(v: f32) -> u16 {
+    let b = v.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Double quantization of a tensor's absmax, as `quantize_4bit(compress_statistics=True)` does it.

@@ -34,9 +34,13 @@
 //!   fixed reserved length, because the offset's digits are unknown when the header is written.
 //! - int8: identical to bnb's `int8_vectorwise_quant` on CPU (fp16 weight, `SCB.reciprocal() *
 //!   127`, round half to even); an all-zero row gives 0 codes and SCB 0.
-//! - Dequantization: identical to bnb's `dequantize_4bit` / `int8_vectorwise_dequant`
-//!   (f32 products, then torch's rounding to the output dtype).
-//! - NaN inputs are not guaranteed to give bnb's exact bytes (bnb's own paths disagree).
+//! - Dequantization: identical to bnb's CPU `dequantize_4bit` / `int8_vectorwise_dequant`
+//!   (f32 products; bf16 rounding by bnb's native bit trick for 4-bit weights with an even last
+//!   dimension, torch's cast otherwise; FP4 nibble 8 decodes to -0.0 there, as in bnb's native
+//!   and CUDA kernels, and to +0.0 on bnb's odd-last-dimension fallback).
+//! - Non-finite inputs: NaN/inf blocks get bnb's CPU codes and absmax (a NaN block is all code
+//!   15, as `torch.bucketize` ranks NaN last); an int8 row holding NaN gets codes 0 and a NaN
+//!   SCB whose NaN bits may differ from torch's.
 
 pub mod codes;
 pub mod convert;

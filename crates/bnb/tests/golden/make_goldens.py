@@ -58,6 +58,12 @@ def cases():
     t = torch.cat([torch.tensor([1.0, -1.0, 0.0, -0.0]), mids, up, dn, -mids])
     t = torch.cat([t, torch.zeros((-t.numel()) % 64)])
     out["ties"] = t.reshape(-1, 64)
+    # Non-finite values: a NaN block, +inf and -inf blocks.
+    nf = torch.randn(3, 64, generator=g)
+    nf[0, 3] = float("nan")
+    nf[1, 6] = float("inf")
+    nf[2, 10] = -float("inf")
+    out["nonfinite"] = nf
     # Many 64-blocks: 264 blocks -> two nested 256-blocks (one partial) for double quant.
     out["big"] = torch.randn(24, 704, generator=g) * torch.linspace(0.001, 0.2, 24).unsqueeze(1)
     return out
@@ -70,7 +76,10 @@ def int8_cases():
     a[3, 7] = 12.0  # outlier
     # Exact .5 ties: with absmax 127, x*127/127 = x; choose x = k + 0.5.
     a[4, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5])
-    return {"rows": a}
+    b = torch.randn(3, 16, generator=g)
+    b[0, 2] = float("nan")
+    b[1, 5] = float("inf")
+    return {"rows": a, "rows_nonfinite": b}
 
 
 def main():
