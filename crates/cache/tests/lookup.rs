@@ -350,6 +350,14 @@ fn batch_check_reports_each_target() {
         vec![(true, true), (true, false), (false, false)]
     );
     assert_eq!(r[2].status, LookupStatus::Missing);
+    // GGUF targets live in their own dir, with ggml's spelling.
+    let q = "Q4_K_M".parse().unwrap();
+    let g = e.cache.batch_check(&src, &[q], &opts()).unwrap();
+    assert_eq!(g[0].status, LookupStatus::Missing);
+    assert_eq!(
+        g[0].path,
+        e.root.join("models/diffusion_models/gguf/flux_Q4_K_M.gguf")
+    );
     let json = serde_json::to_value(&r[0]).unwrap();
     assert_eq!(json["target"], "fp16");
     assert_eq!(json["status"], "hit");
@@ -579,5 +587,65 @@ fn sweep_removes_temporaries_of_dead_writers_only() {
     assert_eq!(
         cache::parse_temp_name(live_temp.file_name().unwrap().to_str().unwrap()),
         Some(("live_fp16.safetensors", std::process::id()))
+    );
+}
+
+/// Writes a Q8_0 GGUF file at `at` with `extra` string key-values.
+fn write_gguf(at: &Path, extra: &BTreeMap<String, String>) {
+    use gguf::{FileType, GgmlType, GgufWriter, MetadataValue, TensorDesc};
+    fs::create_dir_all(at.parent().unwrap()).unwrap();
+    let mut meta = vec![
+        (
+            "general.architecture".to_string(),
+            MetadataValue::String("flux".into()),
+        ),
+        (
+            "general.file_type".to_string(),
+            MetadataValue::U32(FileType::Q8_0.id()),
+        ),
+    ];
+    meta.extend(
+        extra
+            .iter()
+            .map(|(k, v)| (k.clone(), MetadataValue::String(v.clone()))),
+    );
+    let t = TensorDesc::from_torch_shape("img_in.weight", &[4, 64], GgmlType::Q8_0);
+    let len = t.byte_len().unwrap() as usize;
+    let mut w = GgufWriter::new(fs::File::create(at).unwrap(), meta, &[t], 32).unwrap();
+    w.write_chunk(&vec![0u8; len]).unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn gguf_outputs_carry_provenance_in_key_values() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let q8: Precision = "Q8_0".parse().unwrap();
+    let out = e.cache.standard_path(&src, q8);
+    assert_eq!(out, e.cache.models_dir().gguf_dir().join("flux_Q8_0.gguf"));
+    let prov = Provenance::new(
+        &SourceStat::of(&src).unwrap(),
+        digest::digest_file(&src).unwrap(),
+        q8,
+        VERSION,
+    );
+    write_gguf(&out, &prov.to_metadata());
+    let l = e.cache.lookup(&src, q8, &opts()).unwrap();
+    assert_eq!((l.status, &l.path), (LookupStatus::Hit, &out));
+    let listed = e.cache.list(Kind::Gguf).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].provenance.as_ref(), Some(&prov));
+    // Without provenance: unverified; another quantization under the name: broken.
+    write_gguf(&out, &BTreeMap::new());
+    let l = e.cache.lookup(&src, q8, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Unverified);
+    let q4: Precision = "Q4_0".parse().unwrap();
+    let wrong = e.cache.standard_path(&src, q4);
+    write_gguf(&wrong, &BTreeMap::new());
+    let l = e.cache.lookup(&src, q4, &opts()).unwrap();
+    assert!(
+        matches!(l.status, LookupStatus::Broken(_)),
+        "{:?}",
+        l.status
     );
 }
