@@ -101,7 +101,11 @@ impl Quantizer4 {
     /// The nibble of scaled value `s`.
     #[inline]
     pub fn nibble(&self, s: f32) -> u8 {
-        let rank: usize = self.bounds.iter().map(|&b| usize::from(!(s <= b))).sum();
+        let rank: usize = self
+            .bounds
+            .iter()
+            .map(|&b| usize::from(b < s || s.is_nan()))
+            .sum();
         self.nibble_of_rank[rank]
     }
 }
@@ -131,7 +135,7 @@ impl Quantizer4 {
         for &b in &self.bounds {
             for (r, &v) in rank.iter_mut().zip(s) {
                 // `b < v`, except that NaN ranks above every bound, as in `torch.bucketize`.
-                *r += u8::from(!(v <= b));
+                *r += u8::from(b < v || v.is_nan());
             }
         }
         for (o, r) in out.iter_mut().zip(rank) {
