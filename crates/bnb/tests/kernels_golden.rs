@@ -217,7 +217,7 @@ fn four_bit_dequantization_identical_to_bnb() {
                 );
                 // bnb's native kernel (even last dimension) rounds to bf16 with its own bit
                 // trick, which differs from torch's cast for NaN only.
-                let got = if dtype == Dtype::BF16 && state.shape.last().unwrap() % 2 == 0 {
+                let got = if dtype == Dtype::BF16 && state.shape.last().unwrap().is_multiple_of(2) {
                     out.iter()
                         .flat_map(|&v| bnb::kernels::f32_to_bf16_bnb(v).to_le_bytes())
                         .collect()
