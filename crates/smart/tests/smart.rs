@@ -681,3 +681,35 @@ fn non_utf8_source_names_convert_and_hit() {
     let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
     assert_eq!(o.status, Status::Cached);
 }
+
+#[test]
+fn same_size_rewrite_with_mtime_restored_needs_verify_digest() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let first = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    let first_bytes = hash(&first.path);
+    let mtime = fs::metadata(&src).unwrap().modified().unwrap();
+    // Same shapes, other values: same size. Then the old mtime is put back.
+    write_model(&src, Dtype::F32, 9, 64);
+    fs::File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    // Size and mtime match the provenance: the default lookup trusts them (documented).
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Cached);
+    // verify_digest hashes the source and sees the change.
+    let mut paranoid = e.options();
+    paranoid.verify_digest = true;
+    let o = smart_convert(&src, Precision::Fp16, &paranoid).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_ne!(hash(&o.path), first_bytes);
+    assert_eq!(
+        smart_convert(&src, Precision::Fp16, &paranoid)
+            .unwrap()
+            .status,
+        Status::Cached
+    );
+}
