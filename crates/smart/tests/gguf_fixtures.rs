@@ -102,6 +102,32 @@ fn sha256_matches_the_standard_vectors() {
     );
 }
 
+/// Our dequantization of every tensor of `gguf_path` (stored shape, F32), for
+/// `check_outputs.py` to compare with gguf-py's.
+fn write_our_dequantization(gguf_path: &Path, out: &Path) {
+    use gguf::convert::{GgufSource, TensorSource};
+    let source = GgufSource::open(gguf_path).unwrap();
+    let specs: Vec<precision::TensorSpec> = source
+        .file()
+        .tensors
+        .iter()
+        .map(|t| precision::TensorSpec {
+            name: t.name.clone(),
+            dtype: detect::safetensors::Dtype::F32,
+            shape: t.torch_shape(),
+        })
+        .collect();
+    let f = std::fs::File::create(out).unwrap();
+    let mut w = precision::SafetensorsWriter::new(f, &specs, &BTreeMap::new()).unwrap();
+    for t in &source.file().tensors {
+        let mut v = vec![0f32; t.n_elements() as usize];
+        source.read_f32(&t.name, 0, &mut v).unwrap();
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write_chunk(&bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
 fn target_of(name: &str) -> FileType {
     match name {
         "F16" => FileType::MostlyF16,
@@ -154,7 +180,12 @@ fn every_fixture_and_mix_is_byte_identical_to_comfyui_gguf() {
         if let Some(dir) = &check_dir {
             std::fs::create_dir_all(dir).unwrap();
             let stem = fixture.trim_end_matches(".safetensors");
-            std::fs::write(dir.join(format!("{stem}_{target_name}.gguf")), &bytes).unwrap();
+            let out = dir.join(format!("{stem}_{target_name}.gguf"));
+            std::fs::write(&out, &bytes).unwrap();
+            write_our_dequantization(
+                &out,
+                &dir.join(format!("{stem}_{target_name}.ours.safetensors")),
+            );
         }
         let file = GgufFile::from_bytes(bytes.clone(), Path::new(fixture)).unwrap();
         let layout = &layouts[o["layout"].as_u64().unwrap() as usize];
