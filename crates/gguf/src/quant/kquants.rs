@@ -545,17 +545,37 @@ fn write_q6k(
     }
 }
 
-fn quantize_q3k(x: &[f32; QK_K], y: &mut [u8; 110]) {
-    let mut l = [0i8; QK_K];
+/// Q3_K scale search, scalar: `make_q3_quants(16, 4, ..)` per 16-value sub-block.
+/// Returns (scales, levels + 4, or 0 for all-zero sub-blocks).
+pub(crate) fn search_q3k_scalar(x: &[f32; QK_K]) -> ([f32; 16], [u8; QK_K]) {
+    let mut l = [0i8; 16];
+    let mut levels = [0u8; QK_K];
     let mut scales_f = [0.0f32; 16];
+    for j in 0..16 {
+        scales_f[j] = make_q3_quants(&x[16 * j..16 * j + 16], &mut l, 4);
+        for (o, &v) in levels[16 * j..16 * j + 16].iter_mut().zip(&l) {
+            *o = v as u8;
+        }
+    }
+    (scales_f, levels)
+}
+
+fn quantize_q3k(x: &[f32; QK_K], y: &mut [u8; 110], simd: bool) {
+    #[cfg(target_arch = "x86_64")]
+    let (scales_f, mut l) = if simd {
+        // SAFETY: callers pass simd = true only after detecting AVX2.
+        unsafe { super::x86::search_q3k_avx2(x) }
+    } else {
+        search_q3k_scalar(x)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (scales_f, mut l) = search_q3k_scalar(x);
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
-    for j in 0..16 {
-        scales_f[j] = make_q3_quants(&x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16], 4);
-        let a = scales_f[j].abs();
-        if a > amax {
-            amax = a;
-            max_scale = scales_f[j];
+    for &sc in &scales_f {
+        if sc.abs() > amax {
+            amax = sc.abs();
+            max_scale = sc;
         }
     }
     let (hmask, rest) = y.split_at_mut(32);
@@ -584,21 +604,17 @@ fn quantize_q3k(x: &[f32; QK_K], y: &mut [u8; 110]) {
         if d == 0.0 {
             continue;
         }
-        for ii in 0..16 {
-            l[16 * j + ii] = (nearest_int(x[16 * j + ii] / d).clamp(-4, 3) + 4) as i8;
-        }
+        let r = 16 * j..16 * j + 16;
+        requant_symmetric(&x[r.clone()], d, -4, 3, 4, &mut l[r], simd);
     }
     hmask.fill(0);
-    let mut lu = [0u8; QK_K];
-    for (e, &v) in l.iter().enumerate() {
-        let mut v = v as u8;
-        if v > 3 {
+    for (e, v) in l.iter_mut().enumerate() {
+        if *v > 3 {
             hmask[e % 32] |= 1 << (e / 32);
-            v -= 4;
+            *v -= 4;
         }
-        lu[e] = v;
     }
-    pack_2bit(&lu, qs);
+    pack_2bit(&l, qs);
 }
 
 /// The 6-bit Q3_K scale of sub-block j (0..63, meaning value − 32).
@@ -674,7 +690,15 @@ impl BlockFormat for Q3K {
     const BLOCK_BYTES: usize = 110;
 
     fn quantize_block(src: &[f32], dst: &mut [u8]) {
-        quantize_q3k(fixed(src), fixed_mut(dst));
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            return quantize_q3k(fixed(src), fixed_mut(dst), true);
+        }
+        quantize_q3k(fixed(src), fixed_mut(dst), false);
+    }
+
+    fn quantize_block_scalar(src: &[f32], dst: &mut [u8]) {
+        quantize_q3k(fixed(src), fixed_mut(dst), false);
     }
 
     fn dequantize_block(src: &[u8], dst: &mut [f32]) {

@@ -417,3 +417,92 @@ pub(crate) fn quantize_q8_0_avx2(x: &[f32; 32], y: &mut [u8; 34]) -> bool {
     }
     true
 }
+
+/// AVX2 Q3_K search: per-lane `make_q3_quants(16, 4, .., do_rmse)` over sixteen 16-value
+/// sub-blocks as two groups of eight lanes. The one-value-at-a-time refinement runs in every
+/// lane in value order; a lane leaves the pass loop after a pass without change (the scalar
+/// `break`), by dropping out of the `active` mask. Returns (scales, levels + 4 or 0).
+#[target_feature(enable = "avx2")]
+pub(crate) fn search_q3k_avx2(x: &[f32; QK_K]) -> ([f32; 16], [u8; QK_K]) {
+    const NMAX: i32 = 4;
+    let zero = _mm256_setzero_ps();
+    let lo = _mm256_set1_epi32(-NMAX);
+    let hi = _mm256_set1_epi32(NMAX - 1);
+    let clamp_level = |v: __m256| {
+        let q = nearest_int_v(v);
+        _mm256_cvtepi32_ps(_mm256_max_epi32(_mm256_min_epi32(q, hi), lo))
+    };
+    let mut scales = [0.0f32; 16];
+    let mut levels = [0u8; QK_K];
+    for g in 0..2 {
+        let mut xt = [zero; 16];
+        let mut w = [zero; 16];
+        let mut wx = [zero; 16];
+        let mut max = zero;
+        let mut amax = zero;
+        for i in 0..16 {
+            let v = gather8(x, 128 * g, 16, i);
+            xt[i] = v;
+            w[i] = _mm256_mul_ps(v, v);
+            wx[i] = _mm256_mul_ps(w[i], v);
+            let ax = abs_v(v);
+            let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(ax, amax);
+            amax = _mm256_blendv_ps(amax, ax, gt);
+            max = _mm256_blendv_ps(max, v, gt);
+        }
+        let all_zero = _mm256_cmp_ps::<_CMP_LT_OQ>(amax, _mm256_set1_ps(1e-15));
+        let iscale = _mm256_div_ps(_mm256_set1_ps(-(NMAX as f32)), max);
+        let mut l = [zero; 16];
+        let (mut sumlx, mut suml2) = (zero, zero);
+        for i in 0..16 {
+            let q = clamp_level(_mm256_mul_ps(iscale, xt[i]));
+            l[i] = q;
+            sumlx = _mm256_add_ps(sumlx, _mm256_mul_ps(wx[i], q));
+            suml2 = _mm256_add_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], q), q));
+        }
+        let mut active = _mm256_cmp_ps::<_CMP_EQ_OQ>(zero, zero);
+        for _ in 0..5 {
+            let mut changed = zero;
+            for i in 0..16 {
+                let slx = _mm256_sub_ps(sumlx, _mm256_mul_ps(wx[i], l[i]));
+                let slx_pos = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
+                let sl2 = _mm256_sub_ps(suml2, _mm256_mul_ps(_mm256_mul_ps(w[i], l[i]), l[i]));
+                let new_l = clamp_level(_mm256_div_ps(_mm256_mul_ps(xt[i], sl2), slx));
+                let differs = _mm256_cmp_ps::<_CMP_NEQ_OQ>(new_l, l[i]);
+                let slx2 = _mm256_add_ps(slx, _mm256_mul_ps(wx[i], new_l));
+                let sl22 = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(w[i], new_l), new_l));
+                let better = _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(sl22, zero),
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(
+                        _mm256_mul_ps(_mm256_mul_ps(slx2, slx2), suml2),
+                        _mm256_mul_ps(_mm256_mul_ps(sumlx, sumlx), sl22),
+                    ),
+                );
+                let take = _mm256_and_ps(
+                    _mm256_and_ps(active, slx_pos),
+                    _mm256_and_ps(differs, better),
+                );
+                l[i] = _mm256_blendv_ps(l[i], new_l, take);
+                sumlx = _mm256_blendv_ps(sumlx, slx2, take);
+                suml2 = _mm256_blendv_ps(suml2, sl22, take);
+                changed = _mm256_or_ps(changed, take);
+            }
+            active = _mm256_and_ps(active, changed);
+            if !any(active) {
+                break;
+            }
+        }
+        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(suml2, zero);
+        let scale = _mm256_and_ps(pos, _mm256_div_ps(sumlx, suml2));
+        scales[8 * g..8 * g + 8].copy_from_slice(&lanes(_mm256_andnot_ps(all_zero, scale)));
+        let keep = _mm256_castps_si256(all_zero);
+        for (i, li) in l.iter().enumerate() {
+            let q = _mm256_add_epi32(_mm256_cvttps_epi32(*li), _mm256_set1_epi32(NMAX));
+            let q = _mm256_andnot_si256(keep, q);
+            for (j, &v) in lanes_i(q).iter().enumerate() {
+                levels[128 * g + 16 * j + i] = v as u8;
+            }
+        }
+    }
+    (scales, levels)
+}
