@@ -448,6 +448,12 @@ impl Torture {
             return Ok(None);
         };
         let rel = file.strip_prefix(&models)?.to_path_buf();
+        // Compare by the canonical name (`fp8` -> `fp8_e4m3fn`), as the outputs record it.
+        let target = call
+            .first()
+            .and_then(|v| v.get("target").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| target.to_string());
+        let target = target.as_str();
         // A second clean conversion must give the same bytes, or byte comparison means nothing.
         let again_dir = self.work.join("ref-again");
         let again = self.convert(&again_dir, &source, target)?;
@@ -802,10 +808,12 @@ impl Torture {
             for kind in ["truncated", "header_byte", "data_byte", "other_precision"] {
                 fs::create_dir_all(output.parent().unwrap_or(&models))?;
                 fs::copy(&r.file, &output)?;
+                let mut detail = String::new();
                 match kind {
                     "truncated" => {
                         let len = self.rng.below(r.size);
                         OpenOptions::new().write(true).open(&output)?.set_len(len)?;
+                        detail = format!("to {len} bytes");
                     }
                     "header_byte" | "data_byte" => {
                         let at = if kind == "header_byte" {
@@ -820,6 +828,16 @@ impl Torture {
                         f.read_exact(&mut b)?;
                         f.seek(SeekFrom::Start(at))?;
                         f.write_all(&[b[0] ^ bit])?;
+                        // Where it landed, as text around the byte (for a header) or offset.
+                        let from = at.saturating_sub(24).max(h0);
+                        let mut around = vec![0u8; 48];
+                        f.seek(SeekFrom::Start(from))?;
+                        let n = f.read(&mut around)?;
+                        detail = format!("byte {at} {:#04x}->{:#04x}", b[0], b[0] ^ bit);
+                        if kind == "header_byte" {
+                            let near = String::from_utf8_lossy(&around[..n]).into_owned();
+                            detail = format!("{detail}, in {near:?}");
+                        }
                     }
                     _ => {
                         let other = refs
@@ -843,7 +861,7 @@ impl Torture {
                 let served = call.status() == "cached" || call.status() == "cached_unverified";
                 if served || check_valid != Some(false) {
                     let what = format!(
-                        "{kind} corruption served (check valid={check_valid:?}, convert `{}`)",
+                        "{kind} corruption ({detail}) served (check valid={check_valid:?}, convert `{}`)",
                         call.status()
                     );
                     if well_formed {
