@@ -17,6 +17,7 @@ Writes, next to this script:
   RMSNorm scale, a 4-D conv, a token embedding, an int tensor).
 - model_{nf4,nf4_dq,fp4,int8}.safetensors: that model with every Linear weight quantized the way
   Forge does it (`Linear4bit` / `Linear8bitLt` state dicts), everything else unchanged.
+- float_repr.json: `json.dumps` of f32 values widened to float, as bnb prints `nested_offset`.
 - model_{nf4_dq,int8}_dequant.safetensors: bnb's dequantization (`QuantState.from_dict` +
   `dequantize_4bit`; `int8_vectorwise_dequant` -> bf16) of those files' quantized weights.
 """
@@ -123,6 +124,16 @@ def main():
         f.write("\n")
     fp4 = F.get_4bit_type("fp4", device="cpu").float()
     print("fp4 argsort order:", torch.argsort(fp4).tolist())
+    # How json.dumps prints f32 values widened to float (the nested_offset field), across
+    # magnitudes: [f32 bits, text].
+    g = torch.Generator().manual_seed(5)
+    vals = torch.cat([
+        torch.randn(200, generator=g) * torch.logspace(-30, 30, 200),
+        torch.tensor([1e-5, 1e-4, 1.5e-4, 9.9999e-5, 1e16, 1e15, 123456789.0, 2.0, 0.5, 1e-38, 3.4e38]),
+    ]).float()
+    with open(os.path.join(HERE, "float_repr.json"), "w") as f:
+        json.dump([[v & 0xFFFFFFFF, json.dumps(x)] for v, x in zip(vals.view(torch.int32).tolist(), vals.tolist())], f)
+        f.write("\n")
     model()
 
 
