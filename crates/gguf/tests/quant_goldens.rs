@@ -131,3 +131,30 @@ fn ggml_goldens_512_row_sweep() {
 fn ggml_goldens_note_vector_full_hashes() {
     check_case("note_vector");
 }
+
+/// The per-format row API (sequential, one thread) and the parallel entry point write the
+/// same bytes: the split into rayon tasks never shows in the output.
+#[test]
+fn row_api_equals_parallel_entry_point() {
+    use gguf::quant::{BlockFormat, Q2K, Q3K, Q4_0, Q4K, Q5K, Q6K, Q8_0};
+    let x = quant_support::sweep();
+    fn check<F: BlockFormat>(x: &[f32]) {
+        let mut seq = vec![0u8; x.len() / F::BLOCK_ELEMS * F::BLOCK_BYTES];
+        F::quantize_row(x, &mut seq).expect("row");
+        let mut par = vec![0u8; seq.len()];
+        quantize(F::TYPE, x, &mut par).expect("quantize");
+        assert_eq!(seq, par, "{}", F::TYPE);
+        let mut back_seq = vec![0f32; x.len()];
+        F::dequantize_row(&seq, &mut back_seq).expect("row");
+        let mut back_par = vec![0f32; x.len()];
+        dequantize(F::TYPE, &par, &mut back_par).expect("dequantize");
+        assert_eq!(f32_bytes(&back_seq), f32_bytes(&back_par), "{}", F::TYPE);
+    }
+    check::<Q4_0>(&x);
+    check::<Q8_0>(&x);
+    check::<Q2K>(&x);
+    check::<Q3K>(&x);
+    check::<Q4K>(&x);
+    check::<Q5K>(&x);
+    check::<Q6K>(&x);
+}

@@ -17,11 +17,17 @@
 //!
 //! # Speed
 //!
-//! The K-quant scale searches (the costly part of Q2_K, Q4_K, Q5_K, Q6_K) have an AVX2 path
-//! that runs eight sub-blocks in the eight lanes of a vector, each lane performing exactly the
-//! scalar sequence of IEEE operations, so the bytes do not change. It is chosen at run time;
-//! [`quantize_scalar`] always takes the portable path (used on other CPUs and in tests that
-//! check both paths agree).
+//! The K-quant scale searches (the costly part of Q2_K..Q6_K) have an AVX2 path that runs
+//! eight sub-blocks in the eight lanes of a vector, each lane performing exactly the scalar
+//! sequence of IEEE operations (branches become per-lane masks), so the bytes do not change;
+//! Q8_0 has one too. The path is chosen at run time; [`quantize_scalar`] always takes the
+//! portable path (used on other CPUs, and by the tests that check both paths agree).
+//!
+//! # NaN inputs
+//!
+//! Inputs containing NaN quantize without panicking, but their bytes are not guaranteed to
+//! equal ggml's: a NaN's payload reaches the levels through `nearest_int`'s bit trick, and
+//! neither C nor Rust specifies which payload an operation on two NaNs returns.
 
 mod common;
 mod float;
