@@ -48,6 +48,8 @@ pub struct Options<'a> {
     /// Set to stop a running conversion (it fails with [`SmartError::Cancelled`], nothing is
     /// published and the temporary is removed).
     pub cancel: Option<&'a AtomicBool>,
+    /// GGUF targets: force this architecture instead of detecting it from tensor names.
+    pub gguf_arch: Option<gguf::Arch>,
 }
 
 impl<'a> Options<'a> {
@@ -60,6 +62,7 @@ impl<'a> Options<'a> {
             double_quant: false,
             progress: None,
             cancel: None,
+            gguf_arch: None,
         }
     }
 }
@@ -73,6 +76,7 @@ impl std::fmt::Debug for Options<'_> {
             .field("double_quant", &self.double_quant)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
+            .field("gguf_arch", &self.gguf_arch)
             .finish()
     }
 }
@@ -217,7 +221,10 @@ pub fn smart_convert(
     target: Precision,
     options: &Options<'_>,
 ) -> Result<Outcome, SmartError> {
-    smart_convert_with(source, target, options, &default_backends())
+    let gguf = backends::gguf::GgufBackend {
+        arch: options.gguf_arch,
+    };
+    smart_convert_with(source, target, options, &backends::with_gguf(&gguf))
 }
 
 /// [`smart_convert`] with an explicit list of backends (the first that supports the job is
@@ -341,7 +348,10 @@ pub fn check(
     targets: &[Precision],
     options: &Options<'_>,
 ) -> Result<Vec<Check>, SmartError> {
-    check_with(source, targets, options, &default_backends())
+    let gguf = backends::gguf::GgufBackend {
+        arch: options.gguf_arch,
+    };
+    check_with(source, targets, options, &backends::with_gguf(&gguf))
 }
 
 /// [`check`] with explicit backends.

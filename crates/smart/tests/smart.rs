@@ -314,9 +314,13 @@ fn temporaries_of_dead_writers_are_removed() {
 fn unsupported_target_is_a_clear_error() {
     let e = Env::new();
     let src = e.source("flux.safetensors", 1);
-    let err = smart_convert(&src, "Q4_K_M".parse().unwrap(), &e.options()).unwrap_err();
+    // A bitsandbytes file only dequantizes to fp32/fp16/bf16; nothing makes fp8 of it.
+    let nf4 = smart_convert(&src, Precision::Nf4, &e.options())
+        .unwrap()
+        .path;
+    let err = smart_convert(&nf4, Precision::Fp8E4m3fn, &e.options()).unwrap_err();
     assert!(matches!(err, SmartError::Unsupported { .. }), "{err}");
-    assert!(err.to_string().contains("flux.safetensors"));
+    assert!(err.to_string().contains("flux_nf4.safetensors"), "{err}");
 }
 
 #[test]
@@ -712,4 +716,40 @@ fn same_size_rewrite_with_mtime_restored_needs_verify_digest() {
             .status,
         Status::Cached
     );
+}
+
+#[test]
+fn gguf_targets_go_through_the_default_backends() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let q8: Precision = "Q8_0".parse().unwrap();
+    // The two-tensor test model is not a recognisable architecture: a clear error, nothing
+    // published.
+    let err = smart_convert(&src, q8, &e.options()).unwrap_err();
+    assert!(!matches!(err, SmartError::Unsupported { .. }), "{err}");
+    let gguf_files = || -> Vec<std::ffi::OsString> {
+        fs::read_dir(e.models.gguf_dir())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|d| d.file_name())
+                    .filter(|n| n != cache::STATE_DIR)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(gguf_files().is_empty(), "{:?}", gguf_files());
+    // Forcing the architecture (`--arch flux`) converts, and the result is cached.
+    let mut options = e.options();
+    options.gguf_arch = Some(gguf::Arch::Flux);
+    let o = smart_convert(&src, q8, &options).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_eq!(o.path, e.models.gguf_dir().join("flux_Q8_0.gguf"));
+    assert_eq!(detected(&o.path).precision, Some(q8));
+    assert_eq!(
+        smart_convert(&src, q8, &options).unwrap().status,
+        Status::Cached
+    );
+    // The forced architecture is part of the converter version: without it, stale.
+    let c = smart::check(&src, &[q8], &e.options()).unwrap();
+    assert_eq!(c[0].status, smart::CheckStatus::Stale);
 }
