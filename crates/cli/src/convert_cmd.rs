@@ -18,6 +18,8 @@ pub struct Settings {
     pub models: ModelsDir,
     pub strict: bool,
     pub double_quant: bool,
+    /// Forces the architecture of GGUF conversions (`--arch`).
+    pub arch: Option<gguf::Arch>,
 }
 
 /// One target's result, as printed.
@@ -160,6 +162,7 @@ pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Preci
             let mut options = smart::Options::new(settings.models.clone());
             options.strict = settings.strict;
             options.double_quant = settings.double_quant;
+            options.gguf_arch = settings.arch;
             options.progress = Some(&on_progress);
             let started = Instant::now();
             let result = smart::smart_convert(source, target, &options);
@@ -203,27 +206,20 @@ pub fn present(ui: &Ui, rows: &[Row]) -> Exit {
 
 /// `convcache convert`.
 pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
-    if let Some(arch) = args.arch {
-        // smart::Options has no architecture override yet; say so rather than pretend.
-        let gguf = args
+    if args.arch.is_some()
+        && !args
             .to
             .targets
             .iter()
-            .any(|t| t.container() == detect::precision::Container::Gguf);
-        let why = if gguf {
-            "this build has no GGUF converter to pass it to"
-        } else {
-            "it only applies to GGUF targets"
-        };
-        ui.note(format!(
-            "convcache: note: --arch {} is ignored: {why}",
-            arch.name()
-        ));
+            .any(|t| t.container() == detect::precision::Container::Gguf)
+    {
+        ui.note("convcache: note: --arch only applies to GGUF targets; ignored");
     }
     let settings = Settings {
         models,
         strict: args.strict,
         double_quant: args.double_quant,
+        arch: args.arch,
     };
     let rows = convert_all(ui, &settings, &args.source, &args.to.targets);
     present(ui, &rows)

@@ -46,6 +46,7 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
         models: models.clone(),
         strict: false,
         double_quant: false,
+        arch: None,
     };
     // Text and -q output of the conversions comes from `present`, as for `convert`.
     let text_ui = Ui { json: false, ..*ui };
