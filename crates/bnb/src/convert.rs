@@ -1,7 +1,9 @@
 //! Executing a [`Plan`]: streaming, tensor by tensor, large tensors in parallel windows.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
 
 use detect::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 use precision::SafetensorsWriter;
@@ -22,6 +24,8 @@ use crate::plan::{Plan, Step};
 const WINDOW: usize = 1 << 22;
 /// Elements per parallel task inside a window (a multiple of the 4-bit block size).
 const SUB: usize = 1 << 16;
+/// Bytes per read of a tensor copied unchanged.
+const COPY_BYTES: usize = 1 << 23;
 
 /// What a conversion did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -54,27 +58,117 @@ pub struct Report {
     pub cast_non_finite: u64,
 }
 
-/// Where a conversion reads tensor bytes from. [`SafetensorsFile`] is the real one; tests may
-/// provide in-memory data.
+/// Where a conversion reads tensor bytes from.
+///
+/// The converter reads each window with positioned reads instead of through a memory map: the
+/// pages of a mapping count in the process's resident set as the conversion walks the file (a
+/// 20 GB model would show 20 GB RSS), and a file truncated by someone else becomes an I/O error
+/// instead of a SIGBUS.
 pub trait TensorSource: Sync {
     /// The source's path, for error messages.
-    fn path(&self) -> &std::path::Path;
+    fn path(&self) -> &Path;
     /// Every tensor of the source.
     fn entries(&self) -> &[TensorEntry];
-    /// The bytes of an entry of [`TensorSource::entries`].
-    fn bytes(&self, entry: &TensorEntry) -> &[u8];
+    /// Fills `buf` with `entry`'s bytes starting `offset` bytes into the tensor. `entry` is one
+    /// of [`TensorSource::entries`]; reading past its end is an error.
+    fn read(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
 
-impl TensorSource for SafetensorsFile {
-    fn path(&self) -> &std::path::Path {
-        &self.path
+/// A validated safetensors file read with positioned reads.
+struct FileSource<'a> {
+    file: File,
+    src: &'a SafetensorsFile,
+}
+
+impl<'a> FileSource<'a> {
+    fn open(src: &'a SafetensorsFile) -> Result<Self, BnbError> {
+        let file = File::open(&src.path).map_err(|source| BnbError::Read { source })?;
+        let len = file
+            .metadata()
+            .map_err(|source| BnbError::Read { source })?
+            .len();
+        if len != src.file_len() {
+            return Err(BnbError::Read {
+                source: io::Error::other(format!(
+                    "the file changed after it was opened ({len} bytes, was {})",
+                    src.file_len()
+                )),
+            });
+        }
+        Ok(FileSource { file, src })
+    }
+}
+
+fn check_range(entry: &TensorEntry, offset: u64, len: usize) -> io::Result<()> {
+    if offset
+        .checked_add(len as u64)
+        .is_none_or(|end| end > entry.byte_len())
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "read past the end of tensor `{}`",
+                entry.name.escape_debug()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl TensorSource for FileSource<'_> {
+    fn path(&self) -> &Path {
+        &self.src.path
     }
     fn entries(&self) -> &[TensorEntry] {
-        &self.header.tensors
+        &self.src.header.tensors
     }
-    fn bytes(&self, entry: &TensorEntry) -> &[u8] {
-        self.tensor_bytes(entry)
+    fn read(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(entry, offset, buf.len())?;
+        let at = self.src.header.data_start + entry.data_offsets.0 + offset;
+        read_exact_at(&self.file, buf, at)
     }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, at) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `len` bytes of `e` from `offset`.
+fn read_vec<S: TensorSource>(
+    src: &S,
+    e: &TensorEntry,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<u8>, BnbError> {
+    let mut buf = vec![0u8; len];
+    src.read(e, offset as u64, &mut buf)
+        .map_err(|source| BnbError::Read { source })?;
+    Ok(buf)
+}
+
+/// All bytes of a (small, auxiliary) tensor.
+fn read_all<S: TensorSource>(src: &S, e: &TensorEntry) -> Result<Vec<u8>, BnbError> {
+    let len = usize::try_from(e.byte_len())
+        .map_err(|_| BnbError::tensor(&e.name, "too large for this platform"))?;
+    read_vec(src, e, 0, len)
 }
 
 /// Runs `plan` (from [`crate::plan`], [`crate::plan_dequantize`] or
@@ -88,7 +182,8 @@ pub fn convert<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, BnbError> {
-    convert_from(src, plan, metadata, out, progress)
+    let file = FileSource::open(src).map_err(|e| e.in_file(&src.path))?;
+    convert_from(&file, plan, metadata, out, progress)
 }
 
 /// [`convert`] executing a dequantization plan (the same function; named for readability).
@@ -99,7 +194,7 @@ pub fn convert_dequantize<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, BnbError> {
-    convert_from(src, plan, metadata, out, progress)
+    convert(src, plan, metadata, out, progress)
 }
 
 /// [`convert`] over any [`TensorSource`].
@@ -166,8 +261,14 @@ fn run<S: TensorSource, W: Write>(
                 report.cast += 1;
             }
             Step::Copy { src: e } => {
-                w.write_chunk(src.bytes(e))?;
-                ctx.advance(e.byte_len(), 1);
+                let len = usize::try_from(e.byte_len())
+                    .map_err(|_| BnbError::tensor(&e.name, "too large for this platform"))?;
+                for start in (0..len).step_by(COPY_BYTES) {
+                    let n = COPY_BYTES.min(len - start);
+                    w.write_chunk(&read_vec(src, e, start, n)?)?;
+                    ctx.advance(n as u64, 0);
+                }
+                ctx.advance(0, 1);
                 report.copied += 1;
             }
             Step::Dequant4 {
@@ -195,7 +296,7 @@ fn run<S: TensorSource, W: Write>(
                         .map_or(0, |(a, b)| a.byte_len() + b.byte_len());
                 ctx.advance(
                     aux_bytes,
-                    1 + aux.len() as u64 + 2 * nested.is_some() as u64,
+                    2 + aux.len() as u64 + 2 * nested.is_some() as u64,
                 );
                 report.dequantized += 1;
             }
@@ -208,7 +309,7 @@ fn run<S: TensorSource, W: Write>(
                 dequant_int8(src, weight, scb, *dst, &mut w, &mut ctx)?;
                 let aux_bytes: u64 =
                     aux.iter().map(TensorEntry::byte_len).sum::<u64>() + scb.byte_len();
-                ctx.advance(aux_bytes, 1 + aux.len() as u64);
+                ctx.advance(aux_bytes, 2 + aux.len() as u64);
                 report.dequantized += 1;
             }
         }
@@ -298,10 +399,10 @@ fn quant4<S: TensorSource, W: Write>(
     let q = Quantizer4::new(state.quant_type);
     let n = n_elements(e)?;
     let es = elem_size(e.dtype);
-    let bytes = src.bytes(e);
     let mut absmax = vec![0f32; n.div_ceil(BLOCKSIZE)];
     for start in (0..n).step_by(WINDOW) {
         let len = WINDOW.min(n - start);
+        let bytes = read_vec(src, e, start * es, len * es)?;
         let mut codes = vec![0u8; len.div_ceil(2)];
         let am = &mut absmax[start / BLOCKSIZE..(start + len).div_ceil(BLOCKSIZE)];
         let stats = codes
@@ -309,8 +410,8 @@ fn quant4<S: TensorSource, W: Write>(
             .zip(am.par_chunks_mut(SUB / BLOCKSIZE))
             .enumerate()
             .map(|(i, (c, a))| {
-                let e0 = start + i * SUB;
-                let e1 = (e0 + SUB).min(start + len);
+                let e0 = i * SUB;
+                let e1 = (e0 + SUB).min(len);
                 let (x, stats) = to_f32(&e.name, e.dtype, &bytes[e0 * es..e1 * es], state.dtype)?;
                 quantize_4bit(&q, &x, c, a);
                 Ok::<_, BnbError>(stats)
@@ -361,12 +462,12 @@ fn int8<S: TensorSource, W: Write>(
     let cols = usize::try_from(e.shape[1]).unwrap_or(usize::MAX);
     n_elements(e)?;
     let es = elem_size(e.dtype);
-    let bytes = src.bytes(e);
     let mut scb = vec![0f32; rows];
     let window_rows = (WINDOW / cols).max(1);
     let task_rows = (SUB / cols).max(1);
     for r0 in (0..rows).step_by(window_rows) {
         let nr = window_rows.min(rows - r0);
+        let bytes = read_vec(src, e, r0 * cols * es, nr * cols * es)?;
         let mut q = vec![0i8; nr * cols];
         let s = &mut scb[r0..r0 + nr];
         let stats = q
@@ -374,7 +475,7 @@ fn int8<S: TensorSource, W: Write>(
             .zip(s.par_chunks_mut(task_rows))
             .enumerate()
             .map(|(i, (qc, sc))| {
-                let a = (r0 + i * task_rows) * cols;
+                let a = i * task_rows * cols;
                 let b = a + qc.len();
                 let (x, stats) = to_f32(&e.name, e.dtype, &bytes[a * es..b * es], Dtype::F16)?;
                 quantize_int8_rows(&x, cols, qc, sc);
@@ -402,15 +503,15 @@ fn cast<S: TensorSource, W: Write>(
 ) -> Result<(), BnbError> {
     let n = n_elements(e)?;
     let (ss, ds) = (elem_size(e.dtype), elem_size(dst));
-    let bytes = src.bytes(e);
     for start in (0..n).step_by(WINDOW) {
         let len = WINDOW.min(n - start);
+        let bytes = read_vec(src, e, start * ss, len * ss)?;
         let mut out = vec![0u8; len * ds];
         let stats = out
             .par_chunks_mut(SUB * ds)
             .enumerate()
             .map(|(i, o)| {
-                let a = start + i * SUB;
+                let a = i * SUB;
                 let b = a + o.len() / ds;
                 cast_slice(e.dtype, &bytes[a * ss..b * ss], dst, o)
                     .map_err(|err| cast_err(&e.name, err))
@@ -478,23 +579,23 @@ fn dequant4<S: TensorSource, W: Write>(
     let bs = usize::try_from(state.blocksize).unwrap_or(BLOCKSIZE);
     let absmax = match (nested, &state.nested) {
         (Some((na, nm)), Some(nj)) => {
-            let map_v = f32s(src.bytes(nm));
+            let map_v = f32s(&read_all(src, nm)?);
             let map: [f32; 256] = map_v
                 .try_into()
                 .map_err(|_| BnbError::tensor(&nm.name, "nested_quant_map is not 256 values"))?;
             let nbs = usize::try_from(nj.blocksize).unwrap_or(NESTED_BLOCKSIZE);
             decode_nested_absmax(
                 &map,
-                src.bytes(absmax_e),
-                &f32s(src.bytes(na)),
+                &read_all(src, absmax_e)?,
+                &f32s(&read_all(src, na)?),
                 nbs,
                 nj.offset as f32,
             )
         }
-        _ => f32s(src.bytes(absmax_e)),
+        _ => f32s(&read_all(src, absmax_e)?),
     };
     // The planner checked these; a mismatch here means the plan and data disagree.
-    if absmax.len() != n.div_ceil(bs) || src.bytes(weight).len() != n.div_ceil(2) {
+    if absmax.len() != n.div_ceil(bs) || weight.byte_len() != n.div_ceil(2) as u64 {
         return Err(BnbError::tensor(
             &weight.name,
             "absmax or code count does not match the shape",
@@ -508,12 +609,16 @@ fn dequant4<S: TensorSource, W: Write>(
     } else {
         Bf16Rounding::Torch
     };
-    let packed = src.bytes(weight);
+    // Windows start at multiples of WINDOW, which is even and a multiple of every bnb block
+    // size, so a window's codes start on a byte and its absmax on an entry.
+    debug_assert!(WINDOW.is_multiple_of(bs));
     for start in (0..n).step_by(WINDOW) {
         let len = WINDOW.min(n - start);
+        let packed = read_vec(src, weight, start / 2, len.div_ceil(2))?;
+        let am = &absmax[start / bs..];
         let mut vals = vec![0f32; len];
         vals.par_chunks_mut(SUB).enumerate().for_each(|(i, o)| {
-            kernels::dequantize_4bit(&table, packed, &absmax, bs, start + i * SUB, o);
+            kernels::dequantize_4bit(&table, &packed, am, bs, i * SUB, o);
         });
         emit(&weight.name, &vals, dst, bf16, w, ctx)?;
         ctx.advance(len.div_ceil(2) as u64, 0);
@@ -531,12 +636,11 @@ fn dequant_int8<S: TensorSource, W: Write>(
 ) -> Result<(), BnbError> {
     let rows = usize::try_from(weight.shape[0]).unwrap_or(usize::MAX);
     let cols = usize::try_from(weight.shape[1]).unwrap_or(usize::MAX);
-    let scb = f32s(src.bytes(scb_e));
-    let q: &[u8] = src.bytes(weight);
+    let scb = f32s(&read_all(src, scb_e)?);
     if rows == 0 || cols == 0 {
         return Ok(()); // an empty weight has no bytes to write
     }
-    if scb.len() != rows || q.len() != rows.saturating_mul(cols) {
+    if scb.len() != rows || weight.byte_len() != rows.saturating_mul(cols) as u64 {
         return Err(BnbError::tensor(
             &weight.name,
             "SCB or weight size does not match the shape",
@@ -545,10 +649,8 @@ fn dequant_int8<S: TensorSource, W: Write>(
     let window_rows = (WINDOW / cols).max(1);
     for r0 in (0..rows).step_by(window_rows) {
         let nr = window_rows.min(rows - r0);
-        let qi: Vec<i8> = q[r0 * cols..(r0 + nr) * cols]
-            .iter()
-            .map(|&b| b as i8)
-            .collect();
+        let raw = read_vec(src, weight, r0 * cols, nr * cols)?;
+        let qi: Vec<i8> = raw.iter().map(|&b| b as i8).collect();
         let mut vals = vec![0f32; nr * cols];
         let task_rows = (SUB / cols).max(1);
         vals.par_chunks_mut(task_rows * cols)

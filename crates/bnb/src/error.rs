@@ -43,6 +43,12 @@ pub enum BnbError {
         #[source]
         source: Box<BnbError>,
     },
+    /// Reading the source failed (or it changed after it was opened).
+    #[error("reading the source: {source}")]
+    Read {
+        /// The I/O error.
+        source: io::Error,
+    },
     /// Writing the output failed.
     #[error("writing the output: {0}")]
     Io(#[from] io::Error),

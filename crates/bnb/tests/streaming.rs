@@ -23,8 +23,10 @@ impl TensorSource for Mem {
     fn entries(&self) -> &[TensorEntry] {
         &self.header.tensors
     }
-    fn bytes(&self, e: &TensorEntry) -> &[u8] {
-        &self.data[e.data_offsets.0 as usize..e.data_offsets.1 as usize]
+    fn read(&self, e: &TensorEntry, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let a = (e.data_offsets.0 + offset) as usize;
+        buf.copy_from_slice(&self.data[a..a + buf.len()]);
+        Ok(())
     }
 }
 
