@@ -244,7 +244,14 @@ fn mix_type(target: FileType, name: &str, arch: Arch, v_seen: usize) -> GgmlType
 
 /// Plans the GGUF file ComfyUI-GGUF's tools would make of `tensors` for `target`.
 ///
-/// `forced_arch` overrides detection (`--arch`).
+/// `forced_arch` overrides detection (`--arch`). `tensors` must be in the source's data order
+/// (see the module docs).
+///
+/// The plain targets are convert.py's file with one rule made explicit: `MostlyF16` stores
+/// every tensor that convert.py does not keep in F32 as F16 (a BF16 source's included), and
+/// `MostlyBF16` stores them as BF16 (an fp8 or F16 source's included), where convert.py picks
+/// per tensor (BF16 for a BF16 tensor, else F16) and names the file after the most common source
+/// dtype. For a single-dtype source both agree; `AllF32` stores everything in F32.
 pub fn plan(
     tensors: &[SourceTensor<'_>],
     forced_arch: Option<Arch>,

@@ -332,3 +332,68 @@ fn large_source_peak_rss_stays_bounded() {
     eprintln!("source {} MiB, peak RSS {} MiB", size >> 20, peak >> 10);
     assert!(peak < 512 * 1024, "peak RSS {peak} KiB");
 }
+
+fn write_f32_model(path: &Path, tensors: &[(&str, &[u64])]) {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, s)| TensorSpec {
+            name: n.to_string(),
+            dtype: Dtype::F32,
+            shape: s.to_vec(),
+        })
+        .collect();
+    let mut w =
+        SafetensorsWriter::new(fs::File::create(path).unwrap(), &specs, &BTreeMap::new()).unwrap();
+    for s in &specs {
+        let n = s.shape.iter().product::<u64>() as usize;
+        let v: Vec<u8> = (0..n)
+            .flat_map(|i| ((i % 17) as f32 * 0.01).to_le_bytes())
+            .collect();
+        w.write_chunk(&v).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn layouts_are_refused_with_the_file_named_and_arch_can_be_forced() {
+    let env = Env::new();
+    let unknown = env.root.join("mystery.safetensors");
+    write_f32_model(&unknown, &[("foo.weight", &[64, 256]), ("foo.bias", &[64])]);
+    let diffusers = env.root.join("flux_diffusers.safetensors");
+    write_f32_model(
+        &diffusers,
+        &[
+            ("transformer_blocks.0.attn.norm_added_k.weight", &[128]),
+            ("transformer_blocks.0.attn.to_q.weight", &[64, 256]),
+        ],
+    );
+    let backends: [&dyn Backend; 1] = [&BACKEND];
+    let target = Precision::Gguf(FileType::Q8_0);
+    for (path, needle) in [
+        (&unknown, "unknown model architecture"),
+        (&diffusers, "diffusers"),
+    ] {
+        let err = smart_convert_with(path, target, &Options::new(env.models.clone()), &backends)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+    assert!(!env.models.gguf_dir().join("mystery_Q8_0.gguf").exists());
+
+    let forced = GgufBackend {
+        arch: Some(gguf::Arch::Flux),
+    };
+    let backends: [&dyn Backend; 1] = [&forced];
+    let out = smart_convert_with(
+        &unknown,
+        target,
+        &Options::new(env.models.clone()),
+        &backends,
+    )
+    .unwrap();
+    assert_eq!(out.status, Status::Converted);
+    let file = GgufFile::open(&out.path).unwrap();
+    assert_eq!(file.architecture(), Some("flux"));
+    assert_eq!(file.tensor("foo.weight").unwrap().ggml_type, GgmlType::Q8_0);
+}
