@@ -171,7 +171,7 @@ fn read_all<S: TensorSource>(src: &S, e: &TensorEntry) -> Result<Vec<u8>, BnbErr
     read_vec(src, e, 0, len)
 }
 
-/// Runs `plan` (from [`crate::plan`], [`crate::plan_dequantize`] or
+/// Runs `plan` (from [`crate::plan()`], [`crate::plan_dequantize`] or
 /// [`crate::plan_dequantize_file`]) over `src`, writing a safetensors file with `metadata` to
 /// `out`. `progress` gets (source bytes done, source tensors done) after each step and each
 /// window of a large tensor.

@@ -313,7 +313,7 @@ pub fn double_quant_with_offset(absmax: &[f32], offset: f32) -> NestedAbsmax {
     }
 }
 
-/// Decodes double-quantized absmax: f32(f32(map[q] · nested_absmax) + offset), bnb's
+/// Decodes double-quantized absmax: `f32(f32(map[q] · nested_absmax) + offset)`, bnb's
 /// `dequantize_blockwise` followed by `absmax += offset`.
 ///
 /// The caller checks `nested_absmax.len() == codes.len().div_ceil(nested_blocksize)`.

@@ -3,10 +3,12 @@
 //! Forge and diffusers load the result), and dequantization back to fp16/bf16/fp32.
 //!
 //! # Usage
-//! [`plan`] decides from a header which tensors are quantized and what the output holds
-//! ([`Plan::specs`], exact size via [`Plan::output_len`]); [`convert`] streams the conversion
-//! tensor by tensor (a large weight in parallel windows), memory bounded by one tensor's output.
-//! [`plan_dequantize_file`] (or [`plan_dequantize`] for int8-only files) + [`convert`] turns a
+//! [`plan()`] decides from a header which tensors are quantized and what the output holds
+//! ([`Plan::specs`], exact size via [`Plan::output_len`]); [`convert()`] streams the conversion
+//! tensor by tensor, reading the source with positioned reads in windows of 4M elements that are
+//! quantized in parallel (rayon) in tasks of whole blocks or rows. Memory is bounded by a window
+//! plus one tensor's absmax (1/16 of its element count in bytes), never by the model.
+//! [`plan_dequantize_file`] (or [`plan_dequantize`] for int8-only files) + [`convert()`] turns a
 //! bitsandbytes file back into floats.
 //!
 //! # Layout (per quantized `P.weight`)
