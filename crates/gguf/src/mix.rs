@@ -97,6 +97,9 @@ pub struct GgufPlan {
     pub metadata: Vec<(String, MetadataValue)>,
     pub tensors: Vec<PlannedTensor>,
     pub dropped: Vec<DroppedTensor>,
+    /// Tensors the mix would quantize whose rows are not whole blocks of the chosen type: they
+    /// took the fallback (F16 for K-quants, else the base type).
+    pub fallbacks: Vec<String>,
 }
 
 impl GgufPlan {
@@ -278,6 +281,7 @@ pub fn plan(
     let mut planned = Vec::with_capacity(named.len());
     let mut high_dim = Vec::new();
     let mut v_seen = 0usize;
+    let mut fallbacks = Vec::new();
     for (name, src) in named {
         if arch.is_ignored(&name) {
             dropped.push(DroppedTensor {
@@ -366,11 +370,14 @@ pub fn plan(
             let row = *shape.last().unwrap_or(&1);
             if row % chosen.block_size() as u64 == 0 {
                 chosen
-            } else if chosen.block_size() == 256 {
-                // The patch's fallback for K-quants is F16, whatever the base.
-                GgmlType::F16
             } else {
-                base_type
+                fallbacks.push(name.clone());
+                if chosen.block_size() == 256 {
+                    // The patch's fallback for K-quants is F16, whatever the base.
+                    GgmlType::F16
+                } else {
+                    base_type
+                }
             }
         } else {
             base_type
@@ -441,6 +448,7 @@ pub fn plan(
         metadata,
         tensors: planned,
         dropped,
+        fallbacks,
     })
 }
 
@@ -515,6 +523,10 @@ mod tests {
         );
         // Row of 100: the K-quant fallback is F16.
         assert_eq!(type_of(&plan, "single_blocks.0.odd.weight"), GgmlType::F16);
+        assert_eq!(
+            plan.fallbacks,
+            ["single_blocks.0.odd.weight", "tiny.weight"]
+        );
         // <= 1024 elements: F32 base, then row 16 cannot hold a K block -> F16.
         let tiny = plan
             .tensors

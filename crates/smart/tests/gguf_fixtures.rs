@@ -279,6 +279,16 @@ fn dropped_tensors_are_reported() {
     assert_eq!(report["file_type"], "Q8_0");
     assert_eq!(report["warnings"].as_array().unwrap().len(), 0);
 
+    // Flux's small rows (64) cannot hold a K-quant block: the fallback is reported.
+    let (_, report) = convert(&fixtures.join("flux_f32.safetensors"), FileType::Q4KM);
+    let warnings = report["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(
+        w.contains("not whole blocks") && w.contains("Q4_K_M"),
+        "{w}"
+    );
+
     // sd3_mixed: integer and boolean tensors are left out; the 0-d scalar becomes [1].
     let (bytes, report) = convert(&fixtures.join("sd3_mixed.safetensors"), FileType::Q4KM);
     let dropped: Vec<&str> = report["dropped"]

@@ -450,6 +450,18 @@ fn plan_gguf(
         AnySource::Gguf(g) => g.plan(forced_arch, target).map_err(SmartError::backend)?,
     };
     plan.dropped.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut warnings = warnings;
+    if !plan.fallbacks.is_empty() {
+        let n = plan.fallbacks.len();
+        let some: Vec<&str> = plan.fallbacks.iter().take(3).map(String::as_str).collect();
+        warnings.push(format!(
+            "{n} tensor(s) the {target} mix would quantize have rows that are not whole blocks \
+             and were stored unquantized, as ComfyUI-GGUF's quantizer does (F16 for K-quants): \
+             {}{}",
+            some.join(", "),
+            if n > 3 { ", ..." } else { "" }
+        ));
+    }
     // Provenance as STRING KVs, after the policy's keys; never shadow one of them.
     let extra: Vec<(String, MetadataValue)> = extra_metadata
         .iter()
