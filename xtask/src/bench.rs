@@ -201,7 +201,7 @@ fn cases() -> Vec<Case> {
             ],
             peer: Some(1),
             baseline: None,
-            wired: false,
+            wired: true,
             goal: ">= 5x faster than bitsandbytes' CPU quantize_4bit, peak RSS < 512 MiB",
         },
     ]
@@ -723,6 +723,9 @@ to exit, peak RSS is the child's `ru_maxrss` from `wait4(2)` (the largest over t
 repetitions). The source is read once before each case, so every tool starts from a warm \
 page cache; outputs go to `target/bench-scratch/` on the same disk and are deleted between \
 repetitions.
+- `ru_maxrss` counts every resident page of the process, including pages of memory-mapped \
+files (file-backed and reclaimable, but resident): a tool that maps its whole source shows \
+up to the source's size here.
 - Python rows include interpreter start-up and imports; the `python -c 'import ...'` row \
 shows that share.
 - \"speed-up vs peer\" is the peer's median time divided by the row's; \"time / cp\" is the \
@@ -739,8 +742,9 @@ step (`xtask/peers/gguf_base_step.py`, the same per-tensor F32/F16/BF16 choice t
 `gguf`) followed by ggml's quantizer over the same tensors with the same thread count. The \
 second step needs a ggml quantizer that accepts diffusion architectures (llama.cpp with \
 ComfyUI-GGUF's `lcpp.patch`); it becomes a second Python/exec row of those cases.
-- bitsandbytes (`bnb-nf4`): the peer `xtask/peers/bnb_quantize.py` runs bitsandbytes' CPU \
-`quantize_4bit` over every Linear weight.
+- bitsandbytes FP4 and int8 cases next to `bnb-nf4` (its peer, \
+`xtask/peers/bnb_quantize.py`, runs bitsandbytes' CPU `quantize_4bit` over every Linear \
+weight and takes `fp4` as well).
 ";
 
 #[cfg(test)]
