@@ -353,7 +353,13 @@ impl GgufSource {
         {
             return Ok(a);
         }
-        crate::arch::detect_arch(self.file.tensors.iter().map(|t| t.name.as_str())).map_err(|e| {
+        // sd.cpp writes no architecture and may keep ComfyUI's `model.diffusion_model.` prefix.
+        let names = self.file.tensors.iter().map(|t| t.name.as_str());
+        let prefix = crate::arch::KeyPrefix::detect(names.clone());
+        let stripped: Vec<String> = names
+            .filter_map(|n| prefix.apply(n).map(|c| c.into_owned()))
+            .collect();
+        crate::arch::detect_arch(stripped.iter().map(String::as_str)).map_err(|e| {
             GgufSourceError::Plan {
                 path: self.file.path.clone(),
                 source: PlanError::Arch(e),
@@ -663,6 +669,54 @@ mod tests {
         write_gguf(&plan, &[], &source, &mut out, &mut |_, _| {}).unwrap();
         let file = GgufFile::from_bytes(out, Path::new("re.gguf")).unwrap();
         assert_eq!(file.tensors.len(), q8_plan.tensors.len());
+    }
+
+    #[test]
+    fn an_sd_cpp_style_file_without_architecture_and_with_prefix_requantizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sdcpp.gguf");
+        let names = [
+            "model.diffusion_model.double_blocks.0.img_attn.proj.weight",
+            "model.diffusion_model.img_in.weight",
+        ];
+        let descs: Vec<TensorDesc> = names
+            .iter()
+            .map(|n| TensorDesc::from_torch_shape(*n, &[64, 64], GgmlType::F16))
+            .collect();
+        let mut out = Vec::new();
+        let mut w = GgufWriter::new(&mut out, Vec::new(), &descs, 32).unwrap();
+        for _ in &names {
+            let v: Vec<u8> = values(1, 64 * 64)
+                .iter()
+                .flat_map(|x| f32_to_f16_bits(*x).to_le_bytes())
+                .collect();
+            w.write_chunk(&v).unwrap();
+        }
+        w.finish().unwrap();
+        std::fs::write(&path, out).unwrap();
+        let source = GgufSource::open(&path).unwrap();
+        assert_eq!(source.arch(None).unwrap(), Arch::Flux);
+        let plan = source.plan(None, FileType::Q8_0).unwrap();
+        let got: Vec<_> = plan
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.source_name.as_str(), t.ggml_type))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "double_blocks.0.img_attn.proj.weight",
+                    names[0],
+                    GgmlType::Q8_0
+                ),
+                ("img_in.weight", names[1], GgmlType::F16),
+            ]
+        );
+        let mut file = Vec::new();
+        write_gguf(&plan, &[], &source, &mut file, &mut |_, _| {}).unwrap();
+        let file = GgufFile::from_bytes(file, Path::new("re.gguf")).unwrap();
+        assert_eq!(file.architecture(), Some("flux"));
     }
 
     #[test]
