@@ -72,9 +72,9 @@ impl Backend for GgufBackend {
         }
     }
 
-    fn converter_version(&self, _target: Precision, _options: &BackendOptions) -> String {
+    fn converter_version(&self, _target: Precision, options: &BackendOptions) -> String {
         // A forced architecture changes `general.architecture` and possibly the mix.
-        match self.arch {
+        match self.forced_arch(options) {
             Some(a) => format!("{VERSION}+arch={}", a.name()),
             None => VERSION.to_string(),
         }
@@ -87,7 +87,7 @@ impl Backend for GgufBackend {
                 let planned = plan_gguf(
                     source,
                     job.source_path,
-                    self.arch,
+                    self.forced_arch(&job.options),
                     ft,
                     job.extra_metadata,
                     Vec::new(),
@@ -107,7 +107,7 @@ impl Backend for GgufBackend {
                 Ok(Box::new(plan_gguf(
                     source,
                     job.source_path,
-                    self.arch,
+                    self.forced_arch(&job.options),
                     ft,
                     job.extra_metadata,
                     vec![warning],
@@ -123,6 +123,14 @@ impl Backend for GgufBackend {
             },
             _ => Err(unsupported(job)),
         }
+    }
+}
+
+impl GgufBackend {
+    /// The architecture to force, if any. The single place to read a per-job `--arch` from
+    /// once `BackendOptions` carries one (`options.arch.or(self.arch)`).
+    fn forced_arch(&self, _options: &BackendOptions) -> Option<Arch> {
+        self.arch
     }
 }
 
