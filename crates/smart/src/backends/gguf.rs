@@ -2,7 +2,7 @@
 //! one pass), GGUF -> another GGUF type (requantized), and GGUF -> fp32/fp16/bf16 safetensors
 //! (dequantized, ComfyUI key names and logical shapes kept).
 //!
-//! Sources are read with positioned reads into a reused chunk buffer rather than through a
+//! Sources are read with positioned reads into chunk-sized buffers rather than through a
 //! memory map: pages of a map stay in the process's RSS once touched, and a 20 GB source would
 //! otherwise count fully against the memory budget. Peak memory is a few chunk buffers.
 //!
