@@ -749,12 +749,20 @@ impl Torture {
             let _ = fs::remove_file(&output);
             let _ = fs::remove_file(&filler);
             let child = self.spawn(self.command(&models, &["convert", &src, "--to", &r.target]))?;
-            let delay = self.rng.unit() * r.seconds.max(0.05);
-            std::thread::sleep(Duration::from_secs_f64(delay));
+            // Strike when the temporary reaches a random size in its first half (later strikes
+            // mostly lose the race against a converter writing at memory speed).
+            let threshold = self.rng.below(r.size / 2);
+            let mut child = child;
+            let start = Instant::now();
+            while child.try_wait()?.is_none()
+                && temp_size(&output).is_none_or(|s| s < threshold)
+                && start.elapsed() < CALL_TIMEOUT
+            {
+                std::thread::sleep(Duration::from_micros(200));
+            }
             // Another writer takes every free byte.
             if let Ok(mut f) = File::create(&filler) {
-                let chunk = vec![0u8; 1 << 20];
-                while f.write_all(&chunk).is_ok() {}
+                fill_at_once(&f, mnt);
                 let small = [0u8; 4096];
                 while f.write(&small[..]).is_ok_and(|k| k > 0) {}
             }
@@ -1161,6 +1169,33 @@ impl Torture {
             );
         }
         Ok(())
+    }
+}
+
+/// Takes (nearly) all free space of the filesystem at `mnt` in one `fallocate(2)`, so the
+/// disk is full at once rather than after a race with the converter's writes.
+fn fill_at_once(f: &File, mnt: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: statvfs is plain old data (all-zero is valid), filled by statvfs(3) from a valid
+    // NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return;
+    }
+    let free = st.f_bavail as u64 * st.f_frsize as u64;
+    let mut len = free;
+    // Shrinking retries: the exact free space moves by a page while the converter writes.
+    while len > 4096 {
+        // SAFETY: fallocate on an open file descriptor we own.
+        if unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) } == 0 {
+            return;
+        }
+        len -= len / 64 + 4096;
     }
 }
 
