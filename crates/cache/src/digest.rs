@@ -12,6 +12,7 @@
 //! unchanged one, it does not defend against someone crafting collisions.
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -44,10 +45,12 @@ fn combine(len: u64, chunk_hashes: &[u128]) -> String {
 /// Chunks hashed between two progress reports (512 MiB).
 const CHUNKS_PER_REPORT: usize = 64;
 
-/// The digest of the file at `path`, read through a memory map.
+/// The digest of the file at `path`.
 ///
-/// The source must not be truncated while it is hashed (convcache never writes sources; another
-/// program truncating a model mid-run would also break the conversion itself).
+/// The file is read with positioned reads into a few reused chunk buffers (one per thread),
+/// not through a memory map: a map's touched pages would count against the process's resident
+/// memory for the whole run (the size of the model), and a source truncated meanwhile would
+/// raise SIGBUS instead of an error.
 pub fn digest_file(path: &Path) -> Result<String, CacheError> {
     digest_file_with_progress(path, &mut |_, _| {})
 }
@@ -64,22 +67,31 @@ pub fn digest_file_with_progress(
     };
     let file = File::open(path).map_err(|e| io("open the source", e))?;
     let len = file.metadata().map_err(|e| io("stat the source", e))?.len();
-    if len == 0 {
-        return Ok(combine(0, &[]));
-    }
-    // SAFETY: the map is read-only and private to this function; convcache never writes the
-    // file, and the documented precondition is that nobody truncates it meanwhile.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io("memory-map the source", e))?;
-    #[cfg(unix)]
-    let _ = map.advise(memmap2::Advice::Sequential);
-    let bytes: &[u8] = &map;
-    let mut chunk_hashes = Vec::with_capacity(bytes.len().div_ceil(CHUNK_SIZE));
-    let mut done = 0u64;
+    let chunk = CHUNK_SIZE as u64;
+    let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); rayon::current_num_threads().clamp(1, 8)];
+    let mut chunk_hashes = Vec::with_capacity(usize::try_from(len.div_ceil(chunk)).unwrap_or(0));
+    let mut offset = 0u64;
+    let mut last_report = 0u64;
     progress(0, len);
-    for batch in bytes.chunks(CHUNK_SIZE * CHUNKS_PER_REPORT) {
-        chunk_hashes.par_extend(batch.par_chunks(CHUNK_SIZE).map(xxh3_128));
-        done += batch.len() as u64;
-        progress(done, len);
+    while offset < len {
+        let mut filled = 0;
+        for buf in buffers.iter_mut() {
+            if offset >= len {
+                break;
+            }
+            // At most CHUNK_SIZE, so the cast cannot truncate.
+            let n = chunk.min(len - offset) as usize;
+            buf.resize(n, 0);
+            file.read_exact_at(buf, offset)
+                .map_err(|e| io("read the source", e))?;
+            offset += n as u64;
+            filled += 1;
+        }
+        chunk_hashes.par_extend(buffers[..filled].par_iter().map(|b| xxh3_128(b)));
+        if offset - last_report >= chunk * CHUNKS_PER_REPORT as u64 || offset == len {
+            last_report = offset;
+            progress(offset, len);
+        }
     }
     Ok(combine(len, &chunk_hashes))
 }
