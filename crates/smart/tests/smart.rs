@@ -534,14 +534,25 @@ fn cancelled_conversion_leaves_nothing() {
 
 /// Runs `name` (a test of this file) in a child process with `CONVCACHE_TEST_CHILD` set, and
 /// returns whether it passed. Used where the test changes process-wide state (rlimits).
+///
+/// The child's output is piped, never inherited: under a file-size limit, writing to an inherited
+/// stdout that is a large log file would fail with EFBIG too.
 fn run_child(name: &str) -> bool {
     let exe = std::env::current_exe().unwrap();
-    std::process::Command::new(exe)
+    let out = std::process::Command::new(exe)
         .args(["--exact", name, "--test-threads=1", "--nocapture"])
         .env("CONVCACHE_TEST_CHILD", "1")
-        .status()
-        .unwrap()
-        .success()
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "child {name} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
 }
 
 #[test]
