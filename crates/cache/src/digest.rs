@@ -1,9 +1,9 @@
-//! The content digest of a source file.
+//! The content digest of a source file (and of a published output, see [`crate::record`]).
 //!
 //! Construction (`xxh3-128/chunked-8MiB`, stable: cached outputs record it):
 //! 1. the file is cut into consecutive chunks of exactly [`CHUNK_SIZE`] bytes (the last one
 //!    shorter; an empty file has no chunk);
-//! 2. each chunk is hashed with XXH3-128 (seed 0), in parallel over a read-only memory map;
+//! 2. each chunk is hashed with XXH3-128 (seed 0) (in parallel, read with positioned reads);
 //! 3. the digest is XXH3-128 of `len_le_u64 || CHUNK_SIZE_le_u64 || h_0 || h_1 || ...` where each
 //!    `h_i` is the chunk hash as 16 little-endian bytes.
 //!
@@ -11,12 +11,13 @@
 //! number of threads. XXH3 is not cryptographic: the digest tells a changed source from an
 //! unchanged one, it does not defend against someone crafting collisions.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
 
 use crate::CacheError;
 
@@ -45,6 +46,19 @@ fn combine(len: u64, chunk_hashes: &[u128]) -> String {
 /// Chunks hashed between two progress reports (512 MiB).
 const CHUNKS_PER_REPORT: usize = 64;
 
+thread_local! {
+    /// Files hashed by [`digest_file_with_progress`] on this thread.
+    static FILES_HASHED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many files [`digest_file`] (or its progress variant) has hashed on the calling thread.
+///
+/// Per thread so that a test can tell whether one lookup hashed anything, whatever other tests
+/// run at the same time.
+pub fn files_hashed_on_this_thread() -> u64 {
+    FILES_HASHED.with(Cell::get)
+}
+
 /// The digest of the file at `path`.
 ///
 /// The file is read with positioned reads into a few reused chunk buffers (one per thread),
@@ -60,13 +74,17 @@ pub fn digest_file_with_progress(
     path: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<String, CacheError> {
+    FILES_HASHED.with(|c| c.set(c.get() + 1));
     let io = |op, source| CacheError::Io {
         path: path.to_path_buf(),
         op,
         source,
     };
-    let file = File::open(path).map_err(|e| io("open the source", e))?;
-    let len = file.metadata().map_err(|e| io("stat the source", e))?.len();
+    let file = File::open(path).map_err(|e| io("open the file to hash", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| io("stat the file to hash", e))?
+        .len();
     let chunk = CHUNK_SIZE as u64;
     let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); rayon::current_num_threads().clamp(1, 8)];
     let mut chunk_hashes = Vec::with_capacity(usize::try_from(len.div_ceil(chunk)).unwrap_or(0));
@@ -83,7 +101,7 @@ pub fn digest_file_with_progress(
             let n = chunk.min(len - offset) as usize;
             buf.resize(n, 0);
             file.read_exact_at(buf, offset)
-                .map_err(|e| io("read the source", e))?;
+                .map_err(|e| io("read the file to hash", e))?;
             offset += n as u64;
             filled += 1;
         }
@@ -94,6 +112,74 @@ pub fn digest_file_with_progress(
         }
     }
     Ok(combine(len, &chunk_hashes))
+}
+
+/// The same digest computed from bytes fed in order, in pieces of any size (for hashing an
+/// output while it is written, without reading it back).
+pub struct StreamDigest {
+    len: u64,
+    in_chunk: usize,
+    chunk: Xxh3,
+    chunk_hashes: Vec<u128>,
+}
+
+impl Default for StreamDigest {
+    fn default() -> StreamDigest {
+        StreamDigest::new()
+    }
+}
+
+impl std::fmt::Debug for StreamDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamDigest")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamDigest {
+    pub fn new() -> StreamDigest {
+        StreamDigest {
+            len: 0,
+            in_chunk: 0,
+            chunk: Xxh3::new(),
+            chunk_hashes: Vec::new(),
+        }
+    }
+
+    /// Feeds the next bytes.
+    pub fn update(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = (CHUNK_SIZE - self.in_chunk).min(bytes.len());
+            self.chunk.update(&bytes[..n]);
+            self.in_chunk += n;
+            self.len += n as u64;
+            bytes = &bytes[n..];
+            if self.in_chunk == CHUNK_SIZE {
+                self.chunk_hashes.push(self.chunk.digest128());
+                self.chunk.reset();
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was fed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The digest of everything fed, as [`digest_bytes`] would give for the concatenation.
+    pub fn finish(mut self) -> String {
+        if self.in_chunk > 0 {
+            self.chunk_hashes.push(self.chunk.digest128());
+        }
+        combine(self.len, &self.chunk_hashes)
+    }
 }
 
 /// The first 8 hex digits, used to tell apart outputs of same-named sources.
@@ -130,6 +216,26 @@ mod tests {
         );
         std::fs::write(&p, b"").unwrap();
         assert_eq!(digest_file(&p).unwrap(), digest_bytes(&[]));
+    }
+
+    #[test]
+    fn streaming_matches_whole_file_for_any_split() {
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 77))
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        let whole = digest_bytes(&data);
+        for piece in [1usize << 20, CHUNK_SIZE, CHUNK_SIZE - 1, 3_000_001] {
+            let mut s = StreamDigest::new();
+            for c in data.chunks(piece) {
+                s.update(c);
+            }
+            assert_eq!(s.len(), data.len() as u64);
+            assert_eq!(s.finish(), whole, "pieces of {piece}");
+        }
+        assert_eq!(StreamDigest::new().finish(), digest_bytes(&[]));
+        let mut s = StreamDigest::new();
+        s.update(&data[..CHUNK_SIZE]);
+        assert_eq!(s.finish(), digest_bytes(&data[..CHUNK_SIZE]));
     }
 
     #[test]

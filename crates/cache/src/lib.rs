@@ -5,6 +5,8 @@
 //! - [`naming`]: `{basename}_{precision}.{ext}` output names and parsing them back exactly.
 //! - [`digest`]: the chunked XXH3-128 content digest of a source.
 //! - [`provenance`]: the `convcache.*` key-values every output carries.
+//! - [`record`]: the output record (size, mtime, digest of a published output) that lets a
+//!   lookup tell an output whose data changed since it was published, without hashing on a hit.
 //! - [`Cache`]: validated [`Cache::lookup`], [`Cache::batch_check`], [`Cache::list`],
 //!   [`Cache::stats`], [`Cache::cleanup`], [`Cache::evict_to`], and the file conventions the
 //!   converter (crate `smart`) follows: per-output lock files, temporaries, use stamps.
@@ -16,6 +18,8 @@
 //!   or removed; never deleted, so every process locks the same inode).
 //! - `.convcache/flux_bf16.safetensors.used`: its use stamp; the stamp's mtime is the last
 //!   time the output was produced or served from the cache (least-recently-used eviction).
+//! - `.convcache/flux_bf16.safetensors.digest`: its output record ([`record`]), written by the
+//!   converter before it publishes the output; `.digest.tmp` while being replaced.
 //!
 //! # What may be deleted
 //! [`Cache::cleanup`] and [`Cache::evict_to`] only remove regular files (never symlinks, never
@@ -28,6 +32,7 @@ mod examine;
 mod models_dir;
 pub mod naming;
 pub mod provenance;
+pub mod record;
 mod store;
 
 use std::path::PathBuf;
@@ -36,6 +41,7 @@ pub use examine::{Examined, examine};
 pub use models_dir::{MODELS_DIR_ENV, ModelsDir, ModelsDirOrigin};
 pub use naming::{basename_of, output_file_name, parse_output_name};
 pub use provenance::{Provenance, SourceStat};
+pub use record::{OutputRecord, output_record_path, read_output_record, write_output_record};
 pub use store::{
     Cache, CheckEntry, Entry, Eviction, Kind, Lookup, LookupOptions, LookupStatus, PrecisionTotals,
     Removed, STATE_DIR, Stats, last_used, lock_path, open_lock, parse_temp_name, record_use_at,

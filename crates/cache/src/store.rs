@@ -13,18 +13,23 @@ use crate::naming::{
     self, basename_of, disambiguated_basename, output_file_name, parse_output_name,
 };
 use crate::provenance::{Provenance, SourceStat, absolute};
+use crate::record::{DataCheck, check_output_data, remove_output_record};
 use crate::{CacheError, ModelsDir, digest};
 
-/// Name of the hidden folder (inside each output dir) holding lock files and use stamps.
+/// Name of the hidden folder (inside each output dir) holding lock files, use stamps and output
+/// records.
 pub const STATE_DIR: &str = ".convcache";
 
 /// How strictly [`Cache::lookup`] validates.
 #[derive(Debug, Clone, Default)]
 pub struct LookupOptions {
     /// A file without provenance at the standard path is not used even when its precision is
-    /// right (`--strict`): it is reported [`LookupStatus::Foreign`] and gets reconverted.
+    /// right (`--strict`): it is reported [`LookupStatus::Foreign`] and gets reconverted. An
+    /// output without a usable output record ([`crate::record`]) is not used either: it is
+    /// reported [`LookupStatus::Broken`] and gets reconverted.
     pub strict: bool,
-    /// Hash the source even when its size and mtime match the provenance. Without it, a source
+    /// Hash the source even when its size and mtime match the provenance, and the output even
+    /// when its size and mtime match its output record. Without it, a source or an output
     /// rewritten in place with the same size and its mtime restored is not noticed.
     pub verify_digest: bool,
     /// When set, an output written by another converter version is stale.
@@ -36,7 +41,8 @@ pub struct LookupOptions {
 #[serde(rename_all = "snake_case", tag = "status", content = "reason")]
 pub enum LookupStatus {
     /// A complete output in the target precision whose provenance names this source,
-    /// unchanged, and this target.
+    /// unchanged, and this target, and whose data is what was published (when it has an output
+    /// record; [`Lookup::note`] says when it has none).
     Hit,
     /// A complete file in the target precision at the standard path without provenance
     /// (another tool made it). Used unless [`LookupOptions::strict`].
@@ -45,7 +51,8 @@ pub enum LookupStatus {
     Missing,
     /// An output of this source made before the source (or the converter) changed.
     Stale(String),
-    /// A file that cannot serve: incomplete, corrupt, wrong precision, unreadable provenance.
+    /// A file that cannot serve: incomplete, corrupt, wrong precision, unreadable provenance,
+    /// data changed since it was published.
     Broken(String),
     /// A file without provenance, rejected because of [`LookupOptions::strict`].
     Foreign,
@@ -74,6 +81,9 @@ pub struct Lookup {
     /// Earlier outputs of this source for this target under another name (a digest-suffixed
     /// name of older content): to remove once the new conversion is published.
     pub superseded: Vec<PathBuf>,
+    /// What a usable answer could not check (a hit whose data has no output record to be
+    /// verified against).
+    pub note: Option<String>,
 }
 
 /// One target of [`Cache::batch_check`].
@@ -88,6 +98,9 @@ pub struct CheckEntry {
     #[serde(flatten)]
     pub status: LookupStatus,
     pub path: PathBuf,
+    /// [`Lookup::note`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// Which output dirs [`Cache::list`] and friends look at.
@@ -272,6 +285,7 @@ impl Cache {
                     valid: l.status.is_usable(),
                     status: l.status,
                     path: l.path,
+                    note: l.note,
                 })
             })
             .collect()
@@ -309,23 +323,26 @@ impl Cache {
                 && p.source_mtime_ns == stat.mtime_ns
         };
         let candidates: Vec<&Examined> = plain_ex.iter().chain(alternates.iter()).collect();
-        let hit = |ex: &Examined, p: Provenance, digest: Option<String>| Lookup {
+        let hit = |ex: &Examined, p: Provenance, digest: Option<String>, note| Lookup {
             status: LookupStatus::Hit,
             path: ex.path.clone(),
             source: stat.clone(),
             source_digest: digest,
             provenance: Some(p),
             superseded: Vec::new(),
+            note,
         };
+        // Outputs whose provenance fits but whose data is not what was published, with why.
+        let mut data_changed: Vec<(PathBuf, String)> = Vec::new();
 
         // 1. The cheap identity: same path, size and mtime.
         for ex in &candidates {
             if let Some(p) = valid_prov(ex).filter(same_facts) {
-                if !options.verify_digest {
-                    return Ok(hit(ex, p, None));
+                if options.verify_digest && digest.get()? != p.source_digest {
+                    continue;
                 }
-                if digest.get()? == p.source_digest {
-                    return Ok(hit(ex, p, digest.value.clone()));
+                if let Some(note) = data_verdict(ex, options, &mut data_changed) {
+                    return Ok(hit(ex, p, digest.value.clone(), note));
                 }
             }
         }
@@ -342,6 +359,7 @@ impl Cache {
                 source_digest: digest.value.clone(),
                 provenance: None,
                 superseded: Vec::new(),
+                note: None,
             });
         }
         // Nothing at all to compare against: no need to hash here (the converter hashes the
@@ -354,13 +372,16 @@ impl Cache {
                 source_digest: digest.value.clone(),
                 provenance: None,
                 superseded: Vec::new(),
+                note: None,
             });
         }
         // 3. The same content under other facts (moved, copied, touched).
         let d = digest.get()?.to_string();
         for ex in &candidates {
-            if let Some(p) = valid_prov(ex).filter(|p| p.source_digest == d) {
-                return Ok(hit(ex, p, Some(d)));
+            if let Some(p) = valid_prov(ex).filter(|p| p.source_digest == d)
+                && let Some(note) = data_verdict(ex, options, &mut data_changed)
+            {
+                return Ok(hit(ex, p, Some(d), note));
             }
         }
 
@@ -384,6 +405,9 @@ impl Cache {
         let verdict = |ex: &Examined| -> LookupStatus {
             if let Some(r) = ex.defect_for(target) {
                 return LookupStatus::Broken(r);
+            }
+            if let Some((_, r)) = data_changed.iter().find(|(p, _)| *p == ex.path) {
+                return LookupStatus::Broken(r.clone());
             }
             match &ex.provenance {
                 None if ex.has_provenance_keys => {
@@ -436,6 +460,7 @@ impl Cache {
             source_digest: Some(d),
             provenance,
             superseded,
+            note: None,
         })
     }
 
@@ -604,6 +629,7 @@ impl Cache {
         if !dry_run {
             fs::remove_file(path).map_err(io_err(path, "remove"))?;
             let _ = fs::remove_file(use_stamp_path(path));
+            remove_output_record(path);
         }
         Ok(true)
     }
@@ -632,6 +658,31 @@ impl Cache {
             }
         }
         Ok(removed)
+    }
+}
+
+/// Whether the data of `ex` (whose provenance fits) may be served: `Some(note)` if so (the note
+/// says what was not verified), `None` if not (the reason is pushed to `changed`). Hashes the
+/// output only when its size or mtime differ from its record, or with `verify_digest`.
+fn data_verdict(
+    ex: &Examined,
+    options: &LookupOptions,
+    changed: &mut Vec<(PathBuf, String)>,
+) -> Option<Option<String>> {
+    if changed.iter().any(|(p, _)| *p == ex.path) {
+        return None;
+    }
+    match check_output_data(&ex.path, options.verify_digest) {
+        DataCheck::Verified => Some(None),
+        DataCheck::Unrecorded(why) if options.strict => {
+            changed.push((ex.path.clone(), format!("{why} (strict)")));
+            None
+        }
+        DataCheck::Unrecorded(why) => Some(Some(why)),
+        DataCheck::Changed(why) => {
+            changed.push((ex.path.clone(), why));
+            None
+        }
     }
 }
 

@@ -12,7 +12,13 @@
 //!    finished), remove temporaries of dead writers, plan, check free space and the file-size
 //!    limit against the exact output size, stream into `.<name>.<pid>.tmp` in the output dir,
 //!    fsync, verify (re-detect: precision = target, complete, size = planned, provenance as
-//!    written), rename into place, fsync the directory ([`Status::Converted`]).
+//!    written), write the output record (size, mtime and digest of the bytes written, see
+//!    [`cache::record`]), rename into place, fsync the directory ([`Status::Converted`]).
+//!
+//! A hit is served only if the output's data is what was published: its size and mtime equal
+//! its output record (no hashing), or else its digest does; an output whose data changed is
+//! reconverted. An output without a record is served with [`Outcome::note`] saying so (and
+//! reconverted when [`Options::strict`]).
 //!
 //! On any error the temporary is removed and nothing appears at the cache path; a temporary
 //! left by a killed process is removed by the next conversion of that output (or any
@@ -39,7 +45,8 @@ pub struct Options<'a> {
     pub models_dir: ModelsDir,
     /// Reconvert files at the cache path that carry no provenance (made by another tool).
     pub strict: bool,
-    /// Hash the source on every lookup, not only when its size or mtime changed.
+    /// Hash the source and the cached output on every lookup, not only when their size or
+    /// mtime changed.
     pub verify_digest: bool,
     /// bitsandbytes 4-bit targets: double-quantize absmax.
     pub double_quant: bool,
@@ -112,6 +119,9 @@ pub struct Outcome {
     pub report: Option<serde_json::Value>,
     /// Why the file at the cache path was replaced (stale, broken, foreign), if it was.
     pub replaced: Option<String>,
+    /// What a cached answer could not verify (an output without an output record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
@@ -237,7 +247,7 @@ pub fn smart_convert_with(
 ) -> Result<Outcome, SmartError> {
     let detection = detect::detect(source)?;
     let source_precision = detection.precision;
-    let outcome = |status, path: PathBuf, report, replaced| Outcome {
+    let outcome = |status, path: PathBuf, report, replaced, note| Outcome {
         status,
         path,
         source: source.to_path_buf(),
@@ -245,6 +255,7 @@ pub fn smart_convert_with(
         source_precision,
         report,
         replaced,
+        note,
     };
     let Some(sp) = source_precision else {
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
@@ -255,6 +266,7 @@ pub fn smart_convert_with(
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
+            None,
             None,
             None,
         ));
@@ -281,7 +293,7 @@ pub fn smart_convert_with(
     if let Some(status) = usable(&lookup.status) {
         // A read-only models dir must not turn a hit into a failure: the stamp is best effort.
         let _ = cache.record_use(&lookup.path);
-        return Ok(outcome(status, lookup.path, None, None));
+        return Ok(outcome(status, lookup.path, None, None, lookup.note));
     }
 
     // Stage 3: convert.
@@ -303,7 +315,13 @@ pub fn smart_convert_with(
         options,
     };
     let done = job.run(lookup)?;
-    Ok(outcome(done.status, done.path, done.report, done.replaced))
+    Ok(outcome(
+        done.status,
+        done.path,
+        done.report,
+        done.replaced,
+        done.note,
+    ))
 }
 
 /// The verdict of [`check`] for one target.
@@ -337,7 +355,8 @@ pub struct Check {
     pub exists: bool,
     /// The file that would be answered, or where a conversion would be published.
     pub path: PathBuf,
-    /// Why a file at `path` is stale or broken.
+    /// Why a file at `path` is stale or broken; for a hit, what could not be verified (no
+    /// output record).
     pub reason: Option<String>,
 }
 
@@ -398,7 +417,7 @@ pub fn check_with(
             None => cache.lookup(source, target, &lookup_options)?,
         };
         let (status, reason) = match &l.status {
-            LookupStatus::Hit => (CheckStatus::Hit, None),
+            LookupStatus::Hit => (CheckStatus::Hit, l.note.clone()),
             LookupStatus::Unverified => (CheckStatus::Unverified, None),
             LookupStatus::Missing => (CheckStatus::Missing, None),
             LookupStatus::Stale(r) => (CheckStatus::Stale, Some(r.clone())),

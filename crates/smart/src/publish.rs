@@ -1,11 +1,18 @@
 //! Stage 3: convert under the output's lock, into a temporary, verify, publish atomically.
+//!
+//! The output's digest is computed from the bytes as they are written (no second read), and
+//! recorded in its output record ([`cache::record`]) before the rename: a crash between the two
+//! leaves the new record beside the previous file (or none), whose size and mtime then differ
+//! from the record, so it is hashed and, unless its bytes are exactly the new output's,
+//! reported broken and reconverted. Never is a file served against a record of other bytes.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
-use cache::{Cache, Lookup, LookupOptions, LookupStatus, Provenance, digest};
+use cache::{Cache, Lookup, LookupOptions, LookupStatus, OutputRecord, Provenance, digest};
 use detect::{Detection, Precision};
 
 use crate::{Backend, BackendOptions, Job, Options, Phase, Progress, SmartError, Status};
@@ -33,6 +40,7 @@ pub(crate) struct Done {
     pub path: PathBuf,
     pub report: Option<serde_json::Value>,
     pub replaced: Option<String>,
+    pub note: Option<String>,
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SmartError {
@@ -55,10 +63,12 @@ impl Drop for TempGuard {
 }
 
 /// The temporary file's writer: remembers the first I/O error (to tell a full disk from other
-/// failures whatever the converter wraps it in), counts bytes and honours cancellation.
+/// failures whatever the converter wraps it in), counts and hashes bytes and honours
+/// cancellation.
 struct Sink<'a> {
     file: File,
     written: u64,
+    hasher: digest::StreamDigest,
     error: Option<(io::ErrorKind, Option<i32>)>,
     cancel: Option<&'a AtomicBool>,
     cancelled: bool,
@@ -73,6 +83,7 @@ impl Write for Sink<'_> {
         match self.file.write(buf) {
             Ok(n) => {
                 self.written += n as u64;
+                self.hasher.update(&buf[..n]);
                 Ok(n)
             }
             Err(e) => {
@@ -131,6 +142,7 @@ impl Convert<'_> {
                         path: out,
                         report: None,
                         replaced: None,
+                        note: again.note,
                     });
                 }
                 _ => return self.convert_locked(again, lookup.source_digest.clone()),
@@ -204,6 +216,7 @@ impl Convert<'_> {
             Sink {
                 file,
                 written: 0,
+                hasher: digest::StreamDigest::new(),
                 error: None,
                 cancel: self.options.cancel,
                 cancelled: false,
@@ -253,9 +266,10 @@ impl Convert<'_> {
                 return Err(e);
             }
         };
-        let sink = writer
+        let mut sink = writer
             .into_inner()
             .map_err(|e| io_err(&tmp, "write the temporary output")(e.into_error()))?;
+        backdate(&sink.file, &tmp)?;
         sink.file.sync_all().map_err(|e| match e.raw_os_error() {
             Some(r) if is_no_space(Some(r), e.kind()) => SmartError::DiskFull {
                 path: out.clone(),
@@ -263,9 +277,13 @@ impl Convert<'_> {
             },
             _ => io_err(&tmp, "flush the temporary output to disk")(e),
         })?;
+        let output_digest = std::mem::take(&mut sink.hasher).finish();
         drop(sink);
 
         verify(&tmp, &out, self.target, &provenance, needed, written)?;
+        // The rename keeps the temporary's size and mtime, so its record is the output's.
+        let record = OutputRecord::of_file(&tmp, output_digest)?;
+        cache::write_output_record(&out, &record)?;
         fs::rename(&tmp, &out).map_err(io_err(&out, "publish the output (rename)"))?;
         guard.armed = false;
         sync_dir(&dir)?;
@@ -286,8 +304,26 @@ impl Convert<'_> {
             path: out,
             report: Some(report),
             replaced,
+            note: None,
         })
     }
+}
+
+/// Sets the finished temporary's mtime one second before both its current mtime and now, so that
+/// any later write to the published output (even within the same filesystem clock tick as the
+/// publish) gives it an mtime other than the one in its output record.
+fn backdate(file: &File, tmp: &Path) -> Result<(), SmartError> {
+    let now = SystemTime::now();
+    let mtime = file.metadata().and_then(|m| m.modified()).map_err(io_err(
+        tmp,
+        "read the modification time of the temporary output",
+    ))?;
+    let base = mtime.min(now);
+    let past = base.checked_sub(Duration::from_secs(1)).unwrap_or(base);
+    file.set_modified(past).map_err(io_err(
+        tmp,
+        "set the modification time of the temporary output",
+    ))
 }
 
 /// Whether `a` and `b` are the same file (both exist and share device and inode).
