@@ -1,11 +1,10 @@
 //! Executing a [`Plan`]: streaming, tensor by tensor, large tensors in parallel windows.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
 
-use detect::safetensors::{Dtype, SafetensorsFile, TensorEntry};
+use detect::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
 use precision::SafetensorsWriter;
 use precision::cast::{CastStats, cast_slice};
 use rayon::prelude::*;
@@ -58,12 +57,8 @@ pub struct Report {
     pub cast_non_finite: u64,
 }
 
-/// Where a conversion reads tensor bytes from.
-///
-/// The converter reads each window with positioned reads instead of through a memory map: the
-/// pages of a mapping count in the process's resident set as the conversion walks the file (a
-/// 20 GB model would show 20 GB RSS), and a file truncated by someone else becomes an I/O error
-/// instead of a SIGBUS.
+/// Where a conversion reads tensor bytes from, window by window: for a file,
+/// [`SafetensorsFile::read_tensor_range`] (positioned reads, not its memory map).
 pub trait TensorSource: Sync {
     /// The source's path, for error messages.
     fn path(&self) -> &Path;
@@ -74,81 +69,18 @@ pub trait TensorSource: Sync {
     fn read(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
 
-/// A validated safetensors file read with positioned reads.
-struct FileSource<'a> {
-    file: File,
-    src: &'a SafetensorsFile,
-}
-
-impl<'a> FileSource<'a> {
-    fn open(src: &'a SafetensorsFile) -> Result<Self, BnbError> {
-        let file = File::open(&src.path).map_err(|source| BnbError::Read { source })?;
-        let len = file
-            .metadata()
-            .map_err(|source| BnbError::Read { source })?
-            .len();
-        if len != src.file_len() {
-            return Err(BnbError::Read {
-                source: io::Error::other(format!(
-                    "the file changed after it was opened ({len} bytes, was {})",
-                    src.file_len()
-                )),
-            });
-        }
-        Ok(FileSource { file, src })
-    }
-}
-
-fn check_range(entry: &TensorEntry, offset: u64, len: usize) -> io::Result<()> {
-    if offset
-        .checked_add(len as u64)
-        .is_none_or(|end| end > entry.byte_len())
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "read past the end of tensor `{}`",
-                entry.name.escape_debug()
-            ),
-        ));
-    }
-    Ok(())
-}
-
-impl TensorSource for FileSource<'_> {
+/// A validated safetensors file, read with its positioned reads.
+impl TensorSource for SafetensorsFile {
     fn path(&self) -> &Path {
-        &self.src.path
+        &self.path
     }
     fn entries(&self) -> &[TensorEntry] {
-        &self.src.header.tensors
+        &self.header.tensors
     }
     fn read(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        check_range(entry, offset, buf.len())?;
-        let at = self.src.header.data_start + entry.data_offsets.0 + offset;
-        read_exact_at(&self.file, buf, at)
+        self.read_tensor_range(entry, offset, buf)
+            .map_err(SafetensorsError::into_io_error)
     }
-}
-
-#[cfg(unix)]
-fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<()> {
-    std::os::unix::fs::FileExt::read_exact_at(file, buf, at)
-}
-
-#[cfg(windows)]
-fn read_exact_at(file: &File, mut buf: &mut [u8], mut at: u64) -> io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !buf.is_empty() {
-        match file.seek_read(buf, at) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => {
-                buf = &mut buf[n..];
-                at += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// `len` bytes of `e` from `offset`.
@@ -182,8 +114,13 @@ pub fn convert<W: Write>(
     out: W,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, BnbError> {
-    let file = FileSource::open(src).map_err(|e| e.in_file(&src.path))?;
-    convert_from(&file, plan, metadata, out, progress)
+    src.check_unchanged().map_err(|e| {
+        BnbError::Read {
+            source: e.into_io_error(),
+        }
+        .in_file(&src.path)
+    })?;
+    convert_from(src, plan, metadata, out, progress)
 }
 
 /// [`convert`] executing a dequantization plan (the same function; named for readability).

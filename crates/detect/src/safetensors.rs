@@ -11,8 +11,8 @@
 //! - all tensors together: contiguous, non-overlapping, covering exactly the data section.
 //!
 //! [`read_header`] reads only the `8 + N` header bytes, never tensor data, so detecting a
-//! 20 GB model costs the same as a 20 KB one. [`SafetensorsFile`] adds a memory map for the
-//! converters.
+//! 20 GB model costs the same as a 20 KB one. [`SafetensorsFile`] keeps the validated file open:
+//! the tensor reads and "changed since validated" check every converter shares.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -477,16 +477,21 @@ pub enum SafetensorsError {
         /// What is wrong.
         source: HeaderError,
     },
-    /// The file changed size between reading its header and mapping it.
-    #[error("{}: the file changed while it was being opened ({expected} bytes, then {found})", path.display())]
+    /// The file changed after its header was validated: its size, its header bytes, or (on
+    /// unix) the file its path names.
+    #[error("{}: {}", path.display(), changed_message(*expected, *found))]
     Changed {
         /// The file.
         path: PathBuf,
         /// Size when the header was read.
         expected: u64,
-        /// Size when mapped.
+        /// Size found later (equal to `expected` when only the header or the file differs).
         found: u64,
     },
+}
+
+fn changed_message(expected: u64, found: u64) -> String {
+    format!("the file changed after its header was validated (size {expected}, now {found})")
 }
 
 impl SafetensorsError {
@@ -497,6 +502,18 @@ impl SafetensorsError {
             | SafetensorsError::NotAFile { path }
             | SafetensorsError::Header { path, .. }
             | SafetensorsError::Changed { path, .. } => path,
+        }
+    }
+
+    /// The problem as an [`io::Error`] without the path, for callers whose own errors name the
+    /// file (for [`SafetensorsError::Io`], the I/O error itself, with its kind).
+    pub fn into_io_error(self) -> io::Error {
+        match self {
+            SafetensorsError::Io { source, .. } => source,
+            SafetensorsError::Changed {
+                expected, found, ..
+            } => io::Error::other(changed_message(expected, found)),
+            e => io::Error::other(e.to_string()),
         }
     }
 
@@ -874,25 +891,37 @@ fn deserialize_entries(text: &str) -> Result<Vec<(String, RawValue)>, HeaderErro
     })
 }
 
-// ----- memory-mapped view -----
+// ----- the opened file -----
 
-/// A safetensors file with a validated header, memory-mapped for reading tensor data.
+/// A safetensors file with a validated header, kept open for reading tensor data.
+///
+/// Converters use [`SafetensorsFile::read_tensor_range`] (positioned reads of the file whose
+/// header was validated, into reused buffers), not the map: a map's touched pages count as
+/// resident memory (a converted 20 GB model would show 20 GB RSS) and a truncated file raises
+/// SIGBUS. The map serves only [`SafetensorsFile::tensor_bytes`]: tests, fixtures and the small
+/// quant-state tensors a bitsandbytes dequantization plan reads.
 #[derive(Debug)]
 pub struct SafetensorsFile {
     /// The file.
     pub path: PathBuf,
     /// Its validated header.
     pub header: Header,
+    file_len: u64,
+    file: File,
+    /// Without unix's positioned reads, a seek and its read must not interleave with another's.
+    #[cfg(not(unix))]
+    seek_lock: std::sync::Mutex<()>,
     mmap: memmap2::Mmap,
 }
 
 impl SafetensorsFile {
     /// Opens `path`, validates its header (reading only the header bytes) and maps it.
     pub fn open(path: &Path) -> Result<Self, SafetensorsError> {
-        let mut file = File::open(path).map_err(|source| SafetensorsError::Io {
+        let io_err = |source| SafetensorsError::Io {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut file = File::open(path).map_err(io_err)?;
         let file_len = regular_file_len(&file, path)?;
         let header = read_header_from(&mut file, path, file_len)?;
         // SAFETY: the map is read-only and private to this process. Like every reader of
@@ -901,10 +930,7 @@ impl SafetensorsFile {
         // temporary file and renamed, which does not touch mapped pages of the old inode).
         // The size is re-checked below, so a header validated against one size is never used
         // with a map of another.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| SafetensorsError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
         if mmap.len() as u64 != file_len {
             return Err(SafetensorsError::Changed {
                 path: path.to_owned(),
@@ -915,16 +941,21 @@ impl SafetensorsFile {
         Ok(SafetensorsFile {
             path: path.to_owned(),
             header,
+            file_len,
+            file,
+            #[cfg(not(unix))]
+            seek_lock: std::sync::Mutex::new(()),
             mmap,
         })
     }
 
-    /// Size of the file in bytes.
+    /// Size of the file in bytes when its header was validated.
     pub fn file_len(&self) -> u64 {
-        self.mmap.len() as u64
+        self.file_len
     }
 
-    /// The bytes of `tensor`, an entry of this file's [`SafetensorsFile::header`].
+    /// The bytes of `tensor`, an entry of this file's [`SafetensorsFile::header`], through the
+    /// memory map (see the type's documentation).
     ///
     /// # Panics
     /// If `tensor` is not from this header and its offsets fall outside the file (validated
@@ -935,9 +966,138 @@ impl SafetensorsFile {
         &self.mmap[start as usize..end as usize]
     }
 
-    /// The tensor called `name` and its bytes.
+    /// The tensor called `name` and its bytes (through the memory map).
     pub fn tensor(&self, name: &str) -> Option<(&TensorEntry, &[u8])> {
         let t = self.header.tensor(name)?;
         Some((t, self.tensor_bytes(t)))
+    }
+
+    /// Fills `buf` with the bytes of `entry` starting `offset` bytes into the tensor, with a
+    /// positioned read of the opened file.
+    ///
+    /// A range past the end of `entry` (or of the file, for a hand-made entry) is refused before
+    /// reading. Errors are [`SafetensorsError::Io`] naming the file, the tensor and the range.
+    pub fn read_tensor_range(
+        &self,
+        entry: &TensorEntry,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), SafetensorsError> {
+        let len = buf.len() as u64;
+        let err = |kind, problem: &dyn fmt::Display| SafetensorsError::Io {
+            path: self.path.clone(),
+            source: io::Error::new(
+                kind,
+                format!(
+                    "tensor {:?}, {len} bytes at offset {offset}: {problem}",
+                    entry.name
+                ),
+            ),
+        };
+        let at = offset
+            .checked_add(len)
+            .filter(|&end| end <= entry.byte_len())
+            .and_then(|_| self.header.data_start.checked_add(entry.data_offsets.0))
+            .and_then(|start| start.checked_add(offset))
+            .filter(|&at| at.checked_add(len).is_some_and(|end| end <= self.file_len))
+            .ok_or_else(|| {
+                let outside = format!("outside the tensor's {} bytes", entry.byte_len());
+                err(io::ErrorKind::InvalidInput, &outside)
+            })?;
+        self.read_exact_at(buf, at).map_err(|e| err(e.kind(), &e))
+    }
+
+    /// Fails with [`SafetensorsError::Changed`] unless the opened file keeps its size and header
+    /// and (on unix) the path still names it: converters call this before writing, so a source
+    /// rewritten after planning is refused rather than read with stale offsets. (Elsewhere a
+    /// path replaced by another file goes unnoticed; the opened file is still read consistently.)
+    pub fn check_unchanged(&self) -> Result<(), SafetensorsError> {
+        let io_err = |source| SafetensorsError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let changed = |found| SafetensorsError::Changed {
+            path: self.path.clone(),
+            expected: self.file_len,
+            found,
+        };
+        let len = self.file.metadata().map_err(io_err)?.len();
+        if len != self.file_len {
+            return Err(changed(len));
+        }
+        // data_start <= 8 + MAX_HEADER_LEN (validated header), and the file is at least that long.
+        let mut prefix = vec![0u8; self.header.data_start as usize];
+        self.read_exact_at(&mut prefix, 0).map_err(io_err)?;
+        if parse_header(&prefix, len).ok().as_ref() != Some(&self.header) {
+            return Err(changed(len));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let opened = self.file.metadata().map_err(io_err)?;
+            let named = std::fs::metadata(&self.path).map_err(io_err)?;
+            if (named.dev(), named.ino()) != (opened.dev(), opened.ino()) {
+                return Err(changed(named.len()));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, at)
+        }
+        #[cfg(not(unix))]
+        {
+            use std::io::{Seek, SeekFrom};
+            let _guard = self.seek_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut file = &self.file;
+            file.seek(SeekFrom::Start(at))?;
+            file.read_exact(buf)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensor `a` (8 bytes) then `b` (4 bytes); a same-size file with another header is
+    /// precision's `a_source_changed_after_opening_is_refused`.
+    #[test]
+    fn tensor_ranges_are_bounded_and_changed_files_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let json = br#"{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},"b":{"dtype":"U8","shape":[4],"data_offsets":[8,12]}}"#;
+        let bytes = [
+            &(json.len() as u64).to_le_bytes()[..],
+            json,
+            &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+        ]
+        .concat();
+        std::fs::write(&path, &bytes).unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        let (a, b, mut buf) = (&f.header.tensors[0], &f.header.tensors[1], [0u8; 4]);
+        f.read_tensor_range(a, 4, &mut buf).unwrap();
+        assert_eq!(buf, [4, 5, 6, 7]);
+        // Past the end of `a`, although `b`'s bytes follow in the file.
+        let e = f.read_tensor_range(a, 6, &mut buf).unwrap_err();
+        assert!(e.to_string().contains(r#"tensor "a""#), "{e}");
+        f.check_unchanged().unwrap();
+        // Truncated by someone else: an error naming the tensor, not a SIGBUS.
+        std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+        let e = f.read_tensor_range(b, 0, &mut buf).unwrap_err();
+        assert!(
+            e.to_string().contains(r#"tensor "b""#) && e.to_string().contains("fill"),
+            "{e}"
+        );
+        assert!(
+            matches!(f.check_unchanged(), Err(SafetensorsError::Changed { found, .. }) if found == f.file_len() - 2)
+        );
+        // The path names another file with the same bytes.
+        std::fs::write(dir.path().join("copy"), &bytes).unwrap();
+        std::fs::rename(dir.path().join("copy"), &path).unwrap();
+        assert_eq!(cfg!(unix), f.check_unchanged().is_err());
     }
 }

@@ -5,7 +5,7 @@
 //! written; [`convert`] streams the conversion: header first, then tensor by tensor, large tensors
 //! in chunks converted in parallel into a reused buffer while the previous chunk is written.
 //! Memory is bounded by three chunk buffers (one read, two converted), never by the model: the
-//! source is read with positioned reads, not through its memory map (see `Source`).
+//! source is read with positioned reads, not through its memory map (see `read_piece`).
 //!
 //! Which tensors change (the rules of issue 3):
 //! - 32- and 16-bit targets: every floating tensor is cast to the target dtype.
@@ -21,7 +21,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
-use detect::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry, parse_header};
+use detect::safetensors::{Dtype, Header, SafetensorsError, SafetensorsFile, TensorEntry};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -317,86 +317,30 @@ pub fn convert_with<W: Write>(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ConvertError> {
     check_plan(&src.path, &src.header, plan)?;
-    let source = Source::open(src)?;
-    convert_source(&source, plan, metadata, out, options, progress)
+    src.check_unchanged().map_err(|e| read_error(src, e))?;
+    convert_source(src, plan, metadata, out, options, progress)
 }
 
-/// Reads tensor data with positioned reads rather than through the memory map: the pages of a
-/// mapping would count in the process's resident set as the conversion walks the file (a 20 GB
-/// model would show 20 GB RSS), and a file truncated by someone else would be an I/O error here
-/// instead of a SIGBUS.
-struct Source<'a> {
-    path: &'a Path,
-    header: &'a Header,
-    file: ReadAt,
+/// The source's error as this crate's: a file changed since its header was validated is
+/// [`ConvertError::SourceChanged`], anything else a read failure.
+fn read_error(src: &SafetensorsFile, e: SafetensorsError) -> ConvertError {
+    match e {
+        SafetensorsError::Changed { .. } => ConvertError::SourceChanged {
+            path: src.path.clone(),
+        },
+        e => ConvertError::Read {
+            path: src.path.clone(),
+            source: e.into_io_error(),
+        },
+    }
 }
 
-#[cfg(unix)]
-type ReadAt = std::fs::File;
-#[cfg(not(unix))]
-type ReadAt = std::sync::Mutex<std::fs::File>;
-
-impl<'a> Source<'a> {
-    /// Opens `src.path` again and checks it still is the file whose header was validated (same
-    /// size, same header), so the offsets of `src.header` are valid for it.
-    fn open(src: &'a SafetensorsFile) -> Result<Self, ConvertError> {
-        let read_err = |source: io::Error| ConvertError::Read {
-            path: src.path.clone(),
-            source,
-        };
-        let file = std::fs::File::open(&src.path).map_err(read_err)?;
-        let len = file.metadata().map_err(read_err)?.len();
-        let changed = || ConvertError::SourceChanged {
-            path: src.path.clone(),
-        };
-        if len != src.file_len() {
-            return Err(changed());
-        }
-        #[cfg(not(unix))]
-        let file = std::sync::Mutex::new(file);
-        let source = Source {
-            path: &src.path,
-            header: &src.header,
-            file,
-        };
-        // data_start <= 8 + 100 MB (validated header), and the file is at least that long.
-        let mut prefix = vec![0u8; src.header.data_start as usize];
-        source.read_at(0, &mut prefix).map_err(read_err)?;
-        match parse_header(&prefix, len) {
-            Ok(h) if h == src.header => Ok(source),
-            _ => Err(changed()),
-        }
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::FileExt;
-            self.file.read_exact_at(buf, offset)
-        }
-        #[cfg(not(unix))]
-        {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut f = self
-                .file
-                .lock()
-                .map_err(|_| io::Error::other("source file lock poisoned"))?;
-            f.seek(SeekFrom::Start(offset))?;
-            f.read_exact(buf)
-        }
-    }
-
-    /// Reads the source bytes of `piece` into `buf`.
-    fn read_piece(&self, piece: &Piece, buf: &mut [u8]) -> Result<(), ConvertError> {
-        let entry = &self.header.tensors[piece.tensor];
-        let size = entry.dtype.bits() / 8;
-        let offset = self.header.data_start + entry.data_offsets.0 + piece.start as u64 * size;
-        self.read_at(offset, buf)
-            .map_err(|source| ConvertError::Read {
-                path: self.path.to_owned(),
-                source,
-            })
-    }
+/// Reads the source bytes of `piece` into `buf` (a positioned read: see the module docs).
+fn read_piece(src: &SafetensorsFile, piece: &Piece, buf: &mut [u8]) -> Result<(), ConvertError> {
+    let entry = &src.header.tensors[piece.tensor];
+    let offset = piece.start as u64 * (entry.dtype.bits() / 8);
+    src.read_tensor_range(entry, offset, buf)
+        .map_err(|e| read_error(src, e))
 }
 
 /// One unit of output: a whole small tensor, or a chunk of a large one.
@@ -438,14 +382,14 @@ fn sized(buf: &mut Vec<u8>, len: usize, cap: usize) -> &mut [u8] {
 /// The streaming loop. Memory: one source buffer and two output buffers of at most
 /// `options.chunk_bytes` each.
 fn convert_source<W: Write>(
-    source: &Source<'_>,
+    source: &SafetensorsFile,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
     out: W,
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ConvertError> {
-    let (path, header) = (source.path, source.header);
+    let (path, header) = (source.path.as_path(), &source.header);
     let write_err = |source: io::Error| ConvertError::Write {
         path: path.to_owned(),
         source,
@@ -519,7 +463,7 @@ fn convert_source<W: Write>(
                     finish_piece(p, &mut bytes_done, &mut tensors_done);
                 }
                 let src = sized(&mut input, src_len, in_cap);
-                source.read_piece(&piece, src)?;
+                read_piece(source, &piece, src)?;
                 write_some(&mut w, src).map_err(write_err)?;
                 report.non_finite += crate::cast::count_non_finite(entry.dtype, src);
                 finish_piece(piece, &mut bytes_done, &mut tensors_done);
@@ -533,7 +477,7 @@ fn convert_source<W: Write>(
                 let mut write_result = Ok(());
                 rayon::in_place_scope(|s| {
                     s.spawn(|_| {
-                        cast_result = source.read_piece(&piece, src).and_then(|()| {
+                        cast_result = read_piece(source, &piece, src).and_then(|()| {
                             cast_par(entry.dtype, src, dst_dtype, dst).map_err(|source| {
                                 ConvertError::Cast {
                                     path: path.to_owned(),

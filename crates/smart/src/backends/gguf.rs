@@ -11,9 +11,7 @@
 //! computes at load time); the scale tensors and the marker are left out and listed as dropped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ::gguf::convert::{self as gconv, GgufSource, TensorSource};
@@ -21,7 +19,7 @@ use ::gguf::mix::{DroppedTensor, GgufPlan, SourceDtype, SourceTensor};
 use ::gguf::reader::MetadataValue;
 use ::gguf::{Arch, FileType};
 use detect::detection::Format;
-use detect::safetensors::{Dtype, TensorEntry};
+use detect::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
 use detect::{Detection, Precision};
 use precision::writer::{SafetensorsWriter, TensorSpec};
 
@@ -156,10 +154,8 @@ fn open_gguf(path: &Path) -> Result<AnySource, SmartError> {
 /// A safetensors tensor as the reader needs it.
 #[derive(Debug)]
 struct StTensor {
-    dtype: Dtype,
-    /// Absolute offset of its data in the file.
-    offset: u64,
-    n_elements: u64,
+    /// Its index in the header.
+    index: usize,
     /// ComfyUI scaled fp8: multiply by this after widening.
     scale: Option<f32>,
 }
@@ -167,12 +163,9 @@ struct StTensor {
 /// Why reading a safetensors source failed.
 #[derive(Debug, thiserror::Error)]
 enum StError {
-    #[error("{path}: reading tensor `{name}`: {source}")]
-    Io {
-        path: PathBuf,
-        name: String,
-        source: std::io::Error,
-    },
+    /// Names the file, the tensor and the range.
+    #[error(transparent)]
+    Io(#[from] SafetensorsError),
     #[error("{path}: tensor `{name}`: {problem}")]
     Bad {
         path: PathBuf,
@@ -181,13 +174,11 @@ enum StError {
     },
 }
 
-/// A safetensors file read with positioned reads, widened exactly to f32 with
+/// A safetensors file read with its positioned reads, widened exactly to f32 with
 /// `precision::cast_slice` (the torch `.to(float32)` rules).
 #[derive(Debug)]
 struct SafetensorsSource {
-    path: PathBuf,
-    file: File,
-    header: detect::safetensors::Header,
+    file: SafetensorsFile,
     tensors: HashMap<String, StTensor>,
     /// Scale tensors and markers consumed by de-scaling.
     dropped: Vec<DroppedTensor>,
@@ -195,17 +186,13 @@ struct SafetensorsSource {
 
 impl SafetensorsSource {
     fn open(path: &Path) -> Result<SafetensorsSource, SmartError> {
-        let header = detect::safetensors::read_header(path).map_err(SmartError::backend)?;
-        let file = File::open(path).map_err(|source| SmartError::Io {
-            path: path.to_owned(),
-            op: "open the source",
-            source,
-        })?;
+        let file = SafetensorsFile::open(path).map_err(SmartError::backend)?;
+        let header = &file.header;
         let mut dropped = Vec::new();
         let mut scales: HashMap<String, f32> = HashMap::new();
         for t in &header.tensors {
             if let Some(stem) = t.name.strip_suffix(SCALE_WEIGHT) {
-                let scale = read_scalar(&file, path, &header, t)?;
+                let scale = read_scalar(&file, t)?;
                 scales.insert(format!("{stem}.weight"), scale);
                 dropped.push(DroppedTensor {
                     name: t.name.clone(),
@@ -228,7 +215,7 @@ impl SafetensorsSource {
         let skipped: std::collections::HashSet<&str> =
             dropped.iter().map(|d| d.name.as_str()).collect();
         let mut tensors = HashMap::new();
-        for t in &header.tensors {
+        for (index, t) in header.tensors.iter().enumerate() {
             if skipped.contains(t.name.as_str()) {
                 continue;
             }
@@ -240,15 +227,7 @@ impl SafetensorsSource {
                     problem: format!("has a scale_weight but is {}, not fp8", t.dtype.as_str()),
                 }));
             }
-            tensors.insert(
-                t.name.clone(),
-                StTensor {
-                    dtype: t.dtype,
-                    offset: header.data_start + t.data_offsets.0,
-                    n_elements: t.n_elements(),
-                    scale,
-                },
-            );
+            tensors.insert(t.name.clone(), StTensor { index, scale });
         }
         if let Some(orphan) = scales.keys().next() {
             return Err(SmartError::backend(StError::Bad {
@@ -258,16 +237,14 @@ impl SafetensorsSource {
             }));
         }
         Ok(SafetensorsSource {
-            path: path.to_owned(),
             file,
-            header,
             tensors,
             dropped,
         })
     }
 
-    fn source_dtype(t: &StTensor) -> SourceDtype {
-        match t.dtype {
+    fn source_dtype(dtype: Dtype) -> SourceDtype {
+        match dtype {
             Dtype::F32 => SourceDtype::F32,
             Dtype::BF16 => SourceDtype::BF16,
             // convert.py keeps only F32 and BF16 sources' small tensors in F32; F64 takes the
@@ -289,15 +266,10 @@ impl SafetensorsSource {
 }
 
 /// The value of a one-element float tensor (a scaled-fp8 `scale_weight`).
-fn read_scalar(
-    file: &File,
-    path: &Path,
-    header: &detect::safetensors::Header,
-    t: &TensorEntry,
-) -> Result<f32, SmartError> {
+fn read_scalar(file: &SafetensorsFile, t: &TensorEntry) -> Result<f32, SmartError> {
     let bad = |problem: String| {
         SmartError::backend(StError::Bad {
-            path: path.to_owned(),
+            path: file.path.clone(),
             name: t.name.clone(),
             problem,
         })
@@ -310,58 +282,54 @@ fn read_scalar(
             t.shape
         )));
     }
-    let mut raw = vec![0u8; t.byte_len() as usize];
-    file.read_exact_at(&mut raw, header.data_start + t.data_offsets.0)
-        .map_err(|source| {
-            SmartError::backend(StError::Io {
-                path: path.to_owned(),
-                name: t.name.clone(),
-                source,
-            })
-        })?;
-    let mut out = [0u8; 4];
-    precision::cast_slice(t.dtype, &raw, Dtype::F32, &mut out).map_err(|e| bad(e.to_string()))?;
-    let v = f32::from_le_bytes(out);
-    if !v.is_finite() {
-        return Err(bad(format!("scale_weight is {v}")));
+    let mut v = [0f32];
+    read_f32s(file, t, 0, &mut v).map_err(SmartError::backend)?;
+    if !v[0].is_finite() {
+        return Err(bad(format!("scale_weight is {}", v[0])));
     }
-    Ok(v)
+    Ok(v[0])
+}
+
+/// `out.len()` values of `t` from element `start`, widened exactly to f32.
+fn read_f32s(
+    file: &SafetensorsFile,
+    t: &TensorEntry,
+    start: u64,
+    out: &mut [f32],
+) -> Result<(), StError> {
+    let bad = |problem: String| StError::Bad {
+        path: file.path.clone(),
+        name: t.name.clone(),
+        problem,
+    };
+    let len = out.len() as u64;
+    // Checked in elements first, so `start * es` below cannot overflow.
+    if start.checked_add(len).is_none_or(|e| e > t.n_elements()) {
+        return Err(bad(format!(
+            "elements {start}+{len} are outside the tensor"
+        )));
+    }
+    let es = t.dtype.bits() / 8;
+    let mut raw = vec![0u8; (len * es) as usize];
+    file.read_tensor_range(t, start * es, &mut raw)?;
+    let mut wide = vec![0u8; out.len() * 4];
+    precision::cast_slice(t.dtype, &raw, Dtype::F32, &mut wide).map_err(|e| bad(e.to_string()))?;
+    for (v, b) in out.iter_mut().zip(wide.chunks_exact(4)) {
+        *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(())
 }
 
 impl TensorSource for SafetensorsSource {
     type Error = StError;
 
     fn read_f32(&self, name: &str, start: u64, out: &mut [f32]) -> Result<(), StError> {
-        let bad = |problem: String| StError::Bad {
-            path: self.path.clone(),
+        let t = self.tensors.get(name).ok_or_else(|| StError::Bad {
+            path: self.file.path.clone(),
             name: name.to_owned(),
-            problem,
-        };
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| bad("not in the file".into()))?;
-        let len = out.len() as u64;
-        if start.checked_add(len).is_none_or(|e| e > t.n_elements) {
-            return Err(bad(format!(
-                "elements {start}+{len} are outside the tensor"
-            )));
-        }
-        let es = t.dtype.bits() / 8;
-        let mut raw = vec![0u8; (len * es) as usize];
-        self.file
-            .read_exact_at(&mut raw, t.offset + start * es)
-            .map_err(|source| StError::Io {
-                path: self.path.clone(),
-                name: name.to_owned(),
-                source,
-            })?;
-        let mut wide = vec![0u8; out.len() * 4];
-        precision::cast_slice(t.dtype, &raw, Dtype::F32, &mut wide)
-            .map_err(|e| bad(e.to_string()))?;
-        for (v, b) in out.iter_mut().zip(wide.chunks_exact(4)) {
-            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
+            problem: "not in the file".into(),
+        })?;
+        read_f32s(&self.file, &self.file.header.tensors[t.index], start, out)?;
         if let Some(s) = t.scale {
             out.iter_mut().for_each(|v| *v *= s);
         }
@@ -400,10 +368,9 @@ impl AnySource {
     /// Bytes per source element of `name` (GGUF: the block bytes spread over its values).
     fn bytes_per_element(&self, name: &str) -> f64 {
         match self {
-            AnySource::Safetensors(s) => s
-                .tensors
-                .get(name)
-                .map_or(0.0, |t| (t.dtype.bits() / 8) as f64),
+            AnySource::Safetensors(s) => s.tensors.get(name).map_or(0.0, |t| {
+                (s.file.header.tensors[t.index].dtype.bits() / 8) as f64
+            }),
             AnySource::Gguf(s) => s.file().tensor(name).map_or(0.0, |t| {
                 t.ggml_type.type_size() as f64 / t.ggml_type.block_size() as f64
             }),
@@ -437,17 +404,18 @@ fn plan_gguf(
         |e: &dyn std::fmt::Display| SmartError::backend(format!("{}: {e}", path.display()));
     let mut plan = match &source {
         AnySource::Safetensors(st) => {
-            // convert.py's order is the order of the data in the file (see gguf::mix).
-            let mut entries: Vec<&TensorEntry> = st.header.tensors.iter().collect();
-            entries.sort_by_key(|t| t.data_offsets);
-            let sources: Vec<SourceTensor<'_>> = entries
-                .into_iter()
-                .filter_map(|t| {
-                    st.tensors.get(&t.name).map(|s| SourceTensor {
-                        name: &t.name,
-                        shape: &t.shape,
-                        dtype: SafetensorsSource::source_dtype(s),
-                    })
+            // convert.py's order is the order of the data in the file (see gguf::mix), which is
+            // the validated header's order.
+            let sources: Vec<SourceTensor<'_>> = st
+                .file
+                .header
+                .tensors
+                .iter()
+                .filter(|t| st.tensors.contains_key(&t.name))
+                .map(|t| SourceTensor {
+                    name: &t.name,
+                    shape: &t.shape,
+                    dtype: SafetensorsSource::source_dtype(t.dtype),
                 })
                 .collect();
             let mut plan =
@@ -509,6 +477,10 @@ impl PlannedConversion for PlannedGguf {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<serde_json::Value, SmartError> {
         let plan = &self.plan;
+        // A source rewritten since planning would be read with stale offsets.
+        if let AnySource::Safetensors(st) = &self.source {
+            st.file.check_unchanged().map_err(SmartError::backend)?;
+        }
         let report = gconv::write_gguf(plan, &self.extra, &self.source, out, &mut |i, done| {
             let t = &plan.tensors[i];
             let per = self.source.bytes_per_element(&t.source_name);
@@ -664,28 +636,11 @@ mod tests {
 
     #[test]
     fn source_dtypes_follow_convert_py() {
-        let st = |dtype| StTensor {
-            dtype,
-            offset: 0,
-            n_elements: 1,
-            scale: None,
-        };
-        assert_eq!(
-            SafetensorsSource::source_dtype(&st(Dtype::F8E5M2)),
-            SourceDtype::F8
-        );
-        assert_eq!(
-            SafetensorsSource::source_dtype(&st(Dtype::I64)),
-            SourceDtype::NonFloat
-        );
-        assert_eq!(
-            SafetensorsSource::source_dtype(&st(Dtype::F4)),
-            SourceDtype::Unsupported
-        );
-        assert_eq!(
-            SafetensorsSource::source_dtype(&st(Dtype::BF16)),
-            SourceDtype::BF16
-        );
+        let st = SafetensorsSource::source_dtype;
+        assert_eq!(st(Dtype::F8E5M2), SourceDtype::F8);
+        assert_eq!(st(Dtype::I64), SourceDtype::NonFloat);
+        assert_eq!(st(Dtype::F4), SourceDtype::Unsupported);
+        assert_eq!(st(Dtype::BF16), SourceDtype::BF16);
     }
 
     #[test]
