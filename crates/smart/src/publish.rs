@@ -1,10 +1,11 @@
 //! Stage 3: convert under the output's lock, into a temporary, verify, publish atomically.
 //!
 //! The output's digest is computed from the bytes as they are written (no second read), and
-//! recorded in its output record ([`cache::record`]) before the rename: a crash between the two
-//! leaves the new record beside the previous file (or none), whose size and mtime then differ
-//! from the record, so it is hashed and, unless its bytes are exactly the new output's,
-//! reported broken and reconverted. Never is a file served against a record of other bytes.
+//! recorded in its output record ([`cache::record`]) before the rename (the record's folder is
+//! fsynced first, so no crash keeps the new output with the old record). A crash between the
+//! two leaves the new record beside the previous file, if there is one: its size or mtime then
+//! differ from the record, so it is hashed and, unless its bytes are exactly the new output's,
+//! reported broken and reconverted. A file is never served against a record of other bytes.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
