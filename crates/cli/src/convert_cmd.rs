@@ -69,6 +69,7 @@ impl Row {
                 "path": o.path.display().to_string(),
                 "report": o.report.clone().unwrap_or(Value::Null),
                 "replaced": o.replaced,
+                "note": o.note,
                 "error": null,
             }),
             Err(e) => json!({
@@ -78,6 +79,7 @@ impl Row {
                 "path": null,
                 "report": null,
                 "replaced": null,
+                "note": null,
                 "error": one_line(&e.to_string()),
             }),
         }
@@ -96,6 +98,9 @@ impl Row {
         }
         if let Some(why) = &o.replaced {
             notes.push(format!("replaced: {why}"));
+        }
+        if let Some(note) = &o.note {
+            notes.push(note.clone());
         }
         Some(format!(
             "{:<16} {:<12} {}  ({})",
