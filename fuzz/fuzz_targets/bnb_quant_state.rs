@@ -4,7 +4,7 @@
 //! survive a write/parse round trip unchanged (the writer's bytes are what bnb reads back).
 #![no_main]
 
-use bnb::quant_state::{parse_quant_state, reserved_json_len, MAX_QUANT_STATE_LEN};
+use bnb::quant_state::{MAX_QUANT_STATE_LEN, parse_quant_state, reserved_json_len};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
