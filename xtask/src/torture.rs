@@ -111,6 +111,7 @@ struct Counts {
     kills_after_finish: u64,
     races_same: u64,
     races_mixed: u64,
+    racers_killed: u64,
     racing_processes: u64,
     fsize_injections: u64,
     tmpfs_injections: u64,
@@ -558,28 +559,56 @@ impl Torture {
         let models = self.work.join(format!("race-{}", r.target));
         let output = models.join(&r.rel);
         let src = self.source.to_string_lossy().into_owned();
-        for _ in 0..rounds {
+        for round in 0..rounds {
             let _ = fs::remove_file(&output);
-            let children: Vec<Child> = (0..RACERS)
+            let mut children: Vec<Child> = (0..RACERS)
                 .map(|_| self.spawn(self.command(&models, &["convert", &src, "--to", &r.target])))
                 .collect::<DynResult<_>>()?;
+            // Odd rounds: one racer (maybe the lock holder, maybe a waiter) is SIGKILLed at a
+            // random moment; the others must still end with the reference, converted once.
+            let victim = (round % 2 == 1).then(|| self.rng.below(RACERS as u64) as usize);
+            if let Some(v) = victim {
+                let delay = self.rng.unit() * r.seconds.max(0.05) * 1.3;
+                std::thread::sleep(Duration::from_secs_f64(delay));
+                kill(&mut children[v]);
+                self.counts.racers_killed += 1;
+            }
             let calls: Vec<Call> = children.into_iter().map(|c| self.wait_output(c)).collect();
             self.counts.races_same += 1;
             self.counts.racing_processes += RACERS as u64;
-            let converted = calls.iter().filter(|c| c.status() == "converted").count();
-            let cached = calls.iter().filter(|c| c.status() == "cached").count();
-            if converted != 1 || cached != RACERS - 1 {
-                let detail: Vec<String> = calls
+            let survivors: Vec<&Call> = calls
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != victim)
+                .map(|(_, c)| c)
+                .collect();
+            let converted = survivors
+                .iter()
+                .filter(|c| c.status() == "converted")
+                .count();
+            let cached = survivors.iter().filter(|c| c.status() == "cached").count();
+            // With a victim, it may have been the one that converted (then none of the others
+            // did); without, exactly one converts.
+            let ok = if victim.is_some() {
+                converted <= 1 && converted + cached == survivors.len()
+            } else {
+                converted == 1 && cached == RACERS - 1
+            };
+            if !ok {
+                let detail: Vec<String> = survivors
                     .iter()
                     .map(|c| format!("{:?}/{} {}", c.code, c.status(), c.stderr.trim()))
                     .collect();
                 self.violation(
                     "race",
                     &r.target,
-                    format!("{converted} converted and {cached} cached of {RACERS}: {detail:?}"),
+                    format!(
+                        "{converted} converted and {cached} cached of {} (racer killed: {victim:?}): {detail:?}",
+                        survivors.len()
+                    ),
                 );
             }
-            for c in &calls {
+            for c in survivors {
                 self.expect_reference("race", r, &models, c, &["converted", "cached"]);
             }
         }
@@ -1253,7 +1282,7 @@ pub fn run(args: &TortureArgs) -> DynResult<ExitCode> {
     let work = work_dir.path().to_path_buf();
     let started = Instant::now();
     let (kills, rounds, fulls, corrupt_rounds, blocks) = if args.short {
-        (3, 1, 1, 1, 1)
+        (3, 2, 1, 1, 1)
     } else {
         (26, 3, 4, 3, 2)
     };
@@ -1334,8 +1363,8 @@ pub fn run(args: &TortureArgs) -> DynResult<ExitCode> {
         c.kills - c.kills_mid_write - c.kills_after_finish
     );
     println!(
-        "  races: {} same-output + {} mixed-target rounds, {} racing processes",
-        c.races_same, c.races_mixed, c.racing_processes
+        "  races: {} same-output + {} mixed-target rounds, {} racing processes ({} racers killed)",
+        c.races_same, c.races_mixed, c.racing_processes, c.racers_killed
     );
     println!(
         "  disk-full injections: {} file-size limits, {} tmpfs fills ({} hit a running conversion)",
