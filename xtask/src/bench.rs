@@ -69,6 +69,9 @@ impl Model {
 enum Tool {
     /// `cp` of a file as large as the case's output: the I/O floor.
     CpOutputSize,
+    /// `dd ... bs=8M conv=fsync` of the same file: the I/O floor of a writer that, like
+    /// convcache, makes its output durable before publishing it.
+    CpFsyncOutputSize,
     /// `convcache convert SRC --to T` into a fresh models dir each repetition.
     Convert { to: &'static str },
     /// `convcache convert SRC --to T` when the output already exists (after one untimed run).
@@ -80,12 +83,24 @@ enum Tool {
     },
     /// `python -c "import ..."`: the interpreter and import cost inside the Python rows.
     PythonImports { modules: &'static str },
+    /// ComfyUI-GGUF's path as two processes run back to back: `gguf_base_step.py SRC BASE flux`
+    /// then `ggml_quantize.py BASE OUT TARGET THREADS` (THREADS = the CPU count, what convcache
+    /// uses). A sample's time is the sum of both, its peak RSS the larger of the two.
+    GgufPeer { target: &'static str },
 }
 
 impl Tool {
     fn label(&self) -> String {
         match self {
             Tool::CpOutputSize => "cp (file of the output's size)".into(),
+            Tool::CpFsyncOutputSize => {
+                "dd bs=8M conv=fsync (cp + fsync of a file of the output's size)".into()
+            }
+            Tool::GgufPeer { target } => format!(
+                "python peers/gguf_base_step.py flux, then peers/ggml_quantize.py {target} \
+                 (ggml_quantize_chunk, {} threads)",
+                threads()
+            ),
             Tool::Convert { to } => format!("convcache convert --to {to}"),
             Tool::CacheHit { to } => format!("convcache convert --to {to} (cache hit)"),
             Tool::Python { script, args } => {
@@ -114,10 +129,18 @@ struct Case {
     peer: Option<usize>,
     /// Index into `tools` of the I/O baseline.
     baseline: Option<usize>,
+    /// Index into `tools` of the I/O baseline with fsync.
+    baseline_fsync: Option<usize>,
     /// Cases that are not wired yet are listed in BENCHMARKS.md and run only when named.
     wired: bool,
     /// The target the issue sets.
     goal: &'static str,
+    /// Targets checked on convcache's row (the first): speed-up over the peer, time over cp,
+    /// median time, peak RSS under 512 MiB.
+    min_speedup: Option<f64>,
+    max_vs_cp: Option<f64>,
+    max_ms: Option<f64>,
+    rss_limit: bool,
 }
 
 /// The case table. Add a case here; `wired: false` keeps it out of the default run until the
@@ -135,14 +158,20 @@ fn cases() -> Vec<Case> {
                     args: &["bf16"],
                 },
                 Tool::CpOutputSize,
+                Tool::CpFsyncOutputSize,
                 Tool::PythonImports {
                     modules: "torch, safetensors.torch",
                 },
             ],
             peer: Some(1),
             baseline: Some(2),
+            baseline_fsync: Some(3),
             wired: true,
             goal: ">= 3x faster than the seed's path, <= 1.3x the time of cp, peak RSS < 512 MiB",
+            min_speedup: Some(3.0),
+            max_vs_cp: Some(1.3),
+            max_ms: None,
+            rss_limit: true,
         },
         Case {
             id: "cache-hit",
@@ -151,8 +180,13 @@ fn cases() -> Vec<Case> {
             tools: vec![Tool::CacheHit { to: "bf16" }],
             peer: None,
             baseline: None,
+            baseline_fsync: None,
             wired: true,
             goal: "< 20 ms whatever the model's size",
+            min_speedup: None,
+            max_vs_cp: None,
+            max_ms: Some(20.0),
+            rss_limit: false,
         },
         Case {
             id: "gguf-q8_0",
@@ -160,17 +194,17 @@ fn cases() -> Vec<Case> {
             model: Model::FluxBf16,
             tools: vec![
                 Tool::Convert { to: "Q8_0" },
-                // ComfyUI-GGUF's convert.py base step; the ggml quantizer step is added here
-                // when a diffusion-patched quantizer is available to the harness.
-                Tool::Python {
-                    script: "gguf_base_step.py",
-                    args: &["flux"],
-                },
+                Tool::GgufPeer { target: "Q8_0" },
             ],
             peer: Some(1),
             baseline: None,
-            wired: false,
+            baseline_fsync: None,
+            wired: true,
             goal: ">= 3x faster end to end than convert.py + ggml quantizer, peak RSS < 512 MiB",
+            min_speedup: Some(3.0),
+            max_vs_cp: None,
+            max_ms: None,
+            rss_limit: true,
         },
         Case {
             id: "gguf-q4_k_m",
@@ -178,15 +212,17 @@ fn cases() -> Vec<Case> {
             model: Model::FluxBf16,
             tools: vec![
                 Tool::Convert { to: "Q4_K_M" },
-                Tool::Python {
-                    script: "gguf_base_step.py",
-                    args: &["flux"],
-                },
+                Tool::GgufPeer { target: "Q4_K_M" },
             ],
             peer: Some(1),
             baseline: None,
-            wired: false,
+            baseline_fsync: None,
+            wired: true,
             goal: ">= 3x faster end to end than convert.py + ggml quantizer, peak RSS < 512 MiB",
+            min_speedup: Some(3.0),
+            max_vs_cp: None,
+            max_ms: None,
+            rss_limit: true,
         },
         Case {
             id: "bnb-nf4",
@@ -201,8 +237,28 @@ fn cases() -> Vec<Case> {
             ],
             peer: Some(1),
             baseline: None,
+            baseline_fsync: None,
             wired: true,
             goal: ">= 5x faster than bitsandbytes' CPU quantize_4bit, peak RSS < 512 MiB",
+            min_speedup: Some(5.0),
+            max_vs_cp: None,
+            max_ms: None,
+            rss_limit: true,
+        },
+        Case {
+            id: KERNELS,
+            what: "single-thread K-quant kernels against ggml's reference quantizer",
+            model: Model::FluxBf16,
+            tools: Vec::new(),
+            peer: None,
+            baseline: None,
+            baseline_fsync: None,
+            wired: true,
+            goal: ">= 2x ggml's reference quantizer per thread for Q4_K, Q5_K and Q6_K",
+            min_speedup: None,
+            max_vs_cp: None,
+            max_ms: None,
+            rss_limit: false,
         },
     ]
 }
@@ -281,6 +337,154 @@ struct Env {
     convcache: PathBuf,
     models: PathBuf,
     scratch: PathBuf,
+    /// Extra lines for the current case's section (per-step times of two-process peers).
+    notes: std::cell::RefCell<Vec<String>>,
+}
+
+/// Threads convcache's rayon pool uses by default, and the count given to the ggml peer.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Id of the kernel-speed case, which runs two benchmark programs instead of timing children.
+const KERNELS: &str = "kernels";
+
+/// Parses `... wall W s, ... thread CPU C s, M MB/s` as printed by both `quant_bench` and
+/// `bench_ggml.py`: (wall seconds, thread CPU seconds, MB/s by thread CPU).
+fn parse_kernel_line(line: &str) -> Option<(f64, f64, f64)> {
+    let num_after = |key: &str| -> Option<f64> {
+        let rest = &line[line.find(key)? + key.len()..];
+        rest.split_whitespace()
+            .next()?
+            .trim_end_matches(',')
+            .parse()
+            .ok()
+    };
+    let wall = num_after("wall ")?;
+    let cpu = num_after("thread CPU ")?;
+    let tail = &line[line.find("thread CPU ")?..];
+    let mbs = tail
+        .split(", ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((wall, cpu, mbs))
+}
+
+/// Runs a benchmark program and returns the line it printed with the figures.
+fn kernel_run(cmd: &mut Command) -> Result<(String, (f64, f64, f64)), String> {
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(format!("{}: {}", out.status, tail.join(" / ")));
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("thread CPU"))
+        .ok_or_else(|| format!("no figures in the output: {}", text.trim()))?;
+    let figures = parse_kernel_line(line).ok_or_else(|| format!("cannot parse: {line}"))?;
+    Ok((line.trim().to_string(), figures))
+}
+
+/// The kernel section: per type, convcache's `quant_bench` example and ggml's reference
+/// quantizer (`bench_ggml.py`, `ggml_quantize_chunk` through ctypes), both single-threaded over
+/// the same 256 x 4096 values, best of 5 runs each. The ratio uses thread CPU time, which a
+/// busy shared machine disturbs least; wall-clock figures are shown too.
+fn kernels_section(env: &Env, case: &Case, verdicts: &mut Vec<String>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "### `{}`: {}
+",
+        case.id, case.what
+    );
+    let _ = writeln!(
+        s,
+        "Goal: {}. `cargo run --release -p gguf --example quant_bench -- TYPE 256` against \
+         `python crates/gguf/tests/golden/quant/bench_ggml.py TYPE 256` (256 rows of 4096 \
+         values, one thread each, best of 5 runs; speed-up = ggml's thread CPU time / \
+         convcache's).\n",
+        case.goal
+    );
+    let _ = writeln!(
+        s,
+        "| type | convcache: thread CPU (wall) | convcache MB/s | ggml: thread CPU (wall) | ggml MB/s | speed-up per thread |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let mut raw = Vec::new();
+    for ty in ["Q4_K", "Q5_K", "Q6_K"] {
+        eprintln!("[{KERNELS}] {ty}");
+        let mut ours = Command::new("cargo");
+        ours.current_dir(&env.root).args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "gguf",
+            "--example",
+            "quant_bench",
+            "--",
+            ty,
+            "256",
+        ]);
+        let ours = kernel_run(&mut ours);
+        let theirs = match env.python.as_ref() {
+            Some(py) => {
+                let mut c = Command::new(py);
+                c.arg(
+                    env.root
+                        .join("crates/gguf/tests/golden/quant/bench_ggml.py"),
+                )
+                .args([ty, "256"]);
+                kernel_run(&mut c)
+            }
+            None => Err(env.python_problem.clone()),
+        };
+        let cell = |r: &Result<(String, (f64, f64, f64)), String>| match r {
+            Ok((_, (wall, cpu, mbs))) => (
+                format!("{} ({})", fmt_secs(*cpu), fmt_secs(*wall)),
+                format!("{mbs:.1}"),
+            ),
+            Err(e) => (
+                format!("not measured: {}", e.replace('|', "/")),
+                String::new(),
+            ),
+        };
+        let (o1, o2) = cell(&ours);
+        let (t1, t2) = cell(&theirs);
+        let ratio = match (&ours, &theirs) {
+            (Ok((_, (_, a, _))), Ok((_, (_, b, _)))) if *a > 0.0 => format!("{:.2}x", b / a),
+            _ => String::new(),
+        };
+        let met = match (&ours, &theirs) {
+            (Ok((_, (_, a, _))), Ok((_, (_, b, _)))) if *a > 0.0 => met(b / a >= 2.0),
+            _ => "not measured".to_string(),
+        };
+        verdicts.push(format!(
+            "| `{KERNELS}` {ty}: >= 2x ggml per thread | {} | {met} |",
+            if ratio.is_empty() { "-" } else { &ratio }
+        ));
+        eprintln!("    convcache {o1}, ggml {t1}, {ratio}");
+        let _ = writeln!(s, "| {ty} | {o1} | {o2} | {t1} | {t2} | {ratio} |");
+        for (line, _) in [&ours, &theirs].into_iter().flatten() {
+            raw.push(line.clone());
+        }
+    }
+    s.push_str("\nThe programs' own lines:\n\n```text\n");
+    for l in raw {
+        s.push_str(&l);
+        s.push('\n');
+    }
+    s.push_str("```\n\n");
+    s
+}
+
+fn fmt_secs(x: f64) -> String {
+    fmt_time(Duration::from_secs_f64(x.max(0.0)))
 }
 
 impl Env {
@@ -342,6 +546,74 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
                 samples.push(measure(&mut c, &err_log)?);
             }
             let _ = fs::remove_file(&out_file);
+        }
+        Tool::CpFsyncOutputSize => {
+            let same_size = env.model(Model::FluxBf16);
+            warm(&same_size)?;
+            for _ in 0..reps {
+                let _ = fs::remove_file(&out_file);
+                let mut c = Command::new("dd");
+                c.arg(format!("if={}", same_size.display()))
+                    .arg(format!("of={}", out_file.display()))
+                    .args(["bs=8M", "conv=fsync"]);
+                samples.push(measure(&mut c, &err_log)?);
+            }
+            let _ = fs::remove_file(&out_file);
+        }
+        Tool::GgufPeer { target } => {
+            let py = env
+                .python
+                .as_ref()
+                .ok_or_else(|| env.python_problem.clone())?;
+            let peers = env.root.join("xtask/peers");
+            let base = env.scratch.join("base.gguf");
+            let mut steps = Vec::new();
+            for _ in 0..reps {
+                let _ = fs::remove_file(&base);
+                let _ = fs::remove_file(&out_file);
+                let mut step1 = Command::new(py);
+                step1
+                    .arg(peers.join("gguf_base_step.py"))
+                    .arg(&src)
+                    .arg(&base)
+                    .arg("flux");
+                let a =
+                    measure(&mut step1, &err_log).map_err(|e| format!("gguf_base_step.py: {e}"))?;
+                let mut step2 = Command::new(py);
+                step2
+                    .arg(peers.join("ggml_quantize.py"))
+                    .arg(&base)
+                    .arg(&out_file)
+                    .arg(target)
+                    .arg(threads().to_string());
+                let b =
+                    measure(&mut step2, &err_log).map_err(|e| format!("ggml_quantize.py: {e}"))?;
+                eprintln!(
+                    "    base step {}, {}; quantize step {}, {}",
+                    fmt_time(a.wall),
+                    fmt_rss(a.max_rss_kib),
+                    fmt_time(b.wall),
+                    fmt_rss(b.max_rss_kib)
+                );
+                steps.push(format!(
+                    "{} ({}) + {} ({})",
+                    fmt_time(a.wall),
+                    fmt_rss(a.max_rss_kib),
+                    fmt_time(b.wall),
+                    fmt_rss(b.max_rss_kib)
+                ));
+                samples.push(Sample {
+                    wall: a.wall + b.wall,
+                    max_rss_kib: a.max_rss_kib.max(b.max_rss_kib),
+                });
+            }
+            let _ = fs::remove_file(&base);
+            let _ = fs::remove_file(&out_file);
+            env.notes.borrow_mut().push(format!(
+                "ComfyUI-GGUF path, {target}, per repetition: base step time (peak RSS) + \
+                 ggml quantize step time (peak RSS): {}.",
+                steps.join("; ")
+            ));
         }
         Tool::Convert { to } => {
             if !env.convcache.is_file() {
@@ -516,22 +788,93 @@ fn fmt_rss(kib: u64) -> String {
     format!("{:.0} MiB", kib as f64 / 1024.0)
 }
 
+fn met(ok: bool) -> String {
+    if ok { "met" } else { "**not met**" }.to_string()
+}
+
+/// Checks the issue's targets for a case against its first row (convcache's) and appends one
+/// `| goal | measured | verdict |` line per target.
+fn case_verdicts(case: &Case, outcomes: &[Outcome], verdicts: &mut Vec<String>) {
+    let med = |i: Option<usize>| match i.and_then(|i| outcomes.get(i)) {
+        Some(Outcome::Measured { samples }) => {
+            Some(median(samples.iter().map(|s| s.wall).collect()).as_secs_f64())
+        }
+        _ => None,
+    };
+    let ours = med(Some(0));
+    let rss = match outcomes.first() {
+        Some(Outcome::Measured { samples }) => samples.iter().map(|x| x.max_rss_kib).max(),
+        _ => None,
+    };
+    let mut line = |goal: String, measured: Option<String>, ok: Option<bool>| {
+        let (m, v) = match (measured, ok) {
+            (Some(m), Some(ok)) => (m, met(ok)),
+            _ => ("-".to_string(), "not measured".to_string()),
+        };
+        verdicts.push(format!("| `{}`: {goal} | {m} | {v} |", case.id));
+    };
+    if let Some(min) = case.min_speedup {
+        let r = ours.zip(med(case.peer)).map(|(o, p)| p / o);
+        line(
+            format!("speed-up >= {min}x vs {}", peer_name(case)),
+            r.map(|r| format!("{r:.2}x")),
+            r.map(|r| r >= min),
+        );
+    }
+    if let Some(max) = case.max_vs_cp {
+        let r = ours.zip(med(case.baseline)).map(|(o, b)| o / b);
+        line(
+            format!("time <= {max}x cp"),
+            r.map(|r| format!("{r:.2}x")),
+            r.map(|r| r <= max),
+        );
+        // Not a target of the issue: shown next to it because convcache fsyncs and cp does not.
+        let r = ours.zip(med(case.baseline_fsync)).map(|(o, b)| o / b);
+        line(
+            format!("(for reference) time <= {max}x cp + fsync"),
+            r.map(|r| format!("{r:.2}x")),
+            r.map(|r| r <= max),
+        );
+    }
+    if let Some(max_ms) = case.max_ms {
+        line(
+            format!("median < {max_ms} ms"),
+            ours.map(fmt_secs),
+            ours.map(|o| o * 1000.0 < max_ms),
+        );
+    }
+    if case.rss_limit {
+        line(
+            "peak RSS < 512 MiB".to_string(),
+            rss.map(fmt_rss),
+            rss.map(|k| k < 512 * 1024),
+        );
+    }
+}
+
+fn peer_name(case: &Case) -> String {
+    case.peer
+        .and_then(|i| case.tools.get(i))
+        .map_or("the peer".into(), |t| format!("`{}`", t.label()))
+}
+
 /// The Markdown section of one case.
-fn case_report(case: &Case, outcomes: &[Outcome], reps_note: &str) -> String {
+fn case_report(case: &Case, outcomes: &[Outcome], reps_note: &str, notes: &[String]) -> String {
     let med = |o: &Outcome| match o {
         Outcome::Measured { samples } => Some(median(samples.iter().map(|s| s.wall).collect())),
         Outcome::Missing(_) => None,
     };
     let peer = case.peer.and_then(|i| med(&outcomes[i]));
     let base = case.baseline.and_then(|i| med(&outcomes[i]));
+    let base_fsync = case.baseline_fsync.and_then(|i| med(&outcomes[i]));
     let mut s = String::new();
     let _ = writeln!(s, "### `{}`: {}\n", case.id, case.what);
     let _ = writeln!(s, "Goal: {}. {reps_note}\n", case.goal);
     let _ = writeln!(
         s,
-        "| tool | median time | min .. max | peak RSS (max) | speed-up vs peer | time / cp |"
+        "| tool | median time | min .. max | peak RSS (max) | speed-up vs peer | time / cp | time / (cp + fsync) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for (tool, o) in case.tools.iter().zip(outcomes) {
         match o {
             Outcome::Measured { samples } => {
@@ -541,10 +884,10 @@ fn case_report(case: &Case, outcomes: &[Outcome], reps_note: &str) -> String {
                 let hi = times.iter().max().copied().unwrap_or_default();
                 let rss = samples.iter().map(|x| x.max_rss_kib).max().unwrap_or(0);
                 // Ratios mean something for the conversion rows, not for the start-up row.
-                let (peer, base) = if matches!(tool, Tool::PythonImports { .. }) {
-                    (None, None)
+                let (peer, base, base_fsync) = if matches!(tool, Tool::PythonImports { .. }) {
+                    (None, None, None)
                 } else {
-                    (peer, base)
+                    (peer, base, base_fsync)
                 };
                 let vs_peer = peer.map_or("".into(), |p| {
                     format!("{:.2}x", p.as_secs_f64() / m.as_secs_f64())
@@ -552,9 +895,12 @@ fn case_report(case: &Case, outcomes: &[Outcome], reps_note: &str) -> String {
                 let vs_cp = base.map_or("".into(), |b| {
                     format!("{:.2}", m.as_secs_f64() / b.as_secs_f64())
                 });
+                let vs_fsync = base_fsync.map_or("".into(), |b| {
+                    format!("{:.2}", m.as_secs_f64() / b.as_secs_f64())
+                });
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} .. {} | {} | {vs_peer} | {vs_cp} |",
+                    "| {} | {} | {} .. {} | {} | {vs_peer} | {vs_cp} | {vs_fsync} |",
                     tool.label(),
                     fmt_time(m),
                     fmt_time(lo),
@@ -564,11 +910,14 @@ fn case_report(case: &Case, outcomes: &[Outcome], reps_note: &str) -> String {
             }
             Outcome::Missing(why) => {
                 let why = why.replace('|', "/");
-                let _ = writeln!(s, "| {} | not measured: {why} | | | | |", tool.label());
+                let _ = writeln!(s, "| {} | not measured: {why} | | | | | |", tool.label());
             }
         }
     }
     s.push('\n');
+    for n in notes {
+        let _ = writeln!(s, "{n}\n");
+    }
     s
 }
 
@@ -581,8 +930,16 @@ fn cases_table(all: &[Case], ran: &[&str]) -> String {
             s,
             "| `{}` | {} | {} | {} | {} |",
             c.id,
-            c.model.file(),
-            tools.join("; "),
+            if c.id == KERNELS {
+                "synthetic, 256 x 4096 f32"
+            } else {
+                c.model.file()
+            },
+            if c.id == KERNELS {
+                "gguf example quant_bench; bench_ggml.py (ggml_quantize_chunk)".to_string()
+            } else {
+                tools.join("; ")
+            },
             if c.wired { "yes" } else { "not wired yet" },
             if ran.contains(&c.id) { "yes" } else { "no" },
         );
@@ -621,6 +978,25 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
     if !args.no_build {
         build_convcache(&root)?;
     }
+    // The binary is built from the working tree, which other work may have changed: name the
+    // uncommitted source files so the commit named in the report is not over-read.
+    let dirty = command_line(
+        "git",
+        &[
+            "-C",
+            &root.to_string_lossy(),
+            "diff",
+            "--name-only",
+            "HEAD",
+            "--",
+            "crates",
+        ],
+    )
+    .unwrap_or_default();
+    let dirty: Vec<&str> = dirty
+        .lines()
+        .filter(|p| p.ends_with(".rs") || p.ends_with(".toml"))
+        .collect();
     let explicit_python = args
         .python
         .clone()
@@ -641,12 +1017,19 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
         convcache: root.join("target/release/convcache"),
         models,
         scratch,
+        notes: Default::default(),
     };
 
     let started = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
     let machine = machine_description(python.as_deref());
     let mut sections = String::new();
+    let mut verdicts = Vec::new();
     for case in &selected {
+        if case.id == KERNELS {
+            sections.push_str(&kernels_section(&env, case, &mut verdicts));
+            continue;
+        }
+        env.notes.borrow_mut().clear();
         warm(&env.model(case.model))?;
         let reps = if case.id == "cache-hit" {
             args.hit_reps
@@ -667,10 +1050,12 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
             }
             outcomes.push(o);
         }
+        case_verdicts(case, &outcomes, &mut verdicts);
         sections.push_str(&case_report(
             case,
             &outcomes,
             &format!("{reps} repetitions per tool, median reported."),
+            &env.notes.borrow(),
         ));
     }
     let _ = fs::remove_dir_all(&env.scratch);
@@ -694,10 +1079,32 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
         "Written by `cargo xtask bench` on {started} at commit `{commit}`. Every number below was \
          measured by that run; rerun the command to update this file rather than editing it.\n"
     );
+    if !dirty.is_empty() {
+        let _ = writeln!(
+            doc,
+            "The working tree had uncommitted changes when the run started (the convcache \
+             binary is built from the working tree, so they may be in it): {}.\n",
+            dirty
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     doc.push_str("## Machine\n\n");
     doc.push_str(&machine);
     doc.push_str("\n## Method\n\n");
     doc.push_str(METHOD);
+    doc.push_str("\n## Targets\n\n");
+    doc.push_str(
+        "Each target of the issues, checked by the harness on convcache's row of this run \
+         (medians; peak RSS is the largest over the repetitions).\n\n",
+    );
+    doc.push_str("| target | measured | verdict |\n|---|---|---|\n");
+    for v in &verdicts {
+        doc.push_str(v);
+        doc.push('\n');
+    }
     doc.push_str("\n## Results\n\n");
     doc.push_str(&sections);
     doc.push_str("## Cases\n\n");
@@ -729,19 +1136,23 @@ up to the source's size here.
 - Python rows include interpreter start-up and imports; the `python -c 'import ...'` row \
 shows that share.
 - \"speed-up vs peer\" is the peer's median time divided by the row's; \"time / cp\" is the \
-row's median divided by that of `cp` of a file as large as the output.
+row's median divided by that of `cp` of a file as large as the output, \"time / (cp + fsync)\" \
+by that of `dd bs=8M conv=fsync` of the same file (convcache fsyncs its output before \
+publishing it; plain `cp` leaves the data in the page cache).
+- GGUF peer: ComfyUI-GGUF's path as two processes run back to back, both timed: \
+`xtask/peers/gguf_base_step.py` (convert.py's F16/BF16 base step through pip `gguf`), then \
+`xtask/peers/ggml_quantize.py` (the patched llama-quantize's per-tensor type choice, bytes from \
+`ggml_quantize_chunk` of pip llama-cpp-python's libggml-base, rows split over as many threads as \
+convcache uses, one tensor in memory at a time). Its time is the sum of the two, its peak RSS \
+the larger (the second step's includes the pages of the base GGUF it maps, as \
+llama-quantize maps its input). On the small Flux fixture its Q8_0 and Q4_K_M outputs have the sha256 recorded in \
+`crates/gguf/tests/golden/convert/expected.json`.
 - The machine may be shared with other work; the load average at the start is recorded \
 above.
 ";
 
 const PLANNED: &str = "\
-Cases not wired yet run only when named (`cargo xtask bench --case ID`); their convcache rows \
-say \"not measured\" until the command exists. Still to add:
-- GGUF (`gguf-q8_0`, `gguf-q4_k_m`): the peer is ComfyUI-GGUF's path, its convert.py base \
-step (`xtask/peers/gguf_base_step.py`, the same per-tensor F32/F16/BF16 choice through pip \
-`gguf`) followed by ggml's quantizer over the same tensors with the same thread count. The \
-second step needs a ggml quantizer that accepts diffusion architectures (llama.cpp with \
-ComfyUI-GGUF's `lcpp.patch`); it becomes a second Python/exec row of those cases.
+Cases not wired yet run only when named (`cargo xtask bench --case ID`). Still to add:
 - bitsandbytes FP4 and int8 cases next to `bnb-nf4` (its peer, \
 `xtask/peers/bnb_quantize.py`, runs bitsandbytes' CPU `quantize_4bit` over every Linear \
 weight and takes `fp4` as well).
@@ -763,6 +1174,17 @@ mod tests {
                 assert!(*i < c.tools.len(), "{}", c.id);
             }
         }
+    }
+
+    #[test]
+    fn parses_both_kernel_benchmark_lines() {
+        let ours = "convcache Q4_K dispatched rows=256 row_len=4096: wall 0.0136 s, 77.2 \
+                    Mvalues/s, 308.9 MB/s; thread CPU 0.0134 s, 312.9 MB/s";
+        assert_eq!(parse_kernel_line(ours), Some((0.0136, 0.0134, 312.9)));
+        let ggml = "ggml Q4_K (ggml_quantize_chunk) rows=256 row_len=4096: wall 0.0955 s, 11.0 \
+                    Mvalues/s, 43.9 MB/s; thread CPU 0.0923 s, 45.4 MB/s";
+        assert_eq!(parse_kernel_line(ggml), Some((0.0955, 0.0923, 45.4)));
+        assert_eq!(parse_kernel_line("wall 1 s"), None);
     }
 
     #[test]
