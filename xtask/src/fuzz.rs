@@ -42,9 +42,11 @@ fn has_cargo_fuzz() -> bool {
 }
 
 /// Which files seed which target: safetensors files for the header fuzzer, GGUF files for the
-/// GGUF reader, and the adversarial corpus (small hostile files) for both.
+/// GGUF reader, and the adversarial corpus (small hostile files) for both. They go into the
+/// gitignored working corpus `fuzz/corpus-tmp/TARGET`, where libFuzzer also writes what it
+/// finds; the small committed corpus `fuzz/corpus/TARGET` is read alongside, never written.
 fn seed_corpus(root: &Path, target: &str) -> DynResult<usize> {
-    let corpus = root.join("fuzz/corpus").join(target);
+    let corpus = root.join("fuzz/corpus-tmp").join(target);
     fs::create_dir_all(&corpus)?;
     let wanted_ext = if target.contains("gguf") {
         "gguf"
@@ -127,6 +129,7 @@ pub fn run(seconds: u64, requested: &[String]) -> DynResult<ExitCode> {
                 "-s",
                 "none",
                 target,
+                &format!("fuzz/corpus-tmp/{target}"),
                 &format!("fuzz/corpus/{target}"),
                 "--",
                 &format!("-max_total_time={seconds}"),
