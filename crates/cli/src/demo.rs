@@ -12,7 +12,12 @@ use crate::sample::SampleSpec;
 use crate::size::human_bytes;
 
 /// The targets the demo converts to.
-const TARGETS: [Precision; 2] = [Precision::Bf16, Precision::Fp8E4m3fn];
+const TARGETS: [Precision; 4] = [
+    Precision::Bf16,
+    Precision::Fp8E4m3fn,
+    Precision::Nf4,
+    Precision::Gguf(gguf::FileType::Q4KM),
+];
 
 fn all_ok(rows: &[Row]) -> bool {
     rows.iter().all(|r| r.result.is_ok())
@@ -67,7 +72,7 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
         }
     };
 
-    ui.print("\n== convert to bf16 and fp8 (converts)");
+    ui.print("\n== convert to bf16, fp8, nf4 and Q4_K_M (converts)");
     let first = convert_all(ui, &settings, &source, &TARGETS);
     show(&first);
     ui.print("\n== the same again (answered from the cache)");
@@ -101,7 +106,7 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
     } else {
         ui.print(
             "\nThe temporary models dir is removed now. Try it on your own models:\n  \
-             convcache convert path/to/model.safetensors --to bf16,fp8",
+             convcache convert path/to/model.safetensors --to bf16,fp8,nf4,Q4_K_M",
         );
     }
     Ok(if all_ok(&first) && all_ok(&second) {
