@@ -16,7 +16,7 @@ use crate::kernels::{
     self, BLOCKSIZE, NESTED_BLOCKSIZE, QuantType, Quantizer4, decode_nested_absmax,
     dequantize_int8_rows, double_quant, quantize_4bit, quantize_int8_rows,
 };
-use crate::plan::{Plan, Step};
+use crate::plan::{Plan, QS_MARK, Step};
 
 /// Elements per sequential window: bounds the extra memory of one tensor's conversion (output
 /// window plus one f32 sub-chunk per thread), whatever the tensor's size.
@@ -325,18 +325,22 @@ fn table_bytes(bits: &[u32]) -> Vec<u8> {
     bits.iter().flat_map(|b| b.to_le_bytes()).collect()
 }
 
-fn quant4<S: TensorSource, W: Write>(
+/// Receives one window's packed codes and the number of source bytes it covered.
+type CodesSink<'a> = dyn FnMut(&[u8], usize) -> Result<(), BnbError> + 'a;
+
+/// Quantizes `e` window by window: fills `absmax` and hands each window's packed codes to
+/// `on_codes`. Returns the cast statistics.
+fn quantize_windows<S: TensorSource>(
     src: &S,
     e: &TensorEntry,
     state: &crate::quant_state::QuantStateJson,
-    json_len: usize,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
+    absmax: &mut [f32],
+    on_codes: &mut CodesSink<'_>,
+) -> Result<CastStats, BnbError> {
     let q = Quantizer4::new(state.quant_type);
     let n = n_elements(e)?;
     let es = elem_size(e.dtype);
-    let mut absmax = vec![0f32; n.div_ceil(BLOCKSIZE)];
+    let mut total = CastStats::default();
     for start in (0..n).step_by(WINDOW) {
         let len = WINDOW.min(n - start);
         let bytes = read_vec(src, e, start * es, len * es)?;
@@ -354,10 +358,64 @@ fn quant4<S: TensorSource, W: Write>(
                 Ok::<_, BnbError>(stats)
             })
             .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
-        ctx.stats += stats;
-        w.write_chunk(&codes)?;
-        ctx.advance((len * es) as u64, 0);
+        total += stats;
+        on_codes(&codes, len * es)?;
     }
+    Ok(total)
+}
+
+/// Computes the nested (double-quant) offset of every 4-bit weight of `plan` from the source, so
+/// the quant-state JSON tensors get their exact `json.dumps` length instead of a reservation
+/// padded with spaces. Reads each such weight once more; call it before
+/// [`Plan::output_len`] and [`convert`]. Plans without double quantization are unchanged.
+pub fn resolve_nested_offsets<S: TensorSource>(src: &S, plan: &mut Plan) -> Result<(), BnbError> {
+    for step in plan.steps.iter_mut() {
+        let Step::Quant4 {
+            src: e,
+            state,
+            json_len,
+        } = step
+        else {
+            continue;
+        };
+        if state.nested.is_none() {
+            continue;
+        }
+        let mut absmax = vec![0f32; n_elements(e)?.div_ceil(BLOCKSIZE)];
+        quantize_windows(src, e, state, &mut absmax, &mut |_, _| Ok(()))?;
+        let offset = f64::from(double_quant(&absmax).offset);
+        if let Some(nested) = &mut state.nested {
+            nested.offset = offset;
+        }
+        let exact = state.to_json_bytes().len();
+        let name = format!("{}{QS_MARK}{}", e.name, state.quant_type.name());
+        let spec = plan
+            .specs
+            .iter_mut()
+            .find(|s| s.name == name)
+            .ok_or_else(|| BnbError::tensor(&e.name, "quant-state tensor missing from the plan"))?;
+        spec.shape = vec![exact as u64];
+        *json_len = exact;
+    }
+    Ok(())
+}
+
+fn quant4<S: TensorSource, W: Write>(
+    src: &S,
+    e: &TensorEntry,
+    state: &crate::quant_state::QuantStateJson,
+    json_len: usize,
+    w: &mut SafetensorsWriter<W>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), BnbError> {
+    let n = n_elements(e)?;
+    let mut absmax = vec![0f32; n.div_ceil(BLOCKSIZE)];
+    let stats = quantize_windows(src, e, state, &mut absmax, &mut |codes, src_bytes| {
+        w.write_chunk(codes)?;
+        ctx.advance(src_bytes as u64, 0);
+        Ok(())
+    })?;
+    ctx.stats += stats;
     let quant_map = match state.quant_type {
         QuantType::Nf4 => table_bytes(&NF4_BITS),
         QuantType::Fp4 => table_bytes(&FP4_BITS),
@@ -381,8 +439,9 @@ fn quant4<S: TensorSource, W: Write>(
             "quant-state JSON longer than reserved",
         ));
     }
-    // Only a double-quant state can be shorter than its reservation (the offset's digits are
-    // unknown when the header is written); JSON ignores the trailing spaces.
+    // Only an unresolved double-quant state (no `resolve_nested_offsets`) can be shorter than its
+    // reservation, the offset's digits being unknown when the header is written; JSON parsers
+    // ignore the trailing spaces.
     json.resize(json_len, b' ');
     w.write_chunk(&json)?;
     ctx.advance(0, 1);

@@ -32,8 +32,10 @@
 //!   CUDA's exact nearest-code search); the offset (`absmax.mean()`) is computed in f64 and
 //!   rounded once, while torch's f32 sum depends on its thread count, so the offset may differ
 //!   from a given bnb run in the last ulp (and then a few codes may differ). Given the same
-//!   offset, the codes are identical. The JSON blob is bnb's bytes followed by spaces up to a
-//!   fixed reserved length, because the offset's digits are unknown when the header is written.
+//!   offset, the codes are identical. The JSON blob is exactly `json.dumps`' bytes when the plan
+//!   went through [`resolve_nested_offsets`] (one extra read of each 4-bit weight, which is what
+//!   convcache does); without it, the offset's digits are unknown when the header is written and
+//!   the blob is padded with spaces to a reserved length.
 //! - int8: identical to bnb's `int8_vectorwise_quant` on CPU (fp16 weight, `SCB.reciprocal() *
 //!   127`, round half to even); an all-zero row gives 0 codes and SCB 0.
 //! - Dequantization: identical to bnb's CPU `dequantize_4bit` / `int8_vectorwise_dequant`
@@ -51,7 +53,9 @@ pub mod kernels;
 pub mod plan;
 pub mod quant_state;
 
-pub use convert::{Report, TensorSource, convert, convert_dequantize, convert_from};
+pub use convert::{
+    Report, TensorSource, convert, convert_dequantize, convert_from, resolve_nested_offsets,
+};
 pub use error::BnbError;
 pub use kernels::QuantType;
 pub use plan::{

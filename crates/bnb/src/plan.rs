@@ -168,7 +168,7 @@ pub fn compute_dtype(header: &Header) -> Dtype {
 }
 
 /// The suffix of a bnb 4-bit quant-state key.
-const QS_MARK: &str = ".quant_state.bitsandbytes__";
+pub(crate) const QS_MARK: &str = ".quant_state.bitsandbytes__";
 
 /// Whether `header` holds bitsandbytes-quantized tensors (4-bit quant states or int8 `SCB`).
 pub fn is_bitsandbytes(header: &Header) -> bool {

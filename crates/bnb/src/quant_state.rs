@@ -72,8 +72,18 @@ pub fn python_float_repr(v: f64) -> String {
     if v == 0.0 {
         return if v.is_sign_negative() { "-0.0" } else { "0.0" }.into();
     }
-    // Rust's `{:e}` prints the shortest round-trip digits: "-1.2345e-5".
-    let sci = format!("{v:e}");
+    // Rust's `{:e}` prints the shortest round-trip digits ("-1.2345e-5"), but breaks an exact
+    // tie between two shortest candidates upwards where Python takes the even one
+    // (0.063327789306640625 is "...063" in Rust, "...062" in Python). Re-printing at that many
+    // significant digits with `{:.N$e}` rounds the exact value half to even, like Python.
+    let shortest = format!("{v:e}");
+    let n_digits = shortest
+        .split_once('e')
+        .map_or(shortest.as_str(), |(m, _)| m)
+        .chars()
+        .filter(char::is_ascii_digit)
+        .count();
+    let sci = format!("{v:.*e}", n_digits.saturating_sub(1));
     let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     let (sign, mantissa) = match mantissa.strip_prefix('-') {

@@ -107,6 +107,24 @@ fn double_quant_model_matches_bitsandbytes() {
     }
 }
 
+/// With the nested offsets resolved before the header is written, the quant-state JSON is
+/// exactly `json.dumps`' bytes, no padding: the whole file matches bitsandbytes' tensors.
+#[test]
+fn resolved_double_quant_model_is_byte_identical_to_bitsandbytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = golden("model_src.safetensors");
+    let mut p = plan(&src.header, Precision::Nf4, &Options { double_quant: true }).unwrap();
+    bnb::resolve_nested_offsets(&src, &mut p).unwrap();
+    let got = run(&src, &p, dir.path(), "dq_exact.safetensors");
+    let want = golden("model_nf4_dq.safetensors");
+    assert_eq!(keys(&got), keys(&want));
+    for w in &want.header.tensors {
+        let (g, gb) = got.tensor(&w.name).unwrap();
+        assert_eq!((g.dtype, &g.shape), (w.dtype, &w.shape), "{}", w.name);
+        assert!(gb == want.tensor_bytes(w), "bytes of `{}` differ", w.name);
+    }
+}
+
 /// An f32 model is quantized from its bf16 rounding (the compute dtype, as Forge loads it) and
 /// its other float tensors are written in bf16; a bf16-exact f32 source thus gives bnb's file.
 #[test]

@@ -130,6 +130,10 @@ def main():
     vals = torch.cat([
         torch.randn(200, generator=g) * torch.logspace(-30, 30, 200),
         torch.tensor([1e-5, 1e-4, 1.5e-4, 9.9999e-5, 1e16, 1e15, 123456789.0, 2.0, 0.5, 1e-38, 3.4e38]),
+        # Typical nested offsets (absmax means): f32 values whose shortest repr has an exact
+        # tie, which Python breaks to even (0.063327789306640625 -> "...062").
+        torch.tensor([0.063327789306640625]),
+        torch.rand(2000, generator=g) * 0.2,
     ]).float()
     with open(os.path.join(HERE, "float_repr.json"), "w") as f:
         json.dump([[v & 0xFFFFFFFF, json.dumps(x)] for v, x in zip(vals.view(torch.int32).tolist(), vals.tolist())], f)

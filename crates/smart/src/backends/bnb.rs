@@ -39,7 +39,8 @@ impl Backend for BnbBackend {
     fn converter_version(&self, target: Precision, options: &BackendOptions) -> String {
         // Double quantization changes the bytes of 4-bit outputs only.
         if options.double_quant && matches!(target, Precision::Nf4 | Precision::Fp4) {
-            format!("{VERSION}+double_quant")
+            // v2: quant-state JSON exactly json.dumps (no padding), offsets printed as Python does.
+            format!("{VERSION}+double_quant-2")
         } else {
             VERSION.to_string()
         }
@@ -47,15 +48,19 @@ impl Backend for BnbBackend {
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let src = SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?;
+        let in_file =
+            |e: ::bnb::BnbError| SmartError::backend(format!("{}: {e}", job.source_path.display()));
         let plan = if job.source.bitsandbytes.is_some() {
-            ::bnb::plan_dequantize_file(&src, job.target)
+            ::bnb::plan_dequantize_file(&src, job.target).map_err(in_file)?
         } else {
             let options = ::bnb::Options {
                 double_quant: job.options.double_quant,
             };
-            ::bnb::plan(&src.header, job.target, &options)
-        }
-        .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
+            let mut plan = ::bnb::plan(&src.header, job.target, &options).map_err(in_file)?;
+            // Exact `json.dumps` quant states: the nested offsets are computed before the header.
+            ::bnb::resolve_nested_offsets(&src, &mut plan).map_err(in_file)?;
+            plan
+        };
         let metadata = precision::convert::merged_metadata(&src.header, job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
