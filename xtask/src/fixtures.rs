@@ -475,7 +475,7 @@ fn manifest_entry(
         "arch": arch,
         "precision": precision,
         "size": bytes.len(),
-        "xxh3_64": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes)),
+        "xxh3_64": format!("{:016x}", twox_hash::XxHash3_64::oneshot(&bytes)),
     }))
 }
 

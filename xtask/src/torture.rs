@@ -175,7 +175,7 @@ struct Reference {
 }
 
 fn hash_file(path: &Path) -> std::io::Result<u128> {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut h = twox_hash::XxHash3_128::new();
     let mut f = File::open(path)?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -183,9 +183,9 @@ fn hash_file(path: &Path) -> std::io::Result<u128> {
         if n == 0 {
             break;
         }
-        h.update(&buf[..n]);
+        h.write(&buf[..n]);
     }
-    Ok(h.digest128())
+    Ok(h.finish_128())
 }
 
 fn is_temp_name(name: &str) -> bool {

@@ -17,7 +17,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+use twox_hash::XxHash3_128 as Xxh3;
+
+/// XXH3-128 with seed 0 of `bytes` (AVX2 or SSE2, chosen at run time).
+fn xxh3_128(bytes: &[u8]) -> u128 {
+    Xxh3::oneshot(bytes)
+}
 
 use crate::CacheError;
 
@@ -116,11 +121,17 @@ pub fn digest_file_with_progress(
 
 /// The same digest computed from bytes fed in order, in pieces of any size (for hashing an
 /// output while it is written, without reading it back).
+///
+/// [`StreamDigest::holding_head`] keeps the first chunk's bytes instead of hashing them at once,
+/// so that they can still be [patched](StreamDigest::patch_head) (a header value written as a
+/// placeholder and filled in once the data after it is known) before [`StreamDigest::finish`].
 pub struct StreamDigest {
     len: u64,
     in_chunk: usize,
     chunk: Xxh3,
     chunk_hashes: Vec<u128>,
+    /// The first chunk's bytes, when they are hashed only at `finish`.
+    head: Option<Vec<u8>>,
 }
 
 impl Default for StreamDigest {
@@ -144,22 +155,73 @@ impl StreamDigest {
             in_chunk: 0,
             chunk: Xxh3::new(),
             chunk_hashes: Vec::new(),
+            head: None,
         }
+    }
+
+    /// A digest that keeps the first [`CHUNK_SIZE`] bytes (at most) in memory, unhashed until
+    /// [`StreamDigest::finish`], so [`StreamDigest::patch_head`] can still change them.
+    pub fn holding_head() -> StreamDigest {
+        StreamDigest {
+            head: Some(Vec::new()),
+            ..StreamDigest::new()
+        }
+    }
+
+    /// Whether the bytes being fed belong to the held first chunk.
+    fn in_head(&self) -> bool {
+        self.head.is_some() && self.chunk_hashes.is_empty()
     }
 
     /// Feeds the next bytes.
     pub fn update(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let n = (CHUNK_SIZE - self.in_chunk).min(bytes.len());
-            self.chunk.update(&bytes[..n]);
+            match &mut self.head {
+                Some(head) if self.chunk_hashes.is_empty() => head.extend_from_slice(&bytes[..n]),
+                _ => self.chunk.write(&bytes[..n]),
+            }
             self.in_chunk += n;
             self.len += n as u64;
             bytes = &bytes[n..];
             if self.in_chunk == CHUNK_SIZE {
-                self.chunk_hashes.push(self.chunk.digest128());
-                self.chunk.reset();
-                self.in_chunk = 0;
+                self.end_chunk();
             }
+        }
+    }
+
+    fn end_chunk(&mut self) {
+        if self.in_head() {
+            // Hashed at `finish`, after any patch.
+            self.chunk_hashes.push(0);
+        } else {
+            self.chunk_hashes.push(self.chunk.finish_128());
+            self.chunk = Xxh3::new();
+        }
+        self.in_chunk = 0;
+    }
+
+    /// The held first chunk's bytes so far (empty unless made by [`StreamDigest::holding_head`]).
+    pub fn head(&self) -> &[u8] {
+        self.head.as_deref().unwrap_or_default()
+    }
+
+    /// Overwrites held bytes at `offset` (from the start of the stream) with `bytes`, as a
+    /// positioned write of the same bytes to the file does. Returns `false`, changing nothing,
+    /// when the range is not entirely within the held head.
+    pub fn patch_head(&mut self, offset: usize, bytes: &[u8]) -> bool {
+        let Some(head) = &mut self.head else {
+            return false;
+        };
+        match offset
+            .checked_add(bytes.len())
+            .and_then(|end| head.get_mut(offset..end))
+        {
+            Some(range) => {
+                range.copy_from_slice(bytes);
+                true
+            }
+            None => false,
         }
     }
 
@@ -176,7 +238,10 @@ impl StreamDigest {
     /// The digest of everything fed, as [`digest_bytes`] would give for the concatenation.
     pub fn finish(mut self) -> String {
         if self.in_chunk > 0 {
-            self.chunk_hashes.push(self.chunk.digest128());
+            self.end_chunk();
+        }
+        if let (Some(head), Some(first)) = (&self.head, self.chunk_hashes.first_mut()) {
+            *first = xxh3_128(head);
         }
         combine(self.len, &self.chunk_hashes)
     }
@@ -236,6 +301,57 @@ mod tests {
         let mut s = StreamDigest::new();
         s.update(&data[..CHUNK_SIZE]);
         assert_eq!(s.finish(), digest_bytes(&data[..CHUNK_SIZE]));
+    }
+
+    #[test]
+    fn a_held_head_can_be_patched_before_finishing() {
+        let data: Vec<u8> = (0..(CHUNK_SIZE + 4000)).map(|i| (i % 241) as u8).collect();
+        for size in [10usize, CHUNK_SIZE, CHUNK_SIZE + 4000] {
+            let mut s = StreamDigest::holding_head();
+            for c in data[..size].chunks(3_000_001) {
+                s.update(c);
+            }
+            assert_eq!(s.head(), &data[..size.min(CHUNK_SIZE)]);
+            // Outside the head: refused, nothing changes.
+            assert!(!s.patch_head(size.min(CHUNK_SIZE) - 1, b"xy"));
+            assert!(s.patch_head(3, b"PATCH"));
+            let mut patched = data[..size].to_vec();
+            patched[3..8].copy_from_slice(b"PATCH");
+            assert_eq!(s.finish(), digest_bytes(&patched), "size {size}");
+        }
+        // Unpatched, it is the plain digest; a plain digest refuses patches.
+        let mut s = StreamDigest::holding_head();
+        s.update(&data);
+        assert_eq!(s.finish(), digest_bytes(&data));
+        assert_eq!(StreamDigest::holding_head().finish(), digest_bytes(&[]));
+        let mut plain = StreamDigest::new();
+        plain.update(&data);
+        assert!(!plain.patch_head(0, b"x"));
+    }
+
+    /// XXH3-128 (seed 0) known answers, across the short, mid and long-input code paths, as
+    /// computed by the independent `xxhash-rust` 0.8.21 implementation (the empty-input value
+    /// is also the one in xxHash's own documentation): the digest of every recorded output
+    /// depends on this function never changing.
+    #[test]
+    fn xxh3_128_known_answers() {
+        let cases: [(usize, u128); 6] = [
+            (0, 0x99aa06d3014798d86001c324468d497f),
+            (1, 0xa6cd5e9392000f6ac44bdff4074eecdb),
+            (240, 0x69d89a449f44e9c0a1bf676f3e2ef478),
+            (241, 0x1065d9a8ed9c140d9d8d6c8fbcc09ef6),
+            (1000, 0xb7fd482b40450726ce3deb9a83f6a69d),
+            (8 << 20, 0x7bf337ae0fc8ac4aad3b3cfce81a9ee8),
+        ];
+        for (n, expected) in cases {
+            let data: Vec<u8> = (0..n).map(|i| (i * 7 % 253) as u8).collect();
+            assert_eq!(xxh3_128(&data), expected, "{n} bytes");
+            let mut streamed = Xxh3::new();
+            for piece in data.chunks(777) {
+                streamed.write(piece);
+            }
+            assert_eq!(streamed.finish_128(), expected, "{n} bytes, streamed");
+        }
     }
 
     #[test]

@@ -1025,9 +1025,7 @@ impl SafetensorsFile {
         if len != self.file_len {
             return Err(changed(len));
         }
-        // data_start <= 8 + MAX_HEADER_LEN (validated header), and the file is at least that long.
-        let mut prefix = vec![0u8; self.header.data_start as usize];
-        self.read_exact_at(&mut prefix, 0).map_err(io_err)?;
+        let prefix = self.read_prefix()?;
         if parse_header(&prefix, len).ok().as_ref() != Some(&self.header) {
             return Err(changed(len));
         }
@@ -1041,6 +1039,21 @@ impl SafetensorsFile {
             }
         }
         Ok(())
+    }
+
+    /// The file's first [`Header::data_start`] bytes as they are now: the length prefix and the
+    /// header JSON (padding included). With the tensor bytes that follow, in order, they are the
+    /// whole file (the header was validated to cover the data section exactly), which lets a
+    /// converter hash the source in the same pass that reads it.
+    pub fn read_prefix(&self) -> Result<Vec<u8>, SafetensorsError> {
+        // data_start <= 8 + MAX_HEADER_LEN (validated header), and the file is at least that long.
+        let mut prefix = vec![0u8; self.header.data_start as usize];
+        self.read_exact_at(&mut prefix, 0)
+            .map_err(|source| SafetensorsError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(prefix)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {

@@ -29,7 +29,7 @@ use crate::cast::{CastError, CastStats, cast_slice, is_cast_source};
 use crate::writer::{self, SafetensorsWriter, TensorSpec};
 
 /// Bytes per chunk by default (one source and two output buffers of this size are alive at once).
-pub const DEFAULT_CHUNK_BYTES: usize = 32 << 20;
+pub const DEFAULT_CHUNK_BYTES: usize = 2 << 20;
 
 /// Elements one rayon task casts: large enough to amortise scheduling, small enough to spread a
 /// chunk over every core.
@@ -318,7 +318,31 @@ pub fn convert_with<W: Write>(
 ) -> Result<Report, ConvertError> {
     check_plan(&src.path, &src.header, plan)?;
     src.check_unchanged().map_err(|e| read_error(src, e))?;
-    convert_source(src, plan, metadata, out, options, progress)
+    convert_source(src, plan, metadata, out, options, progress, None)
+}
+
+/// Receives every byte of the source file exactly once, in file order, as the conversion reads
+/// it (see [`convert_observing_source`]).
+pub type SourceObserver<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
+
+/// [`convert_with`], also handing the whole source file to `observer` in order: the length
+/// prefix and header first, then every tensor's bytes as they are read for the conversion. The
+/// caller can hash the source without reading it a second time (the content digest in an
+/// output's provenance).
+pub fn convert_observing_source<W: Write>(
+    src: &SafetensorsFile,
+    plan: &Plan,
+    metadata: &BTreeMap<String, String>,
+    out: W,
+    options: ConvertOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    observer: SourceObserver<'_>,
+) -> Result<Report, ConvertError> {
+    check_plan(&src.path, &src.header, plan)?;
+    src.check_unchanged().map_err(|e| read_error(src, e))?;
+    let prefix = src.read_prefix().map_err(|e| read_error(src, e))?;
+    observer(&prefix);
+    convert_source(src, plan, metadata, out, options, progress, Some(observer))
 }
 
 /// The source's error as this crate's: a file changed since its header was validated is
@@ -388,6 +412,7 @@ fn convert_source<W: Write>(
     out: W,
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
+    mut observer: Option<SourceObserver<'_>>,
 ) -> Result<Report, ConvertError> {
     let (path, header) = (source.path.as_path(), &source.header);
     let write_err = |source: io::Error| ConvertError::Write {
@@ -464,6 +489,9 @@ fn convert_source<W: Write>(
                 }
                 let src = sized(&mut input, src_len, in_cap);
                 read_piece(source, &piece, src)?;
+                if let Some(observe) = observer.as_deref_mut() {
+                    observe(src);
+                }
                 write_some(&mut w, src).map_err(write_err)?;
                 report.non_finite += crate::cast::count_non_finite(entry.dtype, src);
                 finish_piece(piece, &mut bytes_done, &mut tensors_done);
@@ -475,16 +503,25 @@ fn convert_source<W: Write>(
                 let dst = sized(&mut back, len, out_cap);
                 let mut cast_result = Ok(CastStats::default());
                 let mut write_result = Ok(());
+                let observe = observer.as_deref_mut();
                 rayon::in_place_scope(|s| {
                     s.spawn(|_| {
                         cast_result = read_piece(source, &piece, src).and_then(|()| {
-                            cast_par(entry.dtype, src, dst_dtype, dst).map_err(|source| {
-                                ConvertError::Cast {
-                                    path: path.to_owned(),
-                                    tensor: entry.name.clone(),
-                                    source,
-                                }
-                            })
+                            let src = &*src;
+                            let mut cast = || {
+                                cast_par(entry.dtype, src, dst_dtype, dst).map_err(|source| {
+                                    ConvertError::Cast {
+                                        path: path.to_owned(),
+                                        tensor: entry.name.clone(),
+                                        source,
+                                    }
+                                })
+                            };
+                            match observe {
+                                // Hashing the chunk runs beside its cast, on the same bytes.
+                                Some(observe) => rayon::join(|| observe(src), cast).1,
+                                None => cast(),
+                            }
                         });
                     });
                     if let Some((_, plen)) = pending {

@@ -12,7 +12,7 @@ pub mod writer;
 
 pub use cast::{CastError, CastStats, cast_slice};
 pub use convert::{
-    Action, ConvertError, ConvertOptions, Plan, Report, convert, convert_with, merged_metadata,
-    plan, plan_file, target_dtype,
+    Action, ConvertError, ConvertOptions, Plan, Report, SourceObserver, convert,
+    convert_observing_source, convert_with, merged_metadata, plan, plan_file, target_dtype,
 };
 pub use writer::{SafetensorsWriter, TensorSpec};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use detect::Precision;
 use detect::safetensors::{Dtype, SafetensorsFile};
-use precision::convert::{ConvertError, ConvertOptions, Report};
+use precision::convert::{ConvertError, ConvertOptions, Report, convert_observing_source};
 use precision::{SafetensorsWriter, TensorSpec, convert, convert_with, merged_metadata, plan};
 use proptest::prelude::*;
 
@@ -70,6 +70,29 @@ fn run(src: &SafetensorsFile, target: Precision, chunk_bytes: usize) -> (Vec<u8>
     assert_eq!(out.len() as u64, p.output_len(&meta).unwrap());
     assert_eq!(report.bytes_out, out.len() as u64);
     (out, report)
+}
+
+/// [`run`] through `convert_observing_source`, also returning every byte the observer saw.
+fn run_observed(
+    src: &SafetensorsFile,
+    target: Precision,
+    chunk_bytes: usize,
+) -> (Vec<u8>, Report, Vec<u8>) {
+    let p = plan(&src.header, target).unwrap();
+    let meta = merged_metadata(&src.header, &BTreeMap::new());
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    let report = convert_observing_source(
+        src,
+        &p,
+        &meta,
+        &mut out,
+        ConvertOptions { chunk_bytes },
+        &mut |_, _| {},
+        &mut |bytes: &[u8]| seen.extend_from_slice(bytes),
+    )
+    .unwrap();
+    (out, report, seen)
 }
 
 fn reopen(dir: &Path, name: &str, bytes: &[u8]) -> SafetensorsFile {
@@ -404,7 +427,13 @@ proptest! {
         let (whole, whole_report) = run(&src, target, usize::MAX / 2);
         let (chunked, chunked_report) = run(&src, target, chunk_bytes);
         prop_assert!(whole == chunked);
-        prop_assert_eq!(whole_report, chunked_report);
+        prop_assert_eq!(whole_report, chunked_report.clone());
+        // Observing the source changes nothing in the output, and the observer sees the whole
+        // file, in order (what lets smart hash the source in the conversion's own pass).
+        let (observed_out, observed_report, seen) = run_observed(&src, target, chunk_bytes);
+        prop_assert!(observed_out == chunked);
+        prop_assert_eq!(observed_report, chunked_report);
+        prop_assert!(seen == std::fs::read(&path).unwrap());
         // And each tensor equals a direct cast_slice of the source tensor.
         let out = reopen(dir.path(), "o.safetensors", &whole);
         for (t, o) in src.header.tensors.iter().zip(&out.header.tensors) {
@@ -495,6 +524,27 @@ fn large_tensors_split_across_chunks_and_threads() {
         }
         if target == Precision::Fp16 {
             assert_eq!(stats.overflowed, 301);
+        }
+    }
+}
+
+/// A header whose JSON lists tensors in another order than their data: the observer still sees
+/// the file's bytes in file order (the converter walks tensors by offset).
+#[test]
+fn the_observer_sees_the_file_in_order_whatever_the_json_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let json = br#"{"z":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[3],"data_offsets":[8,20]},"__metadata__":{"k":"v"}}"#;
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(json);
+    file.extend(f32_bytes(&[1.0, -2.5, 3.25, 1e6, f32::NAN]));
+    std::fs::write(&path, &file).unwrap();
+    let src = SafetensorsFile::open(&path).unwrap();
+    for target in TARGETS {
+        for chunk in [1, 4, 1 << 20] {
+            let (out, _, seen) = run_observed(&src, target, chunk);
+            assert!(seen == file, "{target} chunk {chunk}");
+            assert!(out == run(&src, target, chunk).0);
         }
     }
 }

@@ -65,4 +65,25 @@ pub trait PlannedConversion {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<serde_json::Value, SmartError>;
+
+    /// Whether [`PlannedConversion::write_observing_source`] is supported: the conversion reads
+    /// the whole source file once, in order, so `smart` can hash it in that same pass instead of
+    /// reading it a second time for the provenance digest.
+    fn observes_source(&self) -> bool {
+        false
+    }
+
+    /// [`PlannedConversion::write`], also handing every byte of the source file to `observer`
+    /// exactly once, in file order. Only called when [`PlannedConversion::observes_source`].
+    fn write_observing_source(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+        observer: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<serde_json::Value, SmartError> {
+        let _ = (out, progress, observer);
+        Err(SmartError::backend(
+            "this converter cannot hand over the source while converting",
+        ))
+    }
 }

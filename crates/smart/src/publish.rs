@@ -16,7 +16,9 @@ use std::time::{Duration, SystemTime};
 use cache::{Cache, Lookup, LookupOptions, LookupStatus, OutputRecord, Provenance, digest};
 use detect::{Detection, Precision};
 
-use crate::{Backend, BackendOptions, Job, Options, Phase, Progress, SmartError, Status};
+use crate::{
+    Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
+};
 
 /// How many times the lock is re-taken when the output path moves under us (another source
 /// claimed the plain name meanwhile). More would mean a livelock, not progress.
@@ -172,36 +174,90 @@ impl Convert<'_> {
         // Other outputs' leftovers: best effort, a failure here is not this conversion's.
         let _ = self.cache.sweep_temporaries();
 
-        let digest = match lookup.source_digest.clone().or(known_digest) {
-            Some(d) => d,
-            None => {
-                let total = lookup.source.size;
-                let p = |done| Progress {
-                    phase: Phase::Hashing,
-                    bytes_done: done,
-                    bytes_total: total,
-                    tensors_done: 0,
-                    tensors_total: 0,
-                };
-                digest::digest_file_with_progress(self.source, &mut |done, _| self.report(p(done)))?
+        let mut digest = lookup.source_digest.clone().or(known_digest);
+        // At most twice: the second time with the digest the first pass computed, when its
+        // placeholder could not be patched (see `write_temporary`).
+        for _ in 0..2 {
+            let planned = self.plan(&lookup, digest.as_deref())?;
+            match self.write_temporary(&out, &dir, &lookup, planned)? {
+                Written::Published(report) => {
+                    return Ok(self.published(&lookup, out, report));
+                }
+                Written::Retry(computed) => digest = Some(computed),
             }
-        };
+        }
+        Err(SmartError::Verify {
+            path: out,
+            problem: "the source digest could not be written into the output's header".into(),
+        })
+    }
+
+    /// Plans the conversion with its provenance. Without a known source digest, a converter
+    /// that reads the whole source in order is planned with a placeholder digest, to be
+    /// replaced by the digest of the bytes it reads; any other converter waits for a hashing
+    /// pass over the source first.
+    fn plan(&self, lookup: &Lookup, known_digest: Option<&str>) -> Result<Planned, SmartError> {
         let version = self
             .backend
             .converter_version(self.target, &self.backend_options);
-        let provenance = Provenance::new(&lookup.source, digest, self.target, version);
-        let extra = provenance.to_metadata();
-        let planned = self.backend.plan(&Job {
-            source_path: self.source,
-            source: self.detection,
-            target: self.target,
-            extra_metadata: &extra,
-            options: self.backend_options,
-        })?;
-        let needed = planned.output_len();
-        check_space(&dir, &out, needed)?;
+        let plan_with = |digest: String| -> Result<_, SmartError> {
+            let provenance = Provenance::new(&lookup.source, digest, self.target, version.clone());
+            let planned = self.backend.plan(&Job {
+                source_path: self.source,
+                source: self.detection,
+                target: self.target,
+                extra_metadata: &provenance.to_metadata(),
+                options: self.backend_options,
+            })?;
+            Ok((provenance, planned))
+        };
+        let planned = |(provenance, conversion), placeholder| Planned {
+            provenance,
+            conversion,
+            placeholder,
+        };
+        if let Some(d) = known_digest {
+            return Ok(planned(plan_with(d.to_owned())?, None));
+        }
+        let placeholder = placeholder_digest();
+        let (provenance, conversion) = plan_with(placeholder.clone())?;
+        if conversion.observes_source() {
+            return Ok(planned((provenance, conversion), Some(placeholder)));
+        }
+        let total = lookup.source.size;
+        let p = |done| Progress {
+            phase: Phase::Hashing,
+            bytes_done: done,
+            bytes_total: total,
+            tensors_done: 0,
+            tensors_total: 0,
+        };
+        let digest =
+            digest::digest_file_with_progress(self.source, &mut |done, _| self.report(p(done)))?;
+        Ok(planned(plan_with(digest)?, None))
+    }
 
-        let tmp = cache::temp_path(&out, std::process::id());
+    /// Streams `planned` into a temporary beside `out`, makes it durable, verifies it and
+    /// publishes it. With a placeholder digest in its header, the source
+    /// is hashed as the converter reads it and the placeholder is overwritten in place; if the
+    /// placeholder is not found exactly once in the output's first chunk, the temporary is
+    /// dropped and [`Written::Retry`] carries the computed digest for a conversion planned with it.
+    fn write_temporary(
+        &self,
+        out: &Path,
+        dir: &Path,
+        lookup: &Lookup,
+        planned: Planned,
+    ) -> Result<Written, SmartError> {
+        let Planned {
+            mut provenance,
+            conversion: planned,
+            placeholder: digest_in_pass,
+        } = planned;
+        let needed = planned.output_len();
+        check_space(dir, out, needed)?;
+
+        let tmp = cache::temp_path(out, std::process::id());
         let mut guard = TempGuard {
             path: tmp.clone(),
             armed: false,
@@ -217,7 +273,11 @@ impl Convert<'_> {
             Sink {
                 file,
                 written: 0,
-                hasher: digest::StreamDigest::new(),
+                hasher: if digest_in_pass.is_some() {
+                    digest::StreamDigest::holding_head()
+                } else {
+                    digest::StreamDigest::new()
+                },
                 error: None,
                 cancel: self.options.cancel,
                 cancelled: false,
@@ -240,21 +300,28 @@ impl Convert<'_> {
             tensors_done: 0,
             tensors_total,
         });
-        let result = planned
-            .write(&mut writer, &mut progress)
-            .and_then(|report| {
-                writer
-                    .flush()
-                    .map_err(io_err(&tmp, "write the temporary output"))?;
-                Ok(report)
-            });
+        let mut source_hasher = digest::StreamDigest::new();
+        let result = match &digest_in_pass {
+            Some(_) => {
+                planned.write_observing_source(&mut writer, &mut progress, &mut |bytes: &[u8]| {
+                    source_hasher.update(bytes)
+                })
+            }
+            None => planned.write(&mut writer, &mut progress),
+        }
+        .and_then(|report| {
+            writer
+                .flush()
+                .map_err(io_err(&tmp, "write the temporary output"))?;
+            Ok(report)
+        });
         let sink = writer.get_ref();
         let (cancelled, first_error, written) = (sink.cancelled, sink.error, sink.written);
         let report = match result {
             Ok(r) => r,
             Err(e) => {
                 if cancelled {
-                    return Err(SmartError::Cancelled(out));
+                    return Err(SmartError::Cancelled(out.to_path_buf()));
                 }
                 if let Some((kind, raw)) = first_error
                     && is_no_space(raw, kind)
@@ -262,7 +329,10 @@ impl Convert<'_> {
                     let source = raw
                         .map(io::Error::from_raw_os_error)
                         .unwrap_or_else(|| io::Error::from(kind));
-                    return Err(SmartError::DiskFull { path: out, source });
+                    return Err(SmartError::DiskFull {
+                        path: out.to_path_buf(),
+                        source,
+                    });
                 }
                 return Err(e);
             }
@@ -270,10 +340,33 @@ impl Convert<'_> {
         let mut sink = writer
             .into_inner()
             .map_err(|e| io_err(&tmp, "write the temporary output")(e.into_error()))?;
+        if let Some(placeholder) = digest_in_pass {
+            if source_hasher.len() != lookup.source.size {
+                return Err(SmartError::Io {
+                    path: self.source.to_path_buf(),
+                    op: "read the source",
+                    source: io::Error::other(format!(
+                        "it changed during the conversion ({} bytes read, {} expected)",
+                        source_hasher.len(),
+                        lookup.source.size
+                    )),
+                });
+            }
+            let digest = source_hasher.finish();
+            let Some(at) = only_occurrence(sink.hasher.head(), placeholder.as_bytes()) else {
+                return Ok(Written::Retry(digest));
+            };
+            write_at(&sink.file, digest.as_bytes(), at as u64).map_err(io_err(
+                &tmp,
+                "write the source digest into the temporary output",
+            ))?;
+            sink.hasher.patch_head(at, digest.as_bytes());
+            provenance.source_digest = digest;
+        }
         backdate(&sink.file, &tmp)?;
         sink.file.sync_all().map_err(|e| match e.raw_os_error() {
             Some(r) if is_no_space(Some(r), e.kind()) => SmartError::DiskFull {
-                path: out.clone(),
+                path: out.to_path_buf(),
                 source: e,
             },
             _ => io_err(&tmp, "flush the temporary output to disk")(e),
@@ -281,14 +374,18 @@ impl Convert<'_> {
         let output_digest = std::mem::take(&mut sink.hasher).finish();
         drop(sink);
 
-        verify(&tmp, &out, self.target, &provenance, needed, written)?;
+        verify(&tmp, out, self.target, &provenance, needed, written)?;
         // The rename keeps the temporary's size and mtime, so its record is the output's.
         let record = OutputRecord::of_file(&tmp, output_digest)?;
-        cache::write_output_record(&out, &record)?;
-        fs::rename(&tmp, &out).map_err(io_err(&out, "publish the output (rename)"))?;
+        cache::write_output_record(out, &record)?;
+        fs::rename(&tmp, out).map_err(io_err(out, "publish the output (rename)"))?;
         guard.armed = false;
-        sync_dir(&dir)?;
+        sync_dir(dir)?;
+        Ok(Written::Published(report))
+    }
 
+    /// After a publish: the use stamp, older outputs of this source removed, the answer.
+    fn published(&self, lookup: &Lookup, out: PathBuf, report: serde_json::Value) -> Done {
         let _ = self.cache.record_use(&out);
         for old in &lookup.superseded {
             let _ = self.cache.remove_output(old, false);
@@ -300,13 +397,80 @@ impl Convert<'_> {
             LookupStatus::Foreign => Some("a file without provenance (strict)".into()),
             LookupStatus::Hit | LookupStatus::Unverified => None,
         };
-        Ok(Done {
+        Done {
             status: Status::Converted,
             path: out,
             report: Some(report),
             replaced,
             note: None,
-        })
+        }
+    }
+}
+
+/// A planned conversion and the provenance written into its header.
+struct Planned {
+    provenance: Provenance,
+    conversion: Box<dyn PlannedConversion>,
+    /// The stand-in for the source digest in the header, when the digest is computed in the
+    /// conversion's own pass.
+    placeholder: Option<String>,
+}
+
+/// What [`Convert::write_temporary`] ended with.
+enum Written {
+    /// Published; the converter's report.
+    Published(serde_json::Value),
+    /// Nothing published: plan again with this source digest.
+    Retry(String),
+}
+
+/// A stand-in for the source digest in a header written before the source has been read:
+/// 32 hex digits like a real digest (so the header keeps its planned size), unpredictable
+/// so that no source metadata contains it by accident.
+fn placeholder_digest() -> String {
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let seed = [
+        nanos.to_le_bytes().as_slice(),
+        &std::process::id().to_le_bytes(),
+        &COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes(),
+        &(&nanos as *const u128 as usize).to_le_bytes(),
+    ]
+    .concat();
+    digest::digest_bytes(&seed)
+}
+
+/// The offset of the one occurrence of `needle` in `hay`, or `None` if it occurs zero or
+/// several times.
+fn only_occurrence(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, _) = needle.split_first()?;
+    // Compare whole windows only where the first byte matches: the head is megabytes of
+    // tensor data, where that byte is rare.
+    let mut found = hay
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b == first && hay[i..].starts_with(needle))
+        .map(|(i, _)| i);
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
+/// A positioned write of all of `bytes` at `offset`.
+fn write_at(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset))?;
+        f.write_all(bytes)
     }
 }
 
@@ -444,5 +608,20 @@ fn sync_dir(dir: &Path) -> Result<(), SmartError> {
     {
         let _ = dir;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_occurrence;
+
+    #[test]
+    fn only_occurrence_finds_exactly_one() {
+        assert_eq!(only_occurrence(b"xxabcxx", b"abc"), Some(2));
+        assert_eq!(only_occurrence(b"abc", b"abc"), Some(0));
+        assert_eq!(only_occurrence(b"xxab", b"abc"), None);
+        assert_eq!(only_occurrence(b"abcabc", b"abc"), None);
+        assert_eq!(only_occurrence(b"aabc", b"abc"), Some(1));
+        assert_eq!(only_occurrence(b"abc", b""), None);
     }
 }

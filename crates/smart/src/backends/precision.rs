@@ -74,4 +74,27 @@ impl PlannedConversion for Planned {
             .map_err(SmartError::backend)?;
         serde_json::to_value(report).map_err(SmartError::backend)
     }
+
+    fn observes_source(&self) -> bool {
+        true
+    }
+
+    fn write_observing_source(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+        observer: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<serde_json::Value, SmartError> {
+        let report = conv::convert_observing_source(
+            &self.src,
+            &self.plan,
+            &self.metadata,
+            out,
+            conv::ConvertOptions::default(),
+            progress,
+            observer,
+        )
+        .map_err(SmartError::backend)?;
+        serde_json::to_value(report).map_err(SmartError::backend)
+    }
 }
