@@ -37,6 +37,28 @@ pub struct OutputRecord {
     pub digest: String,
     /// [`digest::ALGORITHM`] when written.
     pub algorithm: String,
+    /// Set when the output was published without waiting for its data to reach the disk
+    /// (`--no-fsync`): the boot it was written in. In that same boot the page cache is the
+    /// file's truth and the record is trusted as usual; after a restart (a crash may have lost
+    /// unwritten pages) the output is hashed once against [`OutputRecord::digest`] before it is
+    /// served, then made durable and re-recorded without this mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsynced_boot_id: Option<String>,
+}
+
+/// The current boot's identity (Linux: `/proc/sys/kernel/random/boot_id`), or `None` where the
+/// system does not say. Without it an output cannot be published unsynced.
+pub fn current_boot_id() -> Option<String> {
+    #[cfg(target_os = "linux")]
+    {
+        let id = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let id = id.trim();
+        (!id.is_empty() && id.len() <= 64).then(|| id.to_string())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CacheError + 'a {
@@ -73,7 +95,17 @@ impl OutputRecord {
             mtime_ns,
             digest,
             algorithm: digest::ALGORITHM.to_string(),
+            unsynced_boot_id: None,
         })
+    }
+
+    /// Whether the output was published unsynced in another boot than this one (or the boot
+    /// cannot be told): its data must be hashed before it is trusted.
+    pub fn needs_reverify(&self) -> bool {
+        match &self.unsynced_boot_id {
+            None => false,
+            Some(then) => current_boot_id().as_ref() != Some(then),
+        }
     }
 
     /// Whether this record can be compared with a digest computed now.
@@ -193,7 +225,8 @@ pub(crate) fn check_output_data(output: &Path, always_hash: bool) -> DataCheck {
             record.size
         ));
     }
-    if mtime_ns == record.mtime_ns && !always_hash {
+    let reverify = record.needs_reverify();
+    if mtime_ns == record.mtime_ns && !always_hash && !reverify {
         return DataCheck::Verified;
     }
     let now = match digest::digest_file(output) {
@@ -201,9 +234,16 @@ pub(crate) fn check_output_data(output: &Path, always_hash: bool) -> DataCheck {
         Err(e) => return DataCheck::Changed(format!("its data cannot be read: {e}")),
     };
     if !now.eq_ignore_ascii_case(&record.digest) {
+        if reverify {
+            return DataCheck::Changed(
+                "its data did not survive a restart (it was published with --no-fsync, and the \
+                 system stopped before the data reached the disk)"
+                    .into(),
+            );
+        }
         return DataCheck::Changed("output data changed since it was published".into());
     }
-    if mtime_ns != record.mtime_ns {
+    if mtime_ns != record.mtime_ns || reverify {
         refresh(output, (size, mtime_ns), &now);
     }
     DataCheck::Verified
@@ -222,7 +262,11 @@ fn refresh(output: &Path, hashed: (u64, i128), digest: &str) {
     let Ok(rec) = OutputRecord::of_file(output, digest.to_string()) else {
         return;
     };
-    if (rec.size, rec.mtime_ns) == hashed {
+    if (rec.size, rec.mtime_ns) != hashed {
+        return;
+    }
+    // The new record says the data is durable (an unsynced mark is dropped): make it so first.
+    if File::open(output).and_then(|f| f.sync_all()).is_ok() {
         let _ = write_output_record(output, &rec);
     }
 }
@@ -241,6 +285,7 @@ mod tests {
             mtime_ns: -1_700_000_000_123_456_789,
             digest: "0123456789abcdef0123456789abcdef".into(),
             algorithm: digest::ALGORITHM.into(),
+            unsynced_boot_id: None,
         };
         write_output_record(&out, &rec).unwrap();
         assert_eq!(read_output_record(&out), Ok(Some(rec.clone())));
@@ -292,5 +337,57 @@ mod tests {
             check_output_data(&out, false),
             DataCheck::Unrecorded(_)
         ));
+    }
+
+    /// An output published unsynced is trusted in its own boot; in any other boot it is
+    /// hashed once, found intact (then re-recorded as durable) or lost to the crash.
+    #[test]
+    fn an_unsynced_output_is_reverified_after_a_restart() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("m_bf16.safetensors");
+        fs::write(&out, b"0123456789").unwrap();
+        let digest = digest::digest_file(&out).unwrap();
+        let unsynced = |boot: &str| OutputRecord {
+            unsynced_boot_id: Some(boot.into()),
+            ..OutputRecord::of_file(&out, digest.clone()).unwrap()
+        };
+        let this_boot = current_boot_id();
+        if let Some(boot) = &this_boot {
+            let rec = unsynced(boot);
+            assert!(!rec.needs_reverify());
+            write_output_record(&out, &rec).unwrap();
+            assert_eq!(check_output_data(&out, false), DataCheck::Verified);
+            // Same boot: still trusted as published, not re-recorded.
+            assert_eq!(read_output_record(&out).unwrap().unwrap(), rec);
+        }
+        // Another boot, data intact: verified by digest, then recorded as durable.
+        let rec = unsynced("another-boot");
+        assert!(rec.needs_reverify());
+        write_output_record(&out, &rec).unwrap();
+        assert_eq!(check_output_data(&out, false), DataCheck::Verified);
+        let now = read_output_record(&out).unwrap().unwrap();
+        assert_eq!(now.unsynced_boot_id, None);
+        assert_eq!(now.digest, digest);
+        // Another boot, data torn by the crash (same size and mtime, other bytes): not served.
+        let mtime = fs::metadata(&out).unwrap().modified().unwrap();
+        write_output_record(&out, &rec).unwrap();
+        fs::write(&out, b"0123\0\0\0\0\0\0").unwrap();
+        File::options()
+            .write(true)
+            .open(&out)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert!(matches!(
+            check_output_data(&out, false),
+            DataCheck::Changed(r) if r.contains("restart")
+        ));
+        // A record without the mark (older records) reads as durable.
+        let json = br#"{"size":10,"mtime_ns":5,"digest":"0123456789abcdef0123456789abcdef","algorithm":"xxh3-128/chunked-8MiB"}"#;
+        fs::write(output_record_path(&out), json).unwrap();
+        assert_eq!(
+            read_output_record(&out).unwrap().unwrap().unsynced_boot_id,
+            None
+        );
     }
 }

@@ -20,6 +20,8 @@ pub struct Settings {
     pub double_quant: bool,
     /// Forces the architecture of GGUF conversions (`--arch`).
     pub arch: Option<gguf::Arch>,
+    /// `--no-fsync`: publish without waiting for the disk.
+    pub no_fsync: bool,
 }
 
 /// One target's result, as printed.
@@ -168,6 +170,7 @@ pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Preci
             options.strict = settings.strict;
             options.double_quant = settings.double_quant;
             options.gguf_arch = settings.arch;
+            options.sync_output = !settings.no_fsync;
             options.progress = Some(&on_progress);
             let started = Instant::now();
             let result = smart::smart_convert(source, target, &options);
@@ -225,6 +228,7 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
         strict: args.strict,
         double_quant: args.double_quant,
         arch: args.arch,
+        no_fsync: args.no_fsync,
     };
     let rows = convert_all(ui, &settings, &args.source, &args.to.targets);
     present(ui, &rows)

@@ -52,6 +52,7 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
         strict: false,
         double_quant: false,
         arch: None,
+        no_fsync: false,
     };
     // Text and -q output of the conversions comes from `present`, as for `convert`.
     let text_ui = Ui { json: false, ..*ui };

@@ -10,10 +10,14 @@
 //! 3. Otherwise: take the output's exclusive lock (`File::lock` on
 //!    `<output dir>/.convcache/<name>.lock`), look again (another process may have just
 //!    finished), remove temporaries of dead writers, plan, check free space and the file-size
-//!    limit against the exact output size, stream into `.<name>.<pid>.tmp` in the output dir,
-//!    fsync, verify (re-detect: precision = target, complete, size = planned, provenance as
-//!    written), write the output record (size, mtime and digest of the bytes written, see
-//!    [`cache::record`]), rename into place, fsync the directory ([`Status::Converted`]).
+//!    limit against the exact output size, stream into `.<name>.<pid>.tmp` in the output dir
+//!    (the source's digest computed from the bytes the converter reads, when it reads them all
+//!    in order; writeback to the disk started as the data is written), fsync, verify
+//!    (re-detect: precision = target, complete, size = planned, provenance as written), write
+//!    the output record (size, mtime and digest of the bytes written, see [`cache::record`]),
+//!    rename into place, fsync the directory ([`Status::Converted`]). With
+//!    [`Options::sync_output`] off, the two fsyncs are skipped and the record marks the output
+//!    for one re-verification after a restart.
 //!
 //! A hit is served only if the output's data is what was published: its size and mtime equal
 //! its output record (no hashing), or else its digest does; an output whose data changed is
@@ -57,6 +61,14 @@ pub struct Options<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// GGUF targets: force this architecture instead of detecting it from tensor names.
     pub gguf_arch: Option<gguf::Arch>,
+    /// Wait for the output's data to reach the disk (fsync) before publishing it (the default).
+    /// `false` publishes as soon as the data is in the page cache, for when the conversion
+    /// itself must be fast: the output record then carries this boot's id, and after a restart
+    /// the output is hashed once before it is served, so a conversion cut short by a crash is
+    /// never served; tools that read the file directly right after a power loss could still
+    /// see a torn file. Where the boot cannot be identified (not Linux), outputs are always
+    /// synced.
+    pub sync_output: bool,
 }
 
 impl<'a> Options<'a> {
@@ -70,6 +82,7 @@ impl<'a> Options<'a> {
             progress: None,
             cancel: None,
             gguf_arch: None,
+            sync_output: true,
         }
     }
 }
@@ -84,6 +97,7 @@ impl std::fmt::Debug for Options<'_> {
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
             .field("gguf_arch", &self.gguf_arch)
+            .field("sync_output", &self.sync_output)
             .finish()
     }
 }

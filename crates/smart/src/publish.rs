@@ -65,9 +65,12 @@ impl Drop for TempGuard {
     }
 }
 
+/// Written bytes between two requests to start their writeback (see [`Sink::start_writeback`]).
+const WRITEBACK_STEP: u64 = 16 << 20;
+
 /// The temporary file's writer: remembers the first I/O error (to tell a full disk from other
-/// failures whatever the converter wraps it in), counts and hashes bytes and honours
-/// cancellation.
+/// failures whatever the converter wraps it in), counts and hashes bytes, honours cancellation
+/// and, when the output will be fsynced, starts writeback early.
 struct Sink<'a> {
     file: File,
     written: u64,
@@ -75,6 +78,39 @@ struct Sink<'a> {
     error: Option<(io::ErrorKind, Option<i32>)>,
     cancel: Option<&'a AtomicBool>,
     cancelled: bool,
+    /// Start writeback while converting (the output is fsynced before publishing).
+    early_writeback: bool,
+    /// Bytes whose writeback has been started.
+    writeback_started: u64,
+}
+
+impl Sink<'_> {
+    /// Asks the kernel to start writing the bytes written since the last request to the disk,
+    /// without waiting. Otherwise nothing reaches the disk until the final fsync (a model is
+    /// far below the dirty-page thresholds), which then waits for the whole output; started
+    /// early, the disk works while the conversion runs and the fsync waits only for the tail.
+    fn start_writeback(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.early_writeback && self.written - self.writeback_started >= WRITEBACK_STEP {
+            use std::os::fd::AsRawFd;
+            let (from, len) = (
+                self.writeback_started,
+                self.written - self.writeback_started,
+            );
+            // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open
+            // for the lifetime of `self.file`. It is advisory: an error (say, a filesystem that
+            // does not support it) only means writeback starts later, at the fsync.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    from as libc::off64_t,
+                    len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.writeback_started = self.written;
+        }
+    }
 }
 
 impl Write for Sink<'_> {
@@ -87,6 +123,7 @@ impl Write for Sink<'_> {
             Ok(n) => {
                 self.written += n as u64;
                 self.hasher.update(&buf[..n]);
+                self.start_writeback();
                 Ok(n)
             }
             Err(e) => {
@@ -256,6 +293,11 @@ impl Convert<'_> {
         } = planned;
         let needed = planned.output_len();
         check_space(dir, out, needed)?;
+        // Unsynced publishing needs the boot's identity (see `Options::sync_output`).
+        let unsynced_boot = match self.options.sync_output {
+            true => None,
+            false => cache::current_boot_id(),
+        };
 
         let tmp = cache::temp_path(out, std::process::id());
         let mut guard = TempGuard {
@@ -281,6 +323,8 @@ impl Convert<'_> {
                 error: None,
                 cancel: self.options.cancel,
                 cancelled: false,
+                early_writeback: unsynced_boot.is_none(),
+                writeback_started: 0,
             },
         );
         let (bytes_total, tensors_total) = planned.totals();
@@ -364,23 +408,32 @@ impl Convert<'_> {
             provenance.source_digest = digest;
         }
         backdate(&sink.file, &tmp)?;
-        sink.file.sync_all().map_err(|e| match e.raw_os_error() {
-            Some(r) if is_no_space(Some(r), e.kind()) => SmartError::DiskFull {
-                path: out.to_path_buf(),
-                source: e,
-            },
-            _ => io_err(&tmp, "flush the temporary output to disk")(e),
-        })?;
+        if unsynced_boot.is_none() {
+            sink.file.sync_all().map_err(|e| match e.raw_os_error() {
+                Some(r) if is_no_space(Some(r), e.kind()) => SmartError::DiskFull {
+                    path: out.to_path_buf(),
+                    source: e,
+                },
+                _ => io_err(&tmp, "flush the temporary output to disk")(e),
+            })?;
+        }
         let output_digest = std::mem::take(&mut sink.hasher).finish();
         drop(sink);
 
         verify(&tmp, out, self.target, &provenance, needed, written)?;
         // The rename keeps the temporary's size and mtime, so its record is the output's.
-        let record = OutputRecord::of_file(&tmp, output_digest)?;
+        let record = OutputRecord {
+            unsynced_boot_id: unsynced_boot.clone(),
+            ..OutputRecord::of_file(&tmp, output_digest)?
+        };
+        // The record is durable either way (it is written before the rename, so a crash can
+        // never leave an output without the record that says how far to trust it).
         cache::write_output_record(out, &record)?;
         fs::rename(&tmp, out).map_err(io_err(out, "publish the output (rename)"))?;
         guard.armed = false;
-        sync_dir(dir)?;
+        if unsynced_boot.is_none() {
+            sync_dir(dir)?;
+        }
         Ok(Written::Published(report))
     }
 

@@ -373,3 +373,82 @@ fn cleanup_and_eviction_remove_the_record_with_its_output() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `sync_output: false` (`--no-fsync`): the same bytes are published, the record carries this
+/// boot's id, a hit in this boot hashes nothing; in another boot (simulated by rewriting the
+/// id) an intact output is verified once and re-recorded as durable, a torn one is reconverted.
+#[test]
+fn an_output_published_without_fsync_is_reverified_after_a_restart() {
+    let Some(boot) = cache::current_boot_id() else {
+        // Without a boot id outputs are always synced: the record has no mark.
+        let e = Env::new();
+        let mut options = e.options();
+        options.sync_output = false;
+        let o = e.convert(&options);
+        let rec = read_output_record(&o.path).unwrap().unwrap();
+        assert_eq!(rec.unsynced_boot_id, None);
+        return;
+    };
+    let e = Env::new();
+    let synced = e.convert(&e.options());
+    let synced_bytes = fs::read(&synced.path).unwrap();
+    fs::remove_file(&synced.path).unwrap();
+
+    let mut options = e.options();
+    options.sync_output = false;
+    let o = e.convert(&options);
+    assert_eq!(o.status, Status::Converted);
+    assert!(fs::read(&o.path).unwrap() == synced_bytes, "the same bytes");
+    let rec = read_output_record(&o.path).unwrap().unwrap();
+    assert_eq!(rec.unsynced_boot_id.as_deref(), Some(boot.as_str()));
+    assert_eq!(rec.digest, digest::digest_file(&o.path).unwrap());
+
+    // This boot: an ordinary O(1) hit.
+    let before = digest::files_hashed_on_this_thread();
+    assert_eq!(e.convert(&e.options()).status, Status::Cached);
+    assert_eq!(digest::files_hashed_on_this_thread(), before);
+
+    // "After a restart", data intact: hashed once, then durable.
+    let restarted = OutputRecord {
+        unsynced_boot_id: Some("a-previous-boot".into()),
+        ..rec.clone()
+    };
+    cache::write_output_record(&o.path, &restarted).unwrap();
+    let before = digest::files_hashed_on_this_thread();
+    assert_eq!(e.convert(&e.options()).status, Status::Cached);
+    assert_eq!(digest::files_hashed_on_this_thread(), before + 1);
+    assert_eq!(
+        read_output_record(&o.path)
+            .unwrap()
+            .unwrap()
+            .unsynced_boot_id,
+        None
+    );
+    let before = digest::files_hashed_on_this_thread();
+    assert_eq!(e.convert(&e.options()).status, Status::Cached);
+    assert_eq!(digest::files_hashed_on_this_thread(), before);
+
+    // "After a restart", data lost in the crash (same size and mtime, zeroed pages): reconverted.
+    cache::write_output_record(&o.path, &restarted).unwrap();
+    let published = mtime(&o.path);
+    let mut torn = fs::read(&o.path).unwrap();
+    let n = torn.len();
+    torn[n / 2..].fill(0);
+    fs::write(&o.path, &torn).unwrap();
+    set_mtime(&o.path, published);
+    let l = e.lookup(&LookupOptions::default());
+    assert!(broken_reason(&l.status).contains("restart"));
+    let again = e.convert(&e.options());
+    assert_eq!(again.status, Status::Converted);
+    assert!(
+        fs::read(&again.path).unwrap() == synced_bytes,
+        "the clean bytes again"
+    );
+    assert_eq!(
+        read_output_record(&again.path)
+            .unwrap()
+            .unwrap()
+            .unsynced_boot_id,
+        None
+    );
+}
