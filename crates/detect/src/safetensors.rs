@@ -893,6 +893,41 @@ fn deserialize_entries(text: &str) -> Result<Vec<(String, RawValue)>, HeaderErro
 
 // ----- the opened file -----
 
+/// Where [`ReadBuffer`] bytes start: a page boundary.
+const READ_BUFFER_ALIGN: usize = 4096;
+
+/// A reusable buffer for [`SafetensorsFile::read_tensor_range`] whose bytes start on a page
+/// boundary.
+///
+/// The kernel's copy into a destination that is not cache-line aligned can be several times
+/// slower: on the AMD EPYC of BENCHMARKS.md, reading 2 GB from the page cache takes 0.32 s into
+/// an aligned buffer and 1.3 s into a `Vec` (the allocator's large blocks start 16 bytes into
+/// a page).
+#[derive(Debug, Default)]
+pub struct ReadBuffer {
+    raw: Vec<u8>,
+}
+
+impl ReadBuffer {
+    pub fn new() -> ReadBuffer {
+        ReadBuffer::default()
+    }
+
+    /// The first `len` bytes of the buffer (their content is unspecified), growing it first if
+    /// needed, then to at least `capacity` bytes at once so that later calls do not reallocate.
+    pub fn get(&mut self, len: usize, capacity: usize) -> &mut [u8] {
+        let offset = |raw: &Vec<u8>| match raw.as_ptr().align_offset(READ_BUFFER_ALIGN) {
+            o if o < READ_BUFFER_ALIGN => o,
+            _ => 0,
+        };
+        if self.raw.len() < offset(&self.raw) + len {
+            self.raw = vec![0u8; len.max(capacity) + READ_BUFFER_ALIGN];
+        }
+        let at = offset(&self.raw);
+        &mut self.raw[at..at + len]
+    }
+}
+
 /// A safetensors file with a validated header, kept open for reading tensor data.
 ///
 /// Converters use [`SafetensorsFile::read_tensor_range`] (positioned reads of the file whose
@@ -1074,6 +1109,18 @@ impl SafetensorsFile {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn read_buffers_are_page_aligned_and_sized() {
+        let mut b = ReadBuffer::new();
+        for (len, cap) in [(0, 0), (10, 100), (5000, 0), (3, 0), (1 << 20, 2 << 20), (100, 0)] {
+            let s = b.get(len, cap);
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % READ_BUFFER_ALIGN, 0);
+            s.fill(7);
+        }
+    }
+
     use super::*;
 
     /// Tensor `a` (8 bytes) then `b` (4 bytes); a same-size file with another header is

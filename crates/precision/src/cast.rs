@@ -139,9 +139,35 @@ pub fn cast_slice(
             non_finite: count_non_finite(dst, dst_bytes),
         });
     }
-    if src == Dtype::F32 && dst == Dtype::BF16 {
-        return Ok(f32_to_bf16_direct(src_bytes, dst_bytes));
+    Ok(cast_dispatch(src, src_bytes, dst, dst_bytes))
+}
+
+/// Runs [`cast_loop`] compiled for AVX2 when the CPU has it, else for the build's baseline.
+/// The loop is integer and IEEE arithmetic only (no fused or reassociated operations), so both
+/// compilations give the same bits; AVX2 doubles the lanes of the vectorised loops (the f32 ->
+/// bf16 one in particular, which is compute-bound once its chunk is in cache).
+fn cast_dispatch(src: Dtype, src_bytes: &[u8], dst: Dtype, dst_bytes: &mut [u8]) -> CastStats {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { cast_loop_avx2(src, src_bytes, dst, dst_bytes) };
     }
+    cast_loop(src, src_bytes, dst, dst_bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn cast_loop_avx2(src: Dtype, src_bytes: &[u8], dst: Dtype, dst_bytes: &mut [u8]) -> CastStats {
+    cast_loop(src, src_bytes, dst, dst_bytes)
+}
+
+/// The cast of checked, equally long `src_bytes` and `dst_bytes` (`src != dst`).
+#[inline(always)]
+fn cast_loop(src: Dtype, src_bytes: &[u8], dst: Dtype, dst_bytes: &mut [u8]) -> CastStats {
+    if src == Dtype::F32 && dst == Dtype::BF16 {
+        return f32_to_bf16_direct(src_bytes, dst_bytes);
+    }
+    let (ss, ds) = (elem_size(src), elem_size(dst));
     let mut stats = CastStats::default();
     let mut vals = [0f32; CHUNK];
     for (s, d) in src_bytes
@@ -152,7 +178,7 @@ pub fn cast_slice(
         stats.overflowed += load_f32(src, s, vals);
         stats += store_f32(src, vals, dst, d);
     }
-    Ok(stats)
+    stats
 }
 
 /// Elements per round trip through the F32 intermediate: small enough for L1.
@@ -198,6 +224,7 @@ fn u64_le(c: &[u8]) -> u64 {
 
 /// The hot path of the product (f32 checkpoints to bf16): one pass, no intermediate, written so
 /// that the compiler vectorises it (fixed-size arrays, no branches, 32-bit counters per block).
+#[inline(always)]
 fn f32_to_bf16_direct(src: &[u8], dst: &mut [u8]) -> CastStats {
     let (src, _) = src.as_chunks::<4>();
     let (dst, _) = dst.as_chunks_mut::<2>();
@@ -589,5 +616,44 @@ mod tests {
             cast_slice(Dtype::F32, &[0u8; 4], Dtype::I32, &mut [0u8; 4]),
             Err(CastError::UnsupportedTarget(Dtype::I32))
         ));
+    }
+
+    /// The AVX2 compilation of the cast loop gives the same bits and counts as the baseline
+    /// one, for every pair of dtypes, on random bit patterns (NaNs, infinities, subnormals).
+    #[test]
+    fn the_dispatched_loop_matches_the_baseline_loop() {
+        let dtypes = [
+            Dtype::F64,
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F8E4M3,
+            Dtype::F8E5M2,
+        ];
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let bytes: Vec<u8> = (0..(8 * 5000))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
+        for src in dtypes {
+            for dst in dtypes {
+                if src == dst {
+                    continue;
+                }
+                let (ss, ds) = (elem_size(src), elem_size(dst));
+                let n = bytes.len() / 8;
+                let input = &bytes[..n * ss];
+                let mut a = vec![0u8; n * ds];
+                let mut b = vec![0u8; n * ds];
+                let sa = cast_loop(src, input, dst, &mut a);
+                let sb = cast_dispatch(src, input, dst, &mut b);
+                assert!(a == b, "{src} -> {dst}");
+                assert_eq!(sa, sb, "{src} -> {dst}");
+            }
+        }
     }
 }

@@ -21,7 +21,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
-use detect::safetensors::{Dtype, Header, SafetensorsError, SafetensorsFile, TensorEntry};
+use detect::safetensors::{
+    Dtype, Header, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry,
+};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -394,14 +396,6 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// Grows `buf` to at least `len` bytes (at once to `cap` when first needed, so it is allocated
-/// once) and returns its first `len` bytes.
-fn sized(buf: &mut Vec<u8>, len: usize, cap: usize) -> &mut [u8] {
-    if buf.len() < len {
-        buf.resize(len.max(cap), 0);
-    }
-    &mut buf[..len]
-}
 
 /// The streaming loop. Memory: one source buffer and two output buffers of at most
 /// `options.chunk_bytes` each.
@@ -460,11 +454,12 @@ fn convert_source<W: Write>(
         Action::Cast => plan.specs[i].byte_len().unwrap_or(0),
         Action::Copy => 0,
     });
-    let mut input: Vec<u8> = Vec::new();
+    // Page-aligned (see `ReadBuffer`): the kernel copies into and out of them at full speed.
+    let mut input = ReadBuffer::new();
     // `front` holds a converted piece waiting to be written while the next piece is read and
     // converted into `back` on the thread pool.
-    let mut front: Vec<u8> = Vec::new();
-    let mut back: Vec<u8> = Vec::new();
+    let mut front = ReadBuffer::new();
+    let mut back = ReadBuffer::new();
     let mut pending: Option<(Piece, usize)> = None;
     let mut bytes_done = 0u64;
     let mut tensors_done = 0u64;
@@ -484,10 +479,10 @@ fn convert_source<W: Write>(
         match plan.actions[piece.tensor] {
             Action::Copy => {
                 if let Some((p, len)) = pending.take() {
-                    write_some(&mut w, &front[..len]).map_err(write_err)?;
+                    write_some(&mut w, front.get(len, out_cap)).map_err(write_err)?;
                     finish_piece(p, &mut bytes_done, &mut tensors_done);
                 }
-                let src = sized(&mut input, src_len, in_cap);
+                let src = input.get(src_len, in_cap);
                 read_piece(source, &piece, src)?;
                 if let Some(observe) = observer.as_deref_mut() {
                     observe(src);
@@ -499,8 +494,8 @@ fn convert_source<W: Write>(
             Action::Cast => {
                 let dst_dtype = plan.specs[piece.tensor].dtype;
                 let len = (piece.end - piece.start) * (dst_dtype.bits() / 8) as usize;
-                let src = sized(&mut input, src_len, in_cap);
-                let dst = sized(&mut back, len, out_cap);
+                let src = input.get(src_len, in_cap);
+                let dst = back.get(len, out_cap);
                 let mut cast_result = Ok(CastStats::default());
                 let mut write_result = Ok(());
                 let observe = observer.as_deref_mut();
@@ -525,7 +520,7 @@ fn convert_source<W: Write>(
                         });
                     });
                     if let Some((_, plen)) = pending {
-                        write_result = write_some(&mut w, &front[..plen]);
+                        write_result = write_some(&mut w, front.get(plen, out_cap));
                     }
                 });
                 write_result.map_err(write_err)?;
@@ -541,7 +536,7 @@ fn convert_source<W: Write>(
         }
     }
     if let Some((p, len)) = pending.take() {
-        write_some(&mut w, &front[..len]).map_err(write_err)?;
+        write_some(&mut w, front.get(len, out_cap)).map_err(write_err)?;
         finish_piece(p, &mut bytes_done, &mut tensors_done);
     }
     let counting = w.finish().map_err(write_err)?;
