@@ -1113,7 +1113,14 @@ mod tests {
     #[test]
     fn read_buffers_are_page_aligned_and_sized() {
         let mut b = ReadBuffer::new();
-        for (len, cap) in [(0, 0), (10, 100), (5000, 0), (3, 0), (1 << 20, 2 << 20), (100, 0)] {
+        for (len, cap) in [
+            (0, 0),
+            (10, 100),
+            (5000, 0),
+            (3, 0),
+            (1 << 20, 2 << 20),
+            (100, 0),
+        ] {
             let s = b.get(len, cap);
             assert_eq!(s.len(), len);
             assert_eq!(s.as_ptr() as usize % READ_BUFFER_ALIGN, 0);

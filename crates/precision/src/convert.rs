@@ -396,7 +396,6 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-
 /// The streaming loop. Memory: one source buffer and two output buffers of at most
 /// `options.chunk_bytes` each.
 fn convert_source<W: Write>(
