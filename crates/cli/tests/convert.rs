@@ -562,3 +562,36 @@ fn progress_bars_are_drawn_on_a_terminal_only() {
     assert!(!piped.stdout.contains("ETA"), "{}", piped.stdout);
     src.assert_unchanged();
 }
+
+/// `--no-fsync` publishes the same kind of verified output, marked in its output record with
+/// this boot's id (Linux), and is then answered from the cache like any other conversion.
+#[test]
+fn no_fsync_publishes_a_marked_output_that_is_then_a_hit() {
+    let s = Scratch::new();
+    let src = s.source("flux_sample.safetensors", SMALL);
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16", "--no-fsync"])
+        .ok()
+        .json();
+    let row = only(&v);
+    assert_eq!(row["status"], "converted", "{row}");
+    let out = path_of(row);
+    assert_is_bf16_of(&out, &SMALL);
+    let record = s
+        .converted_dir()
+        .join(".convcache/flux_sample_bf16.safetensors.digest");
+    let record: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    if cfg!(target_os = "linux") {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        assert_eq!(record["unsynced_boot_id"], boot.trim(), "{record}");
+    } else {
+        assert!(record.get("unsynced_boot_id").is_none(), "{record}");
+    }
+    let again = s
+        .run(&["--json", "convert", src.arg(), "--to", "bf16"])
+        .ok()
+        .json();
+    assert_eq!(only(&again)["status"], "cached");
+    assert_no_temporaries(&s, &["flux_sample_bf16.safetensors"]);
+    src.assert_unchanged();
+}
