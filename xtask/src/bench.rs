@@ -339,10 +339,19 @@ enum Outcome {
     Missing(String),
 }
 
+/// Lets the disk go idle before a timed run: the previous repetition's output was just deleted
+/// (its freed blocks, and the dirty pages of an output nobody synced, are otherwise still being
+/// processed by the filesystem when the next run starts, and slow whichever tool comes next).
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
 /// Spawns `cmd`, waits for it with `wait4`, and returns its wall time and peak RSS. A non-zero
 /// exit is an error carrying the first lines of its stderr.
 fn measure(cmd: &mut Command, stderr_path: &Path) -> DynResult<Sample> {
     let stderr = fs::File::create(stderr_path)?;
+    settle();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr));
@@ -1197,7 +1206,7 @@ shape patterns, hidden size 1536, 4 double and 4 single blocks, ~500 M parameter
 to exit, peak RSS is the child's `ru_maxrss` from `wait4(2)` (the largest over the \
 repetitions). The source is read once before each case, so every tool starts from a warm \
 page cache; outputs go to `target/bench-scratch/` on the same disk and are deleted between \
-repetitions.
+repetitions, then `sync` runs (untimed) so that every repetition starts with an idle disk.
 - `ru_maxrss` counts every resident page of the process, including pages of memory-mapped \
 files (file-backed and reclaimable, but resident): a tool that maps its whole source shows \
 up to the source's size here.
