@@ -39,9 +39,10 @@ pub struct OutputRecord {
     pub algorithm: String,
     /// Set when the output was published without waiting for its data to reach the disk
     /// (`--no-fsync`): the boot it was written in. In that same boot the page cache is the
-    /// file's truth and the record is trusted as usual; after a restart (a crash may have lost
-    /// unwritten pages) the output is hashed once against [`OutputRecord::digest`] before it is
-    /// served, then made durable and re-recorded without this mark.
+    /// file's truth: the first lookup that finds the output syncs it (reporting a failed
+    /// writeback as a broken output) and re-records it without this mark. After a restart (a
+    /// crash may have lost unwritten pages) the output is first hashed against
+    /// [`OutputRecord::digest`], then made durable and re-recorded the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsynced_boot_id: Option<String>,
 }
@@ -227,6 +228,17 @@ pub(crate) fn check_output_data(output: &Path, always_hash: bool) -> DataCheck {
     }
     let reverify = record.needs_reverify();
     if mtime_ns == record.mtime_ns && !always_hash && !reverify {
+        if record.unsynced_boot_id.is_some() {
+            // Published unsynced in this boot: make it durable now. This waits for writeback
+            // still in flight, and reports a writeback that failed (the page cache may then
+            // be all that held the data). Then the mark goes, and later hits are O(1) again.
+            if let Err(e) = File::open(output).and_then(|f| f.sync_data()) {
+                return DataCheck::Changed(format!(
+                    "its data could not be written to disk after an unsynced publish: {e}"
+                ));
+            }
+            refresh(output, (size, mtime_ns), &record.digest);
+        }
         return DataCheck::Verified;
     }
     let now = match digest::digest_file(output) {
@@ -357,8 +369,10 @@ mod tests {
             assert!(!rec.needs_reverify());
             write_output_record(&out, &rec).unwrap();
             assert_eq!(check_output_data(&out, false), DataCheck::Verified);
-            // Same boot: still trusted as published, not re-recorded.
-            assert_eq!(read_output_record(&out).unwrap().unwrap(), rec);
+            // Same boot: trusted without hashing, synced, then recorded as durable.
+            let now = read_output_record(&out).unwrap().unwrap();
+            assert_eq!(now.unsynced_boot_id, None);
+            assert_eq!(now.digest, rec.digest);
         }
         // Another boot, data intact: verified by digest, then recorded as durable.
         let rec = unsynced("another-boot");

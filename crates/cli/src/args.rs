@@ -82,9 +82,10 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "A")]
     pub arch: Option<gguf::Arch>,
     /// Publish without waiting for the output to reach the disk (no fsync). Faster where the
-    /// disk is slower than the conversion. convcache still never serves a torn output: after a
-    /// restart it re-verifies such an output once. Other tools reading the file right after a
-    /// power loss could see it incomplete. Linux only (elsewhere outputs are always synced).
+    /// disk is slower than the conversion. convcache still never serves a torn output: its
+    /// first cache hit syncs the output, and after a restart it re-verifies such an output
+    /// once. Other tools reading the file right after a power loss could see it incomplete.
+    /// Linux only (elsewhere outputs are always synced).
     #[arg(long)]
     pub no_fsync: bool,
 }

@@ -592,6 +592,12 @@ fn no_fsync_publishes_a_marked_output_that_is_then_a_hit() {
         .ok()
         .json();
     assert_eq!(only(&again)["status"], "cached");
+    // That first hit made the output durable and dropped the mark.
+    let record = s
+        .converted_dir()
+        .join(".convcache/flux_sample_bf16.safetensors.digest");
+    let record: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    assert!(record.get("unsynced_boot_id").is_none(), "{record}");
     assert_no_temporaries(&s, &["flux_sample_bf16.safetensors"]);
     src.assert_unchanged();
 }

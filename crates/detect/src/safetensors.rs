@@ -913,8 +913,10 @@ impl ReadBuffer {
         ReadBuffer::default()
     }
 
-    /// The first `len` bytes of the buffer (their content is unspecified), growing it first if
-    /// needed, then to at least `capacity` bytes at once so that later calls do not reallocate.
+    /// The first `len` bytes of the buffer, growing it first if needed, then to at least
+    /// `capacity` bytes at once so that later calls do not reallocate. Bytes already there are
+    /// kept when it does not grow (`len` within what an earlier call asked for); a grown buffer
+    /// starts zeroed.
     pub fn get(&mut self, len: usize, capacity: usize) -> &mut [u8] {
         let offset = |raw: &Vec<u8>| match raw.as_ptr().align_offset(READ_BUFFER_ALIGN) {
             o if o < READ_BUFFER_ALIGN => o,
@@ -1047,6 +1049,13 @@ impl SafetensorsFile {
     /// rewritten after planning is refused rather than read with stale offsets. (Elsewhere a
     /// path replaced by another file goes unnoticed; the opened file is still read consistently.)
     pub fn check_unchanged(&self) -> Result<(), SafetensorsError> {
+        self.unchanged_prefix().map(|_| ())
+    }
+
+    /// [`SafetensorsFile::check_unchanged`], returning the prefix it read and validated (the
+    /// length prefix and the header, as [`SafetensorsFile::read_prefix`] gives them): a reader
+    /// that hashes the file starts from the very bytes that were checked.
+    pub fn unchanged_prefix(&self) -> Result<Vec<u8>, SafetensorsError> {
         let io_err = |source| SafetensorsError::Io {
             path: self.path.clone(),
             source,
@@ -1073,7 +1082,7 @@ impl SafetensorsFile {
                 return Err(changed(named.len()));
             }
         }
-        Ok(())
+        Ok(prefix)
     }
 
     /// The file's first [`Header::data_start`] bytes as they are now: the length prefix and the
@@ -1126,6 +1135,11 @@ mod tests {
             assert_eq!(s.as_ptr() as usize % READ_BUFFER_ALIGN, 0);
             s.fill(7);
         }
+        // Not growing keeps the bytes (the converter swaps a filled buffer and reads it back).
+        let kept = b.get(1 << 20, 0);
+        kept[12345] = 42;
+        assert_eq!(b.get(20000, 0)[12345], 42);
+        assert_eq!(b.get(1 << 20, 0)[12345], 42);
     }
 
     use super::*;

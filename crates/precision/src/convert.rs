@@ -341,8 +341,7 @@ pub fn convert_observing_source<W: Write>(
     observer: SourceObserver<'_>,
 ) -> Result<Report, ConvertError> {
     check_plan(&src.path, &src.header, plan)?;
-    src.check_unchanged().map_err(|e| read_error(src, e))?;
-    let prefix = src.read_prefix().map_err(|e| read_error(src, e))?;
+    let prefix = src.unchanged_prefix().map_err(|e| read_error(src, e))?;
     observer(&prefix);
     convert_source(src, plan, metadata, out, options, progress, Some(observer))
 }

@@ -63,10 +63,10 @@ pub struct Options<'a> {
     pub gguf_arch: Option<gguf::Arch>,
     /// Wait for the output's data to reach the disk (fsync) before publishing it (the default).
     /// `false` publishes as soon as the data is in the page cache, for when the conversion
-    /// itself must be fast: the output record then carries this boot's id, and after a restart
-    /// the output is hashed once before it is served, so a conversion cut short by a crash is
-    /// never served; tools that read the file directly right after a power loss could still
-    /// see a torn file. Where the boot cannot be identified (not Linux), outputs are always
+    /// itself must be fast: the output record then carries this boot's id; the first hit in
+    /// this boot syncs the output, and after a restart it is hashed once before it is served,
+    /// so a conversion cut short by a crash is never served; tools that read the file directly
+    /// right after a power loss could still see a torn file. Where the boot cannot be identified (not Linux), outputs are always
     /// synced.
     pub sync_output: bool,
 }

@@ -141,7 +141,7 @@ impl Write for Sink<'_> {
 fn is_no_space(raw: Option<i32>, kind: io::ErrorKind) -> bool {
     kind == io::ErrorKind::StorageFull
         || kind == io::ErrorKind::FileTooLarge
-        || raw.is_some_and(|r| r == libc::ENOSPC || r == libc::EFBIG)
+        || raw.is_some_and(|r| r == libc::ENOSPC || r == libc::EFBIG || r == libc::EDQUOT)
 }
 
 impl Convert<'_> {
@@ -185,7 +185,9 @@ impl Convert<'_> {
                         note: again.note,
                     });
                 }
-                _ => return self.convert_locked(again, lookup.source_digest.clone()),
+                // `again` carries the first lookup's digest only if the source's size and
+                // mtime are unchanged since; a digest of older content must not be recorded.
+                _ => return self.convert_locked(again),
             }
             // `lock` is released here, on drop.
         }
@@ -197,11 +199,7 @@ impl Convert<'_> {
     }
 
     /// Converts into `lookup.path`; the caller holds its lock.
-    fn convert_locked(
-        &self,
-        lookup: Lookup,
-        known_digest: Option<String>,
-    ) -> Result<Done, SmartError> {
+    fn convert_locked(&self, lookup: Lookup) -> Result<Done, SmartError> {
         let out = lookup.path.clone();
         let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
         if same_file(&out, self.source) {
@@ -211,7 +209,7 @@ impl Convert<'_> {
         // Other outputs' leftovers: best effort, a failure here is not this conversion's.
         let _ = self.cache.sweep_temporaries();
 
-        let mut digest = lookup.source_digest.clone().or(known_digest);
+        let mut digest = lookup.source_digest.clone();
         // At most twice: the second time with the digest the first pass computed, when its
         // placeholder could not be patched (see `write_temporary`).
         for _ in 0..2 {
@@ -397,15 +395,20 @@ impl Convert<'_> {
                     )),
                 });
             }
+            // The digest covers the bytes as they were read. A source rewritten in place during
+            // the read (same size) gives a digest of no real state of the file, but also a new
+            // mtime, so the output is stale at its next lookup, never a wrong hit.
             let digest = source_hasher.finish();
             let Some(at) = only_occurrence(sink.hasher.head(), placeholder.as_bytes()) else {
                 return Ok(Written::Retry(digest));
             };
+            if !sink.hasher.patch_head(at, digest.as_bytes()) {
+                return Ok(Written::Retry(digest));
+            }
             write_at(&sink.file, digest.as_bytes(), at as u64).map_err(io_err(
                 &tmp,
                 "write the source digest into the temporary output",
             ))?;
-            sink.hasher.patch_head(at, digest.as_bytes());
             provenance.source_digest = digest;
         }
         backdate(&sink.file, &tmp)?;
@@ -609,7 +612,7 @@ fn reserve_space(file: &File, out: &Path, needed: u64) -> Result<(), SmartError>
         if rc != 0 {
             let e = io::Error::last_os_error();
             let raw = e.raw_os_error();
-            if is_no_space(raw, e.kind()) || raw == Some(libc::EDQUOT) {
+            if is_no_space(raw, e.kind()) {
                 return Err(SmartError::DiskFull {
                     path: out.to_path_buf(),
                     source: e,

@@ -403,10 +403,13 @@ fn an_output_published_without_fsync_is_reverified_after_a_restart() {
     assert_eq!(rec.unsynced_boot_id.as_deref(), Some(boot.as_str()));
     assert_eq!(rec.digest, digest::digest_file(&o.path).unwrap());
 
-    // This boot: an ordinary O(1) hit.
+    // This boot: a hit without hashing; the first one syncs the output and drops the mark.
     let before = digest::files_hashed_on_this_thread();
     assert_eq!(e.convert(&e.options()).status, Status::Cached);
     assert_eq!(digest::files_hashed_on_this_thread(), before);
+    let settled = read_output_record(&o.path).unwrap().unwrap();
+    assert_eq!(settled.unsynced_boot_id, None);
+    assert_eq!(settled.digest, rec.digest);
 
     // "After a restart", data intact: hashed once, then durable.
     let restarted = OutputRecord {
