@@ -252,56 +252,16 @@ fn cases() -> Vec<Case> {
             max_ms: None,
             rss_limit: true,
         },
-        Case {
-            id: "bnb-nf4",
-            what: "NF4 (bitsandbytes layout) of the ~1 GB bf16 Flux-like model",
-            model: Model::FluxBf16,
-            tools: vec![
-                Tool::Convert {
-                    to: "nf4",
-                    extra: &[],
-                },
-                Tool::Python {
-                    script: "bnb_quantize.py",
-                    args: &["nf4"],
-                },
-            ],
-            checked: &[0],
-            peer: Some(1),
-            baseline: None,
-            baseline_fsync: None,
-            wired: true,
-            goal: ">= 5x faster than bitsandbytes' CPU quantize_4bit, peak RSS < 512 MiB",
-            min_speedup: Some(5.0),
-            max_vs_cp: None,
-            max_ms: None,
-            rss_limit: true,
-        },
-        Case {
-            id: "bnb-fp4",
-            what: "FP4 (bitsandbytes layout) of the ~1 GB bf16 Flux-like model",
-            model: Model::FluxBf16,
-            tools: vec![
-                Tool::Convert {
-                    to: "fp4",
-                    extra: &[],
-                },
-                Tool::Python {
-                    script: "bnb_quantize.py",
-                    args: &["fp4"],
-                },
-            ],
-            checked: &[0],
-            peer: Some(1),
-            baseline: None,
-            baseline_fsync: None,
-            wired: true,
-            goal: ">= 5x faster than bitsandbytes' CPU quantize_4bit, peak RSS < 512 MiB",
-            min_speedup: Some(5.0),
-            max_vs_cp: None,
-            max_ms: None,
-            rss_limit: true,
-        },
+        bnb_case(
+            "bnb-nf4",
+            "NF4 (bitsandbytes layout) of the ~1 GB bf16 Flux-like model",
+            &["nf4"],
+        ),
+        bnb_case(
+            "bnb-fp4",
+            "FP4 (bitsandbytes layout) of the ~1 GB bf16 Flux-like model",
+            &["fp4"],
+        ),
         Case {
             id: KERNELS,
             what: "single-thread K-quant kernels against ggml's reference quantizer",
@@ -319,6 +279,37 @@ fn cases() -> Vec<Case> {
             rss_limit: false,
         },
     ]
+}
+
+/// A bitsandbytes 4-bit case: convcache against bitsandbytes' own CPU `quantize_4bit`.
+/// `quant` is the one-element argument list of the peer, the quant type (`nf4`, `fp4`), which
+/// is also convcache's target.
+fn bnb_case(id: &'static str, what: &'static str, quant: &'static [&'static str; 1]) -> Case {
+    Case {
+        id,
+        what,
+        model: Model::FluxBf16,
+        tools: vec![
+            Tool::Convert {
+                to: quant[0],
+                extra: &[],
+            },
+            Tool::Python {
+                script: "bnb_quantize.py",
+                args: quant,
+            },
+        ],
+        checked: &[0],
+        peer: Some(1),
+        baseline: None,
+        baseline_fsync: None,
+        wired: true,
+        goal: ">= 5x faster than bitsandbytes' CPU quantize_4bit, peak RSS < 512 MiB",
+        min_speedup: Some(5.0),
+        max_vs_cp: None,
+        max_ms: None,
+        rss_limit: true,
+    }
 }
 
 /// One finished child process.

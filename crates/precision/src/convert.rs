@@ -318,9 +318,15 @@ pub fn convert_with<W: Write>(
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ConvertError> {
-    check_plan(&src.path, &src.header, plan)?;
-    src.check_unchanged().map_err(|e| read_error(src, e))?;
+    checked_prefix(src, plan)?;
     convert_source(src, plan, metadata, out, options, progress, None)
+}
+
+/// Refuses a plan made for another header or a source changed since it was opened; returns the
+/// source's prefix (length and header bytes) as validated.
+fn checked_prefix(src: &SafetensorsFile, plan: &Plan) -> Result<Vec<u8>, ConvertError> {
+    check_plan(&src.path, &src.header, plan)?;
+    src.unchanged_prefix().map_err(|e| read_error(src, e))
 }
 
 /// Receives every byte of the source file exactly once, in file order, as the conversion reads
@@ -340,8 +346,7 @@ pub fn convert_observing_source<W: Write>(
     progress: &mut dyn FnMut(u64, u64),
     observer: SourceObserver<'_>,
 ) -> Result<Report, ConvertError> {
-    check_plan(&src.path, &src.header, plan)?;
-    let prefix = src.unchanged_prefix().map_err(|e| read_error(src, e))?;
+    let prefix = checked_prefix(src, plan)?;
     observer(&prefix);
     convert_source(src, plan, metadata, out, options, progress, Some(observer))
 }

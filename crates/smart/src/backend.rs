@@ -48,6 +48,15 @@ pub trait Backend: Sync {
 
     /// Plans `job`: opens and validates the source, decides every output tensor.
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError>;
+
+    /// Whether conversions of `source` to `target` support
+    /// [`PlannedConversion::write_observing_source`]: they read the whole source file once, in
+    /// order, so `smart` hashes it in that same pass (planning with a placeholder digest)
+    /// instead of reading it a second time first.
+    fn observes_source(&self, source: &Detection, target: Precision) -> bool {
+        let _ = (source, target);
+        false
+    }
 }
 
 /// A conversion whose output is fully decided.
@@ -66,15 +75,9 @@ pub trait PlannedConversion {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<serde_json::Value, SmartError>;
 
-    /// Whether [`PlannedConversion::write_observing_source`] is supported: the conversion reads
-    /// the whole source file once, in order, so `smart` can hash it in that same pass instead of
-    /// reading it a second time for the provenance digest.
-    fn observes_source(&self) -> bool {
-        false
-    }
-
     /// [`PlannedConversion::write`], also handing every byte of the source file to `observer`
-    /// exactly once, in file order. Only called when [`PlannedConversion::observes_source`].
+    /// exactly once, in file order. Only called when [`Backend::observes_source`] said so for
+    /// the job.
     fn write_observing_source(
         &self,
         out: &mut dyn Write,

@@ -254,10 +254,10 @@ impl Convert<'_> {
         if let Some(d) = known_digest {
             return Ok(planned(plan_with(d.to_owned())?, None));
         }
-        let placeholder = placeholder_digest();
-        let (provenance, conversion) = plan_with(placeholder.clone())?;
-        if conversion.observes_source() {
-            return Ok(planned((provenance, conversion), Some(placeholder)));
+        if self.backend.observes_source(self.detection, self.target) {
+            let placeholder = placeholder_digest();
+            let plan = plan_with(placeholder.clone())?;
+            return Ok(planned(plan, Some(placeholder)));
         }
         let total = lookup.source.size;
         let p = |done| Progress {

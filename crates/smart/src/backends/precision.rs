@@ -33,6 +33,10 @@ impl Backend for PrecisionBackend {
         VERSION.to_string()
     }
 
+    fn observes_source(&self, _source: &Detection, _target: Precision) -> bool {
+        true
+    }
+
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let src = SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?;
         let plan = conv::plan_file(&src, job.target).map_err(SmartError::backend)?;
@@ -73,10 +77,6 @@ impl PlannedConversion for Planned {
         let report = conv::convert(&self.src, &self.plan, &self.metadata, out, progress)
             .map_err(SmartError::backend)?;
         serde_json::to_value(report).map_err(SmartError::backend)
-    }
-
-    fn observes_source(&self) -> bool {
-        true
     }
 
     fn write_observing_source(
