@@ -5,7 +5,9 @@
 //! written; [`convert`] streams the conversion: header first, then tensor by tensor, large tensors
 //! in chunks converted in parallel into a reused buffer while the previous chunk is written.
 //! Memory is bounded by three chunk buffers (one read, two converted), never by the model: the
-//! source is read with positioned reads, not through its memory map (see `read_piece`).
+//! source is read with positioned reads into page-aligned buffers, not through its memory map
+//! (see `read_piece`). [`convert_observing_source`] also hands every source byte, in file
+//! order, to the caller, which hashes the source in this same pass.
 //!
 //! Which tensors change (the rules of issue 3):
 //! - 32- and 16-bit targets: every floating tensor is cast to the target dtype.
