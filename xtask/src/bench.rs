@@ -263,6 +263,32 @@ fn cases() -> Vec<Case> {
             &["fp4"],
         ),
         Case {
+            id: "bnb-int8",
+            what: "LLM.int8 (bitsandbytes Linear8bitLt layout) of the ~1 GB bf16 Flux-like model",
+            model: Model::FluxBf16,
+            tools: vec![
+                Tool::Convert {
+                    to: "int8",
+                    extra: &[],
+                },
+                Tool::Python {
+                    script: "bnb_int8.py",
+                    args: &[],
+                },
+            ],
+            checked: &[0],
+            peer: Some(1),
+            baseline: None,
+            baseline_fsync: None,
+            wired: true,
+            goal: "side by side with bitsandbytes' CPU int8_vectorwise_quant (no issue sets a \
+                   speed target for int8), peak RSS < 512 MiB",
+            min_speedup: None,
+            max_vs_cp: None,
+            max_ms: None,
+            rss_limit: true,
+        },
+        Case {
             id: KERNELS,
             what: "single-thread K-quant kernels against ggml's reference quantizer",
             model: Model::FluxBf16,
@@ -1229,9 +1255,7 @@ above.
 ";
 
 const PLANNED: &str = "\
-Cases not wired yet run only when named (`cargo xtask bench --case ID`). Still to add:
-- a bitsandbytes int8 case next to `bnb-nf4` and `bnb-fp4` (it needs a peer script around \
-bitsandbytes' LLM.int8 row-wise quantization).
+Every case is wired; `cargo xtask bench --case ID` runs some of them.
 ";
 
 #[cfg(test)]
