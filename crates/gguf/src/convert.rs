@@ -95,15 +95,20 @@ pub fn output_len(plan: &GgufPlan, extra: &[(String, MetadataValue)]) -> io::Res
 /// llama-quantize widens it: F16 and BF16 round to nearest even (numpy's `astype(float16)` and
 /// gguf-py's BF16 both do), widening is exact. Other bases leave the values alone.
 pub fn round_through(base: GgmlType, values: &mut [f32]) {
+    values
+        .par_chunks_mut(1 << 14)
+        .for_each(|c| round_through_serial(base, c));
+}
+
+/// [`round_through`] on the calling thread.
+fn round_through_serial(base: GgmlType, values: &mut [f32]) {
     match base {
-        GgmlType::F16 => values.par_chunks_mut(1 << 14).for_each(|c| {
-            c.iter_mut()
-                .for_each(|v| *v = f16_bits_to_f32(f32_to_f16_bits(*v)))
-        }),
-        GgmlType::BF16 => values.par_chunks_mut(1 << 14).for_each(|c| {
-            c.iter_mut()
-                .for_each(|v| *v = bf16_bits_to_f32(f32_to_bf16_bits(*v)))
-        }),
+        GgmlType::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = f16_bits_to_f32(f32_to_f16_bits(*v))),
+        GgmlType::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = bf16_bits_to_f32(f32_to_bf16_bits(*v))),
         _ => {}
     }
 }
@@ -137,63 +142,192 @@ fn write_gguf_chunked<W: Write, S: TensorSource>(
         32,
     )?;
     let mut report = Report::default();
-    let mut values: Vec<f32> = Vec::new();
-    let mut bytes: Vec<u8> = Vec::new();
+    // `front` holds a converted chunk being written while the next one is converted into
+    // `back` on the thread pool.
+    let mut front: Vec<u8> = Vec::new();
+    let mut back: Vec<u8> = Vec::new();
+    let mut pending: Option<Pending> = None;
+    let scratch = ScratchPool::default();
+    let size_err = |t: &mix::PlannedTensor| ConvertError::Size {
+        name: t.name.clone(),
+    };
+    let mut finish = |p: Pending, report: &mut Report| {
+        report.data_bytes += p.bytes as u64;
+        report.elements += p.elements;
+        progress(p.tensor, p.done);
+        if p.last_of_tensor {
+            report.tensors += 1;
+            if plan.tensors[p.tensor].ggml_type.is_quantized() {
+                report.quantized += 1;
+            }
+        }
+    };
     for (index, t) in plan.tensors.iter().enumerate() {
         let n = t.n_elements();
         let row = t.shape.last().copied().unwrap_or(1).max(1);
         let rows_per_chunk = (chunk_budget / row).max(1);
-        let chunk_elems = rows_per_chunk
-            .checked_mul(row)
-            .ok_or_else(|| ConvertError::Size {
-                name: t.name.clone(),
-            })?;
+        let chunk_elems = rows_per_chunk.checked_mul(row).ok_or_else(|| size_err(t))?;
+        if n == 0 {
+            // Nothing to write; the tensor still counts, in order.
+            if let Some(p) = pending.take() {
+                writer.write_chunk(&front[..p.bytes])?;
+                finish(p, &mut report);
+            }
+            finish(
+                Pending {
+                    tensor: index,
+                    done: 0,
+                    elements: 0,
+                    bytes: 0,
+                    last_of_tensor: true,
+                },
+                &mut report,
+            );
+            continue;
+        }
         let mut start = 0u64;
         while start < n {
             let len = chunk_elems.min(n - start);
-            let len_usize = usize::try_from(len).map_err(|_| ConvertError::Size {
-                name: t.name.clone(),
-            })?;
-            values.resize(len_usize, 0.0);
-            source
-                .read_f32(&t.source_name, start, &mut values)
-                .map_err(|source| ConvertError::Source {
-                    name: t.name.clone(),
-                    source,
-                })?;
-            round_through(t.base_type, &mut values);
             let out_len = t
                 .ggml_type
                 .bytes_for(len)
                 .and_then(|b| usize::try_from(b).ok())
-                .ok_or_else(|| ConvertError::Size {
-                    name: t.name.clone(),
-                })?;
-            bytes.resize(out_len, 0);
-            quant::quantize(t.ggml_type, &values, &mut bytes).map_err(|source| {
-                ConvertError::Quant {
-                    name: t.name.clone(),
-                    source,
+                .ok_or_else(|| size_err(t))?;
+            if back.len() < out_len {
+                back.resize(out_len, 0);
+            }
+            let mut converted = Ok(());
+            let mut written = Ok(());
+            let chunk = Chunk {
+                tensor: t,
+                start,
+                len,
+                row,
+            };
+            let (dst, scratch) = (&mut back[..out_len], &scratch);
+            rayon::in_place_scope(|s| {
+                s.spawn(|_| converted = convert_chunk(&chunk, source, dst, scratch));
+                if let Some(p) = &pending {
+                    written = writer.write_chunk(&front[..p.bytes]);
                 }
-            })?;
-            writer.write_chunk(&bytes)?;
-            report.data_bytes += out_len as u64;
-            report.elements += len;
+            });
+            written?;
+            if let Some(p) = pending.take() {
+                finish(p, &mut report);
+            }
+            converted?;
+            std::mem::swap(&mut front, &mut back);
             start += len;
-            progress(index, start);
-        }
-        report.tensors += 1;
-        if t.ggml_type.is_quantized() {
-            report.quantized += 1;
+            pending = Some(Pending {
+                tensor: index,
+                done: start,
+                elements: len,
+                bytes: out_len,
+                last_of_tensor: start == n,
+            });
         }
         // A huge tensor should not keep its buffers for the rest of the file.
-        if values.capacity() > (chunk_budget as usize).saturating_mul(2) {
-            values = Vec::new();
-            bytes = Vec::new();
+        let keep = (chunk_budget as usize).saturating_mul(8);
+        if back.capacity() > keep {
+            back = Vec::new();
         }
+    }
+    if let Some(p) = pending.take() {
+        writer.write_chunk(&front[..p.bytes])?;
+        finish(p, &mut report);
     }
     writer.finish()?;
     Ok(report)
+}
+
+/// A converted chunk waiting to be written.
+struct Pending {
+    tensor: usize,
+    /// Elements of the tensor done once this chunk is written.
+    done: u64,
+    elements: u64,
+    bytes: usize,
+    last_of_tensor: bool,
+}
+
+/// Rows `start..start + len` (in elements) of one planned tensor.
+struct Chunk<'p> {
+    tensor: &'p mix::PlannedTensor,
+    start: u64,
+    len: u64,
+    /// Elements per row.
+    row: u64,
+}
+
+/// Values one task reads, rounds and quantizes while they stay in the core's cache, rounded
+/// down to whole rows (at least one).
+const TASK_ELEMS: u64 = 1 << 15;
+
+/// Reusable f32 buffers for the tasks of [`convert_chunk`]: taken by a task, returned when it
+/// ends, so a conversion allocates a few of them, not one per task.
+#[derive(Default)]
+struct ScratchPool(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl ScratchPool {
+    fn take(&self) -> Vec<f32> {
+        self.0
+            .lock()
+            .map(|mut pool| pool.pop().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn give_back(&self, buf: Vec<f32>) {
+        if let Ok(mut pool) = self.0.lock() {
+            pool.push(buf);
+        }
+    }
+}
+
+/// Reads, rounds (see [`round_through`]) and quantizes `chunk` into `dst` (exactly its output
+/// bytes), in tasks of whole rows spread over the thread pool. Each row's bytes depend only on
+/// its values, so the split never changes the output.
+fn convert_chunk<S: TensorSource>(
+    chunk: &Chunk<'_>,
+    source: &S,
+    dst: &mut [u8],
+    scratch: &ScratchPool,
+) -> Result<(), ConvertError<S::Error>> {
+    let t = chunk.tensor;
+    let size_err = || ConvertError::Size {
+        name: t.name.clone(),
+    };
+    let task_elems = (TASK_ELEMS / chunk.row).max(1) * chunk.row;
+    let task_bytes = t
+        .ggml_type
+        .bytes_for(task_elems)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|&b| b > 0)
+        .ok_or_else(size_err)?;
+    dst.par_chunks_mut(task_bytes)
+        .enumerate()
+        .try_for_each(|(i, dst)| {
+            let start = i as u64 * task_elems;
+            let len = task_elems.min(chunk.len - start) as usize;
+            let mut values = scratch.take();
+            values.resize(len, 0.0);
+            let result = source
+                .read_f32(&t.source_name, chunk.start + start, &mut values)
+                .map_err(|source| ConvertError::Source {
+                    name: t.name.clone(),
+                    source,
+                })
+                .and_then(|()| {
+                    round_through_serial(t.base_type, &mut values);
+                    quant::quantize(t.ggml_type, &values, dst).map_err(|source| {
+                        ConvertError::Quant {
+                            name: t.name.clone(),
+                            source,
+                        }
+                    })
+                });
+            scratch.give_back(values);
+            result
+        })
 }
 
 /// Why a GGUF file cannot serve as a conversion source.
@@ -494,6 +628,8 @@ mod tests {
         ("double_blocks.0.img_attn.qkv.weight", &[96, 256]),
         ("double_blocks.0.img_attn.qkv.bias", &[96]),
         ("double_blocks.0.img_mlp.2.weight", &[32, 320]),
+        // Several tasks of whole rows per chunk (see `TASK_ELEMS`), the last one short.
+        ("double_blocks.0.img_mlp.0.weight", &[600, 256]),
         ("img_in.weight", &[64, 64]),
         ("single_blocks.0.linear2.weight", &[16, 100]),
     ];
@@ -540,10 +676,12 @@ mod tests {
             for dtype in [SourceDtype::F32, SourceDtype::BF16] {
                 let (tensors, src) = model(dtype);
                 let plan = mix::plan(&tensors, Some(Arch::Flux), target).unwrap();
-                // A chunk budget below one row, one row, and several rows: same bytes.
+                // A chunk budget below one row, one row, several rows, and several tasks:
+                // same bytes.
                 let bytes = write(&plan, &src, 1 << 22);
                 assert_eq!(bytes, write(&plan, &src, 50), "{target}");
                 assert_eq!(bytes, write(&plan, &src, 700), "{target}");
+                assert_eq!(bytes, write(&plan, &src, 100_000), "{target}");
                 let file = GgufFile::from_bytes(bytes, Path::new("mem.gguf")).unwrap();
                 assert_eq!(file.architecture(), Some("flux"));
                 assert_eq!(

@@ -142,6 +142,34 @@ pub fn cast_slice(
     Ok(cast_dispatch(src, src_bytes, dst, dst_bytes))
 }
 
+/// Widens the little-endian elements in `src_bytes` (dtype `src`) to F32 values in `out`: the
+/// values of [`cast_slice`] to [`Dtype::F32`], bit for bit, without the byte buffer in between.
+/// For converters that compute on F32 (quantizers).
+///
+/// `out` must hold exactly as many elements as `src_bytes`.
+pub fn widen_to_f32(src: Dtype, src_bytes: &[u8], out: &mut [f32]) -> Result<(), CastError> {
+    if !is_cast_source(src) {
+        return Err(CastError::UnsupportedSource(src));
+    }
+    let ss = elem_size(src);
+    if !src_bytes.len().is_multiple_of(ss) {
+        return Err(CastError::RaggedSource {
+            dtype: src,
+            len: src_bytes.len(),
+        });
+    }
+    if src_bytes.len() / ss != out.len() {
+        return Err(CastError::DestinationLength {
+            expected: src_bytes.len() / ss * 4,
+            actual: out.len() * 4,
+        });
+    }
+    for (s, o) in src_bytes.chunks(CHUNK * ss).zip(out.chunks_mut(CHUNK)) {
+        load_f32(src, s, o);
+    }
+    Ok(())
+}
+
 /// Runs [`cast_loop`] compiled for AVX2 when the CPU has it, else for the build's baseline.
 /// The loop is integer and IEEE arithmetic only (no fused or reassociated operations), so both
 /// compilations give the same bits; AVX2 doubles the lanes of the vectorised loops (the f32 ->
@@ -684,6 +712,47 @@ mod tests {
                 assert_eq!(expected.non_finite, planted as u64);
             }
         }
+    }
+
+    /// `widen_to_f32` gives the bits `cast_slice` to F32 gives, for every source dtype, on
+    /// random bit patterns (NaNs, infinities, subnormals) longer than one block.
+    #[test]
+    fn widening_matches_the_cast_to_f32() {
+        let mut x = 0x1234_5678_9ABC_DEF1u64;
+        let bytes: Vec<u8> = (0..(8 * (CHUNK + 77)))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as u8
+            })
+            .collect();
+        for src in [
+            Dtype::F64,
+            Dtype::F32,
+            Dtype::F16,
+            Dtype::BF16,
+            Dtype::F8E4M3,
+            Dtype::F8E5M2,
+        ] {
+            let n = bytes.len() / 8;
+            let input = &bytes[..n * elem_size(src)];
+            let mut cast = vec![0u8; n * 4];
+            cast_slice(src, input, Dtype::F32, &mut cast).unwrap();
+            let mut widened = vec![0f32; n];
+            widen_to_f32(src, input, &mut widened).unwrap();
+            for (i, (w, c)) in widened.iter().zip(cast.as_chunks::<4>().0).enumerate() {
+                assert_eq!(w.to_bits(), u32::from_le_bytes(*c), "{src} element {i}");
+            }
+        }
+        assert!(matches!(
+            widen_to_f32(Dtype::BF16, &[0u8; 4], &mut [0f32; 3]),
+            Err(CastError::DestinationLength { .. })
+        ));
+        assert!(matches!(
+            widen_to_f32(Dtype::I32, &[0u8; 4], &mut [0f32; 1]),
+            Err(CastError::UnsupportedSource(Dtype::I32))
+        ));
     }
 
     /// The AVX2 compilation of the cast loop gives the same bits and counts as the baseline

@@ -10,7 +10,7 @@ pub mod cast;
 pub mod convert;
 pub mod writer;
 
-pub use cast::{CastError, CastStats, cast_slice};
+pub use cast::{CastError, CastStats, cast_slice, widen_to_f32};
 pub use convert::{
     Action, ConvertError, ConvertOptions, Plan, Report, SourceObserver, convert,
     convert_observing_source, convert_with, merged_metadata, plan, plan_file, target_dtype,

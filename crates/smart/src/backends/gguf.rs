@@ -19,7 +19,7 @@ use ::gguf::mix::{DroppedTensor, GgufPlan, SourceDtype, SourceTensor};
 use ::gguf::reader::MetadataValue;
 use ::gguf::{Arch, FileType};
 use detect::detection::Format;
-use detect::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
+use detect::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
 use detect::{Detection, Precision};
 use precision::writer::{SafetensorsWriter, TensorSpec};
 
@@ -310,15 +310,36 @@ fn read_f32s(
         )));
     }
     let es = t.dtype.bits() / 8;
-    let mut raw = vec![0u8; (len * es) as usize];
-    file.read_tensor_range(t, start * es, &mut raw)?;
-    let mut wide = vec![0u8; out.len() * 4];
-    precision::cast_slice(t.dtype, &raw, Dtype::F32, &mut wide).map_err(|e| bad(e.to_string()))?;
-    for (v, b) in out.iter_mut().zip(wide.chunks_exact(4)) {
-        *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-    Ok(())
+    // Read and widened piece by piece: the raw bytes are still in cache when widened, and a
+    // chunk of millions of elements needs no second buffer as large as itself. The buffer is
+    // the thread's own (this function is called from many small parallel tasks); nothing in
+    // the loop can run another task on this thread, so the borrow cannot be re-entered, and
+    // a fresh buffer covers the case anyway.
+    RAW.with(|raw| {
+        let mut fresh = ReadBuffer::new();
+        let mut borrowed = raw.try_borrow_mut();
+        let raw = match borrowed.as_deref_mut() {
+            Ok(raw) => raw,
+            Err(_) => &mut fresh,
+        };
+        let mut at = start;
+        for piece in out.chunks_mut(WIDEN_PIECE) {
+            let bytes = raw.get(piece.len() * es as usize, WIDEN_PIECE * es as usize);
+            file.read_tensor_range(t, at * es, bytes)?;
+            precision::widen_to_f32(t.dtype, bytes, piece).map_err(|e| bad(e.to_string()))?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    })
 }
+
+thread_local! {
+    /// The raw-bytes buffer of [`read_f32s`] on this thread.
+    static RAW: std::cell::RefCell<ReadBuffer> = std::cell::RefCell::new(ReadBuffer::new());
+}
+
+/// Elements read and widened at a time by [`read_f32s`].
+const WIDEN_PIECE: usize = 1 << 17;
 
 impl TensorSource for SafetensorsSource {
     type Error = StError;
