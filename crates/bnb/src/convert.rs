@@ -305,9 +305,9 @@ fn to_f32(
     } else {
         (src, bytes)
     };
-    let mut out = vec![0u8; n * 4];
-    stats += cast_slice(from, from_bytes, Dtype::F32, &mut out).map_err(|e| cast_err(name, e))?;
-    Ok((f32s(&out), stats))
+    let mut out = vec![0f32; n];
+    stats += precision::widen_to_f32(from, from_bytes, &mut out).map_err(|e| cast_err(name, e))?;
+    Ok((out, stats))
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

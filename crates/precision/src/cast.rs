@@ -143,11 +143,11 @@ pub fn cast_slice(
 }
 
 /// Widens the little-endian elements in `src_bytes` (dtype `src`) to F32 values in `out`: the
-/// values of [`cast_slice`] to [`Dtype::F32`], bit for bit, without the byte buffer in between.
-/// For converters that compute on F32 (quantizers).
+/// values and counts of [`cast_slice`] to [`Dtype::F32`], bit for bit, without the byte buffer
+/// in between. For converters that compute on F32 (quantizers).
 ///
 /// `out` must hold exactly as many elements as `src_bytes`.
-pub fn widen_to_f32(src: Dtype, src_bytes: &[u8], out: &mut [f32]) -> Result<(), CastError> {
+pub fn widen_to_f32(src: Dtype, src_bytes: &[u8], out: &mut [f32]) -> Result<CastStats, CastError> {
     if !is_cast_source(src) {
         return Err(CastError::UnsupportedSource(src));
     }
@@ -164,10 +164,12 @@ pub fn widen_to_f32(src: Dtype, src_bytes: &[u8], out: &mut [f32]) -> Result<(),
             actual: out.len() * 4,
         });
     }
+    let mut stats = CastStats::default();
     for (s, o) in src_bytes.chunks(CHUNK * ss).zip(out.chunks_mut(CHUNK)) {
-        load_f32(src, s, o);
+        stats.overflowed += load_f32(src, s, o);
+        stats.non_finite += o.iter().map(|v| !v.is_finite() as u32).sum::<u32>() as u64;
     }
-    Ok(())
+    Ok(stats)
 }
 
 /// Runs [`cast_loop`] compiled for AVX2 when the CPU has it, else for the build's baseline.
@@ -738,9 +740,11 @@ mod tests {
             let n = bytes.len() / 8;
             let input = &bytes[..n * elem_size(src)];
             let mut cast = vec![0u8; n * 4];
-            cast_slice(src, input, Dtype::F32, &mut cast).unwrap();
+            let cast_stats = cast_slice(src, input, Dtype::F32, &mut cast).unwrap();
             let mut widened = vec![0f32; n];
-            widen_to_f32(src, input, &mut widened).unwrap();
+            let stats = widen_to_f32(src, input, &mut widened).unwrap();
+            assert_eq!(stats, cast_stats, "{src}");
+            assert!(stats.non_finite > 0, "{src}: no specials drawn");
             for (i, (w, c)) in widened.iter().zip(cast.as_chunks::<4>().0).enumerate() {
                 assert_eq!(w.to_bits(), u32::from_le_bytes(*c), "{src} element {i}");
             }

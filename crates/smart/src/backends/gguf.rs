@@ -327,6 +327,7 @@ fn read_f32s(
             let bytes = raw.get(piece.len() * es as usize, WIDEN_PIECE * es as usize);
             file.read_tensor_range(t, at * es, bytes)?;
             precision::widen_to_f32(t.dtype, bytes, piece).map_err(|e| bad(e.to_string()))?;
+            // (Non-finite values are the quantizer's to report; the counts are not needed.)
             at += piece.len() as u64;
         }
         Ok(())
