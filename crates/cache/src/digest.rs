@@ -15,6 +15,7 @@ use std::cell::Cell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use detect::safetensors::ReadBuffer;
 use rayon::prelude::*;
@@ -80,6 +81,17 @@ pub fn digest_file_with_progress(
     path: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<String, CacheError> {
+    digest_file_cancellable(path, progress, None)
+}
+
+/// [`digest_file_with_progress`] that stops with [`CacheError::Cancelled`] soon after `cancel`
+/// is set (it is checked between batches of one chunk per thread): hashing a large model
+/// takes seconds, and an interrupt should not wait for it.
+pub fn digest_file_cancellable(
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    cancel: Option<&AtomicBool>,
+) -> Result<String, CacheError> {
     FILES_HASHED.with(|c| c.set(c.get() + 1));
     let io = |op, source| CacheError::Io {
         path: path.to_path_buf(),
@@ -102,6 +114,9 @@ pub fn digest_file_with_progress(
     let mut last_report = 0u64;
     progress(0, len);
     while offset < len {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(CacheError::Cancelled(path.to_path_buf()));
+        }
         let mut filled = 0;
         for (buf, filled_len) in buffers.iter_mut().zip(filled_lens.iter_mut()) {
             if offset >= len {

@@ -63,4 +63,7 @@ pub enum CacheError {
     /// The source is not a regular file.
     #[error("{0}: not a regular file")]
     NotAFile(PathBuf),
+    /// Hashing the file was stopped through [`LookupOptions::cancel`] (an interrupt).
+    #[error("{0}: cancelled while hashing")]
+    Cancelled(PathBuf),
 }

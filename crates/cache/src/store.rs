@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use detect::Precision;
@@ -34,6 +36,9 @@ pub struct LookupOptions {
     pub verify_digest: bool,
     /// When set, an output written by another converter version is stale.
     pub converter_version: Option<String>,
+    /// Once set, hashing (of a source whose size or mtime changed) stops with
+    /// [`CacheError::Cancelled`]: an interrupted command does not wait for it.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// The verdict on the cache path of one (source, target).
@@ -195,12 +200,17 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 struct LazyDigest<'a> {
     source: &'a Path,
     value: Option<String>,
+    cancel: Option<&'a AtomicBool>,
 }
 
 impl LazyDigest<'_> {
     fn get(&mut self) -> Result<&str, CacheError> {
         if self.value.is_none() {
-            self.value = Some(digest::digest_file(self.source)?);
+            self.value = Some(digest::digest_file_cancellable(
+                self.source,
+                &mut |_, _| {},
+                self.cancel,
+            )?);
         }
         Ok(self.value.as_deref().unwrap_or_default())
     }
@@ -239,6 +249,7 @@ impl Cache {
         let mut digest = LazyDigest {
             source,
             value: None,
+            cancel: options.cancel.as_deref(),
         };
         self.lookup_inner(source, &stat, &mut digest, target, options)
     }
@@ -259,6 +270,7 @@ impl Cache {
             value: earlier.source_digest.clone().filter(|_| {
                 stat.size == earlier.source.size && stat.mtime_ns == earlier.source.mtime_ns
             }),
+            cancel: options.cancel.as_deref(),
         };
         self.lookup_inner(source, &stat, &mut digest, target, options)
     }
@@ -274,6 +286,7 @@ impl Cache {
         let mut digest = LazyDigest {
             source,
             value: None,
+            cancel: options.cancel.as_deref(),
         };
         targets
             .iter()

@@ -128,10 +128,12 @@ pub struct KindArgs {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("policy").required(true).args(["keep", "max_size"])))]
 pub struct CleanupArgs {
-    /// With --keep: the source whose conversions are cleaned up.
+    /// With --keep: the source whose conversions are cleaned up (it may have been deleted:
+    /// conversions are matched by the source path they record). Without it, every source's.
     pub source: Option<PathBuf>,
-    /// Keep SRC's N most recently used conversions, remove its others.
-    #[arg(long, value_name = "N", requires = "source")]
+    /// Keep the N most recently used conversions of SRC (of each source, without SRC), remove
+    /// the others.
+    #[arg(long, value_name = "N")]
     pub keep: Option<usize>,
     /// Remove least recently used conversions until the cache holds at most SIZE
     /// (e.g. 20G, 512MiB, 1.5GB; K/M/G/T and KiB.. are powers of 1024, KB/MB/GB/TB of 1000).
@@ -177,7 +179,7 @@ mod tests {
             &["convcache", "convert", "m.safetensors"][..],
             &["convcache", "convert", "m.safetensors", "--to", "fp9"],
             &["convcache", "cleanup", "--dry-run"],
-            &["convcache", "cleanup", "--keep", "2"],
+            &["convcache", "cleanup", "m"],
             &[
                 "convcache",
                 "cleanup",
@@ -216,5 +218,11 @@ mod tests {
         let cli =
             Cli::try_parse_from(["convcache", "--json", "cleanup", "m", "--keep", "2"]).unwrap();
         assert!(cli.json);
+        // --keep without a source: every source's conversions.
+        let cli = Cli::try_parse_from(["convcache", "cleanup", "--keep", "2"]).unwrap();
+        let Command::Cleanup(c) = cli.command else {
+            panic!("not cleanup")
+        };
+        assert_eq!((c.source, c.keep), (None, Some(2)));
     }
 }

@@ -118,6 +118,8 @@ pub fn entry_json(e: &Entry) -> Value {
 
 /// `convcache list`.
 pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
+    // Leftovers of killed conversions are removed by whichever command runs next.
+    let _ = cache.sweep_temporaries();
     let entries = cache.list(kind(args.kind)).map_err(failed)?;
     if ui.json {
         ui.print_json(&Value::Array(entries.iter().map(entry_json).collect()));
@@ -173,6 +175,7 @@ pub fn stats_text(s: &Stats) -> String {
 
 /// `convcache stats`.
 pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
+    let _ = cache.sweep_temporaries();
     let s = cache.stats(kind(args.kind)).map_err(failed)?;
     if ui.json {
         ui.print_json(&stats_json(&s));
@@ -184,12 +187,33 @@ pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
 
 /// `convcache cleanup`.
 pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failure> {
-    // clap guarantees exactly one policy, and a source with --keep.
+    // Leftovers of killed conversions go first (never in a dry run).
+    if !args.dry_run {
+        let _ = cache.sweep_temporaries();
+    }
+    // clap guarantees exactly one policy, and no source with --max-size.
     let (policy, removed, before, after) = match (args.keep, args.max_size, &args.source) {
-        (Some(keep), _, Some(source)) => {
-            check_source(source)?;
+        (Some(keep), _, source) => {
             let before = cache.stats(Kind::All).map_err(failed)?.total_bytes;
-            let removed = cache.cleanup(source, keep, args.dry_run).map_err(failed)?;
+            let removed = match source {
+                Some(source) => {
+                    // A deleted source's conversions are still found by the path they record;
+                    // anything else that is not a file is a mistake.
+                    if source.exists() {
+                        check_source(source)?;
+                    }
+                    let removed = cache.cleanup(source, keep, args.dry_run).map_err(failed)?;
+                    if !source.exists() && removed.is_empty() {
+                        ui.note(format!(
+                            "convcache: note: {}: no such file, and no conversion beyond the \
+                             {keep} kept records it as its source",
+                            source.display()
+                        ));
+                    }
+                    removed
+                }
+                None => cache.cleanup_all(keep, args.dry_run).map_err(failed)?,
+            };
             let freed: u64 = removed.iter().map(|r| r.size).sum();
             ("keep", removed, before, before.saturating_sub(freed))
         }
@@ -199,7 +223,7 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
         }
         _ => {
             return Err(Failure::input(
-                "cleanup: give SRC --keep N, or --max-size SIZE",
+                "cleanup: give --keep N (with or without SRC), or --max-size SIZE",
             ));
         }
     };

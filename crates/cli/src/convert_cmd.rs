@@ -22,6 +22,8 @@ pub struct Settings {
     pub arch: Option<gguf::Arch>,
     /// `--no-fsync`: publish without waiting for the disk.
     pub no_fsync: bool,
+    /// Set by an interrupt (see [`crate::interrupt`]).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// One target's result, as printed.
@@ -48,6 +50,9 @@ pub fn status_word(s: &Status) -> &'static str {
 /// sits at its own output path), else 1 (the conversion itself failed: I/O, full disk,
 /// verification).
 pub fn exit_for(e: &SmartError) -> Exit {
+    if e.is_cancelled() {
+        return Exit::Interrupted;
+    }
     match e {
         SmartError::Detect(_)
         | SmartError::UnknownSourcePrecision(_)
@@ -171,6 +176,7 @@ pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Preci
             options.double_quant = settings.double_quant;
             options.gguf_arch = settings.arch;
             options.sync_output = !settings.no_fsync;
+            options.cancel = settings.cancel.clone();
             options.progress = Some(&on_progress);
             let started = Instant::now();
             let result = smart::smart_convert(source, target, &options);
@@ -229,6 +235,7 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
         double_quant: args.double_quant,
         arch: args.arch,
         no_fsync: args.no_fsync,
+        cancel: crate::interrupt::install(),
     };
     let rows = convert_all(ui, &settings, &args.source, &args.to.targets);
     present(ui, &rows)

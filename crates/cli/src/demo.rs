@@ -53,6 +53,8 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
         double_quant: false,
         arch: None,
         no_fsync: false,
+        // An interrupt stops the conversion; the temporary models dir is removed on the way out.
+        cancel: crate::interrupt::install(),
     };
     // Text and -q output of the conversions comes from `present`, as for `convert`.
     let text_ui = Ui { json: false, ..*ui };
@@ -74,11 +76,21 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
     };
 
     ui.print("\n== convert to bf16, fp8, nf4 and Q4_K_M (converts)");
+    let interrupted = || {
+        let set = |c: &std::sync::atomic::AtomicBool| c.load(std::sync::atomic::Ordering::Relaxed);
+        settings.cancel.as_deref().is_some_and(set)
+    };
     let first = convert_all(ui, &settings, &source, &TARGETS);
     show(&first);
+    if interrupted() {
+        return Ok(Exit::Interrupted);
+    }
     ui.print("\n== the same again (answered from the cache)");
     let second = convert_all(ui, &settings, &source, &TARGETS);
     show(&second);
+    if interrupted() {
+        return Ok(Exit::Interrupted);
+    }
 
     let cache = Cache::new(models.clone());
     let entries = cache.list(Kind::All).map_err(Failure::failed)?;

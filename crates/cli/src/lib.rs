@@ -9,6 +9,7 @@
 //! - [`sample`]: the deterministic flux-like sample model.
 //! - [`output`]: exit codes, one-line errors, JSON and text on stdout.
 //! - [`progress`]: progress bars with ETA on stderr.
+//! - [`interrupt`]: Ctrl-C and SIGTERM stop a conversion cleanly.
 //! - [`detect_cmd`], [`convert_cmd`], [`cache_cmds`], [`demo`]: one module per command family,
 //!   turning library results into text or the JSON documented in `docs/cli.md`.
 
@@ -17,6 +18,7 @@ pub mod cache_cmds;
 pub mod convert_cmd;
 pub mod demo;
 pub mod detect_cmd;
+pub mod interrupt;
 pub mod output;
 pub mod progress;
 pub mod sample;

@@ -17,6 +17,9 @@ pub enum Exit {
     /// 2: bad input (a source that cannot be read, is not a model or cannot become the
     /// target) or bad usage.
     BadInput = 2,
+    /// 130: interrupted (Ctrl-C, SIGTERM, SIGHUP): the conversion stopped, its temporary was
+    /// removed and nothing was published.
+    Interrupted = 130,
 }
 
 impl Exit {
@@ -24,6 +27,20 @@ impl Exit {
     pub fn code(self) -> ExitCode {
         ExitCode::from(self as u8)
     }
+}
+
+/// clap's rendering of a usage error as one line: `convcache: usage: PROBLEM (see --help)`.
+/// clap writes the problem on its first lines (a list of missing arguments indented under
+/// them), then a blank line, usage and a hint, which the line replaces.
+pub fn usage_error_line(rendered: &str) -> String {
+    let problem: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let problem = problem.join(" ");
+    let problem = problem.strip_prefix("error: ").unwrap_or(&problem);
+    format!("convcache: usage: {problem} (see convcache --help)")
 }
 
 /// An error to show as `convcache: PATH: problem` and the exit code it leads to.
@@ -134,5 +151,24 @@ mod tests {
         assert_eq!(Exit::Ok as u8, 0);
         assert_eq!(Exit::Failed as u8, 1);
         assert_eq!(Exit::BadInput as u8, 2);
+        assert_eq!(Exit::Interrupted as u8, 130);
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        use clap::Parser;
+        for (argv, expect) in [
+            (&["convcache", "convert", "m"][..], "--to"),
+            (&["convcache", "convert", "m", "--to", "fp9"], "fp9"),
+            (&["convcache", "frobnicate"], "frobnicate"),
+            (&["convcache", "cleanup", "--dry-run"], "--keep"),
+        ] {
+            let err = crate::args::Cli::try_parse_from(argv).unwrap_err();
+            let line = usage_error_line(&err.to_string());
+            assert!(!line.contains('\n'), "{line}");
+            assert!(line.starts_with("convcache: usage: "), "{line}");
+            assert!(line.contains(expect), "{argv:?}: {line}");
+            assert!(!line.contains("usage: error:"), "{line}");
+        }
     }
 }

@@ -181,3 +181,51 @@ fn demo_runs_on_nothing_and_shows_a_cache_hit() {
     let text = s.run(&["demo"]).ok();
     assert!(text.stdout.contains("cached"), "{}", text.stdout);
 }
+
+#[test]
+fn cleanup_keep_without_a_source_keeps_n_per_source_and_a_deleted_source_is_still_found() {
+    let s = Scratch::new();
+    let a = s.source("a.safetensors", SMALL);
+    let b = s.source("b.safetensors", SMALL);
+    let a_paths = three_conversions(&s, &a);
+    let b_paths = three_conversions(&s, &b);
+    // bf16 last, so it is each source's most recently used.
+    s.run(&["convert", a.arg(), "--to", "bf16"]).ok();
+    s.run(&["convert", b.arg(), "--to", "bf16"]).ok();
+
+    let v = s.run(&["--json", "cleanup", "--keep", "1"]).ok().json();
+    assert_eq!(v["policy"], "keep", "{v}");
+    assert_eq!(v["removed"].as_array().expect("removed").len(), 4, "{v}");
+    for paths in [&a_paths, &b_paths] {
+        assert!(paths[0].exists(), "each source keeps its bf16");
+        assert!(!paths[1].exists() && !paths[2].exists(), "{v}");
+    }
+
+    // A deleted source's conversions are found by the path they record.
+    std::fs::remove_file(&b.path).expect("delete b");
+    let v = s
+        .run(&["--json", "cleanup", b.arg(), "--keep", "0"])
+        .ok()
+        .json();
+    assert_eq!(v["removed"].as_array().expect("removed").len(), 1, "{v}");
+    assert!(!b_paths[0].exists());
+    assert!(a_paths[0].exists(), "another source's conversion stays");
+    a.assert_unchanged();
+}
+
+#[test]
+fn a_temporary_left_by_a_killed_conversion_is_removed_by_the_next_command() {
+    for command in [&["list"][..], &["stats"], &["cleanup", "--max-size", "1T"]] {
+        let s = Scratch::new();
+        let src = s.source("m.safetensors", SMALL);
+        let out = three_conversions(&s, &src).remove(0);
+        // What a killed writer leaves: a temporary named after the output and its pid, with
+        // nobody holding the output's lock.
+        let name = out.file_name().expect("name").to_str().expect("utf-8");
+        let temp = s.converted_dir().join(format!(".{name}.999999.tmp"));
+        std::fs::write(&temp, b"half a model").expect("write temporary");
+        s.run(command).ok();
+        assert!(!temp.exists(), "{command:?} left {}", temp.display());
+        assert!(out.exists(), "{command:?} removed the output itself");
+    }
+}

@@ -236,6 +236,56 @@ fn sigkill_mid_conversion_leaves_nothing_corrupt_and_a_rerun_converts() {
     src.assert_unchanged();
 }
 
+/// Starts `convert SRC --to bf16` and returns it once its temporary holds data.
+#[allow(clippy::zombie_processes)] // the caller waits for the child; a failed assert ends the test
+fn start_and_wait_for_a_temporary(s: &Scratch, src: &Path, out: &Path) -> std::process::Child {
+    let child = s
+        .cmd(&["convert", &src.display().to_string(), "--to", "bf16"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    loop {
+        assert!(!out.exists(), "finished before it could be interrupted");
+        let temp = s
+            .converted_files()
+            .into_iter()
+            .find(|f| f != "big_bf16.safetensors" && f != ".convcache");
+        let len = temp
+            .and_then(|t| std::fs::metadata(s.converted_dir().join(t)).ok())
+            .map_or(0, |m| m.len());
+        if len > 0 {
+            return child;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn an_interrupt_mid_conversion_removes_the_temporary_and_exits_130() {
+    for (signal, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
+        let s = Scratch::new();
+        let src = s.source("big.safetensors", LARGE);
+        let out = s.converted_dir().join("big_bf16.safetensors");
+        let child = start_and_wait_for_a_temporary(&s, &src.path, &out);
+        // SAFETY: kill only sends a signal to the child this test spawned and has not reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+        let done = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(130), "{name}: {stderr}");
+        assert!(stderr.contains("cancelled"), "{name}: {stderr}");
+        assert!(stderr.contains("big_bf16.safetensors"), "{name}: {stderr}");
+        assert!(
+            !out.exists(),
+            "{name}: an interrupted conversion must not publish"
+        );
+        assert_no_temporaries(&s, &[]);
+        src.assert_unchanged();
+    }
+}
+
 #[test]
 fn a_source_modified_after_conversion_is_reconverted() {
     let s = Scratch::new();

@@ -95,7 +95,7 @@ fn usage_errors_exit_2_and_print_nothing_on_stdout() {
         &["convert", "x.safetensors", "--to", "fp9"],
         &["check", "x.safetensors"],
         &["cleanup", "--dry-run"],
-        &["cleanup", "--keep", "2"],
+        &["cleanup", "x.safetensors"],
         &["cleanup", "--max-size", "20X"],
         &["cleanup", "--max-size", "18446744073709551616"],
         &[
@@ -113,6 +113,15 @@ fn usage_errors_exit_2_and_print_nothing_on_stdout() {
         assert_eq!(run.code, 2, "{args:?}: stderr {}", run.stderr);
         assert!(run.stdout.is_empty(), "{args:?}: stdout {}", run.stdout);
         assert!(!run.stderr.is_empty(), "{args:?}: no message");
+        // One line, as every error (a bare `convcache` shows the usage instead).
+        if !args.is_empty() {
+            assert_eq!(run.stderr.lines().count(), 1, "{args:?}: {}", run.stderr);
+            assert!(
+                run.stderr.starts_with("convcache: usage: "),
+                "{}",
+                run.stderr
+            );
+        }
     }
     assert!(
         !s.models().exists(),

@@ -35,7 +35,13 @@ pub mod backends;
 mod publish;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether a cancel flag is set.
+fn is_set(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed)
+}
 
 use cache::{Cache, CacheError, LookupOptions, LookupStatus, ModelsDir};
 use detect::{DetectError, Precision};
@@ -56,9 +62,10 @@ pub struct Options<'a> {
     pub double_quant: bool,
     /// Called with progress while hashing and converting.
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
-    /// Set to stop a running conversion (it fails with [`SmartError::Cancelled`], nothing is
-    /// published and the temporary is removed).
-    pub cancel: Option<&'a AtomicBool>,
+    /// Set to stop (an interrupt): a conversion, a hashing pass or a wait for another
+    /// process's lock fails with [`SmartError::Cancelled`] soon after, nothing is published
+    /// and the temporary is removed. A call made once it is set does nothing.
+    pub cancel: Option<Arc<AtomicBool>>,
     /// GGUF targets: force this architecture instead of detecting it from tensor names.
     pub gguf_arch: Option<gguf::Arch>,
     /// Wait for the output's data to reach the disk (fsync) before publishing it (the default).
@@ -236,6 +243,14 @@ impl SmartError {
     pub fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SmartError {
         SmartError::Backend(e.into())
     }
+
+    /// Whether the call stopped because [`Options::cancel`] was set.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            SmartError::Cancelled(_) | SmartError::Cache(CacheError::Cancelled(_))
+        )
+    }
 }
 
 /// Converts `source` to `target` with the default backends, or answers from the source itself
@@ -259,6 +274,9 @@ pub fn smart_convert_with(
     options: &Options<'_>,
     backends: &[&dyn Backend],
 ) -> Result<Outcome, SmartError> {
+    if options.cancel.as_deref().is_some_and(is_set) {
+        return Err(SmartError::Cancelled(source.to_path_buf()));
+    }
     let detection = detect::detect(source)?;
     let source_precision = detection.precision;
     let outcome = |status, path: PathBuf, report, replaced, note| Outcome {
@@ -298,6 +316,7 @@ pub fn smart_convert_with(
         strict: options.strict,
         verify_digest: options.verify_digest,
         converter_version: backend.map(|b| b.converter_version(target, &backend_options)),
+        cancel: options.cancel.clone(),
     };
     let cache = Cache::new(options.models_dir.clone());
     // Leftovers of killed writers go on the next run, hit or miss. Best effort: a read-only
@@ -399,6 +418,8 @@ pub fn check_with(
         .precision
         .ok_or_else(|| SmartError::UnknownSourcePrecision(source.to_path_buf()))?;
     let cache = Cache::new(options.models_dir.clone());
+    // Leftovers of killed writers go on the next run (best effort, as in `smart_convert`).
+    let _ = cache.sweep_temporaries();
     let backend_options = BackendOptions {
         double_quant: options.double_quant,
     };
@@ -423,6 +444,7 @@ pub fn check_with(
                 .iter()
                 .find(|b| b.supports(&detection, target))
                 .map(|b| b.converter_version(target, &backend_options)),
+            cancel: options.cancel.clone(),
         };
         // Reuse the digest across targets (it is only valid while the source is unchanged,
         // which lookup_again checks).

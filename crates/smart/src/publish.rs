@@ -7,7 +7,7 @@
 //! differ from the record, so it is hashed and, unless its bytes are exactly the new output's,
 //! reported broken and reconverted. A file is never served against a record of other bytes.
 
-use std::fs::{self, File};
+use std::fs::{self, File, TryLockError};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +64,9 @@ impl Drop for TempGuard {
         }
     }
 }
+
+/// How often a cancellable wait for another process's lock checks the flag.
+const LOCK_POLL: Duration = Duration::from_millis(20);
 
 /// Written bytes between two requests to start their writeback (see [`Sink::start_writeback`]).
 const WRITEBACK_STEP: u64 = 16 << 20;
@@ -158,8 +161,7 @@ impl Convert<'_> {
             let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
             fs::create_dir_all(&dir).map_err(io_err(&dir, "create the output directory"))?;
             let lock = cache::open_lock(&out)?;
-            lock.lock()
-                .map_err(io_err(&cache::lock_path(&out), "lock"))?;
+            self.wait_for_lock(&lock, &out)?;
 
             // Another process may have finished while we waited, or the source changed.
             let again =
@@ -196,6 +198,26 @@ impl Convert<'_> {
             op: "settle on an output path (it kept changing)",
             source: io::Error::other("too many attempts"),
         })
+    }
+
+    /// Takes the output's lock, waiting for another process that holds it. With a cancel flag
+    /// the wait polls, so that an interrupt does not wait for the other conversion to end.
+    fn wait_for_lock(&self, lock: &File, out: &Path) -> Result<(), SmartError> {
+        let lock_err = |e| io_err(&cache::lock_path(out), "lock")(e);
+        let Some(cancel) = self.options.cancel.as_deref() else {
+            return lock.lock().map_err(lock_err);
+        };
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(()),
+                Err(TryLockError::WouldBlock) => {}
+                Err(TryLockError::Error(e)) => return Err(lock_err(e)),
+            }
+            if cancel.load(Ordering::Relaxed) {
+                return Err(SmartError::Cancelled(out.to_path_buf()));
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
     }
 
     /// Converts into `lookup.path`; the caller holds its lock.
@@ -267,8 +289,11 @@ impl Convert<'_> {
             tensors_done: 0,
             tensors_total: 0,
         };
-        let digest =
-            digest::digest_file_with_progress(self.source, &mut |done, _| self.report(p(done)))?;
+        let digest = digest::digest_file_cancellable(
+            self.source,
+            &mut |done, _| self.report(p(done)),
+            self.options.cancel.as_deref(),
+        )?;
         Ok(planned(plan_with(digest)?, None))
     }
 
@@ -320,7 +345,7 @@ impl Convert<'_> {
                     digest::StreamDigest::new()
                 },
                 error: None,
-                cancel: self.options.cancel,
+                cancel: self.options.cancel.as_deref(),
                 cancelled: false,
                 early_writeback: unsynced_boot.is_none(),
                 writeback_started: 0,
@@ -425,6 +450,16 @@ impl Convert<'_> {
         drop(sink);
 
         verify(&tmp, out, self.target, &provenance, needed, written)?;
+        // The last point where an interrupt leaves everything as it was (the fsync above can
+        // take seconds).
+        if self
+            .options
+            .cancel
+            .as_deref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Err(SmartError::Cancelled(out.to_path_buf()));
+        }
         // The rename keeps the temporary's size and mtime, so its record is the output's.
         let record = OutputRecord {
             unsynced_boot_id: unsynced_boot.clone(),

@@ -551,15 +551,97 @@ fn not_enough_space_fails_before_writing() {
 }
 
 #[test]
-fn cancelled_conversion_leaves_nothing() {
+fn a_call_made_after_cancelling_does_nothing() {
     let e = Env::new();
     let src = e.source("flux.safetensors", 1);
     let before = hash(&src);
-    let cancel = AtomicBool::new(true);
     let mut options = e.options();
-    options.cancel = Some(&cancel);
+    options.cancel = Some(Arc::new(AtomicBool::new(true)));
     let err = smart_convert(&src, Precision::Fp16, &options).unwrap_err();
     assert!(matches!(err, SmartError::Cancelled(_)), "{err}");
+    assert!(err.is_cancelled());
+    assert_nothing_published(&e, &src, &before);
+}
+
+/// Converts `src` to `target` with a cancel flag that the progress callback sets at the first
+/// report of `phase` (an interrupt arriving then); returns the error.
+fn cancel_during(e: &Env, src: &Path, target: Precision, phase: Phase) -> SmartError {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let on_progress = move |p: Progress| {
+        if p.phase == phase {
+            flag.store(true, Ordering::SeqCst);
+        }
+    };
+    let mut options = Options::new(e.models.clone());
+    options.cancel = Some(cancel.clone());
+    options.progress = Some(&on_progress);
+    let err = smart_convert(src, target, &options).unwrap_err();
+    assert!(
+        cancel.load(Ordering::SeqCst),
+        "the phase was never reported"
+    );
+    err
+}
+
+#[test]
+fn cancelling_mid_conversion_removes_the_temporary_and_publishes_nothing() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let err = cancel_during(&e, &src, Precision::Fp16, Phase::Converting);
+    assert!(matches!(err, SmartError::Cancelled(_)), "{err}");
+    assert!(err.to_string().contains("nothing was published"), "{err}");
+    assert_nothing_published(&e, &src, &before);
+    // Nothing was left half-done: the next run converts.
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+}
+
+#[test]
+fn cancelling_while_hashing_the_source_stops_before_converting() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    // bitsandbytes conversions hash the source in a pass of their own, before converting.
+    let err = cancel_during(&e, &src, Precision::Nf4, Phase::Hashing);
+    // Stopped by the hashing pass itself, not by the first write after it.
+    assert!(
+        matches!(&err, SmartError::Cache(cache::CacheError::Cancelled(p)) if *p == src),
+        "{err}"
+    );
+    assert!(err.is_cancelled());
+    assert!(err.to_string().contains("flux.safetensors"), "{err}");
+    assert_nothing_published(&e, &src, &before);
+}
+
+#[test]
+fn cancelling_while_another_process_holds_the_lock_returns_at_once() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let before = hash(&src);
+    let out = e.converted().join("flux_fp16.safetensors");
+    fs::create_dir_all(e.converted()).unwrap();
+    // Another writer of the same output holds its lock for as long as this test runs.
+    let held = cache::open_lock(&out).unwrap();
+    held.lock().unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let waiting = {
+        let (cancel, src, models) = (cancel.clone(), src.clone(), e.models.clone());
+        std::thread::spawn(move || {
+            let mut options = Options::new(models);
+            options.cancel = Some(cancel);
+            smart_convert(&src, Precision::Fp16, &options)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!waiting.is_finished(), "it must wait for the lock");
+    cancel.store(true, Ordering::SeqCst);
+    let err = waiting.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&err, SmartError::Cancelled(p) if *p == out),
+        "{err}"
+    );
     assert_nothing_published(&e, &src, &before);
 }
 

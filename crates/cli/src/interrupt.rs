@@ -1,0 +1,34 @@
+//! Ctrl-C (SIGINT), SIGTERM and SIGHUP while converting.
+//!
+//! The first signal sets the flag `smart` checks ([`smart::Options::cancel`]): the running
+//! conversion, hashing pass or lock wait stops soon after, its temporary is removed, nothing is
+//! published, and the command exits with [`crate::output::Exit::Interrupted`]. A second signal
+//! exits at once (a temporary left then is removed by the next run). Commands that write no
+//! temporary keep the default handling: the signal ends them.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+/// Exit status of a second signal, which exits without cleaning up (128 + SIGINT, the shell's
+/// convention for an interrupted command).
+const SECOND_SIGNAL_EXIT: i32 = 130;
+
+/// Installs the handlers and returns the flag they set. `None` if a handler could not be
+/// installed: the signals then keep their default action (the next run removes what an
+/// interrupted conversion left).
+pub fn install() -> Option<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    #[cfg(unix)]
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        // In this order: the conditional exit acts on the second signal only, since the flag is
+        // set after it runs for the first.
+        signal_hook::flag::register_conditional_shutdown(signal, SECOND_SIGNAL_EXIT, flag.clone())
+            .ok()?;
+        signal_hook::flag::register(signal, flag.clone()).ok()?;
+    }
+    Some(flag)
+}
