@@ -19,6 +19,7 @@ const LIMIT_KIB: i64 = 96 * 1024;
 
 /// Runs `convcache ARGS` and returns its exit code and peak RSS in KiB (`wait4`'s rusage of
 /// that child only).
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which std's Child cannot do
 fn run_measured(s: &Scratch, args: &[&str]) -> (i32, i64) {
     let child = s
         .cmd(args)
