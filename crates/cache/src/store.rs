@@ -87,7 +87,8 @@ pub struct Lookup {
     /// name of older content): to remove once the new conversion is published.
     pub superseded: Vec<PathBuf>,
     /// What a usable answer could not check (a hit whose data has no output record to be
-    /// verified against).
+    /// verified against), or why a conversion to make does not go to the standard path (a
+    /// file another tool made is there).
     pub note: Option<String>,
 }
 
@@ -433,6 +434,7 @@ impl Cache {
                 Some(p) => LookupStatus::Stale(stale_reason(p)),
             }
         };
+        let mut note = None;
         let (status, path, provenance) = match &plain_ex {
             None => (LookupStatus::Missing, plain.clone(), None),
             Some(ex) => {
@@ -442,7 +444,22 @@ impl Cache {
                         && p.source_path != stat.path
                         && p.source_digest != d
                 });
-                if owned_by_other {
+                // A file convcache did not make (no provenance, and no output record, which even
+                // a damaged output of ours keeps) is the user's: it is never replaced. The
+                // conversion takes the digest-suffixed name, as for another source's output.
+                let made_elsewhere = !ex.has_provenance_keys
+                    && !matches!(crate::record::read_output_record(&ex.path), Ok(Some(_)));
+                if made_elsewhere {
+                    let why = match ex.defect_for(target) {
+                        Some(defect) => defect,
+                        None => "not used with --strict".to_string(),
+                    };
+                    note = Some(format!(
+                        "{} was made by another tool ({why}) and is left in place",
+                        ex.path.display()
+                    ));
+                }
+                if owned_by_other || made_elsewhere {
                     let alt = dir.join(output_file_name(
                         &disambiguated_basename(&base, digest::short(&d)),
                         target,
@@ -473,7 +490,7 @@ impl Cache {
             source_digest: Some(d),
             provenance,
             superseded,
-            note: None,
+            note,
         })
     }
 

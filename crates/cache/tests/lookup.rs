@@ -224,7 +224,7 @@ fn same_basename_in_two_folders_gets_two_outputs_both_found() {
 }
 
 #[test]
-fn foreign_file_is_unverified_unless_strict_and_never_in_the_wrong_precision() {
+fn foreign_file_is_unverified_unless_strict_never_in_the_wrong_precision_and_never_replaced() {
     let e = env();
     let src = source(&e, "flux.safetensors", 3);
     let out = e.cache.standard_path(&src, Precision::Fp16);
@@ -235,17 +235,35 @@ fn foreign_file_is_unverified_unless_strict_and_never_in_the_wrong_precision() {
         strict: true,
         ..opts()
     };
+    // Not used with --strict, and not replaced either: the conversion gets the
+    // digest-suffixed name, and the note says why.
     let l = e.cache.lookup(&src, Precision::Fp16, &strict).unwrap();
-    assert_eq!((l.status, &l.path), (LookupStatus::Foreign, &out));
+    let suffixed = out.with_file_name(format!(
+        "flux-{}_fp16.safetensors",
+        digest::short(&digest::digest_file(&src).unwrap())
+    ));
+    assert_eq!((&l.status, &l.path), (&LookupStatus::Missing, &suffixed));
+    let note = l.note.unwrap();
+    assert!(
+        note.contains("another tool") && note.contains("--strict"),
+        "{note}"
+    );
 
+    // In the wrong precision it is not used either, nor replaced.
     write_model(&out, Dtype::BF16, 4, 0, &BTreeMap::new());
     let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
-    assert!(
-        matches!(l.status, LookupStatus::Broken(_)),
-        "{:?}",
-        l.status
-    );
-    assert_eq!(l.path, out);
+    assert_eq!((&l.status, &l.path), (&LookupStatus::Missing, &suffixed));
+    assert!(l.note.unwrap().contains("bf16"));
+
+    // Once converted under that name, it is the hit, strict or not, ahead of the other file.
+    publish(&src, Precision::Fp16, &suffixed);
+    let record = cache::OutputRecord::of_file(&suffixed, file_digest(&suffixed)).unwrap();
+    cache::write_output_record(&suffixed, &record).unwrap();
+    write_model(&out, Dtype::F16, 4, 0, &BTreeMap::new());
+    for o in [opts(), strict] {
+        let l = e.cache.lookup(&src, Precision::Fp16, &o).unwrap();
+        assert_eq!((l.status, &l.path), (LookupStatus::Hit, &suffixed));
+    }
 }
 
 #[test]
@@ -255,8 +273,13 @@ fn corrupted_outputs_are_never_hits() {
     let out = e.cache.standard_path(&src, Precision::Fp16);
     let broken = |l: &cache::Lookup| matches!(l.status, LookupStatus::Broken(_));
 
-    // Truncated.
+    // Published as `smart` publishes: with its output record, which marks the file as
+    // convcache's even once its header no longer parses (so it is replaced, not kept as a
+    // file another tool made).
     publish(&src, Precision::Fp16, &out);
+    let record = cache::OutputRecord::of_file(&out, file_digest(&out)).unwrap();
+    cache::write_output_record(&out, &record).unwrap();
+    // Truncated.
     let bytes = fs::read(&out).unwrap();
     fs::write(&out, &bytes[..bytes.len() - 1]).unwrap();
     let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
@@ -345,9 +368,11 @@ fn batch_check_reports_each_target() {
             &opts(),
         )
         .unwrap();
+    // bf16: another tool's file in the wrong precision at the standard path; the conversion
+    // would go to the digest-suffixed name, where nothing is yet.
     assert_eq!(
         r.iter().map(|c| (c.exists, c.valid)).collect::<Vec<_>>(),
-        vec![(true, true), (true, false), (false, false)]
+        vec![(true, true), (false, false), (false, false)]
     );
     assert_eq!(r[2].status, LookupStatus::Missing);
     // GGUF targets live in their own dir, with ggml's spelling.
@@ -643,9 +668,7 @@ fn gguf_outputs_carry_provenance_in_key_values() {
     let wrong = e.cache.standard_path(&src, q4);
     write_gguf(&wrong, &BTreeMap::new());
     let l = e.cache.lookup(&src, q4, &opts()).unwrap();
-    assert!(
-        matches!(l.status, LookupStatus::Broken(_)),
-        "{:?}",
-        l.status
-    );
+    assert_eq!(l.status, LookupStatus::Missing, "not used, not replaced");
+    assert_ne!(l.path, wrong);
+    assert!(l.note.unwrap().contains("another tool"));
 }

@@ -472,8 +472,17 @@ ls -A "$1/diffusion_models/converted""#;
 fn a_failed_target_does_not_stop_the_others_and_json_stays_valid() {
     let s = Scratch::new();
     let src = s.source("m.safetensors", SMALL);
-    // Block the fp16 output path with a directory: that target fails, bf16 still converts.
-    std::fs::create_dir_all(s.converted_dir().join("m_fp16.safetensors")).expect("mkdir");
+    // Block both names the fp16 output can take with directories (the standard one is left
+    // alone as something convcache did not make, and the digest-suffixed one cannot be
+    // replaced): that target fails, bf16 still converts.
+    let digest = cache::digest::digest_file(&src.path).expect("digest");
+    let short = cache::digest::short(&digest);
+    for name in [
+        "m_fp16.safetensors".to_string(),
+        format!("m-{short}_fp16.safetensors"),
+    ] {
+        std::fs::create_dir_all(s.converted_dir().join(name)).expect("mkdir");
+    }
     let run = s.run(&["--json", "convert", src.arg(), "--to", "bf16,fp16"]);
     assert_eq!(run.code, 1, "{}", run.stderr);
     let v = run.json();
@@ -514,7 +523,7 @@ fn write_foreign_bf16(path: &Path, spec: &SampleSpec) {
 }
 
 #[test]
-fn a_file_from_another_tool_is_used_unverified_and_strict_reconverts_it() {
+fn a_file_from_another_tool_is_used_unverified_and_strict_converts_beside_it() {
     let s = Scratch::new();
     let src = s.source("m.safetensors", SMALL);
     let out = s.converted_dir().join("m_bf16.safetensors");
@@ -530,19 +539,44 @@ fn a_file_from_another_tool_is_used_unverified_and_strict_reconverts_it() {
     assert_eq!(path_of(only(&v)), out);
     assert_is_bf16_of(&out, &other);
 
+    // --strict converts, under the digest-suffixed name: the other tool's file is never
+    // replaced (it may be the user's only copy), and the note says so.
     let v = s
         .run(&["--json", "convert", src.arg(), "--to", "bf16", "--strict"])
         .ok()
         .json();
     assert_eq!(only(&v)["status"], "converted", "{v}");
-    assert_eq!(path_of(only(&v)), out);
-    assert_is_bf16_of(&out, &SMALL);
-    let v = s
-        .run(&["--json", "convert", src.arg(), "--to", "bf16", "--strict"])
-        .ok()
-        .json();
-    assert_eq!(only(&v)["status"], "cached", "{v}");
-    assert_no_temporaries(&s, &["m_bf16.safetensors"]);
+    let converted = path_of(only(&v));
+    let digest = cache::digest::digest_file(&src.path).expect("digest");
+    let short = cache::digest::short(&digest);
+    assert_eq!(
+        converted,
+        s.converted_dir()
+            .join(format!("m-{short}_bf16.safetensors"))
+    );
+    let note = only(&v)["note"].as_str().expect("a note").to_string();
+    assert!(
+        note.contains("another tool") && note.contains("left in place"),
+        "{note}"
+    );
+    assert_is_bf16_of(&converted, &SMALL);
+    assert_is_bf16_of(&out, &other);
+    // From then on the verified conversion answers, with or without --strict.
+    for strict in [true, false] {
+        let mut args = vec!["--json", "convert", src.arg(), "--to", "bf16"];
+        if strict {
+            args.push("--strict");
+        }
+        let v = s.run(&args).ok().json();
+        assert_eq!(only(&v)["status"], "cached", "{v}");
+        assert_eq!(path_of(only(&v)), converted);
+    }
+    let converted_name = converted
+        .file_name()
+        .expect("name")
+        .to_str()
+        .expect("utf-8");
+    assert_no_temporaries(&s, &["m_bf16.safetensors", converted_name]);
     src.assert_unchanged();
 }
 

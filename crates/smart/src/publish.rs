@@ -494,7 +494,7 @@ impl Convert<'_> {
             path: out,
             report: Some(report),
             replaced,
-            note: None,
+            note: lookup.note.clone(),
         }
     }
 }

@@ -265,21 +265,28 @@ fn same_basename_from_two_folders_gets_two_outputs() {
 }
 
 #[test]
-fn foreign_file_is_used_unverified_or_replaced_when_strict() {
+fn foreign_file_is_used_unverified_or_converted_beside_when_strict() {
     let e = Env::new();
     let src = e.source("flux.safetensors", 1);
     let foreign = e.converted().join("flux_bf16.safetensors");
     write_model(&foreign, Dtype::BF16, 7, 16);
+    let foreign_bytes = hash(&foreign);
     let o = smart_convert(&src, Precision::Bf16, &e.options()).unwrap();
     assert_eq!((o.status, &o.path), (Status::CachedUnverified, &foreign));
 
     let mut strict = e.options();
     strict.strict = true;
     let o = smart_convert(&src, Precision::Bf16, &strict).unwrap();
-    assert_eq!((o.status, &o.path), (Status::Converted, &foreign));
-    assert!(Provenance::from_metadata(&detected(&foreign).metadata).is_some());
-    let o = smart_convert(&src, Precision::Bf16, &strict).unwrap();
-    assert_eq!(o.status, Status::Cached);
+    assert_eq!(o.status, Status::Converted);
+    assert_ne!(o.path, foreign, "another tool's file is never replaced");
+    assert!(
+        o.note.as_deref().unwrap_or("").contains("left in place"),
+        "{o:?}"
+    );
+    assert!(Provenance::from_metadata(&detected(&o.path).metadata).is_some());
+    assert_eq!(hash(&foreign), foreign_bytes);
+    let again = smart_convert(&src, Precision::Bf16, &strict).unwrap();
+    assert_eq!((again.status, &again.path), (Status::Cached, &o.path));
 }
 
 #[test]
@@ -357,12 +364,14 @@ fn unsupported_target_is_a_clear_error() {
 #[test]
 fn a_source_at_its_own_cache_path_is_never_overwritten() {
     let e = Env::new();
-    // An f32 file misnamed as the bf16 output of itself.
+    // An f32 file misnamed as the bf16 output of itself: a file convcache did not make, so
+    // the conversion goes beside it.
     let src = e.converted().join("flux_bf16.safetensors");
     write_model(&src, Dtype::F32, 1, 64);
     let before = hash(&src);
-    let err = smart_convert(&src, Precision::Bf16, &e.options()).unwrap_err();
-    assert!(matches!(err, SmartError::SourceIsOutput(_)), "{err}");
+    let o = smart_convert(&src, Precision::Bf16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_ne!(o.path, src);
     assert_eq!(hash(&src), before);
 }
 
