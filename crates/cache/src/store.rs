@@ -136,15 +136,22 @@ pub struct Entry {
     /// Last time it was produced or served (seconds since the Unix epoch in JSON).
     #[serde(serialize_with = "ser_time")]
     pub last_used: SystemTime,
+    /// Why the file cannot serve as the precision its name says (not a model, incomplete,
+    /// another precision), as the header shows it; `None` for a usable file. The name alone
+    /// proves nothing.
+    pub problem: Option<String>,
 }
 
 /// Totals of [`Cache::stats`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
+    /// Usable files (their header agrees with their name).
     pub count: u64,
     pub total_bytes: u64,
-    /// Canonical precision name -> (count, bytes).
+    /// Canonical precision name -> (count, bytes), usable files only.
     pub by_precision: BTreeMap<String, PrecisionTotals>,
+    /// Files with an output's name that cannot serve ([`Entry::problem`]).
+    pub unusable: PrecisionTotals,
 }
 
 /// Count and bytes of one precision.
@@ -518,13 +525,19 @@ impl Cache {
                 let Some((basename, precision)) = parse_output_name(name) else {
                     continue;
                 };
-                let provenance = examine(&path).and_then(|e| e.provenance);
+                let examined = examine(&path);
+                let problem = match &examined {
+                    Some(ex) => ex.defect_for(precision),
+                    None => Some("it disappeared while listed".into()),
+                };
+                let provenance = examined.and_then(|e| e.provenance);
                 out.push(Entry {
                     basename,
                     precision,
                     source: provenance.as_ref().map(|p| p.source_path.clone()),
                     provenance,
                     last_used: last_used(&path),
+                    problem,
                     path,
                     size,
                 });
@@ -538,6 +551,11 @@ impl Cache {
     pub fn stats(&self, kind: Kind) -> Result<Stats, CacheError> {
         let mut s = Stats::default();
         for e in self.list(kind)? {
+            if e.problem.is_some() {
+                s.unusable.count += 1;
+                s.unusable.bytes += e.size;
+                continue;
+            }
             s.count += 1;
             s.total_bytes += e.size;
             let t = s

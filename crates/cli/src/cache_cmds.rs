@@ -113,6 +113,7 @@ pub fn entry_json(e: &Entry) -> Value {
         "size": e.size,
         "source": e.source.as_deref().map(path_str),
         "last_used": last_used,
+        "problem": e.problem,
     })
 }
 
@@ -130,11 +131,11 @@ pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
         ));
     } else {
         for e in &entries {
-            let source = e
-                .source
-                .as_deref()
-                .map(path_str)
-                .unwrap_or_else(|| "(made by another tool)".into());
+            let source = match (&e.problem, e.source.as_deref()) {
+                (Some(problem), _) => format!("(not usable: {problem})"),
+                (None, Some(source)) => path_str(source),
+                (None, None) => "(made by another tool)".into(),
+            };
             ui.print(format!(
                 "{:<12} {:>11}  {}  <- {source}",
                 e.precision.canonical_name(),
@@ -157,6 +158,7 @@ pub fn stats_json(s: &Stats) -> Value {
         "count": s.count,
         "total_bytes": s.total_bytes,
         "by_precision": by,
+        "unusable": {"count": s.unusable.count, "bytes": s.unusable.bytes},
     })
 }
 
@@ -168,6 +170,13 @@ pub fn stats_text(s: &Stats) -> String {
             "\n  {name:<12} {:>4}  {:>11}",
             t.count,
             human_bytes(t.bytes)
+        ));
+    }
+    if s.unusable.count > 0 {
+        out.push_str(&format!(
+            "\n  {} file(s) with an output's name that cannot serve, {} (see `list`)",
+            s.unusable.count,
+            human_bytes(s.unusable.bytes)
         ));
     }
     out
@@ -194,7 +203,8 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
     // clap guarantees exactly one policy, and no source with --max-size.
     let (policy, removed, before, after) = match (args.keep, args.max_size, &args.source) {
         (Some(keep), _, source) => {
-            let before = cache.stats(Kind::All).map_err(failed)?.total_bytes;
+            let stats = cache.stats(Kind::All).map_err(failed)?;
+            let before = stats.total_bytes + stats.unusable.bytes;
             let removed = match source {
                 Some(source) => {
                     // A deleted source's conversions are still found by the path they record;

@@ -229,3 +229,38 @@ fn a_temporary_left_by_a_killed_conversion_is_removed_by_the_next_command() {
         assert!(out.exists(), "{command:?} removed the output itself");
     }
 }
+
+#[test]
+fn list_and_stats_go_by_the_header_not_the_name() {
+    let s = Scratch::new();
+    let src = s.source("m.safetensors", SMALL);
+    let good = three_conversions(&s, &src).remove(0);
+    // A text file and a copy of the bf16 output, both under fp16 output names.
+    std::fs::write(s.converted_dir().join("notes_fp16.safetensors"), b"hello").expect("write");
+    std::fs::copy(&good, s.converted_dir().join("x_fp16.safetensors")).expect("copy");
+
+    let list = s.run(&["--json", "list"]).ok().json();
+    let problem_of = |name: &str| {
+        list.as_array()
+            .expect("array")
+            .iter()
+            .find(|e| e["path"].as_str().is_some_and(|p| p.ends_with(name)))
+            .map(|e| e["problem"].clone())
+            .expect(name)
+    };
+    assert!(problem_of("notes_fp16.safetensors").is_string(), "{list}");
+    let copied = problem_of("x_fp16.safetensors");
+    assert!(
+        copied.as_str().is_some_and(|p| p.contains("bf16")),
+        "{list}"
+    );
+    assert_eq!(problem_of("m_bf16.safetensors"), Value::Null, "{list}");
+
+    let stats = s.run(&["--json", "stats"]).ok().json();
+    assert_eq!(stats["count"], 3, "{stats}");
+    assert_eq!(stats["by_precision"]["fp16"]["count"], 1, "{stats}");
+    assert_eq!(stats["unusable"]["count"], 2, "{stats}");
+    let text = s.run(&["list"]).ok();
+    assert!(text.stdout.contains("not usable"), "{}", text.stdout);
+    src.assert_unchanged();
+}
