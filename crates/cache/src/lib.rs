@@ -42,7 +42,8 @@ pub use models_dir::{MODELS_DIR_ENV, ModelsDir, ModelsDirOrigin};
 pub use naming::{basename_of, output_file_name, parse_output_name};
 pub use provenance::{Provenance, SourceStat};
 pub use record::{
-    OutputRecord, current_boot_id, output_record_path, read_output_record, write_output_record,
+    OutputRecord, SourceSeen, current_boot_id, output_record_path, read_output_record,
+    write_output_record,
 };
 pub use store::{
     Cache, CheckEntry, Entry, Eviction, Kind, Lookup, LookupOptions, LookupStatus, PrecisionTotals,

@@ -45,6 +45,20 @@ pub struct OutputRecord {
     /// [`OutputRecord::digest`], then made durable and re-recorded the same way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unsynced_boot_id: Option<String>,
+    /// The source as a lookup last found it with the digest the provenance records, when its
+    /// path, size or mtime differ from the provenance's (the source was touched, moved or
+    /// copied back): later lookups that find the source so recognise it without hashing it
+    /// again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_seen: Option<SourceSeen>,
+}
+
+/// Identity facts of a source file, as [`OutputRecord::source_seen`] keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SourceSeen {
+    pub path: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i128,
 }
 
 /// The current boot's identity (Linux: `/proc/sys/kernel/random/boot_id`), or `None` where the
@@ -97,6 +111,7 @@ impl OutputRecord {
             digest,
             algorithm: digest::ALGORITHM.to_string(),
             unsynced_boot_id: None,
+            source_seen: None,
         })
     }
 
@@ -298,6 +313,7 @@ mod tests {
             digest: "0123456789abcdef0123456789abcdef".into(),
             algorithm: digest::ALGORITHM.into(),
             unsynced_boot_id: None,
+            source_seen: None,
         };
         write_output_record(&out, &rec).unwrap();
         assert_eq!(read_output_record(&out), Ok(Some(rec.clone())));

@@ -343,6 +343,13 @@ impl Cache {
                 && p.source_size == stat.size
                 && p.source_mtime_ns == stat.mtime_ns
         };
+        // Or the facts a lookup recorded after finding this source's content under others.
+        let seen_before = |ex: &Examined| match crate::record::read_output_record(&ex.path) {
+            Ok(Some(r)) => r.source_seen.is_some_and(|s| {
+                s.path == stat.path && s.size == stat.size && s.mtime_ns == stat.mtime_ns
+            }),
+            _ => false,
+        };
         let candidates: Vec<&Examined> = plain_ex.iter().chain(alternates.iter()).collect();
         let hit = |ex: &Examined, p: Provenance, digest: Option<String>, note| Lookup {
             status: LookupStatus::Hit,
@@ -358,7 +365,7 @@ impl Cache {
 
         // 1. The cheap identity: same path, size and mtime.
         for ex in &candidates {
-            if let Some(p) = valid_prov(ex).filter(same_facts) {
+            if let Some(p) = valid_prov(ex).filter(|p| same_facts(p) || seen_before(ex)) {
                 if options.verify_digest && digest.get()? != p.source_digest {
                     continue;
                 }
@@ -402,6 +409,7 @@ impl Cache {
             if let Some(p) = valid_prov(ex).filter(|p| p.source_digest == d)
                 && let Some(note) = data_verdict(ex, options, &mut data_changed)
             {
+                remember_source(&ex.path, stat);
                 return Ok(hit(ex, p, Some(d), note));
             }
         }
@@ -707,6 +715,26 @@ impl Cache {
         }
         Ok(removed)
     }
+}
+
+/// Records in `output`'s record that `source`, as it is now, has the content its provenance
+/// names (see [`crate::record::OutputRecord::source_seen`]), so that the next lookup need not
+/// hash it again. Best effort: skipped when another process holds the output's lock or the
+/// output has no usable record (the next lookup then hashes again, which is only slower).
+fn remember_source(output: &Path, source: &SourceStat) {
+    let Ok(lock) = open_lock(output) else { return };
+    if lock.try_lock().is_err() {
+        return;
+    }
+    let Ok(Some(mut record)) = crate::record::read_output_record(output) else {
+        return;
+    };
+    record.source_seen = Some(crate::record::SourceSeen {
+        path: source.path.clone(),
+        size: source.size,
+        mtime_ns: source.mtime_ns,
+    });
+    let _ = crate::record::write_output_record(output, &record);
 }
 
 /// Whether the data of `ex` (whose provenance fits) may be served: `Some(note)` if so (the note

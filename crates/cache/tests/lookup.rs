@@ -175,10 +175,20 @@ fn touched_or_moved_source_with_same_content_is_a_hit_by_digest() {
     let src = source(&e, "a/flux.safetensors", 3);
     let out = e.cache.standard_path(&src, Precision::Fp16);
     publish(&src, Precision::Fp16, &out);
+    let record = cache::OutputRecord::of_file(&out, file_digest(&out)).unwrap();
+    cache::write_output_record(&out, &record).unwrap();
     set_mtime(&src, SystemTime::now() + Duration::from_secs(100));
+    let hashed = digest::files_hashed_on_this_thread();
     let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
     assert_eq!(l.status, LookupStatus::Hit);
     assert!(l.source_digest.is_some());
+    assert_eq!(digest::files_hashed_on_this_thread(), hashed + 1);
+    // The facts it was found under are remembered: the next lookups do not hash it again.
+    for _ in 0..2 {
+        let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+        assert_eq!((l.status, &l.path), (LookupStatus::Hit, &out));
+    }
+    assert_eq!(digest::files_hashed_on_this_thread(), hashed + 1);
 
     let moved = e.root.join("b/flux.safetensors");
     fs::create_dir_all(moved.parent().unwrap()).unwrap();
@@ -186,6 +196,16 @@ fn touched_or_moved_source_with_same_content_is_a_hit_by_digest() {
     let l = e.cache.lookup(&moved, Precision::Fp16, &opts()).unwrap();
     assert_eq!(l.status, LookupStatus::Hit);
     assert_eq!(l.path, out);
+    assert_eq!(digest::files_hashed_on_this_thread(), hashed + 2);
+
+    // A change after that is still a change: the remembered facts no longer match.
+    let mut bytes = fs::read(&moved).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&moved, &bytes).unwrap();
+    // (Under another path and with other content it is another source: not this output.)
+    let l = e.cache.lookup(&moved, Precision::Fp16, &opts()).unwrap();
+    assert!(!l.status.is_usable(), "{:?}", l.status);
 }
 
 #[test]
