@@ -716,27 +716,35 @@ mod tests {
         }
     }
 
-    /// `widen_to_f32` gives the bits `cast_slice` to F32 gives, for every source dtype, on
-    /// random bit patterns (NaNs, infinities, subnormals) longer than one block.
-    #[test]
-    fn widening_matches_the_cast_to_f32() {
-        let mut x = 0x1234_5678_9ABC_DEF1u64;
-        let bytes: Vec<u8> = (0..(8 * (CHUNK + 77)))
+    /// Every dtype the casts read and write.
+    const FLOAT_DTYPES: [Dtype; 6] = [
+        Dtype::F64,
+        Dtype::F32,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::F8E4M3,
+        Dtype::F8E5M2,
+    ];
+
+    /// `n` pseudo-random bytes (xorshift64 from `seed`): every bit pattern, NaNs included.
+    fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                (x >> 40) as u8
+                (x >> 32) as u8
             })
-            .collect();
-        for src in [
-            Dtype::F64,
-            Dtype::F32,
-            Dtype::F16,
-            Dtype::BF16,
-            Dtype::F8E4M3,
-            Dtype::F8E5M2,
-        ] {
+            .collect()
+    }
+
+    /// `widen_to_f32` gives the bits `cast_slice` to F32 gives, for every source dtype, on
+    /// random bit patterns (NaNs, infinities, subnormals) longer than one block.
+    #[test]
+    fn widening_matches_the_cast_to_f32() {
+        let bytes = random_bytes(0x1234_5678_9ABC_DEF1, 8 * (CHUNK + 77));
+        for src in FLOAT_DTYPES {
             let n = bytes.len() / 8;
             let input = &bytes[..n * elem_size(src)];
             let mut cast = vec![0u8; n * 4];
@@ -763,25 +771,9 @@ mod tests {
     /// one, for every pair of dtypes, on random bit patterns (NaNs, infinities, subnormals).
     #[test]
     fn the_dispatched_loop_matches_the_baseline_loop() {
-        let dtypes = [
-            Dtype::F64,
-            Dtype::F32,
-            Dtype::F16,
-            Dtype::BF16,
-            Dtype::F8E4M3,
-            Dtype::F8E5M2,
-        ];
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let bytes: Vec<u8> = (0..(8 * 5000))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
-        for src in dtypes {
-            for dst in dtypes {
+        let bytes = random_bytes(0x2545_F491_4F6C_DD1D, 8 * 5000);
+        for src in FLOAT_DTYPES {
+            for dst in FLOAT_DTYPES {
                 if src == dst {
                     continue;
                 }
