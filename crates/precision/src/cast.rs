@@ -743,7 +743,7 @@ mod tests {
     /// random bit patterns (NaNs, infinities, subnormals) longer than one block.
     #[test]
     fn widening_matches_the_cast_to_f32() {
-        let bytes = random_bytes(0x1234_5678_9ABC_DEF1, 8 * (CHUNK + 77));
+        let bytes = random_bytes(0x1234_5678_9ABC_DEF1, 8 * (4 * CHUNK + 77));
         for src in FLOAT_DTYPES {
             let n = bytes.len() / 8;
             let input = &bytes[..n * elem_size(src)];
