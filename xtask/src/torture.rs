@@ -15,7 +15,8 @@
 //!   temporaries, an earlier cached output unchanged;
 //! - `corruptions`: of an output convcache published: truncation, a flipped header byte, a
 //!   flipped tensor-data byte, a file of another precision under the name: never served as a
-//!   hit, reconverted to the reference. Two more cases probe documented limits and count as
+//!   hit, reconverted to the reference (beside the corrupted file, which is kept, when the
+//!   corruption left no mark of convcache's in it: a truncation into the header). Two more cases probe documented limits and count as
 //!   "gaps" when served (failing the run only with `--fail-on-gaps`): a data byte flipped with
 //!   the output's mtime put back (a hit compares size and mtime with the output record, it does
 //!   not re-read the data), and a data byte flipped in an output whose record was deleted
@@ -117,6 +118,9 @@ struct Counts {
     tmpfs_injections: u64,
     tmpfs_injections_hit: u64,
     corruptions: BTreeMap<&'static str, u64>,
+    /// Corruptions that left no mark of convcache's in the file (a truncation into the header):
+    /// the file was kept and the conversion went beside it.
+    converted_beside: u64,
     gaps: Vec<String>,
     source_mutations: u64,
     cleanup_runs: u64,
@@ -947,6 +951,30 @@ impl Torture {
                     let _ = fs::remove_file(&output);
                     continue;
                 }
+                let standard = models.join(&r.rel);
+                if let Some(beside) = call.path().filter(|p| *p != standard) {
+                    // The corruption erased every mark of convcache's (a truncation into the
+                    // header, say): like any file convcache did not make, it is kept, and the
+                    // conversion goes beside it under the digest-suffixed name.
+                    let reference = hash_file(&beside).is_ok_and(|h| h == r.hash);
+                    if call.status() != "converted" || !reference || !output.exists() {
+                        self.violation(
+                            "corrupt",
+                            &r.target,
+                            format!(
+                                "{kind} ({detail}): answered {} (`{}`, reference bytes: \
+                                 {reference}), the corrupted file {}",
+                                beside.display(),
+                                call.status(),
+                                if output.exists() { "kept" } else { "gone" }
+                            ),
+                        );
+                    }
+                    self.counts.converted_beside += 1;
+                    let _ = fs::remove_file(&output);
+                    let _ = fs::remove_file(&beside);
+                    continue;
+                }
                 self.expect_reference("corrupt", r, &models, &call, &["converted"]);
             }
         }
@@ -1382,6 +1410,10 @@ pub fn run(args: &TortureArgs) -> DynResult<ExitCode> {
     );
     let corrupt_total: u64 = c.corruptions.values().sum();
     println!("  corruptions: {corrupt_total} {:?}", c.corruptions);
+    println!(
+        "  corrupted files left no mark of convcache's, kept, converted beside: {}",
+        c.converted_beside
+    );
     println!("  source mutations: {}", c.source_mutations);
     println!("  cleanup runs: {}", c.cleanup_runs);
     println!("  cli calls: {}", c.cli_calls);

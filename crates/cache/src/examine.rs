@@ -78,7 +78,54 @@ pub fn examine(path: &Path) -> Option<Examined> {
                 ));
             }
         }
-        Err(e) => ex.problem = Some(e.to_string()),
+        Err(e) => {
+            ex.problem = Some(e.to_string());
+            // A damaged output of convcache's (data truncated or extended) still says whose it
+            // is in its header, which decides whether it may be replaced.
+            ex.has_provenance_keys = header_has_provenance_keys(path, ex.size);
+        }
     }
     Some(ex)
 }
+
+/// Whether the metadata at the start of `path` (a file of `size` bytes) has provenance keys,
+/// whatever follows it: a safetensors header that parses as JSON, or GGUF key-values that
+/// validate (read from the first [`GGUF_METADATA_PREFIX`] bytes). Lengths are checked against
+/// the file size and caps before anything is allocated.
+fn header_has_provenance_keys(path: &Path, size: u64) -> bool {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut first = [0u8; 8];
+    if file.read_exact(&mut first).is_err() {
+        return false;
+    }
+    if first[..4] == *b"GGUF" {
+        let len = size.min(GGUF_METADATA_PREFIX);
+        let mut prefix = first.to_vec();
+        if file.take(len - 8).read_to_end(&mut prefix).is_err() {
+            return false;
+        }
+        return gguf::reader::read_metadata_prefix(&prefix)
+            .is_ok_and(|kv| kv.iter().any(|(k, _)| Provenance::is_key(k)));
+    }
+    let len = u64::from_le_bytes(first);
+    if len > detect::safetensors::MAX_HEADER_LEN || len > size.saturating_sub(8) {
+        return false;
+    }
+    let mut json = vec![0u8; len as usize];
+    if file.read_exact(&mut json).is_err() {
+        return false;
+    }
+    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice(&json) else {
+        return false;
+    };
+    match header.get("__metadata__") {
+        Some(serde_json::Value::Object(meta)) => meta.keys().any(|k| Provenance::is_key(k)),
+        _ => false,
+    }
+}
+
+/// How much of a damaged GGUF file is read for its key-values (ours hold a few KiB).
+const GGUF_METADATA_PREFIX: u64 = 16 << 20;

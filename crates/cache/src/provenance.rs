@@ -112,7 +112,18 @@ impl SourceStat {
 /// bytes are replaced (lossy), exactly as the provenance stores the path, so that comparisons
 /// with a stored path hold for every path.
 pub fn absolute(path: &Path) -> PathBuf {
+    // A file that no longer exists (a deleted source) still resolves through its folder's
+    // links and `..`, so that it names what the provenance recorded.
+    let in_canonical_parent = || -> std::io::Result<PathBuf> {
+        let name = path.file_name().ok_or(std::io::ErrorKind::NotFound)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Ok(std::fs::canonicalize(parent)?.join(name))
+    };
     let p = std::fs::canonicalize(path)
+        .or_else(|_| in_canonical_parent())
         .or_else(|_| std::path::absolute(path))
         .unwrap_or_else(|_| path.to_path_buf());
     PathBuf::from(p.to_string_lossy().into_owned())
@@ -183,7 +194,12 @@ impl Provenance {
 
     /// Whether the metadata holds any `convcache.` key (even an unusable record).
     pub fn has_any_key(m: &BTreeMap<String, String>) -> bool {
-        m.keys().any(|k| k.starts_with(PREFIX))
+        m.keys().any(|k| Provenance::is_key(k))
+    }
+
+    /// Whether `key` is one of the provenance keys' namespace.
+    pub fn is_key(key: &str) -> bool {
+        key.starts_with(PREFIX)
     }
 }
 

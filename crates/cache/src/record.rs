@@ -53,12 +53,15 @@ pub struct OutputRecord {
     pub source_seen: Option<SourceSeen>,
 }
 
-/// Identity facts of a source file, as [`OutputRecord::source_seen`] keeps them.
+/// Identity facts of a source file, as [`OutputRecord::source_seen`] keeps them, with the
+/// source digest they were found to have: they count only for an output whose provenance
+/// records that digest (another output published at the path since is not vouched for).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceSeen {
     pub path: PathBuf,
     pub size: u64,
     pub mtime_ns: i128,
+    pub digest: String,
 }
 
 /// The current boot's identity (Linux: `/proc/sys/kernel/random/boot_id`), or `None` where the

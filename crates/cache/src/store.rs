@@ -15,7 +15,7 @@ use crate::naming::{
     self, basename_of, disambiguated_basename, output_file_name, parse_output_name,
 };
 use crate::provenance::{Provenance, SourceStat, absolute};
-use crate::record::{DataCheck, check_output_data, remove_output_record};
+use crate::record::{DataCheck, check_output_data, read_output_record, remove_output_record};
 use crate::{CacheError, ModelsDir, digest};
 
 /// Name of the hidden folder (inside each output dir) holding lock files, use stamps and output
@@ -344,9 +344,12 @@ impl Cache {
                 && p.source_mtime_ns == stat.mtime_ns
         };
         // Or the facts a lookup recorded after finding this source's content under others.
-        let seen_before = |ex: &Examined| match crate::record::read_output_record(&ex.path) {
+        let seen_before = |ex: &Examined, p: &Provenance| match read_output_record(&ex.path) {
             Ok(Some(r)) => r.source_seen.is_some_and(|s| {
-                s.path == stat.path && s.size == stat.size && s.mtime_ns == stat.mtime_ns
+                s.path == stat.path
+                    && s.size == stat.size
+                    && s.mtime_ns == stat.mtime_ns
+                    && s.digest == p.source_digest
             }),
             _ => false,
         };
@@ -365,7 +368,7 @@ impl Cache {
 
         // 1. The cheap identity: same path, size and mtime.
         for ex in &candidates {
-            if let Some(p) = valid_prov(ex).filter(|p| same_facts(p) || seen_before(ex)) {
+            if let Some(p) = valid_prov(ex).filter(|p| same_facts(p) || seen_before(ex, p)) {
                 if options.verify_digest && digest.get()? != p.source_digest {
                     continue;
                 }
@@ -409,7 +412,7 @@ impl Cache {
             if let Some(p) = valid_prov(ex).filter(|p| p.source_digest == d)
                 && let Some(note) = data_verdict(ex, options, &mut data_changed)
             {
-                remember_source(&ex.path, stat);
+                remember_source(&ex.path, stat, &d);
                 return Ok(hit(ex, p, Some(d), note));
             }
         }
@@ -459,11 +462,16 @@ impl Cache {
                         && p.source_path != stat.path
                         && p.source_digest != d
                 });
-                // A file convcache did not make (no provenance, and no output record, which even
-                // a damaged output of ours keeps) is the user's: it is never replaced. The
+                // A file convcache did not make is the user's: it is never replaced. The
                 // conversion takes the digest-suffixed name, as for another source's output.
-                let made_elsewhere = !ex.has_provenance_keys
-                    && !matches!(crate::record::read_output_record(&ex.path), Ok(Some(_)));
+                // Ours are told by the provenance keys in their header (readable even when the
+                // data is damaged) or, for a header damaged in place, by an output record of
+                // the same size (a record alone may have outlived its output).
+                let record_of_this_file = matches!(
+                    read_output_record(&ex.path),
+                    Ok(Some(r)) if r.size == ex.size
+                );
+                let made_elsewhere = !ex.has_provenance_keys && !record_of_this_file;
                 if made_elsewhere {
                     let why = match ex.defect_for(target) {
                         Some(defect) => defect,
@@ -717,25 +725,43 @@ impl Cache {
     }
 }
 
-/// Records in `output`'s record that `source`, as it is now, has the content its provenance
-/// names (see [`crate::record::OutputRecord::source_seen`]), so that the next lookup need not
-/// hash it again. Best effort: skipped when another process holds the output's lock or the
-/// output has no usable record (the next lookup then hashes again, which is only slower).
-fn remember_source(output: &Path, source: &SourceStat) {
+/// Records in `output`'s record that `source`, as it is now, has `digest`, the source digest
+/// the output's provenance names (see [`crate::record::OutputRecord::source_seen`]), so that
+/// the next lookup need not hash it again. Best effort: skipped when another process holds the
+/// output's lock, when the output has no usable record, when the file at `output` no longer
+/// names that digest (another conversion was published meanwhile), and when the source's mtime
+/// is within [`RACY_MTIME`] of now (a write in the same clock tick after it was hashed would go
+/// unnoticed). The next lookup then hashes again, which is only slower.
+fn remember_source(output: &Path, source: &SourceStat, digest: &str) {
+    let now = crate::provenance::system_time_ns(SystemTime::now());
+    if (now - source.mtime_ns).abs() < RACY_MTIME.as_nanos() as i128 {
+        return;
+    }
     let Ok(lock) = open_lock(output) else { return };
     if lock.try_lock().is_err() {
         return;
     }
-    let Ok(Some(mut record)) = crate::record::read_output_record(output) else {
+    let names_digest = examine(output)
+        .and_then(|ex| ex.provenance)
+        .is_some_and(|p| p.source_digest == digest);
+    let Ok(Some(mut record)) = read_output_record(output) else {
         return;
     };
+    if !names_digest {
+        return;
+    }
     record.source_seen = Some(crate::record::SourceSeen {
         path: source.path.clone(),
         size: source.size,
         mtime_ns: source.mtime_ns,
+        digest: digest.to_owned(),
     });
     let _ = crate::record::write_output_record(output, &record);
 }
+
+/// How close to now a source's mtime may be for [`remember_source`] to trust it: coarse
+/// filesystem clocks tick in up to 2 s.
+const RACY_MTIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Whether the data of `ex` (whose provenance fits) may be served: `Some(note)` if so (the note
 /// says what was not verified), `None` if not (the reason is pushed to `changed`). Hashes the

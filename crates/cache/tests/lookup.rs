@@ -198,12 +198,33 @@ fn touched_or_moved_source_with_same_content_is_a_hit_by_digest() {
     assert_eq!(l.path, out);
     assert_eq!(digest::files_hashed_on_this_thread(), hashed + 2);
 
-    // A change after that is still a change: the remembered facts no longer match.
-    let mut bytes = fs::read(&moved).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 1;
-    fs::write(&moved, &bytes).unwrap();
-    // (Under another path and with other content it is another source: not this output.)
+    // Remembered again for the new path: no hash.
+    let l = e.cache.lookup(&moved, Precision::Fp16, &opts()).unwrap();
+    assert_eq!((l.status, &l.path), (LookupStatus::Hit, &out));
+    assert_eq!(digest::files_hashed_on_this_thread(), hashed + 2);
+
+    // Remembered facts vouch only for an output naming the digest they were found with: an
+    // output of other content published at the path since (its record carrying the facts, as a
+    // lookup racing with that publish could leave it) is not a hit for them.
+    let other = source(&e, "c/other.safetensors", 11);
+    let mut prov = Provenance::new(
+        &SourceStat::of(&moved).unwrap(),
+        digest::digest_file(&other).unwrap(),
+        Precision::Fp16,
+        VERSION,
+    );
+    prov.source_mtime_ns -= 1_000_000_000;
+    let remembered = cache::read_output_record(&out)
+        .unwrap()
+        .unwrap()
+        .source_seen;
+    assert!(remembered.is_some(), "the facts were remembered");
+    write_model(&out, Dtype::F16, 8, 1, &prov.to_metadata());
+    let record = cache::OutputRecord {
+        source_seen: remembered,
+        ..cache::OutputRecord::of_file(&out, file_digest(&out)).unwrap()
+    };
+    cache::write_output_record(&out, &record).unwrap();
     let l = e.cache.lookup(&moved, Precision::Fp16, &opts()).unwrap();
     assert!(!l.status.is_usable(), "{:?}", l.status);
 }
@@ -287,6 +308,25 @@ fn foreign_file_is_unverified_unless_strict_never_in_the_wrong_precision_and_nev
 }
 
 #[test]
+fn a_user_file_where_an_output_was_deleted_is_not_replaced() {
+    let e = env();
+    let src = source(&e, "flux.safetensors", 3);
+    let out = e.cache.standard_path(&src, Precision::Fp16);
+    publish(&src, Precision::Fp16, &out);
+    let record = cache::OutputRecord::of_file(&out, file_digest(&out)).unwrap();
+    cache::write_output_record(&out, &record).unwrap();
+    // The output is deleted by hand (its record stays) and the user puts a model of theirs,
+    // of another size, under the name.
+    fs::remove_file(&out).unwrap();
+    write_model(&out, Dtype::BF16, 4, 0, &BTreeMap::new());
+    assert_ne!(fs::metadata(&out).unwrap().len(), record.size);
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert_eq!(l.status, LookupStatus::Missing, "not used, not replaced");
+    assert_ne!(l.path, out);
+    assert!(l.note.unwrap().contains("another tool"));
+}
+
+#[test]
 fn corrupted_outputs_are_never_hits() {
     let e = env();
     let src = source(&e, "flux.safetensors", 3);
@@ -318,11 +358,11 @@ fn corrupted_outputs_are_never_hits() {
     assert!(broken(
         &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
     ));
-    // Shorter than a header.
+    // Shorter than a header: nothing says whose it is any more (no header, and not the size
+    // its record says), so it is never served and never replaced: the conversion goes beside.
     fs::write(&out, b"abc").unwrap();
-    assert!(broken(
-        &e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap()
-    ));
+    let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
+    assert!(!l.status.is_usable() && l.path != out, "{:?}", l.status);
     // Wrong precision under the name, with a provenance claiming the right one.
     let prov = Provenance::new(
         &SourceStat::of(&src).unwrap(),
@@ -680,6 +720,19 @@ fn gguf_outputs_carry_provenance_in_key_values() {
     let listed = e.cache.list(Kind::Gguf).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].provenance.as_ref(), Some(&prov));
+    // Its tensor data cut short: still known as convcache's by its key-values, so broken
+    // (and replaced by the next conversion), not kept as another tool's file.
+    let record = cache::OutputRecord::of_file(&out, file_digest(&out)).unwrap();
+    cache::write_output_record(&out, &record).unwrap();
+    let bytes = fs::read(&out).unwrap();
+    fs::write(&out, &bytes[..bytes.len() - 7]).unwrap();
+    let l = e.cache.lookup(&src, q8, &opts()).unwrap();
+    assert!(
+        matches!(l.status, LookupStatus::Broken(_)),
+        "{:?}",
+        l.status
+    );
+    assert_eq!(l.path, out);
     // Without provenance: unverified; another quantization under the name: broken.
     write_gguf(&out, &BTreeMap::new());
     let l = e.cache.lookup(&src, q8, &opts()).unwrap();

@@ -238,7 +238,12 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
         cancel: crate::interrupt::install(),
     };
     let rows = convert_all(ui, &settings, &args.source, &args.to.targets);
-    present(ui, &rows)
+    let exit = present(ui, &rows);
+    // Interrupted, even if the conversion under way had passed its last check and published.
+    match crate::interrupt::arrived(settings.cancel.as_deref()) {
+        true => Exit::Interrupted,
+        false => exit,
+    }
 }
 
 #[cfg(test)]

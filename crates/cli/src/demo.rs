@@ -76,10 +76,7 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
     };
 
     ui.print("\n== convert to bf16, fp8, nf4 and Q4_K_M (converts)");
-    let interrupted = || {
-        let set = |c: &std::sync::atomic::AtomicBool| c.load(std::sync::atomic::Ordering::Relaxed);
-        settings.cancel.as_deref().is_some_and(set)
-    };
+    let interrupted = || crate::interrupt::arrived(settings.cancel.as_deref());
     let first = convert_all(ui, &settings, &source, &TARGETS);
     show(&first);
     if interrupted() {

@@ -13,11 +13,12 @@ use std::sync::atomic::AtomicBool;
 /// convention for an interrupted command).
 const SECOND_SIGNAL_EXIT: i32 = 130;
 
-/// Installs the handlers and returns the flag they set. `None` if a handler could not be
-/// installed: the signals then keep their default action (the next run removes what an
-/// interrupted conversion left).
+/// Installs the handlers and returns the flag they set. A signal whose handler could not be
+/// installed keeps its default action (the next run removes what an interrupted conversion
+/// left); the flag is returned whenever any handler sets it, so that it is always read.
 pub fn install() -> Option<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
+    let mut any = false;
     #[cfg(unix)]
     for signal in [
         signal_hook::consts::SIGINT,
@@ -26,9 +27,19 @@ pub fn install() -> Option<Arc<AtomicBool>> {
     ] {
         // In this order: the conditional exit acts on the second signal only, since the flag is
         // set after it runs for the first.
-        signal_hook::flag::register_conditional_shutdown(signal, SECOND_SIGNAL_EXIT, flag.clone())
-            .ok()?;
-        signal_hook::flag::register(signal, flag.clone()).ok()?;
+        let exits = signal_hook::flag::register_conditional_shutdown(
+            signal,
+            SECOND_SIGNAL_EXIT,
+            flag.clone(),
+        );
+        if exits.is_ok() && signal_hook::flag::register(signal, flag.clone()).is_ok() {
+            any = true;
+        }
     }
-    Some(flag)
+    any.then_some(flag)
+}
+
+/// Whether an interrupt arrived (the flag [`install`] returned is set).
+pub fn arrived(flag: Option<&AtomicBool>) -> bool {
+    flag.is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
 }

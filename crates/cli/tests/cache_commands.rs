@@ -201,10 +201,19 @@ fn cleanup_keep_without_a_source_keeps_n_per_source_and_a_deleted_source_is_stil
         assert!(!paths[1].exists() && !paths[2].exists(), "{v}");
     }
 
-    // A deleted source's conversions are found by the path they record.
+    // A deleted source's conversions are found by the path they record, even named through
+    // `..` (the folder is resolved as it would have been for the file).
     std::fs::remove_file(&b.path).expect("delete b");
+    std::fs::create_dir_all(s.root().join("sub")).expect("mkdir");
+    let roundabout = s.root().join("sub/../b.safetensors");
     let v = s
-        .run(&["--json", "cleanup", b.arg(), "--keep", "0"])
+        .run(&[
+            "--json",
+            "cleanup",
+            roundabout.to_str().expect("utf-8"),
+            "--keep",
+            "0",
+        ])
         .ok()
         .json();
     assert_eq!(v["removed"].as_array().expect("removed").len(), 1, "{v}");
@@ -227,6 +236,17 @@ fn a_temporary_left_by_a_killed_conversion_is_removed_by_the_next_command() {
         s.run(command).ok();
         assert!(!temp.exists(), "{command:?} left {}", temp.display());
         assert!(out.exists(), "{command:?} removed the output itself");
+
+        // A live writer's temporary (its output's lock held) is left alone.
+        std::fs::write(&temp, b"being written").expect("write temporary");
+        let lock = cache::open_lock(&out).expect("lock file");
+        lock.lock().expect("lock");
+        s.run(command).ok();
+        assert!(
+            temp.exists(),
+            "{command:?} removed a live writer's temporary"
+        );
+        drop(lock);
     }
 }
 

@@ -276,7 +276,12 @@ impl ScratchPool {
             .unwrap_or_default()
     }
 
+    /// Keeps `buf` for the next task, unless a huge row made it much larger than a task's
+    /// values (its memory is then given back now, not at the end of the conversion).
     fn give_back(&self, buf: Vec<f32>) {
+        if buf.capacity() > 4 * TASK_ELEMS as usize {
+            return;
+        }
         if let Ok(mut pool) = self.0.lock() {
             pool.push(buf);
         }
@@ -630,6 +635,8 @@ mod tests {
         ("double_blocks.0.img_mlp.2.weight", &[32, 320]),
         // Several tasks of whole rows per chunk (see `TASK_ELEMS`), the last one short.
         ("double_blocks.0.img_mlp.0.weight", &[600, 256]),
+        // Rows that do not divide the task size (10 rows of 3072 per task, then 5).
+        ("double_blocks.0.txt_mlp.0.weight", &[45, 3072]),
         ("img_in.weight", &[64, 64]),
         ("single_blocks.0.linear2.weight", &[16, 100]),
     ];

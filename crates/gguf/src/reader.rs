@@ -700,14 +700,22 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parses and validates a whole file.
-fn parse(bytes: &[u8]) -> ParseResult<Header> {
-    let file_len = bytes.len() as u64;
+/// The metadata key-values of a GGUF file from a prefix of it (`bytes`), validated as in a
+/// whole file, without looking at the tensor infos or data that follow: enough to read what a
+/// damaged file (truncated, or with bad tensor data) says about itself.
+pub fn read_metadata_prefix(bytes: &[u8]) -> Result<Vec<(String, MetadataValue)>, GgufErrorKind> {
     let mut c = Cursor {
         bytes,
         pos: 0,
         string_budget: MAX_STRING_BYTES,
     };
+    let (_, _, n_kv) = parse_prelude(&mut c)?;
+    check_kv_count(&c, n_kv)?;
+    parse_metadata(&mut c, n_kv)
+}
+
+/// Magic, version and the counts: (version, tensor count, metadata count).
+fn parse_prelude(c: &mut Cursor<'_>) -> ParseResult<(u32, u64, u64)> {
     let magic: [u8; 4] = c.array("magic")?;
     if magic != GGUF_MAGIC {
         return Err(GgufErrorKind::BadMagic(magic));
@@ -718,24 +726,57 @@ fn parse(bytes: &[u8]) -> ParseResult<Header> {
     }
     let n_tensors = c.u64("tensor count")?;
     let n_kv = c.u64("metadata count")?;
+    Ok((version, n_tensors, n_kv))
+}
 
-    // Smallest possible entries: a KV is key length (8) + type (4) + a 1-byte value; a tensor
-    // info is name length (8) + n_dims (4) + type (4) + offset (8).
-    const MIN_KV: u64 = 13;
-    const MIN_TENSOR_INFO: u64 = 24;
+// Smallest possible entries: a KV is key length (8) + type (4) + a 1-byte value; a tensor
+// info is name length (8) + n_dims (4) + type (4) + offset (8).
+const MIN_KV: u64 = 13;
+const MIN_TENSOR_INFO: u64 = 24;
+
+/// Refuses a metadata count the remaining bytes cannot hold (before anything is reserved).
+fn check_kv_count(c: &Cursor<'_>, n_kv: u64) -> ParseResult<u64> {
     let kv_bytes = n_kv.checked_mul(MIN_KV);
-    if n_kv > MAX_METADATA_VALUES || kv_bytes.is_none_or(|b| b > c.remaining()) {
-        return Err(GgufErrorKind::CountTooLarge {
+    match kv_bytes {
+        Some(b) if n_kv <= MAX_METADATA_VALUES && b <= c.remaining() => Ok(b),
+        _ => Err(GgufErrorKind::CountTooLarge {
             what: "metadata",
             count: n_kv,
             remaining: c.remaining(),
-        });
+        }),
     }
+}
+
+/// The `n_kv` key-values (a checked count), keys unique.
+fn parse_metadata(c: &mut Cursor<'_>, n_kv: u64) -> ParseResult<Vec<(String, MetadataValue)>> {
+    let mut metadata = Vec::with_capacity(reserve(n_kv));
+    let mut keys = HashSet::with_capacity(reserve(n_kv));
+    let mut budget = MAX_METADATA_VALUES;
+    for _ in 0..n_kv {
+        let key = c.string("metadata key")?;
+        let value = read_value(c, &key, 0, &mut budget)?;
+        if !keys.insert(key.clone()) {
+            return Err(GgufErrorKind::DuplicateKey(key));
+        }
+        metadata.push((key, value));
+    }
+    Ok(metadata)
+}
+
+/// Parses and validates a whole file.
+fn parse(bytes: &[u8]) -> ParseResult<Header> {
+    let file_len = bytes.len() as u64;
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        string_budget: MAX_STRING_BYTES,
+    };
+    let (version, n_tensors, n_kv) = parse_prelude(&mut c)?;
+    let kv_bytes = check_kv_count(&c, n_kv)?;
     let ti_bytes = n_tensors.checked_mul(MIN_TENSOR_INFO);
     if n_tensors > MAX_TENSORS
         || ti_bytes
-            .zip(kv_bytes)
-            .and_then(|(a, b)| a.checked_add(b))
+            .and_then(|a| a.checked_add(kv_bytes))
             .is_none_or(|b| b > c.remaining())
     {
         return Err(GgufErrorKind::CountTooLarge {
@@ -744,18 +785,7 @@ fn parse(bytes: &[u8]) -> ParseResult<Header> {
             remaining: c.remaining(),
         });
     }
-
-    let mut metadata = Vec::with_capacity(reserve(n_kv));
-    let mut keys = HashSet::with_capacity(reserve(n_kv));
-    let mut budget = MAX_METADATA_VALUES;
-    for _ in 0..n_kv {
-        let key = c.string("metadata key")?;
-        let value = read_value(&mut c, &key, 0, &mut budget)?;
-        if !keys.insert(key.clone()) {
-            return Err(GgufErrorKind::DuplicateKey(key));
-        }
-        metadata.push((key, value));
-    }
+    let metadata = parse_metadata(&mut c, n_kv)?;
 
     let alignment = match metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY) {
         None => DEFAULT_ALIGNMENT,

@@ -309,10 +309,6 @@ fn corrupted_cache_files_are_reconverted_never_served() {
                 fs::write(p, b).unwrap()
             }),
         ),
-        (
-            "wrong precision under the name",
-            Box::new(|p: &Path| write_model(p, Dtype::BF16, 1, 64)),
-        ),
     ];
     for (what, corrupt) in corruptions {
         corrupt(&good.path);
@@ -324,6 +320,19 @@ fn corrupted_cache_files_are_reconverted_never_served() {
         );
         assert_eq!(fs::read(&o.path).unwrap(), good_bytes, "{what}");
     }
+    // Another model written over the output (no provenance, not the recorded size) is
+    // somebody's file now: never served, never replaced; the conversion goes beside it.
+    write_model(&good.path, Dtype::BF16, 1, 64);
+    let theirs = hash(&good.path);
+    let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
+    assert_eq!(o.status, Status::Converted);
+    assert_ne!(o.path, good.path);
+    assert_eq!(o.replaced, None);
+    assert!(
+        o.note.as_deref().unwrap_or("").contains("another tool"),
+        "{o:?}"
+    );
+    assert_eq!(hash(&good.path), theirs);
 }
 
 #[test]
