@@ -46,9 +46,9 @@ pub use record::{
     write_output_record,
 };
 pub use store::{
-    Cache, CheckEntry, Entry, Eviction, Kind, Lookup, LookupOptions, LookupStatus, PrecisionTotals,
-    Removed, STATE_DIR, Stats, last_used, lock_path, open_lock, parse_temp_name, record_use_at,
-    remove_temporaries_locked, temp_path, use_stamp_path,
+    Cache, CheckEntry, Entry, Eviction, Kind, KnownDigest, Lookup, LookupOptions, LookupStatus,
+    PrecisionTotals, Removed, STATE_DIR, Stats, last_used, lock_path, open_lock, parse_temp_name,
+    record_use_at, remove_temporaries_locked, temp_path, use_stamp_path,
 };
 
 /// Why a cache operation failed.

@@ -39,6 +39,27 @@ pub struct LookupOptions {
     /// Once set, hashing (of a source whose size or mtime changed) stops with
     /// [`CacheError::Cancelled`]: an interrupted command does not wait for it.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The source's digest as an earlier call found it: used instead of hashing the source
+    /// while the source's path, size and mtime are still those it was found under.
+    pub known_digest: Option<KnownDigest>,
+}
+
+/// A source's content digest and the facts it was computed under (see
+/// [`LookupOptions::known_digest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownDigest {
+    pub source: SourceStat,
+    pub digest: String,
+}
+
+impl KnownDigest {
+    /// The digest, if `now` (the source as it is now) has the facts it was computed under.
+    fn for_source(&self, now: &SourceStat) -> Option<String> {
+        let same = self.source.path == now.path
+            && self.source.size == now.size
+            && self.source.mtime_ns == now.mtime_ns;
+        same.then(|| self.digest.clone())
+    }
 }
 
 /// The verdict on the cache path of one (source, target).
@@ -204,6 +225,18 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// [`LookupOptions::known_digest`] when it applies to the source as it is now (and the caller
+/// did not ask for every digest to be computed afresh).
+fn known_digest(options: &LookupOptions, now: &SourceStat) -> Option<String> {
+    if options.verify_digest {
+        return None;
+    }
+    options
+        .known_digest
+        .as_ref()
+        .and_then(|k| k.for_source(now))
+}
+
 /// The source's digest, computed at most once per lookup or batch.
 struct LazyDigest<'a> {
     source: &'a Path,
@@ -256,7 +289,7 @@ impl Cache {
         let stat = SourceStat::of(source)?;
         let mut digest = LazyDigest {
             source,
-            value: None,
+            value: known_digest(options, &stat),
             cancel: options.cancel.as_deref(),
         };
         self.lookup_inner(source, &stat, &mut digest, target, options)
@@ -275,9 +308,13 @@ impl Cache {
         let stat = SourceStat::of(source)?;
         let mut digest = LazyDigest {
             source,
-            value: earlier.source_digest.clone().filter(|_| {
-                stat.size == earlier.source.size && stat.mtime_ns == earlier.source.mtime_ns
-            }),
+            value: earlier
+                .source_digest
+                .clone()
+                .filter(|_| {
+                    stat.size == earlier.source.size && stat.mtime_ns == earlier.source.mtime_ns
+                })
+                .or_else(|| known_digest(options, &stat)),
             cancel: options.cancel.as_deref(),
         };
         self.lookup_inner(source, &stat, &mut digest, target, options)
@@ -293,7 +330,7 @@ impl Cache {
         let stat = SourceStat::of(source)?;
         let mut digest = LazyDigest {
             source,
-            value: None,
+            value: known_digest(options, &stat),
             cancel: options.cancel.as_deref(),
         };
         targets

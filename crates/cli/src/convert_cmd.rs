@@ -146,6 +146,9 @@ pub fn report_notes(report: &Value) -> Vec<String> {
 
 /// Converts `source` to each target in order; a failed target does not stop the others.
 pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Precision]) -> Vec<Row> {
+    // The source's digest, once a target has computed or found it, spares the next targets a
+    // pass over the source (each call checks that the source is unchanged before using it).
+    let mut known_digest = None;
     targets
         .iter()
         .map(|&target| {
@@ -177,10 +180,14 @@ pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Preci
             options.gguf_arch = settings.arch;
             options.sync_output = !settings.no_fsync;
             options.cancel = settings.cancel.clone();
+            options.known_digest = known_digest.clone();
             options.progress = Some(&on_progress);
             let started = Instant::now();
             let result = smart::smart_convert(source, target, &options);
             bar.finish();
+            if let Some(k) = result.as_ref().ok().and_then(|o| o.known_digest.clone()) {
+                known_digest = Some(k);
+            }
             Row {
                 source: source.to_path_buf(),
                 target,

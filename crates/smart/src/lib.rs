@@ -43,7 +43,7 @@ fn is_set(flag: &AtomicBool) -> bool {
     flag.load(Ordering::Relaxed)
 }
 
-use cache::{Cache, CacheError, LookupOptions, LookupStatus, ModelsDir};
+use cache::{Cache, CacheError, KnownDigest, LookupOptions, LookupStatus, ModelsDir};
 use detect::{DetectError, Precision};
 
 pub use backend::{Backend, BackendOptions, Job, PlannedConversion};
@@ -66,6 +66,10 @@ pub struct Options<'a> {
     /// process's lock fails with [`SmartError::Cancelled`] soon after, nothing is published
     /// and the temporary is removed. A call made once it is set does nothing.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// The source's digest from an earlier call ([`Outcome::known_digest`]): used instead of
+    /// hashing the source while its path, size and mtime are unchanged (not with
+    /// `verify_digest`).
+    pub known_digest: Option<KnownDigest>,
     /// GGUF targets: force this architecture instead of detecting it from tensor names.
     pub gguf_arch: Option<gguf::Arch>,
     /// Wait for the output's data to reach the disk (fsync) before publishing it (the default).
@@ -88,6 +92,7 @@ impl<'a> Options<'a> {
             double_quant: false,
             progress: None,
             cancel: None,
+            known_digest: None,
             gguf_arch: None,
             sync_output: true,
         }
@@ -103,6 +108,7 @@ impl std::fmt::Debug for Options<'_> {
             .field("double_quant", &self.double_quant)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
+            .field("known_digest", &self.known_digest)
             .field("gguf_arch", &self.gguf_arch)
             .field("sync_output", &self.sync_output)
             .finish()
@@ -143,6 +149,11 @@ pub struct Outcome {
     /// What a cached answer could not verify (an output without an output record).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The source's digest and the facts it holds for, when this call knew it: pass it as
+    /// [`Options::known_digest`] to the next call on the same source (another target) so that
+    /// the source is not hashed again.
+    #[serde(skip)]
+    pub known_digest: Option<KnownDigest>,
 }
 
 fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
@@ -279,7 +290,7 @@ pub fn smart_convert_with(
     }
     let detection = detect::detect(source)?;
     let source_precision = detection.precision;
-    let outcome = |status, path: PathBuf, report, replaced, note| Outcome {
+    let outcome = |status, path: PathBuf, report, replaced, note, known_digest| Outcome {
         status,
         path,
         source: source.to_path_buf(),
@@ -288,6 +299,7 @@ pub fn smart_convert_with(
         report,
         replaced,
         note,
+        known_digest,
     };
     let Some(sp) = source_precision else {
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
@@ -298,6 +310,7 @@ pub fn smart_convert_with(
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
+            None,
             None,
             None,
             None,
@@ -317,6 +330,7 @@ pub fn smart_convert_with(
         verify_digest: options.verify_digest,
         converter_version: backend.map(|b| b.converter_version(target, &backend_options)),
         cancel: options.cancel.clone(),
+        known_digest: options.known_digest.clone(),
     };
     let cache = Cache::new(options.models_dir.clone());
     // Leftovers of killed writers go on the next run, hit or miss. Best effort: a read-only
@@ -326,7 +340,8 @@ pub fn smart_convert_with(
     if let Some(status) = usable(&lookup.status) {
         // A read-only models dir must not turn a hit into a failure: the stamp is best effort.
         let _ = cache.record_use(&lookup.path);
-        return Ok(outcome(status, lookup.path, None, None, lookup.note));
+        let known = publish::known_digest(&lookup);
+        return Ok(outcome(status, lookup.path, None, None, lookup.note, known));
     }
 
     // Stage 3: convert.
@@ -354,6 +369,7 @@ pub fn smart_convert_with(
         done.report,
         done.replaced,
         done.note,
+        done.known_digest,
     ))
 }
 
@@ -445,6 +461,7 @@ pub fn check_with(
                 .find(|b| b.supports(&detection, target))
                 .map(|b| b.converter_version(target, &backend_options)),
             cancel: options.cancel.clone(),
+            known_digest: options.known_digest.clone(),
         };
         // Reuse the digest across targets (it is only valid while the source is unchanged,
         // which lookup_again checks).

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
-use cache::{Cache, Lookup, LookupOptions, LookupStatus, OutputRecord, Provenance, digest};
+use cache::{
+    Cache, KnownDigest, Lookup, LookupOptions, LookupStatus, OutputRecord, Provenance, digest,
+};
 use detect::{Detection, Precision};
 
 use crate::{
@@ -44,6 +46,20 @@ pub(crate) struct Done {
     pub report: Option<serde_json::Value>,
     pub replaced: Option<String>,
     pub note: Option<String>,
+    pub known_digest: Option<KnownDigest>,
+}
+
+/// The source digest a lookup knows for the source as it found it: a hit's provenance digest
+/// (its facts matched, or its digest was computed), or the digest the lookup computed.
+pub(crate) fn known_digest(lookup: &Lookup) -> Option<KnownDigest> {
+    let digest = match (&lookup.status, &lookup.provenance) {
+        (LookupStatus::Hit, Some(p)) => Some(p.source_digest.clone()),
+        _ => lookup.source_digest.clone(),
+    }?;
+    Some(KnownDigest {
+        source: lookup.source.clone(),
+        digest,
+    })
 }
 
 fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SmartError {
@@ -184,6 +200,7 @@ impl Convert<'_> {
                         path: out,
                         report: None,
                         replaced: None,
+                        known_digest: known_digest(&again),
                         note: again.note,
                     });
                 }
@@ -237,8 +254,8 @@ impl Convert<'_> {
         for _ in 0..2 {
             let planned = self.plan(&lookup, digest.as_deref())?;
             match self.write_temporary(&out, &dir, &lookup, planned)? {
-                Written::Published(report) => {
-                    return Ok(self.published(&lookup, out, report));
+                Written::Published(report, digest) => {
+                    return Ok(self.published(&lookup, out, report, digest));
                 }
                 Written::Retry(computed) => digest = Some(computed),
             }
@@ -473,11 +490,17 @@ impl Convert<'_> {
         if unsynced_boot.is_none() {
             sync_dir(dir)?;
         }
-        Ok(Written::Published(report))
+        Ok(Written::Published(report, provenance.source_digest))
     }
 
     /// After a publish: the use stamp, older outputs of this source removed, the answer.
-    fn published(&self, lookup: &Lookup, out: PathBuf, report: serde_json::Value) -> Done {
+    fn published(
+        &self,
+        lookup: &Lookup,
+        out: PathBuf,
+        report: serde_json::Value,
+        source_digest: String,
+    ) -> Done {
         let _ = self.cache.record_use(&out);
         for old in &lookup.superseded {
             let _ = self.cache.remove_output(old, false);
@@ -495,6 +518,11 @@ impl Convert<'_> {
             report: Some(report),
             replaced,
             note: lookup.note.clone(),
+            // The digest recorded in the provenance, of the source as the lookup found it.
+            known_digest: Some(KnownDigest {
+                source: lookup.source.clone(),
+                digest: source_digest,
+            }),
         }
     }
 }
@@ -510,8 +538,8 @@ struct Planned {
 
 /// What [`Convert::write_temporary`] ended with.
 enum Written {
-    /// Published; the converter's report.
-    Published(serde_json::Value),
+    /// Published; the converter's report and the source digest in its provenance.
+    Published(serde_json::Value, String),
     /// Nothing published: plan again with this source digest.
     Retry(String),
 }

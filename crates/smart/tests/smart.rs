@@ -931,3 +931,35 @@ fn a_header_too_large_to_patch_falls_back_to_a_known_digest() {
     );
     assert_eq!(e.files(), vec!["huge_meta_fp16.safetensors"]);
 }
+
+#[test]
+fn a_known_digest_spares_the_next_target_a_pass_over_the_source() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let first = smart_convert(&src, Precision::Nf4, &e.options()).unwrap();
+    let known = first
+        .known_digest
+        .clone()
+        .expect("a conversion knows the source digest");
+    assert_eq!(known.digest, digest::digest_file(&src).unwrap());
+
+    // bitsandbytes hashes the source in a pass of its own, unless the digest is known.
+    let mut options = e.options();
+    options.known_digest = Some(known.clone());
+    let hashed = digest::files_hashed_on_this_thread();
+    let second = smart_convert(&src, Precision::Fp4, &options).unwrap();
+    assert_eq!(second.status, Status::Converted);
+    assert_eq!(digest::files_hashed_on_this_thread(), hashed);
+    let prov = Provenance::from_metadata(&detected(&second.path).metadata).unwrap();
+    assert_eq!(prov.source_digest, known.digest);
+    // A hit hands it on too.
+    let hit = smart_convert(&src, Precision::Nf4, &e.options()).unwrap();
+    assert_eq!(hit.known_digest, Some(known.clone()));
+
+    // The source changed since: the digest is not used.
+    write_model(&src, Dtype::F32, 2, 64);
+    let third = smart_convert(&src, Precision::Int8, &options).unwrap();
+    let prov = Provenance::from_metadata(&detected(&third.path).metadata).unwrap();
+    assert_eq!(prov.source_digest, digest::digest_file(&src).unwrap());
+    assert_ne!(prov.source_digest, known.digest);
+}
