@@ -3,7 +3,7 @@
 //! invariants the converters rely on.
 #![no_main]
 
-use detect::safetensors::parse_header;
+use tensorfile::safetensors::parse_header;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -9,8 +9,8 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use detect::safetensors::Dtype;
-use precision::writer::{SafetensorsWriter, TensorSpec, output_len};
+use tensorfile::safetensors::Dtype;
+use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec, output_len};
 
 use crate::layouts::{self, FluxDims, Init, Layout};
 use crate::rng::{SplitMix64, name_seed};
@@ -184,7 +184,7 @@ fn encode_float(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) -> DynResult<()
             let src: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             let start = out.len();
             out.resize(start + values.len(), 0);
-            precision::cast::cast_slice(Dtype::F32, &src, Dtype::F8E4M3, &mut out[start..])?;
+            tensorfile::cast::cast_slice(Dtype::F32, &src, Dtype::F8E4M3, &mut out[start..])?;
         }
         other => return Err(format!("fixtures cannot write {other}").into()),
     }
@@ -665,7 +665,7 @@ mod tests {
             if name.ends_with(".gguf") {
                 gguf::GgufFile::parse_header(&bytes, Path::new(&name)).unwrap();
             } else {
-                let h = detect::safetensors::parse_header(&bytes, bytes.len() as u64).unwrap();
+                let h = tensorfile::safetensors::parse_header(&bytes, bytes.len() as u64).unwrap();
                 assert!(h.tensors.len() >= 4, "{name}");
             }
         }

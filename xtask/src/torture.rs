@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use detect::safetensors::Dtype;
-use precision::writer::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::Dtype;
+use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec};
 use serde_json::Value;
 
 use crate::{DynResult, repo_root};

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use detect::Precision;
-use detect::safetensors::SafetensorsFile;
+use tensorfile::safetensors::SafetensorsFile;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::path::Path;
 
-use detect::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
-use precision::SafetensorsWriter;
-use precision::cast::{CastStats, cast_slice};
+use tensorfile::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
+use tensorfile::SafetensorsWriter;
+use tensorfile::cast::{CastStats, cast_slice};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -282,7 +282,7 @@ fn n_elements(e: &TensorEntry) -> Result<usize, BnbError> {
         .map_err(|_| BnbError::tensor(&e.name, "too many elements for this platform"))
 }
 
-fn cast_err(name: &str, e: precision::CastError) -> BnbError {
+fn cast_err(name: &str, e: tensorfile::CastError) -> BnbError {
     BnbError::tensor(name, e.to_string())
 }
 
@@ -306,7 +306,7 @@ fn to_f32(
         (src, bytes)
     };
     let mut out = vec![0f32; n];
-    stats += precision::widen_to_f32(from, from_bytes, &mut out).map_err(|e| cast_err(name, e))?;
+    stats += tensorfile::widen_to_f32(from, from_bytes, &mut out).map_err(|e| cast_err(name, e))?;
     Ok((out, stats))
 }
 

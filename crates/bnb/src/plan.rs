@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 
 use detect::Precision;
-use detect::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry};
-use precision::TensorSpec;
-use precision::cast::is_cast_source;
+use tensorfile::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry};
+use tensorfile::TensorSpec;
+use tensorfile::cast::is_cast_source;
 
 use crate::error::BnbError;
 use crate::kernels::{BLOCKSIZE, NESTED_BLOCKSIZE, QuantType};
@@ -39,7 +39,7 @@ pub struct Plan {
 impl Plan {
     /// The exact size of the output file with this `metadata`.
     pub fn output_len(&self, metadata: &BTreeMap<String, String>) -> io::Result<u64> {
-        precision::writer::output_len(&self.specs, metadata)
+        tensorfile::safetensors::writer::output_len(&self.specs, metadata)
     }
 
     /// Number of source tensors the plan reads.

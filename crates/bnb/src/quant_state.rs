@@ -1,7 +1,7 @@
 //! The packed quant-state JSON (`P.weight.quant_state.bitsandbytes__nf4|fp4`): writing it byte
 //! for byte as bitsandbytes does, and parsing it defensively.
 
-use detect::safetensors::Dtype;
+use tensorfile::safetensors::Dtype;
 use serde_json::Value;
 
 use crate::error::BnbError;
@@ -10,7 +10,7 @@ use crate::kernels::QuantType;
 /// The largest quant-state blob accepted. Real ones are under 200 bytes.
 pub const MAX_QUANT_STATE_LEN: usize = 64 * 1024;
 /// The largest rank accepted in `shape`.
-pub const MAX_RANK: usize = detect::safetensors::MAX_RANK;
+pub const MAX_RANK: usize = tensorfile::safetensors::MAX_RANK;
 /// Block sizes bnb accepts.
 pub const VALID_BLOCKSIZES: [u64; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
 

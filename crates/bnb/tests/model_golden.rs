@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use bnb::{BnbError, Options, Plan, convert, plan, plan_dequantize, plan_dequantize_file};
 use detect::Precision;
-use detect::safetensors::{Dtype, SafetensorsFile};
-use precision::{SafetensorsWriter, TensorSpec, cast_slice};
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
+use tensorfile::{SafetensorsWriter, TensorSpec, cast_slice};
 
 fn golden_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -7,7 +7,7 @@ use bnb::quant_state::{
     MAX_FLOAT_REPR_LEN, NestedJson, QuantStateJson, parse_quant_state, python_float_repr,
     reserved_json_len,
 };
-use detect::safetensors::Dtype;
+use tensorfile::safetensors::Dtype;
 use proptest::prelude::*;
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 use bnb::kernels::{BLOCKSIZE, QuantType, Quantizer4, quantize_4bit, quantize_int8_rows};
 use bnb::{Options, TensorSource, convert_from, plan};
 use detect::Precision;
-use detect::safetensors::{Dtype, Header, TensorEntry};
+use tensorfile::safetensors::{Dtype, Header, TensorEntry};
 
 struct Mem {
     header: Header,
@@ -129,16 +129,16 @@ fn int8_bytes_do_not_depend_on_windows_or_threads() {
 
 /// Writes a safetensors file of (name, dtype, shape, bytes).
 fn write_file(dir: &Path, tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)]) -> std::path::PathBuf {
-    let specs: Vec<precision::TensorSpec> = tensors
+    let specs: Vec<tensorfile::TensorSpec> = tensors
         .iter()
-        .map(|(n, d, s, _)| precision::TensorSpec {
+        .map(|(n, d, s, _)| tensorfile::TensorSpec {
             name: n.to_string(),
             dtype: *d,
             shape: s.clone(),
         })
         .collect();
     let path = dir.join("f.safetensors");
-    let mut w = precision::SafetensorsWriter::new(
+    let mut w = tensorfile::SafetensorsWriter::new(
         std::fs::File::create(&path).unwrap(),
         &specs,
         &BTreeMap::new(),
@@ -190,7 +190,7 @@ fn hostile_bitsandbytes_files_are_refused() {
         v
     };
     let open = |t: &[(&str, Dtype, Vec<u64>, Vec<u8>)]| {
-        detect::safetensors::SafetensorsFile::open(&write_file(dir.path(), t)).unwrap()
+        tensorfile::safetensors::SafetensorsFile::open(&write_file(dir.path(), t)).unwrap()
     };
     // The well-formed file plans and converts.
     let ok = open(&good("[4, 64]", 128, 4, false));

@@ -17,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use detect::safetensors::ReadBuffer;
+use tensorfile::safetensors::ReadBuffer;
 use rayon::prelude::*;
 use twox_hash::XxHash3_128 as Xxh3;
 

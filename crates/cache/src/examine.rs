@@ -111,7 +111,7 @@ fn header_has_provenance_keys(path: &Path, size: u64) -> bool {
             .is_ok_and(|kv| kv.iter().any(|(k, _)| Provenance::is_key(k)));
     }
     let len = u64::from_le_bytes(first);
-    if len > detect::safetensors::MAX_HEADER_LEN || len > size.saturating_sub(8) {
+    if len > tensorfile::safetensors::MAX_HEADER_LEN || len > size.saturating_sub(8) {
         return false;
     }
     let mut json = vec![0u8; len as usize];

@@ -15,8 +15,8 @@ use cache::{
     Cache, Kind, LookupOptions, LookupStatus, ModelsDir, Provenance, digest, record_use_at,
 };
 use detect::Precision;
-use detect::safetensors::Dtype;
-use precision::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::Dtype;
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 const VERSION: &str = "test-converter/1";
 

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
-use detect::safetensors::Dtype;
-use precision::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::Dtype;
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 /// The shape of a sample model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

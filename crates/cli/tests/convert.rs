@@ -499,17 +499,17 @@ fn a_failed_target_does_not_stop_the_others_and_json_stays_valid() {
 /// Writes `spec` cast to bf16 at `path` without provenance, as another tool would.
 fn write_foreign_bf16(path: &Path, spec: &SampleSpec) {
     use std::io::Write;
-    let specs: Vec<precision::TensorSpec> = spec
+    let specs: Vec<tensorfile::TensorSpec> = spec
         .tensors()
         .into_iter()
-        .map(|t| precision::TensorSpec {
-            dtype: detect::safetensors::Dtype::BF16,
+        .map(|t| tensorfile::TensorSpec {
+            dtype: tensorfile::safetensors::Dtype::BF16,
             ..t
         })
         .collect();
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
     let file = std::fs::File::create(path).expect("create");
-    let mut w = precision::SafetensorsWriter::new(
+    let mut w = tensorfile::SafetensorsWriter::new(
         std::io::BufWriter::new(file),
         &specs,
         &std::collections::BTreeMap::new(),

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::io::BufWriter;
 
 use common::*;
-use detect::safetensors::Dtype;
-use precision::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::Dtype;
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 /// Elements of the large tensor: 64 Mi f32 values, 256 MiB.
 const BIG: u64 = 64 << 20;

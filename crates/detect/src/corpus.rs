@@ -241,7 +241,7 @@ pub fn cases() -> Vec<Case> {
     ]);
     let deep_shape = format!(
         r#"{{"a":{{"dtype":"U8","shape":[{}],"data_offsets":[0,1]}}}}"#,
-        vec!["1"; crate::safetensors::MAX_RANK + 1].join(",")
+        vec!["1"; tensorfile::safetensors::MAX_RANK + 1].join(",")
     );
     cases.push(st(
         "rank_too_large.safetensors",

@@ -28,11 +28,11 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
+use tensorfile::gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
 use serde::Serialize;
 
 use crate::precision::{Container, Precision};
-use crate::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError};
+use tensorfile::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError};
 
 /// What [`detect`] found. This struct, serialized, is the stable JSON of
 /// `convcache detect --json`; every field is documented with its JSON spelling.
@@ -557,15 +557,15 @@ fn guess_from_file_name(path: &Path, container: Container) -> Option<Precision> 
 }
 
 /// The architecture from safetensors tensor names, by ComfyUI-GGUF's key-set rules
-/// (`gguf::arch`), on names stripped of the `model.diffusion_model.` prefix. A model in the
+/// ([`crate::arch`]), on names stripped of the `model.diffusion_model.` prefix. A model in the
 /// diffusers layout is still named, with a note (convcache cannot convert that layout to GGUF).
 fn architecture_from_tensor_names<'a>(
     names: impl Iterator<Item = &'a str>,
     notes: &mut Vec<String>,
 ) -> Option<String> {
-    match gguf::arch::detect_arch(names.map(gguf::arch::strip_prefix)) {
+    match crate::arch::detect_arch(names.map(crate::arch::strip_prefix)) {
         Ok(arch) => Some(arch.name().to_owned()),
-        Err(gguf::ArchError::DiffusersLayout { arch }) => {
+        Err(crate::arch::ArchError::DiffusersLayout { arch }) => {
             notes.push(format!(
                 "{} model in the diffusers layout (GGUF conversion needs the original layout)",
                 arch.name()

@@ -2,8 +2,8 @@
 //!
 //! - [`precision`]: the precision vocabulary (fp32 ... Q6_K), aliases, canonical names and
 //!   [`should_skip`].
-//! - [`safetensors`]: a hardened safetensors header parser (validates everything before use)
-//!   and a memory-mapped view of a validated file.
+//! - [`arch`]: diffusion architecture detection from tensor key sets (ComfyUI-GGUF's rules),
+//!   and the per-architecture tables of tensors kept in high precision.
 //! - [`detection`]: [`detect`] — format, precision, dtype histogram and architecture, from the
 //!   header only; the file name only as a last resort, reported as a guess.
 //!
@@ -12,9 +12,9 @@
 
 #[doc(hidden)]
 pub mod corpus;
+pub mod arch;
 pub mod detection;
 pub mod precision;
-pub mod safetensors;
 
 pub use detection::{
     BnbLayout, BnbQuantType, DetectError, Detection, DtypeCount, Evidence, Format, Fp8Scaling,

@@ -6,9 +6,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use gguf::{FileType, GgmlType};
+use tensorfile::gguf::{FileType, GgmlType};
 
-use crate::safetensors::Dtype;
+use tensorfile::safetensors::Dtype;
 
 /// A precision a model file can be in, or a conversion can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

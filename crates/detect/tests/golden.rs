@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use detect::safetensors::read_header;
+use tensorfile::safetensors::read_header;
 use detect::{BnbQuantType, Evidence, Precision, detect};
 
 fn golden(name: &str) -> PathBuf {

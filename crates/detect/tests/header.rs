@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use detect::safetensors::{
+use tensorfile::safetensors::{
     Dtype, HeaderError, MAX_HEADER_LEN, SafetensorsFile, TensorEntry, parse_header, read_header,
 };
 use proptest::prelude::*;

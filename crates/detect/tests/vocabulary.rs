@@ -3,7 +3,7 @@
 
 use detect::precision::Container;
 use detect::{Precision, should_skip};
-use gguf::FileType;
+use tensorfile::gguf::FileType;
 use proptest::prelude::*;
 
 /// Every accepted spelling (lowercase, `_` form) and what it means.

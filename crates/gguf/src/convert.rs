@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::arch::Arch;
+use detect::arch::Arch;
 use crate::mix::{self, GgufPlan, PlanError, SourceDtype, SourceTensor};
 use crate::quant::{
     self, QuantError, bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits,
@@ -494,11 +494,11 @@ impl GgufSource {
         }
         // sd.cpp writes no architecture and may keep ComfyUI's `model.diffusion_model.` prefix.
         let names = self.file.tensors.iter().map(|t| t.name.as_str());
-        let prefix = crate::arch::KeyPrefix::detect(names.clone());
+        let prefix = detect::arch::KeyPrefix::detect(names.clone());
         let stripped: Vec<String> = names
             .filter_map(|n| prefix.apply(n).map(|c| c.into_owned()))
             .collect();
-        crate::arch::detect_arch(stripped.iter().map(String::as_str)).map_err(|e| {
+        detect::arch::detect_arch(stripped.iter().map(String::as_str)).map_err(|e| {
             GgufSourceError::Plan {
                 path: self.file.path.clone(),
                 source: PlanError::Arch(e),

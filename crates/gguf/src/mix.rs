@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::arch::{self, Arch, KeyPrefix};
+use detect::arch::{self, Arch, KeyPrefix};
 use crate::reader::MetadataValue;
 use crate::types::{FileType, GgmlType};
 

@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use detect::safetensors::Dtype;
-use precision::cast_slice;
+use tensorfile::safetensors::Dtype;
+use tensorfile::cast_slice;
 
 fn main() {
     let n = 16 << 20;

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use detect::Precision;
-use detect::safetensors::{Dtype, SafetensorsFile};
-use precision::{SafetensorsWriter, TensorSpec, convert, plan};
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
+use precision::{convert, plan};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -23,14 +23,14 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
-use detect::safetensors::{
+use tensorfile::safetensors::{
     Dtype, Header, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry,
 };
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::cast::{CastError, CastStats, cast_slice, is_cast_source};
-use crate::writer::{self, SafetensorsWriter, TensorSpec};
+use tensorfile::cast::{CastError, CastStats, cast_slice, is_cast_source};
+use tensorfile::safetensors::writer::{self, SafetensorsWriter, TensorSpec};
 
 /// Bytes per chunk by default (one source and two output buffers of this size are alive at once).
 pub const DEFAULT_CHUNK_BYTES: usize = 2 << 20;
@@ -493,7 +493,7 @@ fn convert_source<W: Write>(
                     observe(src);
                 }
                 write_some(&mut w, src).map_err(write_err)?;
-                report.non_finite += crate::cast::count_non_finite(entry.dtype, src);
+                report.non_finite += tensorfile::cast::count_non_finite(entry.dtype, src);
                 finish_piece(piece, &mut bytes_done, &mut tensors_done);
             }
             Action::Cast => {

@@ -7,9 +7,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
-use detect::safetensors::{Dtype, SafetensorsFile};
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use precision::convert::{ConvertError, ConvertOptions, Report, convert_observing_source};
-use precision::{SafetensorsWriter, TensorSpec, convert, convert_with, merged_metadata, plan};
+use precision::{convert, convert_with, merged_metadata, plan};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 use proptest::prelude::*;
 
 const TARGETS: [Precision; 5] = [
@@ -442,7 +443,7 @@ proptest! {
             if t.dtype == o.dtype {
                 expect.copy_from_slice(sb);
             } else {
-                precision::cast_slice(t.dtype, sb, o.dtype, &mut expect).unwrap();
+                tensorfile::cast_slice(t.dtype, sb, o.dtype, &mut expect).unwrap();
             }
             prop_assert!(expect == out.tensor_bytes(o), "tensor {}", t.name);
         }
@@ -511,7 +512,7 @@ fn large_tensors_split_across_chunks_and_threads() {
     for target in TARGETS {
         let dst = precision::target_dtype(target).unwrap();
         let mut expect = vec![0u8; n * (dst.bits() / 8) as usize];
-        let stats = precision::cast_slice(Dtype::F32, src.tensor("w").unwrap().1, dst, &mut expect)
+        let stats = tensorfile::cast_slice(Dtype::F32, src.tensor("w").unwrap().1, dst, &mut expect)
             .unwrap();
         for chunk_bytes in [1 << 20, 400_000, usize::MAX / 2] {
             let (bytes, report) = run(&src, target, chunk_bytes);

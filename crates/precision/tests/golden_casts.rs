@@ -7,8 +7,8 @@
 
 use std::collections::BTreeSet;
 
-use detect::safetensors::Dtype;
-use precision::cast::cast_slice;
+use tensorfile::safetensors::Dtype;
+use tensorfile::cast::cast_slice;
 use serde_json::Value;
 
 const GOLDEN: &str = include_str!("golden/casts.json");

@@ -107,18 +107,18 @@ fn sha256_matches_the_standard_vectors() {
 fn write_our_dequantization(gguf_path: &Path, out: &Path) {
     use gguf::convert::{GgufSource, TensorSource};
     let source = GgufSource::open(gguf_path).unwrap();
-    let specs: Vec<precision::TensorSpec> = source
+    let specs: Vec<tensorfile::TensorSpec> = source
         .file()
         .tensors
         .iter()
-        .map(|t| precision::TensorSpec {
+        .map(|t| tensorfile::TensorSpec {
             name: t.name.clone(),
-            dtype: detect::safetensors::Dtype::F32,
+            dtype: tensorfile::safetensors::Dtype::F32,
             shape: t.torch_shape(),
         })
         .collect();
     let f = std::fs::File::create(out).unwrap();
-    let mut w = precision::SafetensorsWriter::new(f, &specs, &BTreeMap::new()).unwrap();
+    let mut w = tensorfile::SafetensorsWriter::new(f, &specs, &BTreeMap::new()).unwrap();
     for t in &source.file().tensors {
         let mut v = vec![0f32; t.n_elements() as usize];
         source.read_f32(&t.name, 0, &mut v).unwrap();

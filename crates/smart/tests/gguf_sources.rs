@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use cache::ModelsDir;
 use detect::Precision;
-use detect::safetensors::{Dtype, SafetensorsFile};
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use gguf::{FileType, GgmlType, GgufFile};
-use precision::{SafetensorsWriter, TensorSpec};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::backends::gguf::GgufBackend;
 use smart::{Backend, Options, Status, smart_convert_with};
 
@@ -136,7 +136,7 @@ fn gguf_dequantizes_to_safetensors_with_names_and_logical_shapes() {
                 .unwrap();
             let wide: Vec<u8> = deq.iter().flat_map(|v| v.to_le_bytes()).collect();
             let mut want = vec![0u8; bytes.len()];
-            precision::cast_slice(Dtype::F32, &wide, dtype, &mut want).unwrap();
+            tensorfile::cast_slice(Dtype::F32, &wide, dtype, &mut want).unwrap();
             assert_eq!(bytes, &want[..], "{} as {target}", info.name);
         }
         let report = out.report.unwrap();
@@ -193,10 +193,10 @@ fn write_scaled_fp8(path: &Path) -> (Vec<f32>, f32) {
                 .flat_map(|v| (v / scale).to_le_bytes())
                 .collect();
             let mut fp8 = vec![0u8; scaled.len() / 4];
-            precision::cast_slice(Dtype::F32, &scaled, Dtype::F8E4M3, &mut fp8).unwrap();
+            tensorfile::cast_slice(Dtype::F32, &scaled, Dtype::F8E4M3, &mut fp8).unwrap();
             if first_weight.is_none() && t.name == "double_blocks.0.img_attn.proj.weight" {
                 let mut back = vec![0u8; scaled.len()];
-                precision::cast_slice(Dtype::F8E4M3, &fp8, Dtype::F32, &mut back).unwrap();
+                tensorfile::cast_slice(Dtype::F8E4M3, &fp8, Dtype::F32, &mut back).unwrap();
                 first_weight = Some(f32_values(&back));
             }
             specs.push(TensorSpec {

@@ -16,8 +16,8 @@ use cache::{
     read_output_record, use_stamp_path,
 };
 use detect::Precision;
-use detect::safetensors::Dtype;
-use precision::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::Dtype;
+use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::{CheckStatus, Options, Status, check, smart_convert};
 
 /// A small f32 model: one 2-D weight and a 1-D bias with values from `seed`.

@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use cache::{ModelsDir, Provenance, digest};
-use detect::safetensors::Dtype;
+use tensorfile::safetensors::Dtype;
 use detect::{Detection, Precision};
-use precision::{SafetensorsWriter, TensorSpec};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::backends::PrecisionBackend;
 use smart::{
     Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,

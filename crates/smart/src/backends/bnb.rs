@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use detect::detection::Format;
-use detect::safetensors::SafetensorsFile;
+use tensorfile::safetensors::SafetensorsFile;
 use detect::{Detection, Precision};
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};

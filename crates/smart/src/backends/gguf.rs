@@ -19,9 +19,9 @@ use ::gguf::mix::{DroppedTensor, GgufPlan, SourceDtype, SourceTensor};
 use ::gguf::reader::MetadataValue;
 use ::gguf::{Arch, FileType};
 use detect::detection::Format;
-use detect::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
+use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
 use detect::{Detection, Precision};
-use precision::writer::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec};
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
 
@@ -175,7 +175,7 @@ enum StError {
 }
 
 /// A safetensors file read with its positioned reads, widened exactly to f32 with
-/// `precision::cast_slice` (the torch `.to(float32)` rules).
+/// `tensorfile::cast_slice` (the torch `.to(float32)` rules).
 #[derive(Debug)]
 struct SafetensorsSource {
     file: SafetensorsFile,
@@ -274,7 +274,7 @@ fn read_scalar(file: &SafetensorsFile, t: &TensorEntry) -> Result<f32, SmartErro
             problem,
         })
     };
-    if t.n_elements() != 1 || !precision::cast::is_cast_source(t.dtype) {
+    if t.n_elements() != 1 || !tensorfile::cast::is_cast_source(t.dtype) {
         return Err(bad(format!(
             "a scale_weight must be one float, found {} {:?}; per-channel scales are not \
              supported",
@@ -326,7 +326,7 @@ fn read_f32s(
         for piece in out.chunks_mut(WIDEN_PIECE) {
             let bytes = raw.get(piece.len() * es as usize, WIDEN_PIECE * es as usize);
             file.read_tensor_range(t, at * es, bytes)?;
-            precision::widen_to_f32(t.dtype, bytes, piece).map_err(|e| bad(e.to_string()))?;
+            tensorfile::widen_to_f32(t.dtype, bytes, piece).map_err(|e| bad(e.to_string()))?;
             // (Non-finite values are the quantizer's to report; the counts are not needed.)
             at += piece.len() as u64;
         }
@@ -560,7 +560,7 @@ fn plan_dequantize(
         .collect();
     let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     metadata.extend(extra_metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let output_len = precision::writer::output_len(&specs, &metadata)
+    let output_len = tensorfile::safetensors::writer::output_len(&specs, &metadata)
         .map_err(|e| SmartError::backend(format!("{}: {e}", source.file().path.display())))?;
     let source_bytes = source.file().tensors.iter().map(|t| t.byte_len()).sum();
     Ok(PlannedDequant {
@@ -617,7 +617,7 @@ impl PlannedConversion for PlannedDequant {
                     &wide
                 } else {
                     narrow.resize(values.len() * 2, 0);
-                    precision::cast_slice(Dtype::F32, &wide, spec.dtype, &mut narrow).map_err(
+                    tensorfile::cast_slice(Dtype::F32, &wide, spec.dtype, &mut narrow).map_err(
                         |e| {
                             SmartError::backend(format!("{}: `{}`: {e}", path.display(), spec.name))
                         },

@@ -3,9 +3,9 @@
 
 Run from anywhere with a Python that has pip `gguf` (0.19 was used) and numpy:
 
-    /work/pyref/bin/python crates/gguf/tests/golden/container/make_golden.py
+    /work/pyref/bin/python crates/tensorfile/tests/golden/gguf_container/make_golden.py
 
-Outputs (next to this script), read by crates/gguf/tests/container_golden.rs:
+Outputs (next to this script), read by crates/tensorfile/tests/gguf_container_golden.rs:
 - `basic.gguf` + `basic.json`: metadata of all 13 value types, arrays of every scalar type,
   nested arrays (gguf-py writes them: the outer element type is ARRAY and each inner array
   carries its own element type, so inner arrays of different types are possible), and tensors

@@ -24,6 +24,10 @@ use std::str::FromStr;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
+pub mod writer;
+
+pub use writer::{SafetensorsWriter, TensorSpec};
+
 /// A safetensors dtype string.
 ///
 /// The F8/F6/F4 variants beyond E4M3/E5M2 are known (so a file using them is recognised) but no
@@ -598,7 +602,7 @@ fn regular_file_len(file: &File, path: &Path) -> Result<u64, SafetensorsError> {
 }
 
 /// Reads the header from an open file positioned at its start, whose size is `file_len`.
-pub(crate) fn read_header_from(
+pub fn read_header_from(
     file: &mut File,
     path: &Path,
     file_len: u64,

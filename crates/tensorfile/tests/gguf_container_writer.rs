@@ -3,11 +3,11 @@
 use std::io::ErrorKind;
 use std::path::Path;
 
-use gguf::reader::GgufFile;
-use gguf::writer::{
+use tensorfile::gguf::reader::GgufFile;
+use tensorfile::gguf::writer::{
     DEFAULT_ALIGNMENT, GgufWriter, TensorDesc, dims_from_torch_shape, encode_header, output_len,
 };
-use gguf::{GgmlType, MetadataValue};
+use tensorfile::gguf::{GgmlType, MetadataValue};
 
 fn desc(name: &str, dims: &[u64], t: GgmlType) -> TensorDesc {
     TensorDesc {

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use gguf::reader::{
+use tensorfile::gguf::reader::{
     GgufErrorKind as K, GgufFile, MAX_ARRAY_DEPTH, MAX_METADATA_VALUES, MAX_STRING_BYTES,
     MAX_TENSORS,
 };
-use gguf::{GgmlType, GgufError};
+use tensorfile::gguf::{GgmlType, GgufError};
 
 /// Little-endian GGUF byte builder.
 #[derive(Default, Clone)]

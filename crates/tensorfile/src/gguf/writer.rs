@@ -11,20 +11,20 @@
 //! last. A file written here is byte-identical to gguf-py's `GGUFWriter` output for the same
 //! content (tested against a committed golden).
 //!
-//! The writer refuses (with `InvalidInput`) anything [`crate::GgufFile`] would refuse to read:
+//! The writer refuses (with `InvalidInput`) anything [`super::GgufFile`] would refuse to read:
 //! duplicate keys or names, mixed-type arrays, too-deep nesting, zero-sized or overflowing
 //! shapes, rows that are not whole blocks, more than [`MAX_DIMS`] dims.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
 
-use crate::reader::{
+use super::reader::{
     ALIGNMENT_KEY, GGUF_MAGIC, GGUF_VERSION, MAX_ARRAY_DEPTH, MAX_DIMS, MAX_METADATA_VALUES,
     MAX_STRING_BYTES, MAX_TENSORS, MetadataValue, ShapeProblem, check_shape,
 };
-use crate::types::GgmlType;
+use super::types::GgmlType;
 
-pub use crate::reader::DEFAULT_ALIGNMENT;
+pub use super::reader::DEFAULT_ALIGNMENT;
 
 /// One tensor of the output, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Reads a GgufWriter output with gguf-py's GGUFReader and compares it with its description.
 
-    GGUF_PY_CHECK_DIR=/tmp/gguf-check cargo test -p gguf --test container_golden
-    /work/pyref/bin/python crates/gguf/tests/golden/container/check_with_gguf_py.py /tmp/gguf-check
+    GGUF_PY_CHECK_DIR=/tmp/gguf-check cargo test -p tensorfile --test gguf_container_golden
+    /work/pyref/bin/python crates/tensorfile/tests/golden/gguf_container/check_with_gguf_py.py /tmp/gguf-check
 
-`container_golden.rs` (test `writer_sample_round_trips_and_can_be_dumped`) writes
+`gguf_container_golden.rs` (test `writer_sample_round_trips_and_can_be_dumped`) writes
 `sample.gguf` and `sample.json` there. Not run by CI (needs pip `gguf` and numpy).
 
 gguf-py's ReaderField.contents() flattens nested arrays (a FIXME in gguf_reader.py), so nested

@@ -29,7 +29,7 @@
 
 use std::ops::{Add, AddAssign};
 
-use detect::safetensors::Dtype;
+use crate::safetensors::Dtype;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::Serialize;
@@ -215,7 +215,7 @@ fn cast_loop(src: Dtype, src_bytes: &[u8], dst: Dtype, dst_bytes: &mut [u8]) -> 
 const CHUNK: usize = 1024;
 
 /// NaN and ±inf elements in `bytes` of dtype `d` (0 for non-float dtypes).
-pub(crate) fn count_non_finite(d: Dtype, bytes: &[u8]) -> u64 {
+pub fn count_non_finite(d: Dtype, bytes: &[u8]) -> u64 {
     match d {
         Dtype::F64 => bytes
             .chunks_exact(8)

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use gguf::reader::{GgufFile, MAX_DIMS};
-use gguf::writer::{GgufWriter, TensorDesc, output_len};
-use gguf::{GgmlType, MetadataValue};
+use tensorfile::gguf::reader::{GgufFile, MAX_DIMS};
+use tensorfile::gguf::writer::{GgufWriter, TensorDesc, output_len};
+use tensorfile::gguf::{GgmlType, MetadataValue};
 use proptest::prelude::*;
 
 /// Equality with floats compared by bits (NaN payloads and -0.0 must survive).

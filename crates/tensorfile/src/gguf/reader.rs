@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::types::GgmlType;
+use super::types::GgmlType;
 
 /// The 4 bytes every GGUF file starts with.
 pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";

@@ -1,30 +1,30 @@
 //! The container against gguf-py (pip `gguf` 0.19), through committed goldens.
 //!
-//! `tests/golden/container/make_golden.py` wrote `basic.gguf` and `align64.gguf` with gguf-py's
+//! `tests/golden/gguf_container/make_golden.py` wrote `basic.gguf` and `align64.gguf` with gguf-py's
 //! `GGUFWriter` and a JSON sidecar of their content. Here we (a) read each golden and check it
 //! equals the sidecar, and (b) write the same content with `GgufWriter` and require the bytes to
 //! be identical to gguf-py's file.
 //!
 //! The other direction (gguf-py reading our output) was checked with
-//! `tests/golden/container/check_with_gguf_py.py` on the file that
+//! `tests/golden/gguf_container/check_with_gguf_py.py` on the file that
 //! `writer_sample_round_trips_and_can_be_dumped` writes when `GGUF_PY_CHECK_DIR` is set:
 //!
 //! ```text
-//! GGUF_PY_CHECK_DIR=/tmp/gguf-check cargo test -p gguf --test container_golden
-//! /work/pyref/bin/python crates/gguf/tests/golden/container/check_with_gguf_py.py /tmp/gguf-check
+//! GGUF_PY_CHECK_DIR=/tmp/gguf-check cargo test -p tensorfile --test gguf_container_golden
+//! /work/pyref/bin/python crates/gguf/tests/golden/gguf_container/check_with_gguf_py.py /tmp/gguf-check
 //! ```
 //!
 //! Last run: "OK: 27 metadata keys and 15 tensors match (gguf-py 0.19.0)".
 
 use std::path::{Path, PathBuf};
 
-use gguf::reader::GgufFile;
-use gguf::writer::{GgufWriter, TensorDesc, dims_from_torch_shape, output_len};
-use gguf::{GgmlType, MetadataValue};
+use tensorfile::gguf::reader::GgufFile;
+use tensorfile::gguf::writer::{GgufWriter, TensorDesc, dims_from_torch_shape, output_len};
+use tensorfile::gguf::{GgmlType, MetadataValue};
 use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/container")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gguf_container")
 }
 
 fn from_hex(s: &str) -> Vec<u8> {

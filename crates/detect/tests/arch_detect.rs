@@ -2,7 +2,7 @@
 //! (auto_convert branch) rules: minimal key sets per architecture, the diffusers refusal, the
 //! unknown case, the order that decides overlaps, and the prefix rules.
 
-use gguf::arch::{
+use detect::arch::{
     Arch, ArchError, DIFFUSION_MODEL_PREFIX, KeyPattern, KeyPrefix, detect_arch, strip_prefix,
 };
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Write};
 
-use detect::safetensors::Dtype;
+use super::Dtype;
 
 /// One tensor of the output, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
