@@ -1,0 +1,177 @@
+//! The one streaming pipeline every converter writes through.
+//!
+//! A conversion is a sequence of pieces (a chunk of a tensor, a whole small tensor, the tail of
+//! a quantized weight), each with a known number of output bytes. [`stream`] produces piece
+//! `i + 1` on the rayon pool (the converter's `produce`: read the source, convert, usually
+//! itself spread over the pool) while piece `i` is written to the output on the calling thread,
+//! so the disk and the cores work at the same time. Memory is two page-aligned buffers of the
+//! largest piece, never the model.
+//!
+//! `produce` calls happen one at a time, in piece order (a piece is produced only after the
+//! previous one was), so a converter may carry state from piece to piece (a weight's absmax
+//! values, finished by its tail piece) behind a lock that is never contended. `written` is
+//! called, in order, once a piece's bytes have gone to the output (progress). A set `cancel`
+//! flag stops the stream before the next piece.
+
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::safetensors::ReadBuffer;
+
+/// A unit of output.
+pub trait Piece: Sync {
+    /// Exactly how many bytes `produce` writes for it.
+    fn out_len(&self) -> usize;
+}
+
+/// Why [`stream`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError<E> {
+    /// The converter failed on a piece.
+    #[error(transparent)]
+    Produce(E),
+    /// Writing the output failed.
+    #[error("writing the output: {0}")]
+    Write(#[source] io::Error),
+    /// The cancel flag was set.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Streams `pieces` into `out`: see the module documentation.
+pub fn stream<P, W, E>(
+    pieces: impl IntoIterator<Item = P>,
+    out: &mut W,
+    produce: &(dyn Fn(&P, &mut [u8]) -> Result<(), E> + Sync),
+    written: &mut dyn FnMut(&P),
+    cancel: Option<&AtomicBool>,
+) -> Result<(), StreamError<E>>
+where
+    P: Piece,
+    W: Write + ?Sized,
+    E: Send,
+{
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    // `front` holds a produced piece being written while the next is produced into `back`.
+    let mut front = ReadBuffer::new();
+    let mut back = ReadBuffer::new();
+    let mut pending: Option<P> = None;
+    for piece in pieces {
+        if cancelled() {
+            return Err(StreamError::Cancelled);
+        }
+        let len = piece.out_len();
+        let dst = back.get(len, len);
+        let mut produced = Ok(());
+        let mut wrote = Ok(());
+        rayon::in_place_scope(|s| {
+            s.spawn(|_| produced = produce(&piece, dst));
+            if let Some(p) = &pending {
+                wrote = write_all(out, front.get(p.out_len(), 0));
+            }
+        });
+        wrote.map_err(StreamError::Write)?;
+        if let Some(p) = pending.take() {
+            written(&p);
+        }
+        produced.map_err(StreamError::Produce)?;
+        std::mem::swap(&mut front, &mut back);
+        pending = Some(piece);
+    }
+    if let Some(p) = pending.take() {
+        if cancelled() {
+            return Err(StreamError::Cancelled);
+        }
+        write_all(out, front.get(p.out_len(), 0)).map_err(StreamError::Write)?;
+        written(&p);
+    }
+    Ok(())
+}
+
+/// Writes `bytes`; an empty piece writes nothing.
+fn write_all<W: Write + ?Sized>(out: &mut W, bytes: &[u8]) -> io::Result<()> {
+    if bytes.is_empty() {
+        Ok(())
+    } else {
+        out.write_all(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct Ranged(usize, usize);
+
+    impl Piece for Ranged {
+        fn out_len(&self) -> usize {
+            self.1
+        }
+    }
+
+    #[test]
+    fn pieces_are_produced_and_written_in_order() {
+        let pieces: Vec<Ranged> = (0..50).map(|i| Ranged(i, (i * 37) % 11)).collect();
+        let order = Mutex::new(Vec::new());
+        let mut out = Vec::new();
+        let mut seen = Vec::new();
+        stream(
+            pieces,
+            &mut out,
+            &|p: &Ranged, dst: &mut [u8]| {
+                order.lock().unwrap().push(p.0);
+                dst.fill(p.0 as u8);
+                Ok::<(), ()>(())
+            },
+            &mut |p| seen.push(p.0),
+            None,
+        )
+        .unwrap();
+        let expected: Vec<u8> = (0..50)
+            .flat_map(|i| std::iter::repeat_n(i as u8, (i * 37) % 11))
+            .collect();
+        assert_eq!(out, expected);
+        assert_eq!(seen, (0..50).collect::<Vec<_>>());
+        assert_eq!(*order.lock().unwrap(), (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn an_error_stops_the_stream_after_what_was_produced_before_it() {
+        let mut out = Vec::new();
+        let err = stream(
+            (0..10).map(|i| Ranged(i, 4)),
+            &mut out,
+            &|p: &Ranged, dst: &mut [u8]| {
+                dst.fill(1);
+                if p.0 == 3 { Err(p.0) } else { Ok(()) }
+            },
+            &mut |_| {},
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, StreamError::Produce(3)));
+        assert_eq!(out.len(), 12, "pieces 0..3 were written, nothing after");
+    }
+
+    #[test]
+    fn a_set_cancel_flag_stops_before_the_next_piece() {
+        let cancel = AtomicBool::new(false);
+        let mut out = Vec::new();
+        let err = stream(
+            (0..10).map(|i| Ranged(i, 2)),
+            &mut out,
+            &|p: &Ranged, _dst: &mut [u8]| {
+                if p.0 == 4 {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                Ok::<(), ()>(())
+            },
+            &mut |_| {},
+            Some(&cancel),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StreamError::Cancelled));
+        assert!(out.len() <= 8);
+    }
+}

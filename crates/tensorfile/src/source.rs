@@ -1,0 +1,347 @@
+//! [`TensorSource`]: the one way converters read tensors, whatever the file.
+//!
+//! A source lists its tensors ([`SourceTensor`]: name, shape, the dtype it serves, what the file
+//! stores) and reads any element range of one of them, as raw bytes of the served dtype
+//! ([`TensorSource::read_raw`]) or widened exactly to f32 ([`TensorSource::read_f32`]).
+//! Implementations: a validated [`SafetensorsFile`] (here), the scaled-fp8 view
+//! ([`crate::scaled::ScaledFp8`], de-scaled values, scale and marker tensors hidden) and a GGUF
+//! file (dequantizing; in the `gguf` crate, which has the block kernels).
+//!
+//! Reads are positioned reads into the caller's buffers (never a long-lived map: its touched
+//! pages would count against the process's memory, see [`crate::safetensors::ReadBuffer`]), so
+//! many threads read one source at once and memory is the caller's chunk, never the model.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::cast::widen_to_f32;
+use crate::gguf::GgmlType;
+use crate::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile};
+
+/// What the file holds for a tensor (as opposed to the dtype a source serves it in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// A safetensors dtype.
+    Safetensors(Dtype),
+    /// A ggml type (GGUF).
+    Ggml(GgmlType),
+}
+
+/// One tensor of a [`TensorSource`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTensor {
+    /// Its name in the source (or, for a view, the name it is served under).
+    pub name: String,
+    /// Logical shape, torch order (row-major, last dimension fastest).
+    pub shape: Vec<u64>,
+    /// The dtype [`TensorSource::read_raw`] serves.
+    pub dtype: Dtype,
+    /// What the file stores.
+    pub stored: Stored,
+    /// Bytes of the source file read to serve the whole tensor (progress accounting).
+    pub source_bytes: u64,
+}
+
+impl SourceTensor {
+    /// Number of elements (1 for a scalar). Saturates; validated sources never overflow.
+    pub fn n_elements(&self) -> u64 {
+        self.shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Bytes of the served dtype for the whole tensor, if it fits in a `u64`.
+    pub fn byte_len(&self) -> Option<u64> {
+        self.dtype.bytes_for(self.n_elements())
+    }
+}
+
+/// A tensor the source does not serve, and why (scale tensors folded into their weight,
+/// markers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HiddenTensor {
+    /// Its name in the file.
+    pub name: String,
+    /// Why it is not served.
+    pub reason: &'static str,
+}
+
+/// Why reading a source failed. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The file could not be read (an I/O fault, not bad input).
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The failure, with the tensor and range in its message.
+        source: io::Error,
+    },
+    /// The file changed after its header was validated.
+    #[error("{}: the file changed while it was being read; run the command again", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file's content cannot be served correctly (bad input).
+    #[error("{}: tensor `{tensor}`: {problem}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The tensor concerned.
+        tensor: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl SourceError {
+    /// The file concerned.
+    pub fn path(&self) -> &Path {
+        match self {
+            SourceError::Io { path, .. }
+            | SourceError::Changed { path }
+            | SourceError::Invalid { path, .. } => path,
+        }
+    }
+
+    /// Whether the fault is in the input (bad or changed file) rather than in reading it.
+    pub fn is_input_fault(&self) -> bool {
+        !matches!(self, SourceError::Io { .. })
+    }
+
+    /// [`SourceError::Invalid`] for `tensor` of `path`.
+    pub fn invalid(path: &Path, tensor: &str, problem: impl fmt::Display) -> SourceError {
+        SourceError::Invalid {
+            path: path.to_owned(),
+            tensor: tensor.to_owned(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+impl From<SafetensorsError> for SourceError {
+    fn from(e: SafetensorsError) -> SourceError {
+        match e {
+            SafetensorsError::Changed { path, .. } => SourceError::Changed { path },
+            SafetensorsError::Io { path, source } => SourceError::Io { path, source },
+            e => SourceError::Invalid {
+                path: e.path().to_owned(),
+                tensor: String::new(),
+                problem: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Where converters read tensors from.
+///
+/// `index` arguments are positions in [`TensorSource::tensors`]; ranges are checked against the
+/// tensor (an out-of-range read is an error, never a panic or a read of another tensor).
+pub trait TensorSource: Sync + fmt::Debug {
+    /// The file, for messages.
+    fn path(&self) -> &Path;
+
+    /// Every tensor the source serves, in the order the file holds their data (reading them in
+    /// this order reads the file sequentially).
+    fn tensors(&self) -> &[SourceTensor];
+
+    /// The file's own string metadata (safetensors `__metadata__`).
+    fn metadata(&self) -> &BTreeMap<String, String>;
+
+    /// Tensors of the file this source does not serve, with the reason.
+    fn hidden(&self) -> &[HiddenTensor] {
+        &[]
+    }
+
+    /// Fills `buf` with the bytes of tensor `index` in its served dtype, starting `byte_offset`
+    /// bytes into the tensor.
+    fn read_raw(&self, index: usize, byte_offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Fills `out` with elements `start..start + out.len()` of tensor `index`, widened exactly
+    /// to f32 (torch's `.to(torch.float32)`).
+    fn read_f32(&self, index: usize, start: u64, out: &mut [f32]) -> Result<(), SourceError> {
+        read_f32_via_raw(self, index, start, out)
+    }
+
+    /// Fails with [`SourceError::Changed`] when the file is no longer the one whose header was
+    /// validated (size, header or identity): converters call it before writing.
+    fn check_unchanged(&self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// The index of the tensor called `name`.
+    fn index_of(&self, name: &str) -> Option<usize> {
+        self.tensors().iter().position(|t| t.name == name)
+    }
+}
+
+/// Elements read and widened at a time by [`read_f32_via_raw`]: the raw bytes are still in
+/// cache when they are widened, and a chunk of millions of elements needs no second buffer as
+/// large as itself.
+const WIDEN_PIECE: usize = 1 << 17;
+
+thread_local! {
+    /// The raw-bytes buffer of [`read_f32_via_raw`] on this thread.
+    static RAW: RefCell<ReadBuffer> = RefCell::new(ReadBuffer::new());
+}
+
+/// [`TensorSource::read_f32`] through [`TensorSource::read_raw`] and [`widen_to_f32`], piece by
+/// piece through a per-thread page-aligned buffer.
+pub fn read_f32_via_raw<S: TensorSource + ?Sized>(
+    source: &S,
+    index: usize,
+    start: u64,
+    out: &mut [f32],
+) -> Result<(), SourceError> {
+    let t = tensor(source, index)?;
+    check_range(source, t, start, out.len() as u64)?;
+    let dtype = t.dtype;
+    let es = (dtype.bits() / 8) as usize;
+    if es == 0 || dtype.bits() % 8 != 0 {
+        return Err(SourceError::invalid(
+            source.path(),
+            &t.name,
+            format!("{dtype} values cannot be read as floats"),
+        ));
+    }
+    // The buffer is the thread's own (this is called from many small parallel tasks); nothing
+    // in the loop runs another task on this thread, so the borrow is not re-entered, and a
+    // fresh buffer covers the case anyway.
+    RAW.with(|raw| {
+        let mut fresh = ReadBuffer::new();
+        let mut borrowed = raw.try_borrow_mut();
+        let raw = match borrowed.as_deref_mut() {
+            Ok(raw) => raw,
+            Err(_) => &mut fresh,
+        };
+        let mut at = start;
+        for piece in out.chunks_mut(WIDEN_PIECE) {
+            let bytes = raw.get(piece.len() * es, WIDEN_PIECE * es);
+            source.read_raw(index, at * es as u64, bytes)?;
+            widen_to_f32(dtype, bytes, piece)
+                .map_err(|e| SourceError::invalid(source.path(), &t.name, e))?;
+            at += piece.len() as u64;
+        }
+        Ok(())
+    })
+}
+
+/// Tensor `index` of `source`, or an error naming the file.
+pub fn tensor<S: TensorSource + ?Sized>(
+    source: &S,
+    index: usize,
+) -> Result<&SourceTensor, SourceError> {
+    source.tensors().get(index).ok_or_else(|| {
+        SourceError::invalid(
+            source.path(),
+            &format!("#{index}"),
+            "no such tensor in the source",
+        )
+    })
+}
+
+/// Refuses elements `start..start + len` unless they lie inside `t`.
+pub fn check_range<S: TensorSource + ?Sized>(
+    source: &S,
+    t: &SourceTensor,
+    start: u64,
+    len: u64,
+) -> Result<(), SourceError> {
+    if start.checked_add(len).is_none_or(|e| e > t.n_elements()) {
+        return Err(SourceError::invalid(
+            source.path(),
+            &t.name,
+            format!("elements {start}+{len} are outside the tensor"),
+        ));
+    }
+    Ok(())
+}
+
+/// The tensors of a validated safetensors header, as a source serves them unchanged.
+pub fn safetensors_tensors(file: &SafetensorsFile) -> Vec<SourceTensor> {
+    file.header
+        .tensors
+        .iter()
+        .map(|e| SourceTensor {
+            name: e.name.clone(),
+            shape: e.shape.clone(),
+            dtype: e.dtype,
+            stored: Stored::Safetensors(e.dtype),
+            source_bytes: e.byte_len(),
+        })
+        .collect()
+}
+
+/// A safetensors file, every tensor served as stored.
+///
+/// Reading the tensors in order reads the file sequentially: a validated header's tensors cover
+/// the data section exactly, in offset order.
+#[derive(Debug)]
+pub struct SafetensorsSource {
+    file: SafetensorsFile,
+    tensors: Vec<SourceTensor>,
+}
+
+impl SafetensorsSource {
+    /// Opens and validates `path`.
+    pub fn open(path: &Path) -> Result<SafetensorsSource, SafetensorsError> {
+        Ok(SafetensorsSource::new(SafetensorsFile::open(path)?))
+    }
+
+    /// Serves the tensors of an opened file.
+    pub fn new(file: SafetensorsFile) -> SafetensorsSource {
+        let tensors = safetensors_tensors(&file);
+        SafetensorsSource { file, tensors }
+    }
+
+    /// The opened file.
+    pub fn file(&self) -> &SafetensorsFile {
+        &self.file
+    }
+}
+
+impl TensorSource for SafetensorsSource {
+    fn path(&self) -> &Path {
+        &self.file.path
+    }
+
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
+    }
+
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.file.header.metadata
+    }
+
+    fn read_raw(&self, index: usize, byte_offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let entry = self.file.header.tensors.get(index).ok_or_else(|| {
+            SourceError::invalid(&self.file.path, &format!("#{index}"), "no such tensor")
+        })?;
+        Ok(self.file.read_tensor_range(entry, byte_offset, buf)?)
+    }
+
+    fn check_unchanged(&self) -> Result<(), SourceError> {
+        Ok(self.file.check_unchanged()?)
+    }
+}
+
+/// Opens a safetensors file as converters read it: through [`crate::scaled::ScaledFp8`] (weights
+/// de-scaled, scales and markers hidden) when it has a scaled-fp8 layout, as stored otherwise.
+/// A layout that cannot be served correctly is refused ([`SourceError::Invalid`]).
+pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
+    let file = SafetensorsFile::open(path)?;
+    match crate::scaled::ScaledLayout::of_file(&file) {
+        Ok(None) => Ok(Box::new(SafetensorsSource::new(file))),
+        Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledFp8::new(file, layout)?)),
+        Err(e) => Err(SourceError::Invalid {
+            path: path.to_owned(),
+            tensor: e.tensor,
+            problem: e.problem,
+        }),
+    }
+}
