@@ -24,6 +24,9 @@ pub trait Piece: Sync {
     fn out_len(&self) -> usize;
 }
 
+/// A converter's work for one piece: fill the slice (exactly [`Piece::out_len`] bytes).
+pub type Produce<'a, P, E> = dyn Fn(&P, &mut [u8]) -> Result<(), E> + Sync + 'a;
+
 /// Why [`stream`] stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError<E> {
@@ -42,7 +45,7 @@ pub enum StreamError<E> {
 pub fn stream<P, W, E>(
     pieces: impl IntoIterator<Item = P>,
     out: &mut W,
-    produce: &(dyn Fn(&P, &mut [u8]) -> Result<(), E> + Sync),
+    produce: &Produce<'_, P, E>,
     written: &mut dyn FnMut(&P),
     cancel: Option<&AtomicBool>,
 ) -> Result<(), StreamError<E>>

@@ -427,7 +427,7 @@ impl TensorSource for ScaledFp8 {
         if scale.is_none() {
             return Ok(self.file.read_tensor_range(entry, byte_offset, buf)?);
         }
-        if byte_offset % 4 != 0 || buf.len() % 4 != 0 {
+        if !byte_offset.is_multiple_of(4) || !buf.len().is_multiple_of(4) {
             return Err(SourceError::invalid(
                 &self.file.path,
                 &entry.name,
