@@ -71,10 +71,6 @@ INPUT_SCALE_LAYER = "double_blocks.0.img_attn.qkv"
 INPUT_SCALE = 0.75
 
 
-def f32(x):
-    return struct.unpack("<f", struct.pack("<f", x))[0]
-
-
 def finite_codes(dtype):
     """All byte patterns of an fp8 dtype that decode to a finite value."""
     all_bytes = torch.arange(256, dtype=torch.uint8).view(dtype).to(torch.float32)
