@@ -36,9 +36,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tensorfile::safetensors::Dtype;
 use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec};
-use serde_json::Value;
 
 use crate::{DynResult, repo_root};
 

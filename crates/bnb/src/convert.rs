@@ -4,11 +4,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Write};
 use std::path::Path;
 
-use tensorfile::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
-use tensorfile::SafetensorsWriter;
-use tensorfile::cast::{CastStats, cast_slice};
 use rayon::prelude::*;
 use serde::Serialize;
+use tensorfile::SafetensorsWriter;
+use tensorfile::cast::{CastStats, cast_slice};
+use tensorfile::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
 
 use crate::codes::{DYNAMIC_MAP_BITS, FP4_BITS, NF4_BITS};
 use crate::error::BnbError;

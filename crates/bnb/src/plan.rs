@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 
 use detect::Precision;
-use tensorfile::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry};
 use tensorfile::TensorSpec;
 use tensorfile::cast::is_cast_source;
+use tensorfile::safetensors::{Dtype, Header, SafetensorsFile, TensorEntry};
 
 use crate::error::BnbError;
 use crate::kernels::{BLOCKSIZE, NESTED_BLOCKSIZE, QuantType};

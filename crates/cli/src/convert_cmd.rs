@@ -57,6 +57,7 @@ pub fn exit_for(e: &SmartError) -> Exit {
         SmartError::Detect(_)
         | SmartError::UnknownSourcePrecision(_)
         | SmartError::Unsupported { .. }
+        | SmartError::UnreadableSource { .. }
         | SmartError::SourceIsOutput(_)
         | SmartError::Cache(cache::CacheError::NotAFile(_)) => Exit::BadInput,
         _ => Exit::Failed,

@@ -28,11 +28,12 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use tensorfile::gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
 use serde::Serialize;
+use tensorfile::gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
 
 use crate::precision::{Container, Precision};
-use tensorfile::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError};
+use tensorfile::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError, TensorEntry};
+use tensorfile::scaled::{LayoutError, ScaledLayout};
 
 /// What [`detect`] found. This struct, serialized, is the stable JSON of
 /// `convcache detect --json`; every field is documented with its JSON spelling.
@@ -130,16 +131,22 @@ pub struct DtypeCount {
     pub bytes: u64,
 }
 
-/// ComfyUI's scaled-fp8 layout: fp8 weights with per-tensor float32 scales.
+/// ComfyUI's scaled-fp8 layouts: fp8 weights with per-tensor float32 scales (parsed by
+/// `tensorfile::scaled`, the one reader of these layouts).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Fp8Scaling {
+    /// `"scaled_fp8"` (the legacy marker and `scale_weight` layout) or `"comfy_quant"`
+    /// (ComfyUI's per-layer mixed-precision layout, `weight_scale`).
+    pub layout: &'static str,
+    /// Scaled layers per format (`"float8_e4m3fn"`, `"float8_e5m2"`).
+    pub formats: BTreeMap<String, u64>,
     /// The key of the `scaled_fp8` marker tensor, if present.
     pub marker: Option<String>,
     /// The marker's dtype (ComfyUI reads the fp8 flavour from it; F32 means e4m3fn).
     pub marker_dtype: Option<String>,
-    /// Number of `*.scale_weight` tensors (one per scaled weight).
+    /// Number of weight scales (`scale_weight` or `weight_scale`; one per scaled weight).
     pub scale_weights: u64,
-    /// Number of `*.scale_input` tensors (activation scales).
+    /// Number of activation scales (`scale_input` or `input_scale`).
     pub scale_inputs: u64,
 }
 
@@ -373,7 +380,21 @@ pub fn detect(path: &Path) -> Result<Detection, DetectError> {
                 .map_err(|e| DetectError::from_io(path, e))?;
             let header = safetensors::read_header_from(&mut file, path, file_len)
                 .map_err(DetectError::from_safetensors)?;
-            Ok(detect_safetensors(path, &header, file_len))
+            // The comfy_quant layout keeps each layer's format in a tiny U8 tensor: read those
+            // (at most 64 KiB each, bounds-checked against the validated header), nothing else.
+            let mut read_small = |t: &TensorEntry| {
+                let mut buf = vec![0u8; t.byte_len() as usize];
+                let at = header.data_start + t.data_offsets.0;
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, at).map_err(
+                    |source| SafetensorsError::Io {
+                        path: path.to_owned(),
+                        source,
+                    },
+                )?;
+                Ok(buf)
+            };
+            let scaled = ScaledLayout::parse(&header, &mut read_small);
+            Ok(detect_safetensors(path, &header, file_len, scaled))
         }
         Some(Format::Gguf) => {
             drop(file);
@@ -518,27 +539,15 @@ fn detect_bitsandbytes(header: &Header) -> Option<BnbLayout> {
     })
 }
 
-fn detect_fp8_scaling(header: &Header) -> Option<Fp8Scaling> {
-    let marker = header
-        .tensors
-        .iter()
-        .find(|t| t.name == "scaled_fp8" || t.name.ends_with(".scaled_fp8"));
-    let scale_weights = header
-        .tensors
-        .iter()
-        .filter(|t| t.name.ends_with(".scale_weight"))
-        .count() as u64;
-    let scale_inputs = header
-        .tensors
-        .iter()
-        .filter(|t| t.name.ends_with(".scale_input"))
-        .count() as u64;
-    (marker.is_some() || scale_weights > 0).then(|| Fp8Scaling {
-        marker: marker.map(|t| t.name.clone()),
-        marker_dtype: marker.map(|t| t.dtype.as_str().to_owned()),
-        scale_weights,
-        scale_inputs,
-    })
+fn fp8_scaling(layout: &ScaledLayout) -> Fp8Scaling {
+    Fp8Scaling {
+        layout: layout.kind.name(),
+        formats: layout.formats.clone(),
+        marker: layout.marker.as_ref().map(|(name, _)| name.clone()),
+        marker_dtype: layout.marker.as_ref().map(|(_, d)| d.as_str().to_owned()),
+        scale_weights: layout.layers.len() as u64,
+        scale_inputs: layout.input_scales,
+    }
 }
 
 /// The precision a file name's suffix names (`flux_fp8_e4m3fn`, `model_Q4_K_M`), trying the
@@ -576,7 +585,12 @@ fn architecture_from_tensor_names<'a>(
     }
 }
 
-fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection {
+fn detect_safetensors(
+    path: &Path,
+    header: &Header,
+    file_len: u64,
+    scaled: Result<Option<ScaledLayout>, LayoutError>,
+) -> Detection {
     let mut rows: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for t in &header.tensors {
         let e = rows.entry(t.dtype.as_str().to_owned()).or_default();
@@ -584,9 +598,18 @@ fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection 
         e.1 = e.1.saturating_add(t.byte_len());
     }
     let bitsandbytes = detect_bitsandbytes(header);
-    let fp8_scaling = detect_fp8_scaling(header);
     let mut notes = Vec::new();
     let mut supported_as_source = true;
+    let fp8_scaling = match &scaled {
+        Ok(layout) => layout.as_ref().map(fp8_scaling),
+        Err(e) => {
+            supported_as_source = false;
+            notes.push(format!(
+                "a ComfyUI quantized layout convcache cannot read: {e}"
+            ));
+            None
+        }
+    };
 
     let (precision, evidence) = if let Some(bnb) = bitsandbytes {
         (Some(bnb.quant_type.precision()), Evidence::Header)
@@ -630,7 +653,9 @@ fn detect_safetensors(path: &Path, header: &Header, file_len: u64) -> Detection 
 
     if let Some(s) = &fp8_scaling {
         notes.push(format!(
-            "ComfyUI scaled fp8: {} per-tensor weight scales{}",
+            "ComfyUI scaled fp8 ({} layout): {} per-tensor weight scales{}; converted \
+             de-scaled",
+            s.layout,
             s.scale_weights,
             if s.marker.is_some() {
                 ", `scaled_fp8` marker present"

@@ -10,9 +10,9 @@
 //! `corpus` (hidden) builds the adversarial files shared by the tests and `cargo xtask
 //! fixtures`.
 
+pub mod arch;
 #[doc(hidden)]
 pub mod corpus;
-pub mod arch;
 pub mod detection;
 pub mod precision;
 

@@ -3,9 +3,9 @@
 mod common;
 
 use common::{Kv, gguf_file, safetensors, write_temp};
-use tensorfile::safetensors::Dtype;
 use detect::{BnbQuantType, Evidence, Format, Precision, detect, should_skip};
 use tensorfile::gguf::{FileType, GgmlType};
+use tensorfile::safetensors::Dtype;
 
 #[test]
 fn dominant_dtype_by_bytes_not_first_tensor() {

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use tensorfile::safetensors::read_header;
 use detect::{BnbQuantType, Evidence, Precision, detect};
+use tensorfile::safetensors::read_header;
 
 fn golden(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

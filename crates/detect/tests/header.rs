@@ -5,10 +5,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use proptest::prelude::*;
 use tensorfile::safetensors::{
     Dtype, HeaderError, MAX_HEADER_LEN, SafetensorsFile, TensorEntry, parse_header, read_header,
 };
-use proptest::prelude::*;
 
 fn dtype() -> impl Strategy<Value = Dtype> {
     proptest::sample::select(Dtype::ALL.to_vec())

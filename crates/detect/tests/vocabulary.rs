@@ -3,8 +3,8 @@
 
 use detect::precision::Container;
 use detect::{Precision, should_skip};
-use tensorfile::gguf::FileType;
 use proptest::prelude::*;
+use tensorfile::gguf::FileType;
 
 /// Every accepted spelling (lowercase, `_` form) and what it means.
 fn spellings() -> Vec<(String, Precision)> {

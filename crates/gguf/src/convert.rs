@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use detect::arch::Arch;
 use crate::mix::{self, GgufPlan, PlanError, SourceDtype, SourceTensor};
 use crate::quant::{
     self, QuantError, bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits,
@@ -26,6 +25,7 @@ use crate::quant::{
 use crate::reader::{GgufError, GgufFile, MetadataValue, TensorInfo};
 use crate::types::{FileType, GgmlType};
 use crate::writer::{GgufWriter, TensorDesc};
+use detect::arch::Arch;
 
 /// Elements per chunk: 4M f32 values (16 MiB), rounded down to whole rows.
 const CHUNK_ELEMS: u64 = 4 << 20;

@@ -11,9 +11,9 @@
 
 use std::collections::BTreeMap;
 
-use detect::arch::{self, Arch, KeyPrefix};
 use crate::reader::MetadataValue;
 use crate::types::{FileType, GgmlType};
+use detect::arch::{self, Arch, KeyPrefix};
 
 /// convert.py keeps tensors at or under this many elements in F32 (when the source is F32/BF16).
 const QUANTIZATION_THRESHOLD: u64 = 1024;

@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use tensorfile::safetensors::Dtype;
 use tensorfile::cast_slice;
+use tensorfile::safetensors::Dtype;
 
 fn main() {
     let n = 16 << 20;

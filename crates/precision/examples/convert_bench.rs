@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use detect::Precision;
-use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use precision::{convert, plan};
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use tensorfile::{SafetensorsWriter, TensorSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -63,7 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Precision::Fp8E5m2,
         Precision::Fp32,
     ] {
-        let p = plan(&src.header, target)?;
+        let p = plan(&src, target)?;
         let start = Instant::now();
         convert(&src, &p, &BTreeMap::new(), std::io::sink(), &mut |_, _| {})?;
         let sink = start.elapsed().as_secs_f64();

@@ -1,13 +1,17 @@
 //! The safetensors -> safetensors precision converter.
 //!
-//! [`plan`] decides, from the header alone, what every output tensor is (name, dtype, shape) and
-//! how it is produced; [`Plan::output_len`] gives the exact output size before anything is
-//! written; [`convert`] streams the conversion: header first, then tensor by tensor, large tensors
-//! in chunks converted in parallel into a reused buffer while the previous chunk is written.
-//! Memory is bounded by three chunk buffers (one read, two converted), never by the model: the
-//! source is read with positioned reads into page-aligned buffers, not through its memory map
-//! (see `read_piece`). [`convert_observing_source`] also hands every source byte, in file
-//! order, to the caller, which hashes the source in this same pass.
+//! [`plan`] decides, from the source's tensor list alone, what every output tensor is (name,
+//! dtype, shape) and how it is produced; [`Plan::output_len`] gives the exact output size before
+//! anything is written; [`convert`] streams the conversion through `tensorfile::pipeline`:
+//! header first, then tensor by tensor, large tensors in chunks converted in parallel while the
+//! previous chunk is written. Memory is bounded by three chunk buffers (one read, two
+//! converted), never by the model: the source is read with positioned reads into page-aligned
+//! buffers, not through a memory map. [`convert_observing_source`] also hands every source
+//! byte, in file order, to the caller, which hashes the source in this same pass.
+//!
+//! The source is any [`TensorSource`]: a safetensors file, a scaled-fp8 file seen through
+//! `tensorfile::scaled` (its weights served de-scaled as F32, so a 16-bit target rounds
+//! `w.to(f32) * scale` once, as torch does), or a GGUF file (dequantized to F32).
 //!
 //! Which tensors change (the rules of issue 3):
 //! - 32- and 16-bit targets: every floating tensor is cast to the target dtype.
@@ -22,15 +26,16 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::Mutex;
+
 use detect::Precision;
-use tensorfile::safetensors::{
-    Dtype, Header, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry,
-};
 use rayon::prelude::*;
 use serde::Serialize;
-
-use tensorfile::cast::{CastError, CastStats, cast_slice, is_cast_source};
+use tensorfile::cast::{CastError, CastStats, cast_slice, count_non_finite, is_cast_source};
+use tensorfile::pipeline::{self, StreamError};
 use tensorfile::safetensors::writer::{self, SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsFile};
+use tensorfile::{SourceError, SourceTensor, TensorSource};
 
 /// Bytes per chunk by default (one source and two output buffers of this size are alive at once).
 pub const DEFAULT_CHUNK_BYTES: usize = 2 << 20;
@@ -65,11 +70,11 @@ pub enum Action {
 pub struct Plan {
     /// The requested precision.
     pub target: Precision,
-    /// Output tensors: the source's names and shapes, in the source's data order.
+    /// Output tensors: the source's names and shapes, in the source's order.
     pub specs: Vec<TensorSpec>,
     /// How each output tensor is made (parallel to `specs`).
     pub actions: Vec<Action>,
-    /// Source dtype of each tensor (parallel to `specs`).
+    /// Dtype each source tensor is served in (parallel to `specs`).
     pub source_dtypes: Vec<Dtype>,
     /// Names of the 1-D and scalar float tensors an fp8 target keeps in 16 bits.
     pub kept_16bit: Vec<String>,
@@ -145,6 +150,13 @@ pub enum ConvertError {
     /// Reading the source failed.
     #[error("{}: reading the source failed: {source}", shown(path))]
     Read { path: PathBuf, source: io::Error },
+    /// The source's content cannot be served correctly (bad input).
+    #[error("{}: tensor {tensor:?}: {problem}", shown(path))]
+    InvalidSource {
+        path: PathBuf,
+        tensor: String,
+        problem: String,
+    },
     /// The source file is no longer the one whose header was validated.
     #[error(
         "{}: the file changed after it was opened (size or header differ)",
@@ -173,6 +185,7 @@ impl ConvertError {
             | ConvertError::PlanMismatch { path, .. }
             | ConvertError::Cast { path, .. }
             | ConvertError::Read { path, .. }
+            | ConvertError::InvalidSource { path, .. }
             | ConvertError::SourceChanged { path }
             | ConvertError::Write { path, .. } => path,
         }
@@ -186,10 +199,17 @@ impl ConvertError {
             | ConvertError::PlanMismatch { path, .. }
             | ConvertError::Cast { path, .. }
             | ConvertError::Read { path, .. }
+            | ConvertError::InvalidSource { path, .. }
             | ConvertError::SourceChanged { path }
             | ConvertError::Write { path, .. } => *path = file.to_owned(),
         }
         self
+    }
+
+    /// Whether the input is at fault (a source or plan convcache cannot convert), rather than
+    /// reading or writing.
+    pub fn is_input_fault(&self) -> bool {
+        self.io_error().is_none()
     }
 
     /// The I/O error, when reading or writing failed (to tell a full disk from bad input).
@@ -201,21 +221,39 @@ impl ConvertError {
     }
 }
 
-/// The output dtype of one source tensor, and whether it is a 1-D/scalar tensor kept 16-bit.
-fn output_dtype(entry: &TensorEntry, target: Dtype) -> Result<(Dtype, bool), ConvertError> {
-    if !entry.dtype.is_float() {
-        return Ok((entry.dtype, false));
+impl From<SourceError> for ConvertError {
+    fn from(e: SourceError) -> ConvertError {
+        match e {
+            SourceError::Io { path, source } => ConvertError::Read { path, source },
+            SourceError::Changed { path } => ConvertError::SourceChanged { path },
+            SourceError::Invalid {
+                path,
+                tensor,
+                problem,
+            } => ConvertError::InvalidSource {
+                path,
+                tensor,
+                problem,
+            },
+        }
     }
-    if !is_cast_source(entry.dtype) {
+}
+
+/// The output dtype of one source tensor, and whether it is a 1-D/scalar tensor kept 16-bit.
+fn output_dtype(t: &SourceTensor, target: Dtype) -> Result<(Dtype, bool), ConvertError> {
+    if !t.dtype.is_float() {
+        return Ok((t.dtype, false));
+    }
+    if !is_cast_source(t.dtype) {
         return Err(ConvertError::UnsupportedDtype {
             path: PathBuf::new(),
-            tensor: entry.name.clone(),
-            dtype: entry.dtype,
+            tensor: t.name.clone(),
+            dtype: t.dtype,
         });
     }
     let fp8 = matches!(target, Dtype::F8E4M3 | Dtype::F8E5M2);
-    if fp8 && entry.shape.len() < 2 {
-        let keep = match entry.dtype {
+    if fp8 && t.shape.len() < 2 {
+        let keep = match t.dtype {
             Dtype::F32 | Dtype::BF16 => Dtype::BF16,
             _ => Dtype::F16,
         };
@@ -224,13 +262,17 @@ fn output_dtype(entry: &TensorEntry, target: Dtype) -> Result<(Dtype, bool), Con
     Ok((target, false))
 }
 
-/// Plans the conversion of a file with this header to `target` (header only, no data read).
-pub fn plan(header: &Header, target: Precision) -> Result<Plan, ConvertError> {
+/// Plans the conversion of `source` to `target` (its tensor list only, no data read).
+pub fn plan<S: TensorSource + ?Sized>(source: &S, target: Precision) -> Result<Plan, ConvertError> {
+    plan_tensors(source.tensors(), target).map_err(|e| e.with_path(source.path()))
+}
+
+fn plan_tensors(tensors: &[SourceTensor], target: Precision) -> Result<Plan, ConvertError> {
     let dst = target_dtype(target).ok_or(ConvertError::UnsupportedTarget {
         path: PathBuf::new(),
         target,
     })?;
-    let n = header.tensors.len();
+    let n = tensors.len();
     let mut plan = Plan {
         target,
         specs: Vec::with_capacity(n),
@@ -239,38 +281,33 @@ pub fn plan(header: &Header, target: Precision) -> Result<Plan, ConvertError> {
         kept_16bit: Vec::new(),
         bytes_in: 0,
     };
-    for entry in &header.tensors {
-        let (dtype, kept) = output_dtype(entry, dst)?;
-        plan.actions.push(if dtype == entry.dtype {
+    for t in tensors {
+        let (dtype, kept) = output_dtype(t, dst)?;
+        plan.actions.push(if dtype == t.dtype {
             Action::Copy
         } else {
             Action::Cast
         });
         if kept {
-            plan.kept_16bit.push(entry.name.clone());
+            plan.kept_16bit.push(t.name.clone());
         }
-        plan.source_dtypes.push(entry.dtype);
+        plan.source_dtypes.push(t.dtype);
         plan.specs.push(TensorSpec {
-            name: entry.name.clone(),
+            name: t.name.clone(),
             dtype,
-            shape: entry.shape.clone(),
+            shape: t.shape.clone(),
         });
-        plan.bytes_in = plan.bytes_in.saturating_add(entry.byte_len());
+        plan.bytes_in = plan.bytes_in.saturating_add(t.source_bytes);
     }
     Ok(plan)
 }
 
-/// [`plan`] for an opened file, with its path in errors.
-pub fn plan_file(src: &SafetensorsFile, target: Precision) -> Result<Plan, ConvertError> {
-    plan(&src.header, target).map_err(|e| e.with_path(&src.path))
-}
-
 /// The output's `__metadata__`: the source's, with `extra` (provenance) added over it.
 pub fn merged_metadata(
-    source: &Header,
+    source: &BTreeMap<String, String>,
     extra: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let mut m = source.metadata.clone();
+    let mut m = source.clone();
     m.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     m
 }
@@ -294,8 +331,8 @@ impl Default for ConvertOptions {
 /// Converts `src` as `plan` says, writing the output file to `out` with `metadata` as its
 /// `__metadata__` (see [`merged_metadata`]). `progress(source_bytes_done, tensors_done)` is
 /// called after each written chunk. Writes exactly [`Plan::output_len`] bytes on success.
-pub fn convert<W: Write>(
-    src: &SafetensorsFile,
+pub fn convert<S: TensorSource + ?Sized, W: Write>(
+    src: &S,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
     out: W,
@@ -312,33 +349,28 @@ pub fn convert<W: Write>(
 }
 
 /// [`convert`] with explicit [`ConvertOptions`].
-pub fn convert_with<W: Write>(
-    src: &SafetensorsFile,
+pub fn convert_with<S: TensorSource + ?Sized, W: Write>(
+    src: &S,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
     out: W,
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ConvertError> {
-    checked_prefix(src, plan)?;
+    check_plan(src, plan)?;
+    src.check_unchanged()?;
     convert_source(src, plan, metadata, out, options, progress, None)
-}
-
-/// Refuses a plan made for another header or a source changed since it was opened; returns the
-/// source's prefix (length and header bytes) as validated.
-fn checked_prefix(src: &SafetensorsFile, plan: &Plan) -> Result<Vec<u8>, ConvertError> {
-    check_plan(&src.path, &src.header, plan)?;
-    src.unchanged_prefix().map_err(|e| read_error(src, e))
 }
 
 /// Receives every byte of the source file exactly once, in file order, as the conversion reads
 /// it (see [`convert_observing_source`]).
 pub type SourceObserver<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
 
-/// [`convert_with`], also handing the whole source file to `observer` in order: the length
-/// prefix and header first, then every tensor's bytes as they are read for the conversion. The
-/// caller can hash the source without reading it a second time (the content digest in an
-/// output's provenance).
+/// [`convert_with`] of a safetensors file served as stored, also handing the whole file to
+/// `observer` in order: the length prefix and header first, then every tensor's bytes as they
+/// are read for the conversion (a validated header's tensors cover the data section exactly, in
+/// offset order). The caller can hash the source without reading it a second time (the
+/// content digest in an output's provenance).
 pub fn convert_observing_source<W: Write>(
     src: &SafetensorsFile,
     plan: &Plan,
@@ -348,31 +380,12 @@ pub fn convert_observing_source<W: Write>(
     progress: &mut dyn FnMut(u64, u64),
     observer: SourceObserver<'_>,
 ) -> Result<Report, ConvertError> {
-    let prefix = checked_prefix(src, plan)?;
+    check_plan(src, plan)?;
+    let prefix = src
+        .unchanged_prefix()
+        .map_err(|e| ConvertError::from(SourceError::from(e)))?;
     observer(&prefix);
     convert_source(src, plan, metadata, out, options, progress, Some(observer))
-}
-
-/// The source's error as this crate's: a file changed since its header was validated is
-/// [`ConvertError::SourceChanged`], anything else a read failure.
-fn read_error(src: &SafetensorsFile, e: SafetensorsError) -> ConvertError {
-    match e {
-        SafetensorsError::Changed { .. } => ConvertError::SourceChanged {
-            path: src.path.clone(),
-        },
-        e => ConvertError::Read {
-            path: src.path.clone(),
-            source: e.into_io_error(),
-        },
-    }
-}
-
-/// Reads the source bytes of `piece` into `buf` (a positioned read: see the module docs).
-fn read_piece(src: &SafetensorsFile, piece: &Piece, buf: &mut [u8]) -> Result<(), ConvertError> {
-    let entry = &src.header.tensors[piece.tensor];
-    let offset = piece.start as u64 * (entry.dtype.bits() / 8);
-    src.read_tensor_range(entry, offset, buf)
-        .map_err(|e| read_error(src, e))
 }
 
 /// One unit of output: a whole small tensor, or a chunk of a large one.
@@ -383,6 +396,16 @@ struct Piece {
     start: usize,
     end: usize,
     last_of_tensor: bool,
+    /// Output bytes.
+    out_len: usize,
+    /// Source bytes it stands for (progress).
+    source_bytes: u64,
+}
+
+impl pipeline::Piece for Piece {
+    fn out_len(&self) -> usize {
+        self.out_len
+    }
 }
 
 /// Counts the output bytes that went through the writer.
@@ -402,18 +425,18 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
-/// The streaming loop. Memory: one source buffer and two output buffers of at most
-/// `options.chunk_bytes` each.
-fn convert_source<W: Write>(
-    source: &SafetensorsFile,
+/// The conversion itself: the header, then every piece through the pipeline. Memory: one
+/// source buffer and the pipeline's two output buffers, of at most `options.chunk_bytes` each.
+fn convert_source<S: TensorSource + ?Sized, W: Write>(
+    source: &S,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
     out: W,
     options: ConvertOptions,
     progress: &mut dyn FnMut(u64, u64),
-    mut observer: Option<SourceObserver<'_>>,
+    observer: Option<SourceObserver<'_>>,
 ) -> Result<Report, ConvertError> {
-    let (path, header) = (source.path.as_path(), &source.header);
+    let path = source.path();
     let write_err = |source: io::Error| ConvertError::Write {
         path: path.to_owned(),
         source,
@@ -447,117 +470,92 @@ fn convert_source<W: Write>(
     }
 
     let budget = options.chunk_bytes.max(1);
-    // Buffers are sized for the largest piece, so a small model allocates little.
-    let largest = |bytes: &dyn Fn(usize) -> u64| {
-        (0..plan.specs.len())
-            .map(|i| bytes(i).min(budget as u64) as usize)
-            .max()
-            .unwrap_or(0)
-    };
-    let in_cap = largest(&|i| header.tensors[i].byte_len());
-    let out_cap = largest(&|i| match plan.actions[i] {
-        Action::Cast => plan.specs[i].byte_len().unwrap_or(0),
-        Action::Copy => 0,
-    });
-    // Page-aligned (see `ReadBuffer`): the kernel copies into and out of them at full speed.
-    let mut input = ReadBuffer::new();
-    // `front` holds a converted piece waiting to be written while the next piece is read and
-    // converted into `back` on the thread pool.
-    let mut front = ReadBuffer::new();
-    let mut back = ReadBuffer::new();
-    let mut pending: Option<(Piece, usize)> = None;
-    let mut bytes_done = 0u64;
-    let mut tensors_done = 0u64;
-
-    let mut finish_piece = |piece: Piece, bytes_done: &mut u64, tensors_done: &mut u64| {
-        let entry = &header.tensors[piece.tensor];
-        *bytes_done += (piece.end - piece.start) as u64 * (entry.dtype.bits() / 8);
-        if piece.last_of_tensor {
-            *tensors_done += 1;
-        }
-        progress(*bytes_done, *tensors_done);
-    };
-
-    for piece in pieces(header, plan, budget) {
-        let entry = &header.tensors[piece.tensor];
-        let src_len = (piece.end - piece.start) * (entry.dtype.bits() / 8) as usize;
-        match plan.actions[piece.tensor] {
+    let tensors = source.tensors();
+    // The read buffer is sized for the largest piece, so a small model allocates little.
+    // Page-aligned (see `ReadBuffer`): the kernel copies into it at full speed. Only one piece
+    // is produced at a time, so the locks are never contended.
+    let in_cap = (0..plan.specs.len())
+        .filter(|&i| plan.actions[i] == Action::Cast)
+        .map(|i| tensors[i].byte_len().unwrap_or(0).min(budget as u64) as usize)
+        .max()
+        .unwrap_or(0);
+    let input = Mutex::new(ReadBuffer::new());
+    let stats = Mutex::new(CastStats::default());
+    let observer = observer.map(Mutex::new);
+    let produce = |piece: &Piece, dst: &mut [u8]| -> Result<(), ConvertError> {
+        let t = &tensors[piece.tensor];
+        let es = (t.dtype.bits() / 8) as usize;
+        let offset = (piece.start * es) as u64;
+        let observe = |bytes: &[u8]| {
+            if let Some(o) = &observer {
+                let mut o = o.lock().unwrap_or_else(|e| e.into_inner());
+                o(bytes);
+            }
+        };
+        let piece_stats = match plan.actions[piece.tensor] {
             Action::Copy => {
-                if let Some((p, len)) = pending.take() {
-                    write_some(&mut w, front.get(len, out_cap)).map_err(write_err)?;
-                    finish_piece(p, &mut bytes_done, &mut tensors_done);
+                source.read_raw(piece.tensor, offset, dst)?;
+                observe(dst);
+                CastStats {
+                    non_finite: count_non_finite(t.dtype, dst),
+                    ..CastStats::default()
                 }
-                let src = input.get(src_len, in_cap);
-                read_piece(source, &piece, src)?;
-                if let Some(observe) = observer.as_deref_mut() {
-                    observe(src);
-                }
-                write_some(&mut w, src).map_err(write_err)?;
-                report.non_finite += tensorfile::cast::count_non_finite(entry.dtype, src);
-                finish_piece(piece, &mut bytes_done, &mut tensors_done);
             }
             Action::Cast => {
+                let mut input = input.lock().unwrap_or_else(|e| e.into_inner());
+                let src = input.get((piece.end - piece.start) * es, in_cap);
+                source.read_raw(piece.tensor, offset, src)?;
+                let src = &*src;
                 let dst_dtype = plan.specs[piece.tensor].dtype;
-                let len = (piece.end - piece.start) * (dst_dtype.bits() / 8) as usize;
-                let src = input.get(src_len, in_cap);
-                let dst = back.get(len, out_cap);
-                let mut cast_result = Ok(CastStats::default());
-                let mut write_result = Ok(());
-                let observe = observer.as_deref_mut();
-                rayon::in_place_scope(|s| {
-                    s.spawn(|_| {
-                        cast_result = read_piece(source, &piece, src).and_then(|()| {
-                            let src = &*src;
-                            let mut cast = || {
-                                cast_par(entry.dtype, src, dst_dtype, dst).map_err(|source| {
-                                    ConvertError::Cast {
-                                        path: path.to_owned(),
-                                        tensor: entry.name.clone(),
-                                        source,
-                                    }
-                                })
-                            };
-                            match observe {
-                                // Hashing the chunk runs beside its cast, on the same bytes.
-                                Some(observe) => rayon::join(|| observe(src), cast).1,
-                                None => cast(),
-                            }
-                        });
-                    });
-                    if let Some((_, plen)) = pending {
-                        write_result = write_some(&mut w, front.get(plen, out_cap));
-                    }
-                });
-                write_result.map_err(write_err)?;
-                if let Some((p, _)) = pending.take() {
-                    finish_piece(p, &mut bytes_done, &mut tensors_done);
+                let mut cast = || {
+                    cast_par(t.dtype, src, dst_dtype, dst).map_err(|e| ConvertError::Cast {
+                        path: path.to_owned(),
+                        tensor: t.name.clone(),
+                        source: e,
+                    })
+                };
+                if observer.is_some() {
+                    // Hashing the chunk runs beside its cast, on the same bytes.
+                    rayon::join(|| observe(src), cast).1?
+                } else {
+                    cast()?
                 }
-                let stats = cast_result?;
-                report.overflowed += stats.overflowed;
-                report.non_finite += stats.non_finite;
-                std::mem::swap(&mut front, &mut back);
-                pending = Some((piece, len));
             }
+        };
+        *stats.lock().unwrap_or_else(|e| e.into_inner()) += piece_stats;
+        Ok(())
+    };
+    let mut bytes_done = 0u64;
+    let mut tensors_done = 0u64;
+    let streamed = pipeline::stream(
+        pieces(tensors, plan, budget),
+        &mut w,
+        &produce,
+        &mut |piece: &Piece| {
+            bytes_done += piece.source_bytes;
+            tensors_done += u64::from(piece.last_of_tensor);
+            progress(bytes_done, tensors_done);
+        },
+        None,
+    );
+    match streamed {
+        Ok(()) => {}
+        Err(StreamError::Produce(e)) => return Err(e),
+        Err(StreamError::Write(e)) => return Err(write_err(e)),
+        Err(StreamError::Cancelled) => {
+            return Err(write_err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "cancelled",
+            )));
         }
     }
-    if let Some((p, len)) = pending.take() {
-        write_some(&mut w, front.get(len, out_cap)).map_err(write_err)?;
-        finish_piece(p, &mut bytes_done, &mut tensors_done);
-    }
     let counting = w.finish().map_err(write_err)?;
+    let stats = stats.into_inner().unwrap_or_else(|e| e.into_inner());
+    report.overflowed = stats.overflowed;
+    report.non_finite = stats.non_finite;
     report.bytes_in = bytes_done;
     report.bytes_out = counting.written;
     Ok(report)
-}
-
-/// Writes a chunk; an empty one (an empty tensor) has nothing to write and is skipped, since
-/// the writer has already moved past empty tensors.
-fn write_some<W: Write>(w: &mut SafetensorsWriter<W>, bytes: &[u8]) -> io::Result<()> {
-    if bytes.is_empty() {
-        Ok(())
-    } else {
-        w.write_chunk(bytes)
-    }
 }
 
 /// Casts a chunk with every core.
@@ -579,70 +577,74 @@ fn cast_par(
 }
 
 /// The pieces of the output in order: each tensor whole, or in chunks of at most `budget` output
-/// bytes (and at most `budget` source bytes for copies).
+/// bytes (and at most `budget` source bytes).
 fn pieces<'p>(
-    header: &'p Header,
+    tensors: &'p [SourceTensor],
     plan: &'p Plan,
     budget: usize,
 ) -> impl Iterator<Item = Piece> + 'p {
-    header
-        .tensors
-        .iter()
-        .enumerate()
-        .flat_map(move |(i, entry)| {
-            let n = entry.n_elements() as usize;
-            let out_size = (plan.specs[i].dtype.bits() / 8) as usize;
-            let in_size = (entry.dtype.bits() / 8) as usize;
-            let per = (budget / out_size.max(in_size).max(1)).max(1);
-            let count = n.div_ceil(per).max(1);
-            (0..count).map(move |k| Piece {
+    tensors.iter().enumerate().flat_map(move |(i, t)| {
+        let n = t.n_elements() as usize;
+        let out_size = (plan.specs[i].dtype.bits() / 8) as usize;
+        let in_size = (t.dtype.bits() / 8) as usize;
+        let per = (budget / out_size.max(in_size).max(1)).max(1);
+        let count = n.div_ceil(per).max(1);
+        (0..count).map(move |k| {
+            let (start, end) = ((k * per).min(n), ((k + 1) * per).min(n));
+            Piece {
                 tensor: i,
-                start: (k * per).min(n),
-                end: ((k + 1) * per).min(n),
+                start,
+                end,
                 last_of_tensor: k + 1 == count,
-            })
+                out_len: (end - start) * out_size,
+                // Proportional, exact for sources that serve what they store.
+                source_bytes: (u128::from(t.source_bytes) * (end - start) as u128)
+                    .checked_div(n as u128)
+                    .unwrap_or(0) as u64,
+            }
         })
+    })
 }
 
-/// Refuses a plan made from another header (its fields are public, so it may have been edited).
-fn check_plan(path: &Path, header: &Header, plan: &Plan) -> Result<(), ConvertError> {
+/// Refuses a plan made for another source (its fields are public, so it may have been edited).
+fn check_plan<S: TensorSource + ?Sized>(source: &S, plan: &Plan) -> Result<(), ConvertError> {
     let mismatch = |detail: String| ConvertError::PlanMismatch {
-        path: path.to_owned(),
+        path: source.path().to_owned(),
         detail,
     };
-    let n = header.tensors.len();
+    let tensors = source.tensors();
+    let n = tensors.len();
     if plan.specs.len() != n || plan.actions.len() != n || plan.source_dtypes.len() != n {
         return Err(mismatch(format!(
             "{} tensors planned, the file has {n}",
             plan.specs.len()
         )));
     }
-    for ((entry, spec), (action, src_dtype)) in header
-        .tensors
+    for ((t, spec), (action, src_dtype)) in tensors
         .iter()
         .zip(&plan.specs)
         .zip(plan.actions.iter().zip(&plan.source_dtypes))
     {
-        if entry.name != spec.name || entry.shape != spec.shape || entry.dtype != *src_dtype {
-            return Err(mismatch(format!("tensor {:?} differs", entry.name)));
+        if t.name != spec.name || t.shape != spec.shape || t.dtype != *src_dtype {
+            return Err(mismatch(format!("tensor {:?} differs", t.name)));
         }
-        // Every byte length and element count below comes from a validated header; these
+        // Every byte length and element count below comes from a validated source; these
         // checks keep a hand-made plan from reading or writing out of bounds.
-        let n_elem = entry.n_elements();
-        let elem_bits_ok = entry.dtype.bits() % 8 == 0 && spec.dtype.bits() % 8 == 0;
+        let n_elem = t.n_elements();
+        let elem_bits_ok = t.dtype.bits() % 8 == 0 && spec.dtype.bits() % 8 == 0;
         let consistent = match action {
-            Action::Copy => spec.dtype == entry.dtype,
-            Action::Cast => is_cast_source(entry.dtype) && is_cast_source(spec.dtype),
+            Action::Copy => spec.dtype == t.dtype,
+            Action::Cast => is_cast_source(t.dtype) && is_cast_source(spec.dtype),
         };
         if !consistent
             || !elem_bits_ok
-            || entry.dtype.bytes_for(n_elem) != Some(entry.byte_len())
+            || t.byte_len().is_none()
             || usize::try_from(n_elem).is_err()
             || spec.byte_len().is_none()
         {
             return Err(mismatch(format!(
                 "tensor {:?}: {:?} from {} to {} is not possible",
-                entry.name, action, entry.dtype, spec.dtype
+                t.name, action, t.dtype, spec.dtype
             )));
         }
     }

@@ -9,5 +9,5 @@ pub mod convert;
 
 pub use convert::{
     Action, ConvertError, ConvertOptions, Plan, Report, SourceObserver, convert,
-    convert_observing_source, convert_with, merged_metadata, plan, plan_file, target_dtype,
+    convert_observing_source, convert_with, merged_metadata, plan, target_dtype,
 };

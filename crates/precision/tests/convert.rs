@@ -7,11 +7,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
-use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use precision::convert::{ConvertError, ConvertOptions, Report, convert_observing_source};
 use precision::{convert, convert_with, merged_metadata, plan};
-use tensorfile::{SafetensorsWriter, TensorSpec};
 use proptest::prelude::*;
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 const TARGETS: [Precision; 5] = [
     Precision::Fp32,
@@ -56,8 +56,8 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Converts `src` to `target` in memory with the source's metadata.
 fn run(src: &SafetensorsFile, target: Precision, chunk_bytes: usize) -> (Vec<u8>, Report) {
-    let p = plan(&src.header, target).unwrap();
-    let meta = merged_metadata(&src.header, &BTreeMap::new());
+    let p = plan(src, target).unwrap();
+    let meta = merged_metadata(&src.header.metadata, &BTreeMap::new());
     let mut out = Vec::new();
     let report = convert_with(
         src,
@@ -79,8 +79,8 @@ fn run_observed(
     target: Precision,
     chunk_bytes: usize,
 ) -> (Vec<u8>, Report, Vec<u8>) {
-    let p = plan(&src.header, target).unwrap();
-    let meta = merged_metadata(&src.header, &BTreeMap::new());
+    let p = plan(src, target).unwrap();
+    let meta = merged_metadata(&src.header.metadata, &BTreeMap::new());
     let mut out = Vec::new();
     let mut seen = Vec::new();
     let report = convert_observing_source(
@@ -150,7 +150,7 @@ fn e2e_matches_torch_for_every_target() {
 fn fp8_targets_keep_1d_and_scalars_16bit_and_copy_integers() {
     let src = SafetensorsFile::open(&golden("e2e_source.safetensors")).unwrap();
     for target in [Precision::Fp8E4m3fn, Precision::Fp8E5m2] {
-        let p = plan(&src.header, target).unwrap();
+        let p = plan(&src, target).unwrap();
         let dtype_of = |name: &str| {
             p.specs
                 .iter()
@@ -256,10 +256,10 @@ fn provenance_is_merged_over_source_metadata() {
     let mut extra = BTreeMap::new();
     extra.insert("convcache.target".to_string(), "bf16".to_string());
     extra.insert("format".to_string(), "pt".to_string());
-    let m = merged_metadata(&src.header, &extra);
+    let m = merged_metadata(&src.header.metadata, &extra);
     assert_eq!(m["golden"], "convcache precision e2e");
     assert_eq!(m["convcache.target"], "bf16");
-    let p = plan(&src.header, Precision::Bf16).unwrap();
+    let p = plan(&src, Precision::Bf16).unwrap();
     let mut out = Vec::new();
     convert(&src, &p, &m, &mut out, &mut |_, _| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -279,7 +279,7 @@ fn unsupported_targets_and_dtypes_are_refused_by_name() {
         &BTreeMap::new(),
     );
     let src = SafetensorsFile::open(&path).unwrap();
-    let err = precision::plan_file(&src, Precision::Fp16).unwrap_err();
+    let err = precision::plan(&src, Precision::Fp16).unwrap_err();
     assert!(matches!(err, ConvertError::UnsupportedDtype { .. }));
     let msg = err.to_string();
     assert!(msg.starts_with(&path.display().to_string()), "{msg}");
@@ -288,7 +288,7 @@ fn unsupported_targets_and_dtypes_are_refused_by_name() {
         "{msg}"
     );
 
-    let err = plan(&src.header, Precision::Nf4).unwrap_err();
+    let err = plan(&src, Precision::Nf4).unwrap_err();
     assert!(matches!(err, ConvertError::UnsupportedTarget { .. }));
     assert!(err.to_string().contains("nf4"), "{err}");
 }
@@ -296,7 +296,7 @@ fn unsupported_targets_and_dtypes_are_refused_by_name() {
 #[test]
 fn progress_reaches_the_totals() {
     let src = SafetensorsFile::open(&golden("e2e_source.safetensors")).unwrap();
-    let p = plan(&src.header, Precision::Fp8E4m3fn).unwrap();
+    let p = plan(&src, Precision::Fp8E4m3fn).unwrap();
     let mut calls = Vec::new();
     let mut out = Vec::new();
     convert_with(
@@ -345,7 +345,7 @@ impl Write for FullDisk {
 #[test]
 fn write_errors_are_reported_with_the_io_error() {
     let src = SafetensorsFile::open(&golden("e2e_source.safetensors")).unwrap();
-    let p = plan(&src.header, Precision::Bf16).unwrap();
+    let p = plan(&src, Precision::Bf16).unwrap();
     for left in [0, 10, 1500] {
         let err = convert_with(
             &src,
@@ -367,7 +367,7 @@ fn write_errors_are_reported_with_the_io_error() {
 #[test]
 fn a_plan_for_another_file_is_refused() {
     let src = SafetensorsFile::open(&golden("e2e_source.safetensors")).unwrap();
-    let mut p = plan(&src.header, Precision::Fp16).unwrap();
+    let mut p = plan(&src, Precision::Fp16).unwrap();
     p.specs[0].dtype = Dtype::I32;
     p.actions[0] = precision::Action::Copy;
     let err = convert(&src, &p, &BTreeMap::new(), Vec::new(), &mut |_, _| {}).unwrap_err();
@@ -471,7 +471,7 @@ fn a_source_changed_after_opening_is_refused() {
     };
     write(model("a", 8));
     let src = SafetensorsFile::open(&path).unwrap();
-    let p = plan(&src.header, Precision::Fp16).unwrap();
+    let p = plan(&src, Precision::Fp16).unwrap();
     // Same size, different header.
     write(model("b", 8));
     let err = convert(&src, &p, &BTreeMap::new(), Vec::new(), &mut |_, _| {}).unwrap_err();
@@ -512,8 +512,9 @@ fn large_tensors_split_across_chunks_and_threads() {
     for target in TARGETS {
         let dst = precision::target_dtype(target).unwrap();
         let mut expect = vec![0u8; n * (dst.bits() / 8) as usize];
-        let stats = tensorfile::cast_slice(Dtype::F32, src.tensor("w").unwrap().1, dst, &mut expect)
-            .unwrap();
+        let stats =
+            tensorfile::cast_slice(Dtype::F32, src.tensor("w").unwrap().1, dst, &mut expect)
+                .unwrap();
         for chunk_bytes in [1 << 20, 400_000, usize::MAX / 2] {
             let (bytes, report) = run(&src, target, chunk_bytes);
             let out = reopen(dir.path(), "o.safetensors", &bytes);

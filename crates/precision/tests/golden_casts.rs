@@ -7,9 +7,9 @@
 
 use std::collections::BTreeSet;
 
-use tensorfile::safetensors::Dtype;
-use tensorfile::cast::cast_slice;
 use serde_json::Value;
+use tensorfile::cast::cast_slice;
+use tensorfile::safetensors::Dtype;
 
 const GOLDEN: &str = include_str!("golden/casts.json");
 

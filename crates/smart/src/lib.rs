@@ -199,6 +199,9 @@ pub enum SmartError {
     /// The source's precision could not be determined.
     #[error("{0}: cannot determine the source's precision")]
     UnknownSourcePrecision(PathBuf),
+    /// The source is in a layout or dtype convcache cannot read (`why`: detection's notes).
+    #[error("{path}: cannot be converted: {why}")]
+    UnreadableSource { path: PathBuf, why: String },
     /// No backend converts this source to this target.
     #[error("{path}: no converter turns {from} into {target}")]
     Unsupported {
@@ -346,6 +349,12 @@ pub fn smart_convert_with(
 
     // Stage 3: convert.
     let Some(backend) = backend else {
+        if !detection.supported_as_source {
+            return Err(SmartError::UnreadableSource {
+                path: source.to_path_buf(),
+                why: detection.notes.join("; "),
+            });
+        }
         return Err(SmartError::Unsupported {
             path: source.to_path_buf(),
             from: sp.canonical_name().to_string(),

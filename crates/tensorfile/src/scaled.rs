@@ -22,8 +22,7 @@ use std::path::Path;
 
 use crate::safetensors::{Dtype, Header, SafetensorsError, SafetensorsFile, TensorEntry};
 use crate::source::{
-    HiddenTensor, SourceError, SourceTensor, TensorSource, check_range, read_f32_via_raw,
-    safetensors_tensors, tensor,
+    HiddenTensor, SourceError, SourceTensor, TensorSource, check_range, read_f32_via_raw, tensor,
 };
 
 /// Name (or suffix after `.`) of the legacy layout's marker tensor.
@@ -160,7 +159,10 @@ impl ScaledLayout {
                 let bytes = read_small(t).map_err(|e| layout_err(&t.name, e.to_string()))?;
                 let format = parse_comfy_quant(&t.name, &bytes)?;
                 formats_by_layer.insert(layer.to_owned(), format);
-                hidden.push((i, "comfy_quant layer format (the weight is served de-scaled)"));
+                hidden.push((
+                    i,
+                    "comfy_quant layer format (the weight is served de-scaled)",
+                ));
             }
         }
         let comfy = !formats_by_layer.is_empty();
@@ -337,7 +339,7 @@ pub struct ScaledFp8 {
 impl ScaledFp8 {
     /// Serves `file` de-scaled under `layout` (from [`ScaledLayout::of_file`]); reads the scales.
     pub fn new(file: SafetensorsFile, layout: ScaledLayout) -> Result<ScaledFp8, SourceError> {
-        let plain = safetensors_tensors(&file);
+        let plain = file.source_tensors().to_vec();
         let mut scales: HashMap<usize, (usize, f32)> = HashMap::new();
         for l in &layout.layers {
             let entry = &file.header.tensors[l.scale];

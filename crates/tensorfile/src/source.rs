@@ -3,7 +3,7 @@
 //! A source lists its tensors ([`SourceTensor`]: name, shape, the dtype it serves, what the file
 //! stores) and reads any element range of one of them, as raw bytes of the served dtype
 //! ([`TensorSource::read_raw`]) or widened exactly to f32 ([`TensorSource::read_f32`]).
-//! Implementations: a validated [`SafetensorsFile`] (here), the scaled-fp8 view
+//! Implementations: a validated [`SafetensorsFile`] (every tensor as stored), the scaled-fp8 view
 //! ([`crate::scaled::ScaledFp8`], de-scaled values, scale and marker tensors hidden) and a GGUF
 //! file (dequantizing; in the `gguf` crate, which has the block kernels).
 //!
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cast::widen_to_f32;
 use crate::gguf::GgmlType;
-use crate::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile};
+use crate::safetensors::{Dtype, Header, ReadBuffer, SafetensorsError, SafetensorsFile};
 
 /// What the file holds for a tensor (as opposed to the dtype a source serves it in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,8 +263,8 @@ pub fn check_range<S: TensorSource + ?Sized>(
 }
 
 /// The tensors of a validated safetensors header, as a source serves them unchanged.
-pub fn safetensors_tensors(file: &SafetensorsFile) -> Vec<SourceTensor> {
-    file.header
+pub(crate) fn safetensors_tensors(header: &Header) -> Vec<SourceTensor> {
+    header
         .tensors
         .iter()
         .map(|e| SourceTensor {
@@ -277,56 +277,31 @@ pub fn safetensors_tensors(file: &SafetensorsFile) -> Vec<SourceTensor> {
         .collect()
 }
 
-/// A safetensors file, every tensor served as stored.
-///
-/// Reading the tensors in order reads the file sequentially: a validated header's tensors cover
-/// the data section exactly, in offset order.
-#[derive(Debug)]
-pub struct SafetensorsSource {
-    file: SafetensorsFile,
-    tensors: Vec<SourceTensor>,
-}
-
-impl SafetensorsSource {
-    /// Opens and validates `path`.
-    pub fn open(path: &Path) -> Result<SafetensorsSource, SafetensorsError> {
-        Ok(SafetensorsSource::new(SafetensorsFile::open(path)?))
-    }
-
-    /// Serves the tensors of an opened file.
-    pub fn new(file: SafetensorsFile) -> SafetensorsSource {
-        let tensors = safetensors_tensors(&file);
-        SafetensorsSource { file, tensors }
-    }
-
-    /// The opened file.
-    pub fn file(&self) -> &SafetensorsFile {
-        &self.file
-    }
-}
-
-impl TensorSource for SafetensorsSource {
+/// A validated safetensors file serves every tensor as stored. Reading the tensors in order
+/// reads the file sequentially: a validated header's tensors cover the data section exactly, in
+/// offset order.
+impl TensorSource for SafetensorsFile {
     fn path(&self) -> &Path {
-        &self.file.path
+        &self.path
     }
 
     fn tensors(&self) -> &[SourceTensor] {
-        &self.tensors
+        self.source_tensors()
     }
 
     fn metadata(&self) -> &BTreeMap<String, String> {
-        &self.file.header.metadata
+        &self.header.metadata
     }
 
     fn read_raw(&self, index: usize, byte_offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let entry = self.file.header.tensors.get(index).ok_or_else(|| {
-            SourceError::invalid(&self.file.path, &format!("#{index}"), "no such tensor")
+        let entry = self.header.tensors.get(index).ok_or_else(|| {
+            SourceError::invalid(&self.path, &format!("#{index}"), "no such tensor")
         })?;
-        Ok(self.file.read_tensor_range(entry, byte_offset, buf)?)
+        Ok(self.read_tensor_range(entry, byte_offset, buf)?)
     }
 
     fn check_unchanged(&self) -> Result<(), SourceError> {
-        Ok(self.file.check_unchanged()?)
+        Ok(SafetensorsFile::check_unchanged(self)?)
     }
 }
 
@@ -336,7 +311,7 @@ impl TensorSource for SafetensorsSource {
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
     let file = SafetensorsFile::open(path)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
-        Ok(None) => Ok(Box::new(SafetensorsSource::new(file))),
+        Ok(None) => Ok(Box::new(file)),
         Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledFp8::new(file, layout)?)),
         Err(e) => Err(SourceError::Invalid {
             path: path.to_owned(),

@@ -18,10 +18,10 @@
 
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
 use tensorfile::gguf::reader::GgufFile;
 use tensorfile::gguf::writer::{GgufWriter, TensorDesc, dims_from_torch_shape, output_len};
 use tensorfile::gguf::{GgmlType, MetadataValue};
-use serde_json::Value;
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/gguf_container")

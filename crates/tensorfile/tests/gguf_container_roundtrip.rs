@@ -3,10 +3,10 @@
 
 use std::path::Path;
 
+use proptest::prelude::*;
 use tensorfile::gguf::reader::{GgufFile, MAX_DIMS};
 use tensorfile::gguf::writer::{GgufWriter, TensorDesc, output_len};
 use tensorfile::gguf::{GgmlType, MetadataValue};
-use proptest::prelude::*;
 
 /// Equality with floats compared by bits (NaN payloads and -0.0 must survive).
 fn same(a: &MetadataValue, b: &MetadataValue) -> bool {

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use tensorfile::safetensors::Dtype;
 use tensorfile::gguf::GgmlType;
+use tensorfile::safetensors::Dtype;
 
 /// A valid safetensors file: tensors laid out in the given order, data a fixed byte pattern,
 /// the header padded with spaces to a multiple of 8 as the reference writer does.

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use detect::detection::Format;
-use tensorfile::safetensors::SafetensorsFile;
 use detect::{Detection, Precision};
+use tensorfile::safetensors::SafetensorsFile;
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
 
@@ -61,7 +61,8 @@ impl Backend for BnbBackend {
             ::bnb::resolve_nested_offsets(&src, &mut plan).map_err(in_file)?;
             plan
         };
-        let metadata = precision::convert::merged_metadata(&src.header, job.extra_metadata);
+        let metadata =
+            precision::convert::merged_metadata(&src.header.metadata, job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
             .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;

@@ -1,12 +1,17 @@
 //! safetensors float -> fp32/fp16/bf16/fp8_e4m3fn/fp8_e5m2.
+//!
+//! A ComfyUI scaled-fp8 source is read through `tensorfile`'s de-scaling view, so its weights
+//! arrive as `w.to(f32) * scale` and its scale and marker tensors are not written; such a
+//! source is hashed in a separate pass (the view does not read the file in order).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
 use detect::detection::Format;
-use tensorfile::safetensors::SafetensorsFile;
 use detect::{Detection, Precision};
 use precision::convert::{self as conv, Plan};
+use tensorfile::safetensors::SafetensorsFile;
+use tensorfile::{TensorSource, open_safetensors};
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
 
@@ -33,14 +38,18 @@ impl Backend for PrecisionBackend {
         VERSION.to_string()
     }
 
-    fn observes_source(&self, _source: &Detection, _target: Precision) -> bool {
-        true
+    fn observes_source(&self, source: &Detection, _target: Precision) -> bool {
+        source.fp8_scaling.is_none()
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let src = SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?;
-        let plan = conv::plan_file(&src, job.target).map_err(SmartError::backend)?;
-        let metadata = conv::merged_metadata(&src.header, job.extra_metadata);
+        let src = if self.observes_source(job.source, job.target) {
+            Source::File(SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?)
+        } else {
+            Source::View(open_safetensors(job.source_path).map_err(SmartError::backend)?)
+        };
+        let plan = conv::plan(src.get(), job.target).map_err(SmartError::backend)?;
+        let metadata = conv::merged_metadata(src.get().metadata(), job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
             .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
@@ -53,8 +62,23 @@ impl Backend for PrecisionBackend {
     }
 }
 
+/// The file itself when the conversion hands it to the hasher in order, else the view.
+enum Source {
+    File(SafetensorsFile),
+    View(Box<dyn TensorSource>),
+}
+
+impl Source {
+    fn get(&self) -> &dyn TensorSource {
+        match self {
+            Source::File(f) => f,
+            Source::View(v) => v.as_ref(),
+        }
+    }
+}
+
 struct Planned {
-    src: SafetensorsFile,
+    src: Source,
     plan: Plan,
     metadata: BTreeMap<String, String>,
     output_len: u64,
@@ -74,7 +98,7 @@ impl PlannedConversion for Planned {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<serde_json::Value, SmartError> {
-        let report = conv::convert(&self.src, &self.plan, &self.metadata, out, progress)
+        let report = conv::convert(self.src.get(), &self.plan, &self.metadata, out, progress)
             .map_err(SmartError::backend)?;
         serde_json::to_value(report).map_err(SmartError::backend)
     }
@@ -85,8 +109,13 @@ impl PlannedConversion for Planned {
         progress: &mut dyn FnMut(u64, u64),
         observer: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<serde_json::Value, SmartError> {
+        let Source::File(file) = &self.src else {
+            return Err(SmartError::backend(
+                "a de-scaled source cannot be handed over while converting",
+            ));
+        };
         let report = conv::convert_observing_source(
-            &self.src,
+            file,
             &self.plan,
             &self.metadata,
             out,

@@ -953,6 +953,8 @@ pub struct SafetensorsFile {
     #[cfg(not(unix))]
     seek_lock: std::sync::Mutex<()>,
     mmap: memmap2::Mmap,
+    /// The header's tensors as a [`crate::TensorSource`] serves them.
+    source_tensors: Vec<crate::SourceTensor>,
 }
 
 impl SafetensorsFile {
@@ -981,13 +983,19 @@ impl SafetensorsFile {
         }
         Ok(SafetensorsFile {
             path: path.to_owned(),
-            header,
             file_len,
             file,
             #[cfg(not(unix))]
             seek_lock: std::sync::Mutex::new(()),
             mmap,
+            source_tensors: crate::source::safetensors_tensors(&header),
+            header,
         })
+    }
+
+    /// The header's tensors as this file serves them as a [`crate::TensorSource`].
+    pub fn source_tensors(&self) -> &[crate::SourceTensor] {
+        &self.source_tensors
     }
 
     /// Size of the file in bytes when its header was validated.

@@ -165,6 +165,26 @@ impl<W: Write> SafetensorsWriter<W> {
     }
 }
 
+/// Tensor data as a byte stream: a write may span tensors (it is split at their boundaries), so
+/// a converter's piece can hold several small tensors. Writing past the last tensor fails.
+impl<W: Write> Write for SafetensorsWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let Some((_, len)) = self.lens.get(self.current) else {
+            return Err(invalid("more tensor data than the header declares".into()));
+        };
+        let n = (len - self.written_in_current).min(buf.len() as u64) as usize;
+        self.write_chunk(&buf[..n])?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
