@@ -18,18 +18,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 
-/// Tensors with at most this many elements are stored in F32 (F16 for F16/FP8 sources)
-/// rather than quantized (convert.py `QUANTIZATION_THRESHOLD`).
-pub const QUANTIZATION_THRESHOLD: u64 = 1024;
-/// The sd1/sdxl reshape applies only to tensors with at least this many elements
-/// (convert.py `REARRANGE_THRESHOLD`).
-pub const REARRANGE_THRESHOLD: u64 = 512;
-/// Longest tensor name convert.py accepts (patched llama.cpp has `GGML_MAX_NAME` = 128).
-pub const MAX_TENSOR_NAME_LENGTH: usize = 127;
-/// Most dims llama-quantize handles (convert.py `MAX_TENSOR_DIMS`); larger tensors are written
-/// as F32 with all their dims, as `fix_5d_tensors.py` does.
-pub const MAX_TENSOR_DIMS: usize = 4;
-
 /// A diffusion-model architecture, as named in `general.architecture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Arch {
@@ -426,14 +414,14 @@ impl Arch {
     }
 
     /// Whether convert.py's sd1/sdxl reshape applies: a tensor with more than one dim, at least
-    /// [`REARRANGE_THRESHOLD`] elements, an element count divisible by 256 and a last torch dim
+    /// convert.py's `REARRANGE_THRESHOLD` (512) elements, an element count divisible by 256 and a last torch dim
     /// not divisible by 256 is stored as `(n/256, 256)` with its original shape recorded in
     /// `comfy.gguf.orig_shape.<name>` (INT32 array, torch order).
     pub fn shape_fix(self) -> bool {
         self.spec().shape_fix
     }
 
-    /// Whether tensors with more than [`MAX_TENSOR_DIMS`] dims are tolerated (hyvid, wan: they
+    /// Whether tensors with more than convert.py's `MAX_TENSOR_DIMS` (4) dims are tolerated (hyvid, wan: they
     /// end up as F32 with all their dims); for other architectures such a tensor is an error.
     pub fn ndims_fix(self) -> bool {
         self.spec().ndims_fix
