@@ -43,7 +43,8 @@ pub enum ConvertError {
     /// The source file changed (or could not be checked) since it was planned.
     #[error(transparent)]
     SourceChanged(SourceError),
-    /// The values cannot be quantized (non-finite values).
+    /// The quantizer refused a buffer (its lengths are the converter's doing, not the
+    /// input's).
     #[error("quantizing tensor `{name}`: {source}")]
     Quant {
         /// The GGUF tensor name.
@@ -63,15 +64,15 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
-    /// Whether the fault is in the input (its values, its shapes, a changed file) rather than
-    /// in reading or writing files.
+    /// Whether the fault is in the input (its data, its shapes, a changed file) rather than
+    /// in reading or writing files or in the converter.
     pub fn is_input_fault(&self) -> bool {
         match self {
             ConvertError::Source { source, .. } | ConvertError::SourceChanged(source) => {
                 source.is_input_fault()
             }
-            ConvertError::Quant { .. } | ConvertError::Size { .. } => true,
-            ConvertError::Io(_) => false,
+            ConvertError::Size { .. } => true,
+            ConvertError::Quant { .. } | ConvertError::Io(_) => false,
         }
     }
 }

@@ -31,8 +31,11 @@ const MAX_GGML_DIMS: usize = 4;
 /// The element type of a source tensor, as far as the policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceDtype {
+    /// float32.
     F32,
+    /// float16.
     F16,
+    /// bfloat16.
     BF16,
     /// Either fp8 flavour: convert.py widens these to F16.
     F8,
@@ -77,9 +80,11 @@ impl SourceDtype {
 /// One tensor of the source state dict.
 #[derive(Debug, Clone, Copy)]
 pub struct InputTensor<'a> {
+    /// Its key in the source.
     pub name: &'a str,
     /// Torch order.
     pub shape: &'a [u64],
+    /// What the source stores.
     pub dtype: SourceDtype,
 }
 
@@ -124,17 +129,24 @@ impl PlannedTensor {
 /// A tensor left out of the output, and why.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DroppedTensor {
+    /// Its key in the source.
     pub name: String,
+    /// Why it is not written.
     pub reason: &'static str,
 }
 
 /// The whole output: metadata in file order, tensors in file order.
 #[derive(Debug, Clone)]
 pub struct GgufPlan {
+    /// The architecture written in `general.architecture`.
     pub arch: Arch,
+    /// The target.
     pub file_type: FileType,
+    /// Every metadata key, in file order.
     pub metadata: Vec<(String, MetadataValue)>,
+    /// Every tensor written, in file order.
     pub tensors: Vec<PlannedTensor>,
+    /// Source tensors left out.
     pub dropped: Vec<DroppedTensor>,
     /// Tensors the mix would quantize whose rows are not whole blocks of the chosen type: they
     /// took the fallback (F16 for K-quants, else the base type).
@@ -173,16 +185,34 @@ impl GgufPlan {
 /// Why a state dict cannot be converted.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    /// The architecture cannot be told from the tensor names.
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
+    /// A float dtype convcache cannot read.
     #[error("tensor `{name}` has dtype that cannot be converted to GGUF")]
-    UnsupportedDtype { name: String },
+    UnsupportedDtype {
+        /// The tensor.
+        name: String,
+    },
+    /// A name ggml cannot hold.
     #[error("tensor name `{name}` is longer than {MAX_TENSOR_NAME_LEN} bytes")]
-    NameTooLong { name: String },
+    NameTooLong {
+        /// The tensor.
+        name: String,
+    },
+    /// A shape whose element count does not fit in a u64 (or an orig_shape dim in an i32).
     #[error("tensor `{name}`: element count overflows")]
-    ShapeOverflow { name: String },
+    ShapeOverflow {
+        /// The tensor.
+        name: String,
+    },
+    /// Two keys that are the same once the prefix is stripped.
     #[error("two source tensors map to the GGUF name `{name}`")]
-    DuplicateName { name: String },
+    DuplicateName {
+        /// The GGUF name.
+        name: String,
+    },
+    /// Every tensor was dropped.
     #[error("no tensors left to convert")]
     Empty,
 }
