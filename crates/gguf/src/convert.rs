@@ -129,7 +129,7 @@ impl Report {
 }
 
 /// The tensor descriptors for the writer.
-pub fn tensor_descs(plan: &GgufPlan) -> Vec<TensorDesc> {
+fn tensor_descs(plan: &GgufPlan) -> Vec<TensorDesc> {
     plan.tensors
         .iter()
         .map(|t| TensorDesc {
@@ -141,7 +141,7 @@ pub fn tensor_descs(plan: &GgufPlan) -> Vec<TensorDesc> {
 }
 
 /// The plan's metadata followed by `extra` (provenance keys).
-pub fn full_metadata(
+fn full_metadata(
     plan: &GgufPlan,
     extra: &[(String, MetadataValue)],
 ) -> Vec<(String, MetadataValue)> {
@@ -150,7 +150,7 @@ pub fn full_metadata(
 
 /// Provenance keys as STRING KVs for [`write_gguf`]'s `extra_metadata`: after the policy's
 /// keys, and never shadowing one of them.
-pub fn provenance_metadata(
+fn provenance_metadata(
     plan: &GgufPlan,
     provenance: &BTreeMap<String, String>,
 ) -> Vec<(String, MetadataValue)> {
@@ -170,13 +170,6 @@ pub fn output_len(plan: &GgufPlan, extra: &[(String, MetadataValue)]) -> io::Res
 /// llama-quantize widens it: F16 and BF16 round to nearest even (numpy's `astype(float16)` and
 /// gguf-py's BF16 both do), widening is exact. Other bases leave the values alone.
 pub fn round_through(base: GgmlType, values: &mut [f32]) {
-    values
-        .par_chunks_mut(1 << 14)
-        .for_each(|c| round_through_serial(base, c));
-}
-
-/// [`round_through`] on the calling thread.
-fn round_through_serial(base: GgmlType, values: &mut [f32]) {
     match base {
         GgmlType::F16 => values
             .iter_mut()
@@ -379,7 +372,7 @@ fn convert_chunk(
                     source,
                 })
                 .and_then(|()| {
-                    round_through_serial(t.base_type, &mut values);
+                    round_through(t.base_type, &mut values);
                     quant::quantize(t.ggml_type, &values, dst).map_err(|source| {
                         ConvertError::Quant {
                             name: t.name.clone(),
