@@ -465,7 +465,7 @@ impl GgufConversion {
     }
 
     /// The plan.
-    pub fn plan_of(&self) -> &GgufPlan {
+    pub fn gguf_plan(&self) -> &GgufPlan {
         &self.plan
     }
 

@@ -279,3 +279,68 @@ impl Piece for Slice {
         self.out_len
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant;
+    use crate::types::GgmlType;
+    use crate::writer::{GgufWriter, TensorDesc};
+
+    /// Tensors larger than a task and not a whole number of tasks (and a small F32 one) come
+    /// out as each whole tensor dequantized and cast at once.
+    #[test]
+    fn every_tensor_is_its_whole_dequantization_cast_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let tensors: [(&str, &[u64], GgmlType); 3] = [
+            ("a.weight", &[3, 70016], GgmlType::Q8_0),
+            ("b.weight", &[2, 512], GgmlType::Q4K),
+            ("c.bias", &[5, 13], GgmlType::F32),
+        ];
+        let descs: Vec<TensorDesc> = tensors
+            .iter()
+            .map(|&(n, s, t)| TensorDesc::from_torch_shape(n, s, t))
+            .collect();
+        let mut file = Vec::new();
+        let mut w = GgufWriter::new(&mut file, Vec::new(), &descs, 32).unwrap();
+        let mut stored = Vec::new();
+        for (i, &(_, shape, ty)) in tensors.iter().enumerate() {
+            let n = shape.iter().product::<u64>() as usize;
+            let values: Vec<f32> = (0..n)
+                .map(|j| ((j * 7 + i) % 251) as f32 * 0.013 - 1.6)
+                .collect();
+            let bytes = quant::quantize_to_vec(ty, &values).unwrap();
+            w.write_chunk(&bytes).unwrap();
+            stored.push(bytes);
+        }
+        w.finish().unwrap();
+        std::fs::write(&path, file).unwrap();
+
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let source = GgufSource::open(&path).unwrap();
+            let planned = Dequantization::plan(source, dtype, &BTreeMap::new()).unwrap();
+            let out_path = dir.path().join(format!("{dtype}.safetensors"));
+            let mut out = std::fs::File::create(&out_path).unwrap();
+            let report = planned.write(&mut out, &mut |_, _| {}).unwrap();
+            assert_eq!(report.tensors, 3);
+            assert_eq!(
+                std::fs::metadata(&out_path).unwrap().len(),
+                planned.output_len()
+            );
+            let st = tensorfile::SafetensorsFile::open(&out_path).unwrap();
+            for (&(name, shape, ty), bytes) in tensors.iter().zip(&stored) {
+                let (entry, got) = st.tensor(name).unwrap();
+                assert_eq!((entry.dtype, &entry.shape[..]), (dtype, shape));
+                let wide: Vec<u8> = quant::dequantize_to_vec(ty, bytes)
+                    .unwrap()
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
+                let mut want = vec![0u8; got.len()];
+                tensorfile::cast_slice(Dtype::F32, &wide, dtype, &mut want).unwrap();
+                assert_eq!(got, &want[..], "{name} as {dtype}");
+            }
+        }
+    }
+}

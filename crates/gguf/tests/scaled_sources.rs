@@ -24,7 +24,7 @@ fn convert(source: &str, target: FileType) -> (GgufConversion, GgufFile) {
     let mut out = Vec::new();
     let report = planned.write(&mut out, &mut |_, _| {}).unwrap();
     assert_eq!(out.len() as u64, planned.output_len());
-    assert_eq!(report.tensors, planned.plan_of().tensors.len() as u64);
+    assert_eq!(report.tensors, planned.gguf_plan().tensors.len() as u64);
     (
         planned,
         GgufFile::from_bytes(out, Path::new("out.gguf")).unwrap(),
@@ -51,7 +51,7 @@ fn scaled_weights_are_written_de_scaled_and_their_scales_dropped() {
     ] {
         let (planned, file) = convert(source, FileType::AllF32);
         let dropped: Vec<&str> = planned
-            .plan_of()
+            .gguf_plan()
             .dropped
             .iter()
             .map(|d| d.name.as_str())
@@ -80,7 +80,7 @@ fn a_de_scaled_weight_is_planned_as_the_fp8_tensor_it_is_stored_as() {
     let source = tensorfile::open_safetensors(&golden("legacy_source.safetensors")).unwrap();
     let planned =
         GgufConversion::plan(source, Some(Arch::Flux), FileType::Q8_0, &BTreeMap::new()).unwrap();
-    let plan = planned.plan_of();
+    let plan = planned.gguf_plan();
     let weight = plan
         .tensors
         .iter()

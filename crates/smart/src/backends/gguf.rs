@@ -122,7 +122,7 @@ impl PlannedConversion for GgufConversion {
     }
 
     fn totals(&self) -> (u64, u64) {
-        (self.source_bytes(), self.plan_of().tensors.len() as u64)
+        (self.source_bytes(), self.gguf_plan().tensors.len() as u64)
     }
 
     fn write(
