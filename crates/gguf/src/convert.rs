@@ -1,73 +1,135 @@
 //! Streams a planned conversion into a GGUF file.
 //!
-//! The caller supplies the source values through [`TensorSource`] (so this crate needs no
-//! safetensors reader); each tensor is read in row chunks, rounded through its base type (the
-//! values ComfyUI-GGUF's quantizer would start from), quantized in parallel and written before the
-//! next chunk is read. Memory is bounded by the chunk budget, never by the model.
-//!
-//! [`GgufSource`] makes a GGUF file a [`TensorSource`] (its tensors dequantized block range by
-//! block range, with positioned reads, so neither the file nor its page mappings stay in memory):
-//! that is how a GGUF file is requantized ([`GgufSource::plan`]) or dequantized by a caller
-//! that writes another container.
+//! Any [`TensorSource`] is read (a safetensors file, its scaled-fp8 view, a GGUF file through
+//! [`crate::source::GgufSource`]); each tensor is read in chunks of whole rows, rounded through
+//! its base type (the values ComfyUI-GGUF's quantizer would start from), quantized in parallel
+//! and written through `tensorfile`'s pipeline while the next chunk is converted. Memory is
+//! bounded by the chunk budget, never by the model.
 
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
+use serde::Serialize;
+use tensorfile::pipeline::{self, Piece, StreamError};
+use tensorfile::{SourceError, TensorSource};
 
-use crate::mix::{self, GgufPlan, PlanError, SourceDtype, SourceTensor};
+use crate::Arch;
+use crate::mix::{self, DroppedTensor, GgufPlan, SourcePlanError};
 use crate::quant::{
     self, QuantError, bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits,
 };
-use crate::reader::{GgufError, GgufFile, MetadataValue, TensorInfo};
+use crate::reader::MetadataValue;
+use crate::source::GgufSource;
 use crate::types::{FileType, GgmlType};
 use crate::writer::{GgufWriter, TensorDesc};
-use detect::arch::Arch;
 
 /// Elements per chunk: 4M f32 values (16 MiB), rounded down to whole rows.
 const CHUNK_ELEMS: u64 = 4 << 20;
 
-/// Where the values of a source tensor come from.
-pub trait TensorSource: Sync {
-    /// The source's own error.
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// Fills `out` with elements `start..start + out.len()` of tensor `source_name`, widened
-    /// exactly to f32 (row-major, torch order).
-    fn read_f32(&self, source_name: &str, start: u64, out: &mut [f32]) -> Result<(), Self::Error>;
-}
-
 /// Why writing failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ConvertError<E: std::error::Error + 'static> {
+pub enum ConvertError {
+    /// Reading a tensor from the source failed.
     #[error("reading tensor `{name}`: {source}")]
-    Source { name: String, source: E },
+    Source {
+        /// The GGUF tensor name.
+        name: String,
+        /// The source's error (names the file).
+        source: SourceError,
+    },
+    /// The source file changed (or could not be checked) since it was planned.
+    #[error(transparent)]
+    SourceChanged(SourceError),
+    /// The quantizer refused a buffer (its lengths are the converter's doing, not the
+    /// input's).
     #[error("quantizing tensor `{name}`: {source}")]
-    Quant { name: String, source: QuantError },
+    Quant {
+        /// The GGUF tensor name.
+        name: String,
+        /// The quantizer's error.
+        source: QuantError,
+    },
+    /// A tensor too large to address.
     #[error("tensor `{name}`: size overflows")]
-    Size { name: String },
+    Size {
+        /// The GGUF tensor name.
+        name: String,
+    },
+    /// Writing the output failed.
     #[error("writing the GGUF file: {0}")]
     Io(#[from] io::Error),
 }
 
-/// What was written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+impl ConvertError {
+    /// Whether the fault is in the input (its data, its shapes, a changed file) rather than
+    /// in reading or writing files or in the converter.
+    pub fn is_input_fault(&self) -> bool {
+        match self {
+            ConvertError::Source { source, .. } | ConvertError::SourceChanged(source) => {
+                source.is_input_fault()
+            }
+            ConvertError::Size { .. } => true,
+            ConvertError::Quant { .. } | ConvertError::Io(_) => false,
+        }
+    }
+}
+
+/// What was written (the converter's report; `smart` shows it as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Report {
+    /// Always `gguf`.
+    pub format: &'static str,
+    /// The architecture written in `general.architecture`.
+    pub architecture: &'static str,
+    /// The target's name (`Q4_K_M`).
+    pub file_type: &'static str,
     /// Tensors written.
     pub tensors: u64,
     /// Tensors stored in a block-quantized type.
-    pub quantized: u64,
-    /// Values read from the source.
-    pub elements: u64,
+    pub quantized_tensors: u64,
+    /// Tensors per written type.
+    pub types: BTreeMap<&'static str, usize>,
+    /// Tensors flattened (with a `comfy.gguf.orig_shape`).
+    pub reshaped: usize,
     /// Bytes of tensor data written (padding excluded).
     pub data_bytes: u64,
+    /// Source tensors left out, sorted by name.
+    pub dropped: Vec<DroppedTensor>,
+    /// What the user should know about the output.
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// The report of a successful [`write_gguf`] of `plan`.
+    fn of(plan: &GgufPlan, data_bytes: u64) -> Report {
+        Report {
+            format: "gguf",
+            architecture: plan.arch.name(),
+            file_type: plan.file_type.name(),
+            tensors: plan.tensors.len() as u64,
+            quantized_tensors: plan
+                .tensors
+                .iter()
+                .filter(|t| t.ggml_type.is_quantized())
+                .count() as u64,
+            types: plan.type_histogram(),
+            reshaped: plan
+                .tensors
+                .iter()
+                .filter(|t| t.orig_shape.is_some())
+                .count(),
+            data_bytes,
+            dropped: plan.dropped.clone(),
+            warnings: plan.warnings(),
+        }
+    }
 }
 
 /// The tensor descriptors for the writer.
-pub fn tensor_descs(plan: &GgufPlan) -> Vec<TensorDesc> {
+fn tensor_descs(plan: &GgufPlan) -> Vec<TensorDesc> {
     plan.tensors
         .iter()
         .map(|t| TensorDesc {
@@ -79,11 +141,24 @@ pub fn tensor_descs(plan: &GgufPlan) -> Vec<TensorDesc> {
 }
 
 /// The plan's metadata followed by `extra` (provenance keys).
-pub fn full_metadata(
+fn full_metadata(
     plan: &GgufPlan,
     extra: &[(String, MetadataValue)],
 ) -> Vec<(String, MetadataValue)> {
     plan.metadata.iter().chain(extra).cloned().collect()
+}
+
+/// Provenance keys as STRING KVs for [`write_gguf`]'s `extra_metadata`: after the policy's
+/// keys, and never shadowing one of them.
+fn provenance_metadata(
+    plan: &GgufPlan,
+    provenance: &BTreeMap<String, String>,
+) -> Vec<(String, MetadataValue)> {
+    provenance
+        .iter()
+        .filter(|(k, _)| !plan.metadata.iter().any(|(pk, _)| pk == *k))
+        .map(|(k, v)| (k.clone(), MetadataValue::String(v.clone())))
+        .collect()
 }
 
 /// The exact size of the file [`write_gguf`] produces.
@@ -95,13 +170,6 @@ pub fn output_len(plan: &GgufPlan, extra: &[(String, MetadataValue)]) -> io::Res
 /// llama-quantize widens it: F16 and BF16 round to nearest even (numpy's `astype(float16)` and
 /// gguf-py's BF16 both do), widening is exact. Other bases leave the values alone.
 pub fn round_through(base: GgmlType, values: &mut [f32]) {
-    values
-        .par_chunks_mut(1 << 14)
-        .for_each(|c| round_through_serial(base, c));
-}
-
-/// [`round_through`] on the calling thread.
-fn round_through_serial(base: GgmlType, values: &mut [f32]) {
     match base {
         GgmlType::F16 => values
             .iter_mut()
@@ -113,150 +181,132 @@ fn round_through_serial(base: GgmlType, values: &mut [f32]) {
     }
 }
 
-/// Writes `plan` as a GGUF file to `out`, reading values from `source`.
+/// Writes `plan` as a GGUF file to `out`, reading values from `source` (the planned tensors'
+/// `source_index` are indices in it).
 ///
-/// `progress(i, done)` is called after each chunk with the index of the tensor in
+/// `progress(i, done)` is called after each chunk is written with the index of the tensor in
 /// `plan.tensors` and how many of its elements are written.
-pub fn write_gguf<W: Write, S: TensorSource>(
+pub fn write_gguf<W: Write>(
     plan: &GgufPlan,
     extra_metadata: &[(String, MetadataValue)],
-    source: &S,
+    source: &dyn TensorSource,
     out: W,
     progress: &mut dyn FnMut(usize, u64),
-) -> Result<Report, ConvertError<S::Error>> {
+) -> Result<Report, ConvertError> {
     write_gguf_chunked(plan, extra_metadata, source, out, progress, CHUNK_ELEMS)
 }
 
-fn write_gguf_chunked<W: Write, S: TensorSource>(
+fn write_gguf_chunked<W: Write>(
     plan: &GgufPlan,
     extra_metadata: &[(String, MetadataValue)],
-    source: &S,
+    source: &dyn TensorSource,
     out: W,
     progress: &mut dyn FnMut(usize, u64),
     chunk_budget: u64,
-) -> Result<Report, ConvertError<S::Error>> {
+) -> Result<Report, ConvertError> {
+    let chunks = chunks(plan, chunk_budget)?;
     let mut writer = GgufWriter::new(
         out,
         full_metadata(plan, extra_metadata),
         &tensor_descs(plan),
         32,
     )?;
-    let mut report = Report::default();
-    // `front` holds a converted chunk being written while the next one is converted into
-    // `back` on the thread pool.
-    let mut front: Vec<u8> = Vec::new();
-    let mut back: Vec<u8> = Vec::new();
-    let mut pending: Option<Pending> = None;
+    let data_bytes = chunks.iter().map(|c| c.out_len as u64).sum();
     let scratch = ScratchPool::default();
-    let size_err = |t: &mix::PlannedTensor| ConvertError::Size {
-        name: t.name.clone(),
-    };
-    let mut finish = |p: Pending, report: &mut Report| {
-        report.data_bytes += p.bytes as u64;
-        report.elements += p.elements;
-        progress(p.tensor, p.done);
-        if p.last_of_tensor {
-            report.tensors += 1;
-            if plan.tensors[p.tensor].ggml_type.is_quantized() {
-                report.quantized += 1;
-            }
-        }
-    };
+    pipeline::stream(
+        chunks,
+        &mut ChunkSink(|bytes: &[u8]| writer.write_chunk(bytes)),
+        &|chunk: &Chunk<'_>, dst: &mut [u8]| convert_chunk(chunk, source, dst, &scratch),
+        &mut |chunk| progress(chunk.index, chunk.start + chunk.len),
+        None,
+    )
+    .map_err(|e| from_stream(e, ConvertError::Io))?;
+    writer.finish()?;
+    Ok(Report::of(plan, data_bytes))
+}
+
+/// The converter's error of a stream that stopped; `write` wraps an output error.
+pub(crate) fn from_stream<E>(e: StreamError<E>, write: impl FnOnce(io::Error) -> E) -> E {
+    match e {
+        StreamError::Produce(e) => e,
+        StreamError::Write(e) => write(e),
+        // No cancel flag is given to the stream: a cancelled conversion is the output
+        // refusing bytes, which arrives as a write error.
+        StreamError::Cancelled => write(io::Error::new(io::ErrorKind::Interrupted, "cancelled")),
+    }
+}
+
+/// A [`Write`] that hands each buffer, whole, to a container writer's `write_chunk` (the
+/// pipeline writes one piece per call, and a piece never crosses a tensor).
+pub(crate) struct ChunkSink<F>(pub(crate) F);
+
+impl<F: FnMut(&[u8]) -> io::Result<()>> Write for ChunkSink<F> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (self.0)(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every planned tensor cut into chunks of whole rows, at most `chunk_budget` elements each
+/// (at least one row).
+fn chunks(plan: &GgufPlan, chunk_budget: u64) -> Result<Vec<Chunk<'_>>, ConvertError> {
+    let mut chunks = Vec::new();
     for (index, t) in plan.tensors.iter().enumerate() {
+        let size_err = || ConvertError::Size {
+            name: t.name.clone(),
+        };
         let n = t.n_elements();
         let row = t.shape.last().copied().unwrap_or(1).max(1);
-        let rows_per_chunk = (chunk_budget / row).max(1);
-        let chunk_elems = rows_per_chunk.checked_mul(row).ok_or_else(|| size_err(t))?;
-        if n == 0 {
-            // Nothing to write; the tensor still counts, in order.
-            if let Some(p) = pending.take() {
-                writer.write_chunk(&front[..p.bytes])?;
-                finish(p, &mut report);
-            }
-            finish(
-                Pending {
-                    tensor: index,
-                    done: 0,
-                    elements: 0,
-                    bytes: 0,
-                    last_of_tensor: true,
-                },
-                &mut report,
-            );
-            continue;
-        }
+        let chunk_elems = (chunk_budget / row)
+            .max(1)
+            .checked_mul(row)
+            .ok_or_else(size_err)?;
         let mut start = 0u64;
-        while start < n {
+        loop {
             let len = chunk_elems.min(n - start);
             let out_len = t
                 .ggml_type
                 .bytes_for(len)
                 .and_then(|b| usize::try_from(b).ok())
-                .ok_or_else(|| size_err(t))?;
-            if back.len() < out_len {
-                back.resize(out_len, 0);
-            }
-            let mut converted = Ok(());
-            let mut written = Ok(());
-            let chunk = Chunk {
+                .ok_or_else(size_err)?;
+            chunks.push(Chunk {
+                index,
                 tensor: t,
                 start,
                 len,
                 row,
-            };
-            let (dst, scratch) = (&mut back[..out_len], &scratch);
-            rayon::in_place_scope(|s| {
-                s.spawn(|_| converted = convert_chunk(&chunk, source, dst, scratch));
-                if let Some(p) = &pending {
-                    written = writer.write_chunk(&front[..p.bytes]);
-                }
+                out_len,
             });
-            written?;
-            if let Some(p) = pending.take() {
-                finish(p, &mut report);
-            }
-            converted?;
-            std::mem::swap(&mut front, &mut back);
             start += len;
-            pending = Some(Pending {
-                tensor: index,
-                done: start,
-                elements: len,
-                bytes: out_len,
-                last_of_tensor: start == n,
-            });
-        }
-        // A huge tensor should not keep its buffers for the rest of the file.
-        let keep = (chunk_budget as usize).saturating_mul(8);
-        if back.capacity() > keep {
-            back = Vec::new();
+            if start >= n {
+                break;
+            }
         }
     }
-    if let Some(p) = pending.take() {
-        writer.write_chunk(&front[..p.bytes])?;
-        finish(p, &mut report);
-    }
-    writer.finish()?;
-    Ok(report)
-}
-
-/// A converted chunk waiting to be written.
-struct Pending {
-    tensor: usize,
-    /// Elements of the tensor done once this chunk is written.
-    done: u64,
-    elements: u64,
-    bytes: usize,
-    last_of_tensor: bool,
+    Ok(chunks)
 }
 
 /// Rows `start..start + len` (in elements) of one planned tensor.
 struct Chunk<'p> {
+    /// The tensor's index in the plan.
+    index: usize,
     tensor: &'p mix::PlannedTensor,
     start: u64,
     len: u64,
     /// Elements per row.
     row: u64,
+    /// Bytes written for it.
+    out_len: usize,
+}
+
+impl Piece for Chunk<'_> {
+    fn out_len(&self) -> usize {
+        self.out_len
+    }
 }
 
 /// Values one task reads, rounds and quantizes while they stay in the core's cache, rounded
@@ -266,7 +316,7 @@ const TASK_ELEMS: u64 = 1 << 15;
 /// Reusable f32 buffers for the tasks of [`convert_chunk`]: taken by a task, returned when it
 /// ends, so a conversion allocates a few of them, not one per task.
 #[derive(Default)]
-struct ScratchPool(std::sync::Mutex<Vec<Vec<f32>>>);
+struct ScratchPool(Mutex<Vec<Vec<f32>>>);
 
 impl ScratchPool {
     fn take(&self) -> Vec<f32> {
@@ -291,12 +341,12 @@ impl ScratchPool {
 /// Reads, rounds (see [`round_through`]) and quantizes `chunk` into `dst` (exactly its output
 /// bytes), in tasks of whole rows spread over the thread pool. Each row's bytes depend only on
 /// its values, so the split never changes the output.
-fn convert_chunk<S: TensorSource>(
+fn convert_chunk(
     chunk: &Chunk<'_>,
-    source: &S,
+    source: &dyn TensorSource,
     dst: &mut [u8],
     scratch: &ScratchPool,
-) -> Result<(), ConvertError<S::Error>> {
+) -> Result<(), ConvertError> {
     let t = chunk.tensor;
     let size_err = || ConvertError::Size {
         name: t.name.clone(),
@@ -316,13 +366,13 @@ fn convert_chunk<S: TensorSource>(
             let mut values = scratch.take();
             values.resize(len, 0.0);
             let result = source
-                .read_f32(&t.source_name, chunk.start + start, &mut values)
+                .read_f32(t.source_index, chunk.start + start, &mut values)
                 .map_err(|source| ConvertError::Source {
                     name: t.name.clone(),
                     source,
                 })
                 .and_then(|()| {
-                    round_through_serial(t.base_type, &mut values);
+                    round_through(t.base_type, &mut values);
                     quant::quantize(t.ggml_type, &values, dst).map_err(|source| {
                         ConvertError::Quant {
                             name: t.name.clone(),
@@ -335,266 +385,167 @@ fn convert_chunk<S: TensorSource>(
         })
 }
 
-/// Why a GGUF file cannot serve as a conversion source.
+/// Why a source cannot be converted to GGUF, found while planning.
 #[derive(Debug, thiserror::Error)]
-pub enum GgufSourceError {
+pub enum ConversionPlanError {
+    /// The policy refuses the source's tensors.
     #[error(transparent)]
-    Gguf(#[from] GgufError),
-    #[error("{path}: reading tensor data: {source}")]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{path}: no tensor `{name}`")]
-    UnknownTensor { path: PathBuf, name: String },
-    #[error("{path}: tensor `{name}`: elements {start}..{end} are outside the tensor")]
-    Range {
+    Plan(#[from] SourcePlanError),
+    /// The output's header cannot be laid out.
+    #[error("{}: {source}", path.display())]
+    Layout {
+        /// The source file.
         path: PathBuf,
-        name: String,
-        start: u64,
-        end: u64,
+        /// What the writer refused.
+        source: io::Error,
     },
-    #[error("{path}: tensor `{name}`: {problem}")]
-    BadOrigShape {
-        path: PathBuf,
-        name: String,
-        problem: String,
-    },
-    #[error("{path}: dequantizing tensor `{name}`: {source}")]
-    Quant {
-        path: PathBuf,
-        name: String,
-        source: QuantError,
-    },
-    #[error("{path}: {source}")]
-    Plan { path: PathBuf, source: PlanError },
 }
 
-/// The metadata key ComfyUI-GGUF reads a flattened tensor's torch shape from.
-pub const ORIG_SHAPE_PREFIX: &str = "comfy.gguf.orig_shape.";
-
-/// One tensor of a GGUF source as a model sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogicalTensor {
-    /// The tensor's name in the file (ComfyUI's key).
-    pub name: String,
-    /// Torch shape: `comfy.gguf.orig_shape.<name>` when present, else the dims reversed.
-    pub shape: Vec<u64>,
-    /// How it is stored.
-    pub ggml_type: GgmlType,
+impl ConversionPlanError {
+    /// Always true: planning reads only the source's header, so every refusal is about the
+    /// input (a header the writer cannot lay out holds names or shapes it cannot encode).
+    pub fn is_input_fault(&self) -> bool {
+        true
+    }
 }
 
-/// A GGUF file whose tensors are read as f32 (dequantized as ggml does), by element range.
-///
-/// The header comes from [`GgufFile::open`] (validated); the data is read with positioned
-/// reads of just the blocks a range needs, so memory stays bounded by the caller's chunk.
+/// A source, its GGUF plan and the provenance keys: everything [`GgufConversion::write`]
+/// needs, decided before anything is written.
 #[derive(Debug)]
-pub struct GgufSource {
-    file: GgufFile,
-    raw: File,
-    index: HashMap<String, usize>,
+pub struct GgufConversion {
+    source: Box<dyn TensorSource>,
+    plan: GgufPlan,
+    extra: Vec<(String, MetadataValue)>,
+    output_len: u64,
+    /// Warnings about the source, ahead of the plan's in the report.
+    warnings: Vec<String>,
 }
 
-impl GgufSource {
-    /// Opens and validates `path`.
-    pub fn open(path: &Path) -> Result<GgufSource, GgufSourceError> {
-        let file = GgufFile::open(path)?;
-        let raw = File::open(path).map_err(|source| GgufSourceError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let index = file
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(GgufSource { file, raw, index })
-    }
-
-    /// The validated header.
-    pub fn file(&self) -> &GgufFile {
-        &self.file
-    }
-
-    fn info(&self, name: &str) -> Result<&TensorInfo, GgufSourceError> {
-        self.index
-            .get(name)
-            .map(|&i| &self.file.tensors[i])
-            .ok_or_else(|| GgufSourceError::UnknownTensor {
-                path: self.file.path.clone(),
-                name: name.to_owned(),
-            })
-    }
-
-    /// The tensors in file order, with their torch shapes (orig_shape applied).
-    pub fn logical_tensors(&self) -> Result<Vec<LogicalTensor>, GgufSourceError> {
-        self.file
-            .tensors
-            .iter()
-            .map(|t| {
-                Ok(LogicalTensor {
-                    name: t.name.clone(),
-                    shape: self.logical_shape(t)?,
-                    ggml_type: t.ggml_type,
-                })
-            })
-            .collect()
-    }
-
-    /// The torch shape of `t`: its `comfy.gguf.orig_shape` (checked: INT32 array, positive
-    /// dims, same element count), else its dims reversed.
-    pub fn logical_shape(&self, t: &TensorInfo) -> Result<Vec<u64>, GgufSourceError> {
-        let key = format!("{ORIG_SHAPE_PREFIX}{}", t.name);
-        let Some(value) = self.file.get(&key) else {
-            return Ok(t.torch_shape());
-        };
-        let bad = |problem: &str| GgufSourceError::BadOrigShape {
-            path: self.file.path.clone(),
-            name: t.name.clone(),
-            problem: problem.to_owned(),
-        };
-        let items = value
-            .as_array()
-            .ok_or_else(|| bad("orig_shape is not an array"))?;
-        let mut shape = Vec::with_capacity(items.len().min(8));
-        for item in items {
-            match item {
-                MetadataValue::I32(d) if *d > 0 => shape.push(*d as u64),
-                MetadataValue::I32(_) => return Err(bad("orig_shape has a dim below 1")),
-                _ => {
-                    return Err(bad(
-                        "orig_shape is not an array of INT32 (ComfyUI-GGUF refuses it)",
-                    ));
-                }
-            }
-        }
-        let n = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| bad("orig_shape overflows"))?;
-        if n != t.n_elements() {
-            return Err(bad(&format!(
-                "orig_shape {shape:?} has {n} elements, the tensor {}",
-                t.n_elements()
-            )));
-        }
-        Ok(shape)
-    }
-
-    /// The architecture: `forced`, else `general.architecture` when it names one, else
-    /// detected from the tensor names (ComfyUI-GGUF's compatibility mode).
-    pub fn arch(&self, forced: Option<Arch>) -> Result<Arch, GgufSourceError> {
-        if let Some(a) = forced {
-            return Ok(a);
-        }
-        if let Some(a) = self
-            .file
-            .architecture()
-            .and_then(|s| s.parse::<Arch>().ok())
-        {
-            return Ok(a);
-        }
-        // sd.cpp writes no architecture and may keep ComfyUI's `model.diffusion_model.` prefix.
-        let names = self.file.tensors.iter().map(|t| t.name.as_str());
-        let prefix = detect::arch::KeyPrefix::detect(names.clone());
-        let stripped: Vec<String> = names
-            .filter_map(|n| prefix.apply(n).map(|c| c.into_owned()))
-            .collect();
-        detect::arch::detect_arch(stripped.iter().map(String::as_str)).map_err(|e| {
-            GgufSourceError::Plan {
-                path: self.file.path.clone(),
-                source: PlanError::Arch(e),
-            }
-        })
-    }
-
-    /// Plans requantizing this file to `target`, as if its dequantized tensors were an F32
-    /// state dict (F16/BF16/F32 tensors keep their own dtype), with ComfyUI-GGUF's policy.
+impl GgufConversion {
+    /// Plans converting `source` to `target` ([`mix::plan_source`]), with `provenance` written
+    /// as STRING KVs after the policy's keys.
     pub fn plan(
-        &self,
+        source: Box<dyn TensorSource>,
         forced_arch: Option<Arch>,
         target: FileType,
-    ) -> Result<GgufPlan, GgufSourceError> {
-        let arch = self.arch(forced_arch)?;
-        let logical = self.logical_tensors()?;
-        let sources: Vec<SourceTensor<'_>> = logical
-            .iter()
-            .map(|t| SourceTensor {
-                name: &t.name,
-                shape: &t.shape,
-                dtype: match t.ggml_type {
-                    GgmlType::F16 => SourceDtype::F16,
-                    GgmlType::BF16 => SourceDtype::BF16,
-                    _ => SourceDtype::F32,
-                },
-            })
-            .collect();
-        mix::plan(&sources, Some(arch), target).map_err(|source| GgufSourceError::Plan {
-            path: self.file.path.clone(),
+        provenance: &BTreeMap<String, String>,
+    ) -> Result<GgufConversion, ConversionPlanError> {
+        let plan = mix::plan_source(source.as_ref(), forced_arch, target)?;
+        let extra = provenance_metadata(&plan, provenance);
+        let output_len = output_len(&plan, &extra).map_err(|e| ConversionPlanError::Layout {
+            path: source.path().to_owned(),
+            source: e,
+        })?;
+        Ok(GgufConversion {
             source,
+            plan,
+            extra,
+            output_len,
+            warnings: Vec::new(),
         })
+    }
+
+    /// Plans requantizing a GGUF file: as [`GgufConversion::plan`], with the architecture the
+    /// file declares unless one is forced, and a warning that quality is lost (`from` names
+    /// the source's type, e.g. `Q8_0`).
+    pub fn requantize(
+        source: GgufSource,
+        forced_arch: Option<Arch>,
+        target: FileType,
+        provenance: &BTreeMap<String, String>,
+        from: &str,
+    ) -> Result<GgufConversion, ConversionPlanError> {
+        let arch = forced_arch.or(source.declared_arch());
+        let mut planned = GgufConversion::plan(Box::new(source), arch, target, provenance)?;
+        planned.warnings.push(format!(
+            "requantizing {from} to {target} loses quality: the values come from the source's \
+             quantized blocks, not the original weights"
+        ));
+        Ok(planned)
+    }
+
+    /// The plan.
+    pub fn gguf_plan(&self) -> &GgufPlan {
+        &self.plan
+    }
+
+    /// The exact size of the output.
+    pub fn output_len(&self) -> u64 {
+        self.output_len
+    }
+
+    /// Source bytes read for the planned tensors (the total of [`GgufConversion::write`]'s
+    /// progress).
+    pub fn source_bytes(&self) -> u64 {
+        let tensors = self.source.tensors();
+        self.plan
+            .tensors
+            .iter()
+            .filter_map(|t| tensors.get(t.source_index))
+            .map(|t| t.source_bytes)
+            .sum()
+    }
+
+    /// Writes the GGUF file to `out`, calling `progress(source bytes read, tensors done)`.
+    /// Fails before writing anything if the source changed since it was opened.
+    pub fn write(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Report, ConvertError> {
+        self.source
+            .check_unchanged()
+            .map_err(ConvertError::SourceChanged)?;
+        let tensors = self.source.tensors();
+        let source_bytes = |i: usize| {
+            tensors
+                .get(self.plan.tensors[i].source_index)
+                .map_or(0, |t| t.source_bytes)
+        };
+        let mut bytes_before = Vec::with_capacity(self.plan.tensors.len());
+        let mut total = 0u64;
+        for i in 0..self.plan.tensors.len() {
+            bytes_before.push(total);
+            total += source_bytes(i);
+        }
+        let mut report = write_gguf(
+            &self.plan,
+            &self.extra,
+            self.source.as_ref(),
+            out,
+            &mut |i, done| {
+                let n = self.plan.tensors[i].n_elements();
+                progress(
+                    bytes_before[i] + share(source_bytes(i), done, n),
+                    i as u64 + u64::from(done == n),
+                );
+            },
+        )?;
+        report.warnings.splice(0..0, self.warnings.iter().cloned());
+        Ok(report)
     }
 }
 
-impl TensorSource for GgufSource {
-    type Error = GgufSourceError;
-
-    fn read_f32(&self, source_name: &str, start: u64, out: &mut [f32]) -> Result<(), Self::Error> {
-        let t = self.info(source_name)?;
-        let path = &self.file.path;
-        let end = start.checked_add(out.len() as u64);
-        let range_err = || GgufSourceError::Range {
-            path: path.clone(),
-            name: t.name.clone(),
-            start,
-            end: end.unwrap_or(u64::MAX),
-        };
-        let end = match end {
-            Some(e) if e <= t.n_elements() => e,
-            _ => return Err(range_err()),
-        };
-        if out.is_empty() {
-            return Ok(());
-        }
-        // Rows are whole blocks (validated by the reader), so element i is in block i / bs.
-        let ty = t.ggml_type;
-        let bs = ty.block_size() as u64;
-        let (b0, b1) = (start / bs, end.div_ceil(bs));
-        let type_size = ty.type_size() as u64;
-        let at = self
-            .file
-            .data_offset
-            .checked_add(t.offset)
-            .and_then(|o| o.checked_add(b0 * type_size))
-            .ok_or_else(range_err)?;
-        let mut raw = vec![0u8; usize::try_from((b1 - b0) * type_size).map_err(|_| range_err())?];
-        self.raw
-            .read_exact_at(&mut raw, at)
-            .map_err(|source| GgufSourceError::Io {
-                path: path.clone(),
-                source,
-            })?;
-        let quant_err = |source| GgufSourceError::Quant {
-            path: path.clone(),
-            name: t.name.clone(),
-            source,
-        };
-        if start.is_multiple_of(bs) && end.is_multiple_of(bs) {
-            quant::dequantize(ty, &raw, out).map_err(quant_err)?;
-        } else {
-            let mut values = vec![0f32; ((b1 - b0) * bs) as usize];
-            quant::dequantize(ty, &raw, &mut values).map_err(quant_err)?;
-            let skip = (start - b0 * bs) as usize;
-            out.copy_from_slice(&values[skip..skip + out.len()]);
-        }
-        Ok(())
+/// `bytes * done / n` without overflow (0 for an empty tensor).
+pub(crate) fn share(bytes: u64, done: u64, n: u64) -> u64 {
+    if n == 0 {
+        return 0;
     }
+    (u128::from(bytes) * u128::from(done) / u128::from(n)) as u64
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+
+    use tensorfile::Dtype;
+    use tensorfile::source::{SourceTensor, Stored};
 
     use super::*;
-    use crate::mix::{SourceDtype, SourceTensor};
+    use crate::mix::{InputTensor, SourceDtype};
+    use crate::reader::GgufFile;
+    use crate::source::{GgufSource, GgufSourceError, ORIG_SHAPE_PREFIX};
 
     /// Deterministic weights with occasional outliers (a cheap LCG, no extra dependency).
     fn values(seed: u64, n: usize) -> Vec<f32> {
@@ -612,16 +563,62 @@ mod tests {
             .collect()
     }
 
-    #[derive(Debug, thiserror::Error)]
-    #[error("no tensor {0}")]
-    struct Missing(String);
+    /// f32 values by name, served in the order of `tensors`.
+    #[derive(Debug)]
+    struct MemSource {
+        tensors: Vec<SourceTensor>,
+        values: HashMap<String, Vec<f32>>,
+        metadata: BTreeMap<String, String>,
+    }
 
-    struct MemSource(HashMap<String, Vec<f32>>);
+    impl MemSource {
+        fn new(shapes: &[(&str, &[u64])], values: HashMap<String, Vec<f32>>) -> MemSource {
+            let tensors = shapes
+                .iter()
+                .map(|&(name, shape)| SourceTensor {
+                    name: name.to_owned(),
+                    shape: shape.to_vec(),
+                    dtype: Dtype::F32,
+                    stored: Stored::Safetensors(Dtype::F32),
+                    source_bytes: 0,
+                })
+                .collect();
+            MemSource {
+                tensors,
+                values,
+                metadata: BTreeMap::new(),
+            }
+        }
+    }
 
     impl TensorSource for MemSource {
-        type Error = Missing;
-        fn read_f32(&self, name: &str, start: u64, out: &mut [f32]) -> Result<(), Missing> {
-            let v = self.0.get(name).ok_or_else(|| Missing(name.into()))?;
+        fn path(&self) -> &Path {
+            Path::new("mem")
+        }
+
+        fn tensors(&self) -> &[SourceTensor] {
+            &self.tensors
+        }
+
+        fn metadata(&self) -> &BTreeMap<String, String> {
+            &self.metadata
+        }
+
+        fn read_raw(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+            let mut v = vec![0f32; buf.len() / 4];
+            self.read_f32(index, offset / 4, &mut v)?;
+            for (dst, v) in buf.chunks_exact_mut(4).zip(&v) {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(())
+        }
+
+        fn read_f32(&self, index: usize, start: u64, out: &mut [f32]) -> Result<(), SourceError> {
+            let name = &self.tensors[index].name;
+            let v = self
+                .values
+                .get(name)
+                .ok_or_else(|| SourceError::invalid(self.path(), name, "no values"))?;
             let s = start as usize;
             out.copy_from_slice(&v[s..s + out.len()]);
             Ok(())
@@ -641,10 +638,10 @@ mod tests {
         ("single_blocks.0.linear2.weight", &[16, 100]),
     ];
 
-    fn model(dtype: SourceDtype) -> (Vec<SourceTensor<'static>>, MemSource) {
+    fn model(dtype: SourceDtype) -> (Vec<InputTensor<'static>>, MemSource) {
         let tensors = SHAPES
             .iter()
-            .map(|&(name, shape)| SourceTensor { name, shape, dtype })
+            .map(|&(name, shape)| InputTensor { name, shape, dtype })
             .collect();
         let data = SHAPES
             .iter()
@@ -656,7 +653,7 @@ mod tests {
                 )
             })
             .collect();
-        (tensors, MemSource(data))
+        (tensors, MemSource::new(SHAPES, data))
     }
 
     fn write(plan: &GgufPlan, src: &MemSource, chunk: u64) -> Vec<u8> {
@@ -703,7 +700,7 @@ mod tests {
                 for (info, p) in file.tensors.iter().zip(&plan.tensors) {
                     assert_eq!((&info.name, info.ggml_type), (&p.name, p.ggml_type));
                     assert_eq!(info.torch_shape(), p.shape);
-                    let mut v = src.0[&p.source_name].clone();
+                    let mut v = src.values[&p.source_name].clone();
                     round_through(p.base_type, &mut v);
                     let expected = quant::quantize_to_vec(p.ggml_type, &v).unwrap();
                     assert_eq!(file.tensor_data(info), &expected[..], "{}", p.name);
@@ -718,13 +715,13 @@ mod tests {
         let plan = mix::plan(&tensors, Some(Arch::Flux), FileType::Q8_0).unwrap();
         let file = GgufFile::from_bytes(write(&plan, &src, 1 << 20), Path::new("m")).unwrap();
         let info = file.tensor("double_blocks.0.img_attn.proj.weight").unwrap();
-        let raw = &src.0["double_blocks.0.img_attn.proj.weight"];
+        let raw = &src.values["double_blocks.0.img_attn.proj.weight"];
         let unrounded = quant::quantize_to_vec(GgmlType::Q8_0, raw).unwrap();
         assert_ne!(file.tensor_data(info), &unrounded[..]);
         // The 1-D bias stays F32 and exact.
         let bias = file.tensor("double_blocks.0.img_attn.qkv.bias").unwrap();
         assert_eq!(bias.ggml_type, GgmlType::F32);
-        let exact: Vec<u8> = src.0["double_blocks.0.img_attn.qkv.bias"]
+        let exact: Vec<u8> = src.values["double_blocks.0.img_attn.qkv.bias"]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
@@ -734,7 +731,7 @@ mod tests {
     #[test]
     fn a_source_error_names_the_tensor() {
         let (tensors, mut src) = model(SourceDtype::F16);
-        src.0.remove("img_in.weight");
+        src.values.remove("img_in.weight");
         let plan = mix::plan(&tensors, Some(Arch::Flux), FileType::Q8_0).unwrap();
         let err = write_gguf(&plan, &[], &src, Vec::new(), &mut |_, _| {}).unwrap_err();
         assert!(matches!(&err, ConvertError::Source { name, .. } if name == "img_in.weight"));
@@ -754,6 +751,7 @@ mod tests {
         let (path, plan, _) = write_file(dir.path(), FileType::Q4KM);
         let source = GgufSource::open(&path).unwrap();
         for p in &plan.tensors {
+            let index = source.index_of(&p.name).unwrap();
             let info = source.file().tensor(&p.name).unwrap();
             let whole =
                 quant::dequantize_to_vec(info.ggml_type, source.file().tensor_data(info)).unwrap();
@@ -766,7 +764,7 @@ mod tests {
                 (n, 0),
             ] {
                 let mut out = vec![0f32; len as usize];
-                source.read_f32(&p.name, start, &mut out).unwrap();
+                source.read_f32(index, start, &mut out).unwrap();
                 let s = start as usize;
                 assert_eq!(
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -778,14 +776,20 @@ mod tests {
             }
             let mut over = vec![0f32; 2];
             assert!(matches!(
-                source.read_f32(&p.name, n - 1, &mut over),
-                Err(GgufSourceError::Range { .. })
+                source.read_f32(index, n - 1, &mut over),
+                Err(SourceError::Invalid { .. })
             ));
         }
         assert!(matches!(
-            source.read_f32("nope", 0, &mut []),
-            Err(GgufSourceError::UnknownTensor { .. })
+            source.read_f32(plan.tensors.len(), 0, &mut []),
+            Err(SourceError::Invalid { .. })
         ));
+    }
+
+    /// What the GGUF backend plans for a GGUF source: the declared architecture, else the
+    /// detected one.
+    fn requant_plan(source: &GgufSource, target: FileType) -> GgufPlan {
+        mix::plan_source(source, source.declared_arch(), target).unwrap()
     }
 
     #[test]
@@ -793,8 +797,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, q8_plan, _) = write_file(dir.path(), FileType::Q8_0);
         let source = GgufSource::open(&path).unwrap();
-        assert_eq!(source.arch(None).unwrap(), Arch::Flux);
-        let plan = source.plan(None, FileType::Q4KM).unwrap();
+        assert_eq!(source.declared_arch(), Some(Arch::Flux));
+        let plan = requant_plan(&source, FileType::Q4KM);
         let fresh: Vec<_> = {
             let (tensors, _) = model(SourceDtype::F32);
             mix::plan(&tensors, Some(Arch::Flux), FileType::Q4KM)
@@ -840,8 +844,9 @@ mod tests {
         w.finish().unwrap();
         std::fs::write(&path, out).unwrap();
         let source = GgufSource::open(&path).unwrap();
-        assert_eq!(source.arch(None).unwrap(), Arch::Flux);
-        let plan = source.plan(None, FileType::Q8_0).unwrap();
+        assert_eq!(source.declared_arch(), None);
+        let plan = requant_plan(&source, FileType::Q8_0);
+        assert_eq!(plan.arch, Arch::Flux);
         let got: Vec<_> = plan
             .tensors
             .iter()
@@ -877,13 +882,14 @@ mod tests {
         ];
         let tensors: Vec<_> = sd
             .iter()
-            .map(|&(name, shape)| SourceTensor {
+            .map(|&(name, shape)| InputTensor {
                 name,
                 shape,
                 dtype: SourceDtype::F32,
             })
             .collect();
-        let src = MemSource(
+        let src = MemSource::new(
+            sd,
             sd.iter()
                 .map(|&(n, _)| (n.to_owned(), values(3, 9216)))
                 .collect(),
@@ -893,10 +899,9 @@ mod tests {
         let path = dir.path().join("sd1.gguf");
         std::fs::write(&path, write(&plan, &src, 1 << 20)).unwrap();
         let source = GgufSource::open(&path).unwrap();
-        let logical = source.logical_tensors().unwrap();
-        assert!(logical.iter().all(|t| t.shape == [32, 32, 3, 3]));
+        assert!(source.tensors().iter().all(|t| t.shape == [32, 32, 3, 3]));
         // Requantizing flattens again the same way.
-        let again = source.plan(None, FileType::Q8_0).unwrap();
+        let again = requant_plan(&source, FileType::Q8_0);
         assert_eq!(again.arch, Arch::Sd1);
         assert_eq!(again.tensors[0].orig_shape, Some(vec![32, 32, 3, 3]));
 
@@ -910,10 +915,7 @@ mod tests {
         }
         let path = dir.path().join("bad.gguf");
         std::fs::write(&path, write(&bad, &src, 1 << 20)).unwrap();
-        let err = GgufSource::open(&path)
-            .unwrap()
-            .logical_tensors()
-            .unwrap_err();
+        let err = GgufSource::open(&path).unwrap_err();
         assert!(
             matches!(&err, GgufSourceError::BadOrigShape { name, .. } if name == "input_blocks.3.0.op.weight"),
             "{err}"

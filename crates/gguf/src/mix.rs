@@ -10,10 +10,14 @@
 //! matters because some mixes upgrade only the first N matching tensors.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use detect::arch::{self, Arch, KeyPrefix};
+use tensorfile::source::Stored;
+use tensorfile::{Dtype, TensorSource};
 
 use crate::reader::MetadataValue;
 use crate::types::{FileType, GgmlType};
-use detect::arch::{self, Arch, KeyPrefix};
 
 /// convert.py keeps tensors at or under this many elements in F32 (when the source is F32/BF16).
 const QUANTIZATION_THRESHOLD: u64 = 1024;
@@ -27,8 +31,11 @@ const MAX_GGML_DIMS: usize = 4;
 /// The element type of a source tensor, as far as the policy cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceDtype {
+    /// float32.
     F32,
+    /// float16.
     F16,
+    /// bfloat16.
     BF16,
     /// Either fp8 flavour: convert.py widens these to F16.
     F8,
@@ -38,18 +45,55 @@ pub enum SourceDtype {
     Unsupported,
 }
 
+impl SourceDtype {
+    /// The policy's view of what a source file stores (not the dtype it is served in: a
+    /// de-scaled fp8 weight is served as F32 but planned as the fp8 convert.py widens to F16).
+    pub fn of(stored: Stored) -> SourceDtype {
+        match stored {
+            Stored::Safetensors(dtype) => match dtype {
+                Dtype::F32 => SourceDtype::F32,
+                Dtype::BF16 => SourceDtype::BF16,
+                // convert.py keeps only F32 and BF16 sources' small tensors in F32; F64 takes
+                // the F16 branch.
+                Dtype::F16 | Dtype::F64 => SourceDtype::F16,
+                Dtype::F8E4M3 | Dtype::F8E5M2 => SourceDtype::F8,
+                Dtype::I64
+                | Dtype::I32
+                | Dtype::I16
+                | Dtype::I8
+                | Dtype::U64
+                | Dtype::U32
+                | Dtype::U16
+                | Dtype::U8
+                | Dtype::Bool => SourceDtype::NonFloat,
+                _ => SourceDtype::Unsupported,
+            },
+            // A GGUF source is planned as if its dequantized tensors were an F32 state dict;
+            // F16 and BF16 tensors keep their own dtype.
+            Stored::Ggml(GgmlType::F16) => SourceDtype::F16,
+            Stored::Ggml(GgmlType::BF16) => SourceDtype::BF16,
+            Stored::Ggml(_) => SourceDtype::F32,
+        }
+    }
+}
+
 /// One tensor of the source state dict.
 #[derive(Debug, Clone, Copy)]
-pub struct SourceTensor<'a> {
+pub struct InputTensor<'a> {
+    /// Its key in the source.
     pub name: &'a str,
     /// Torch order.
     pub shape: &'a [u64],
+    /// What the source stores.
     pub dtype: SourceDtype,
 }
 
 /// What happens to one source tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedTensor {
+    /// Its position in the tensors given to [`plan`] (for [`plan_source`], its index in the
+    /// source).
+    pub source_index: usize,
     /// The key in the source file (prefix included).
     pub source_name: String,
     /// The GGUF tensor name (prefix stripped).
@@ -83,19 +127,26 @@ impl PlannedTensor {
 }
 
 /// A tensor left out of the output, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DroppedTensor {
+    /// Its key in the source.
     pub name: String,
+    /// Why it is not written.
     pub reason: &'static str,
 }
 
 /// The whole output: metadata in file order, tensors in file order.
 #[derive(Debug, Clone)]
 pub struct GgufPlan {
+    /// The architecture written in `general.architecture`.
     pub arch: Arch,
+    /// The target.
     pub file_type: FileType,
+    /// Every metadata key, in file order.
     pub metadata: Vec<(String, MetadataValue)>,
+    /// Every tensor written, in file order.
     pub tensors: Vec<PlannedTensor>,
+    /// Source tensors left out.
     pub dropped: Vec<DroppedTensor>,
     /// Tensors the mix would quantize whose rows are not whole blocks of the chosen type: they
     /// took the fallback (F16 for K-quants, else the base type).
@@ -111,36 +162,123 @@ impl GgufPlan {
         }
         h
     }
+
+    /// What the user should know about this plan: the tensors that took the unquantized
+    /// fallback.
+    pub fn warnings(&self) -> Vec<String> {
+        if self.fallbacks.is_empty() {
+            return Vec::new();
+        }
+        let n = self.fallbacks.len();
+        let some: Vec<&str> = self.fallbacks.iter().take(3).map(String::as_str).collect();
+        vec![format!(
+            "{n} tensor(s) the {} mix would quantize have rows that are not whole blocks \
+             and were stored unquantized, as ComfyUI-GGUF's quantizer does (F16 for K-quants): \
+             {}{}",
+            self.file_type,
+            some.join(", "),
+            if n > 3 { ", ..." } else { "" }
+        )]
+    }
 }
 
 /// Why a state dict cannot be converted.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    /// The architecture cannot be told from the tensor names.
     #[error(transparent)]
     Arch(#[from] arch::ArchError),
+    /// A float dtype convcache cannot read.
     #[error("tensor `{name}` has dtype that cannot be converted to GGUF")]
-    UnsupportedDtype { name: String },
+    UnsupportedDtype {
+        /// The tensor.
+        name: String,
+    },
+    /// A name ggml cannot hold.
     #[error("tensor name `{name}` is longer than {MAX_TENSOR_NAME_LEN} bytes")]
-    NameTooLong { name: String },
+    NameTooLong {
+        /// The tensor.
+        name: String,
+    },
+    /// A shape whose element count does not fit in a u64 (or an orig_shape dim in an i32).
     #[error("tensor `{name}`: element count overflows")]
-    ShapeOverflow { name: String },
+    ShapeOverflow {
+        /// The tensor.
+        name: String,
+    },
+    /// Two keys that are the same once the prefix is stripped.
     #[error("two source tensors map to the GGUF name `{name}`")]
-    DuplicateName { name: String },
+    DuplicateName {
+        /// The GGUF name.
+        name: String,
+    },
+    /// Every tensor was dropped.
     #[error("no tensors left to convert")]
     Empty,
+}
+
+/// Why a source cannot be planned: [`PlanError`] with the file named.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct SourcePlanError {
+    /// The source file.
+    pub path: PathBuf,
+    /// What is wrong with its tensors.
+    pub source: PlanError,
+}
+
+impl SourcePlanError {
+    /// Always true: planning reads only the source's header, so every refusal is about the
+    /// input.
+    pub fn is_input_fault(&self) -> bool {
+        true
+    }
+}
+
+/// Plans the GGUF file for `source`, as [`plan`] does for its served tensors (in the source's
+/// order, typed by what the file stores: see [`SourceDtype::of`]). The tensors the source
+/// hides (scale tensors folded into their weights, markers) are listed as dropped; `dropped`
+/// is sorted by name.
+pub fn plan_source(
+    source: &dyn TensorSource,
+    forced_arch: Option<Arch>,
+    target: FileType,
+) -> Result<GgufPlan, SourcePlanError> {
+    let inputs: Vec<InputTensor<'_>> = source
+        .tensors()
+        .iter()
+        .map(|t| InputTensor {
+            name: &t.name,
+            shape: &t.shape,
+            dtype: SourceDtype::of(t.stored),
+        })
+        .collect();
+    let mut plan = plan(&inputs, forced_arch, target).map_err(|e| SourcePlanError {
+        path: source.path().to_owned(),
+        source: e,
+    })?;
+    plan.dropped.splice(
+        0..0,
+        source.hidden().iter().map(|h| DroppedTensor {
+            name: h.name.clone(),
+            reason: h.reason,
+        }),
+    );
+    plan.dropped.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(plan)
 }
 
 /// convert.py's prefix handling: which keys survive, under which names; the other keys (VAE and
 /// text encoders of a full checkpoint) are recorded in `dropped`.
 fn strip_prefixes<'a>(
-    tensors: &[SourceTensor<'a>],
+    tensors: &[InputTensor<'a>],
     dropped: &mut Vec<DroppedTensor>,
-) -> Vec<(String, SourceTensor<'a>)> {
+) -> Vec<(String, usize, InputTensor<'a>)> {
     let prefix = KeyPrefix::detect(tensors.iter().map(|t| t.name));
     let mut kept = Vec::with_capacity(tensors.len());
-    for t in tensors {
+    for (index, t) in tensors.iter().enumerate() {
         match prefix.apply(t.name) {
-            Some(n) => kept.push((n.into_owned(), *t)),
+            Some(n) => kept.push((n.into_owned(), index, *t)),
             None => dropped.push(DroppedTensor {
                 name: t.name.to_owned(),
                 reason: "outside the diffusion model (key prefix)",
@@ -256,14 +394,14 @@ fn mix_type(target: FileType, name: &str, arch: Arch, v_seen: usize) -> GgmlType
 /// per tensor (BF16 for a BF16 tensor, else F16) and names the file after the most common source
 /// dtype. For a single-dtype source both agree; `AllF32` stores everything in F32.
 pub fn plan(
-    tensors: &[SourceTensor<'_>],
+    tensors: &[InputTensor<'_>],
     forced_arch: Option<Arch>,
     target: FileType,
 ) -> Result<GgufPlan, PlanError> {
     let mut dropped = Vec::new();
     let mut named = strip_prefixes(tensors, &mut dropped);
     let mut seen = std::collections::HashSet::with_capacity(named.len());
-    for (name, _) in &named {
+    for (name, _, _) in &named {
         if !seen.insert(name.as_str()) {
             return Err(PlanError::DuplicateName { name: name.clone() });
         }
@@ -274,7 +412,7 @@ pub fn plan(
     }
     let arch = match forced_arch {
         Some(a) => a,
-        None => arch::detect_arch(named.iter().map(|(n, _)| n.as_str()))?,
+        None => arch::detect_arch(named.iter().map(|(n, _, _)| n.as_str()))?,
     };
     let quantized_target = target.base_type().is_quantized();
 
@@ -282,7 +420,7 @@ pub fn plan(
     let mut high_dim = Vec::new();
     let mut v_seen = 0usize;
     let mut fallbacks = Vec::new();
-    for (name, src) in named {
+    for (name, source_index, src) in named {
         if arch.is_ignored(&name) {
             dropped.push(DroppedTensor {
                 name,
@@ -332,6 +470,7 @@ pub fn plan(
         if src.shape.len() > MAX_GGML_DIMS {
             // ComfyUI-GGUF's fix_5d_tensors end state: F32 with every dim.
             high_dim.push(PlannedTensor {
+                source_index,
                 source_name: src.name.to_owned(),
                 name,
                 shape: src.shape.to_vec(),
@@ -383,6 +522,7 @@ pub fn plan(
             base_type
         };
         planned.push(PlannedTensor {
+            source_index,
             source_name: src.name.to_owned(),
             name,
             shape,
@@ -456,8 +596,8 @@ pub fn plan(
 mod tests {
     use super::*;
 
-    fn t<'a>(name: &'a str, shape: &'a [u64], dtype: SourceDtype) -> SourceTensor<'a> {
-        SourceTensor { name, shape, dtype }
+    fn t<'a>(name: &'a str, shape: &'a [u64], dtype: SourceDtype) -> InputTensor<'a> {
+        InputTensor { name, shape, dtype }
     }
 
     fn type_of(plan: &GgufPlan, name: &str) -> GgmlType {
@@ -470,7 +610,7 @@ mod tests {
 
     const F32: SourceDtype = SourceDtype::F32;
 
-    fn flux_like(dtype: SourceDtype) -> Vec<SourceTensor<'static>> {
+    fn flux_like(dtype: SourceDtype) -> Vec<InputTensor<'static>> {
         vec![
             t("double_blocks.0.img_attn.proj.weight", &[3072, 3072], dtype),
             t("double_blocks.0.img_attn.qkv.weight", &[9216, 3072], dtype),
@@ -761,6 +901,19 @@ mod tests {
         let mut sorted = names(&plain);
         sorted.sort();
         assert_eq!(names(&quant), sorted);
+    }
+
+    #[test]
+    fn source_dtypes_follow_convert_py() {
+        let st = |d| SourceDtype::of(Stored::Safetensors(d));
+        assert_eq!(st(Dtype::F8E5M2), SourceDtype::F8);
+        assert_eq!(st(Dtype::I64), SourceDtype::NonFloat);
+        assert_eq!(st(Dtype::F4), SourceDtype::Unsupported);
+        assert_eq!(st(Dtype::BF16), SourceDtype::BF16);
+        assert_eq!(st(Dtype::F64), SourceDtype::F16);
+        let gg = |t| SourceDtype::of(Stored::Ggml(t));
+        assert_eq!(gg(GgmlType::BF16), SourceDtype::BF16);
+        assert_eq!(gg(GgmlType::Q4K), SourceDtype::F32);
     }
 
     #[test]

@@ -105,7 +105,8 @@ fn sha256_matches_the_standard_vectors() {
 /// Our dequantization of every tensor of `gguf_path` (stored shape, F32), for
 /// `check_outputs.py` to compare with gguf-py's.
 fn write_our_dequantization(gguf_path: &Path, out: &Path) {
-    use gguf::convert::{GgufSource, TensorSource};
+    use gguf::source::GgufSource;
+    use tensorfile::TensorSource;
     let source = GgufSource::open(gguf_path).unwrap();
     let specs: Vec<tensorfile::TensorSpec> = source
         .file()
@@ -119,9 +120,9 @@ fn write_our_dequantization(gguf_path: &Path, out: &Path) {
         .collect();
     let f = std::fs::File::create(out).unwrap();
     let mut w = tensorfile::SafetensorsWriter::new(f, &specs, &BTreeMap::new()).unwrap();
-    for t in &source.file().tensors {
+    for (i, t) in source.file().tensors.iter().enumerate() {
         let mut v = vec![0f32; t.n_elements() as usize];
-        source.read_f32(&t.name, 0, &mut v).unwrap();
+        source.read_f32(i, 0, &mut v).unwrap();
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         w.write_chunk(&bytes).unwrap();
     }

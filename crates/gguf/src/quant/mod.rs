@@ -51,23 +51,33 @@ pub enum QuantError {
     /// The number of values is not a whole number of blocks.
     #[error("{ty}: {len} values is not a multiple of the block size {block}")]
     PartialBlock {
+        /// The block format.
         ty: GgmlType,
+        /// Values given.
         len: usize,
+        /// Values per block.
         block: usize,
     },
     /// The quantized bytes are not a whole number of blocks.
     #[error("{ty}: {bytes} bytes is not a multiple of the block size {block_bytes} bytes")]
     PartialBlockBytes {
+        /// The block format.
         ty: GgmlType,
+        /// Bytes given.
         bytes: usize,
+        /// Bytes per block.
         block_bytes: usize,
     },
     /// The quantized buffer does not have the size the values need.
     #[error("{ty}: {values} values need {expected} bytes, the buffer has {actual}")]
     ByteLength {
+        /// The block format.
         ty: GgmlType,
+        /// Values given.
         values: usize,
+        /// Bytes they need.
         expected: usize,
+        /// Bytes given.
         actual: usize,
     },
 }
