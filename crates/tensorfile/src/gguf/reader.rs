@@ -68,11 +68,6 @@ const TYPE_NAMES: [&str; 13] = [
 const TYPE_STRING: u32 = 8;
 const TYPE_ARRAY: u32 = 9;
 
-/// The name of a GGUF value type id (`UINT32`, `ARRAY`, ...), if it is one.
-pub fn value_type_name(type_id: u32) -> Option<&'static str> {
-    TYPE_NAMES.get(type_id as usize).copied()
-}
-
 /// Fewest bytes a value of this type occupies in a file; `None` for an unknown type.
 fn min_value_size(type_id: u32) -> Option<u64> {
     Some(match type_id {
