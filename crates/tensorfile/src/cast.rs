@@ -69,14 +69,28 @@ impl std::iter::Sum for CastStats {
 /// Why a cast could not run. These are caller mistakes or unsupported dtypes, never data errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CastError {
+    /// The source dtype is not one [`cast_slice`] reads (see [`is_cast_source`]).
     #[error("cannot cast from {0}: not a supported source dtype")]
     UnsupportedSource(Dtype),
+    /// The destination dtype is not one [`cast_slice`] writes (see [`is_cast_target`]).
     #[error("cannot cast to {0}: not a supported destination dtype")]
     UnsupportedTarget(Dtype),
+    /// The source slice ends in the middle of an element.
     #[error("{len} source bytes are not a whole number of {dtype} elements")]
-    RaggedSource { dtype: Dtype, len: usize },
+    RaggedSource {
+        /// The source dtype.
+        dtype: Dtype,
+        /// Length of the source slice in bytes.
+        len: usize,
+    },
+    /// The destination slice does not hold exactly as many elements as the source.
     #[error("destination has {actual} bytes, the cast produces {expected}")]
-    DestinationLength { expected: usize, actual: usize },
+    DestinationLength {
+        /// Bytes the cast writes.
+        expected: usize,
+        /// Bytes the destination slice has.
+        actual: usize,
+    },
 }
 
 /// Whether [`cast_slice`] reads this dtype.

@@ -15,6 +15,39 @@
 //!   piece on the thread pool while the previous one is written).
 //!
 //! This crate depends on no other convcache crate.
+//!
+//! # Example
+//!
+//! Write a small F16 tensor with the streaming writer, then read it back widened to f32:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::fs::File;
+//! use tensorfile::{Dtype, SafetensorsWriter, TensorSource, TensorSpec, open_safetensors};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let name = format!("tensorfile-doc-{}.safetensors", std::process::id());
+//! let path = std::env::temp_dir().join(name);
+//! let spec = TensorSpec { name: "w".into(), dtype: Dtype::F16, shape: vec![2, 2] };
+//! let mut writer = SafetensorsWriter::new(File::create(&path)?, &[spec], &BTreeMap::new())?;
+//! for v in [1.0f32, -2.5, 0.25, 3.0] {
+//!     writer.write_chunk(&half::f16::from_f32(v).to_le_bytes())?;
+//! }
+//! writer.finish()?;
+//!
+//! let source: Box<dyn TensorSource> = open_safetensors(&path)?;
+//! let index = source.index_of("w").ok_or("no tensor `w`")?;
+//! let mut values = [0f32; 4];
+//! source.read_f32(index, 0, &mut values)?;
+//! assert_eq!(values, [1.0, -2.5, 0.25, 3.0]);
+//!
+//! drop(source);
+//! std::fs::remove_file(&path)?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod cast;
 pub mod gguf;

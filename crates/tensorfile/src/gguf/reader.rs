@@ -68,11 +68,6 @@ const TYPE_NAMES: [&str; 13] = [
 const TYPE_STRING: u32 = 8;
 const TYPE_ARRAY: u32 = 9;
 
-/// The name of a GGUF value type id (`UINT32`, `ARRAY`, ...), if it is one.
-pub fn value_type_name(type_id: u32) -> Option<&'static str> {
-    TYPE_NAMES.get(type_id as usize).copied()
-}
-
 /// Fewest bytes a value of this type occupies in a file; `None` for an unknown type.
 fn min_value_size(type_id: u32) -> Option<u64> {
     Some(match type_id {
@@ -274,29 +269,57 @@ pub enum GgufErrorKind {
     /// Only versions 2 and 3 are read.
     UnsupportedVersion(u32),
     /// The header ends in the middle of `what`, which starts at `offset`.
-    Truncated { what: &'static str, offset: u64 },
+    Truncated {
+        /// The field being read (`tensor name`, `metadata value`, ...).
+        what: &'static str,
+        /// Where the field starts.
+        offset: u64,
+    },
     /// A tensor or metadata count that the remaining bytes cannot hold, or above
     /// [`MAX_TENSORS`] / [`MAX_METADATA_VALUES`].
     CountTooLarge {
+        /// What is counted (`tensor`, `metadata`).
         what: &'static str,
+        /// The count in the header.
         count: u64,
+        /// Bytes left in the file after the header's counts.
         remaining: u64,
     },
     /// A string or array length (at `offset`) that the remaining bytes cannot hold.
     LengthTooLarge {
+        /// The field being read (`metadata string`, `metadata array`, ...).
         what: &'static str,
+        /// The length in the header (bytes for a string, elements for an array).
         len: u64,
+        /// Where the length field starts.
         offset: u64,
+        /// Bytes left in the file after the length field.
         remaining: u64,
     },
     /// The header's strings exceed [`MAX_STRING_BYTES`] in total (at the string at `offset`).
-    StringsTooLarge { offset: u64 },
+    StringsTooLarge {
+        /// Where the string that crossed the limit starts.
+        offset: u64,
+    },
     /// A string that is not UTF-8.
-    InvalidUtf8 { what: &'static str, offset: u64 },
+    InvalidUtf8 {
+        /// The field being read (`metadata key`, `tensor name`, ...).
+        what: &'static str,
+        /// Where the string (its length prefix) starts.
+        offset: u64,
+    },
     /// A metadata value type id that is not one of the 13.
-    UnknownValueType { type_id: u32, offset: u64 },
+    UnknownValueType {
+        /// The type id read.
+        type_id: u32,
+        /// Where the type id starts.
+        offset: u64,
+    },
     /// Arrays nested deeper than [`MAX_ARRAY_DEPTH`].
-    NestingTooDeep { key: String },
+    NestingTooDeep {
+        /// The metadata key holding the array.
+        key: String,
+    },
     /// More than [`MAX_METADATA_VALUES`] metadata values.
     TooManyValues,
     /// A metadata key that appears twice.
@@ -306,33 +329,63 @@ pub enum GgufErrorKind {
     /// `general.alignment` is zero or not a power of two.
     BadAlignment(u32),
     /// A tensor type id that is not in [`GgmlType`].
-    UnknownTensorType { tensor: String, type_id: u32 },
+    UnknownTensorType {
+        /// The tensor's name.
+        tensor: String,
+        /// The type id read.
+        type_id: u32,
+    },
     /// More than [`MAX_DIMS`] dims.
-    TooManyDims { tensor: String, n_dims: u32 },
+    TooManyDims {
+        /// The tensor's name.
+        tensor: String,
+        /// The dim count read.
+        n_dims: u32,
+    },
     /// A dim of size 0.
-    ZeroElements { tensor: String },
+    ZeroElements {
+        /// The tensor's name.
+        tensor: String,
+    },
     /// The element count or byte size does not fit in an i64.
-    ElementCountOverflow { tensor: String },
+    ElementCountOverflow {
+        /// The tensor's name.
+        tensor: String,
+    },
     /// The row length (`dims[0]`) is not a whole number of blocks of the tensor's type.
     NotBlockMultiple {
+        /// The tensor's name.
         tensor: String,
+        /// The tensor's type.
         ggml_type: GgmlType,
+        /// `dims[0]`, in elements.
         row_len: u64,
     },
     /// A tensor offset that is not a multiple of the alignment.
     MisalignedOffset {
+        /// The tensor's name.
         tensor: String,
+        /// The tensor's offset, relative to the data section.
         offset: u64,
+        /// The file's alignment (`general.alignment`, default 32).
         alignment: u64,
     },
     /// A tensor whose data would end past the end of the file (`end` is `None` on overflow).
     OutOfBounds {
+        /// The tensor's name.
         tensor: String,
+        /// Where the tensor's data would end (absolute).
         end: Option<u64>,
+        /// The file's length in bytes.
         file_len: u64,
     },
     /// Two tensors whose data overlap.
-    Overlap { first: String, second: String },
+    Overlap {
+        /// The tensor whose data starts first.
+        first: String,
+        /// The tensor starting inside `first`'s data.
+        second: String,
+    },
     /// A tensor name that appears twice.
     DuplicateTensor(String),
 }
@@ -455,12 +508,19 @@ pub enum GgufError {
     /// The file could not be opened, inspected or mapped.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The GGUF file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// The file is not a valid GGUF file; `kind` says why.
     #[error("{}: {kind}", path.display())]
-    Invalid { path: PathBuf, kind: GgufErrorKind },
+    Invalid {
+        /// The GGUF file.
+        path: PathBuf,
+        /// What is wrong.
+        kind: GgufErrorKind,
+    },
 }
 
 impl GgufError {

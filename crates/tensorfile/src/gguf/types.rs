@@ -9,18 +9,31 @@ use std::str::FromStr;
 /// A ggml tensor type that convcache reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GgmlType {
+    /// IEEE 754 single precision.
     F32,
+    /// IEEE 754 half precision.
     F16,
+    /// 32-value blocks: an f16 scale `d` and 4-bit values, `y = (q - 8) * d` (18 bytes).
     Q4_0,
+    /// 32-value blocks: f16 scale `d` and min `m`, 4-bit values, `y = q * d + m` (20 bytes).
     Q4_1,
+    /// 32-value blocks: an f16 scale `d` and 5-bit values (fifth bits packed in a u32), `y = (q - 16) * d` (22 bytes).
     Q5_0,
+    /// 32-value blocks: f16 scale `d` and min `m`, 5-bit values, `y = q * d + m` (24 bytes).
     Q5_1,
+    /// 32-value blocks: an f16 scale `d` and 32 signed bytes, `y = q * d` (34 bytes).
     Q8_0,
+    /// 2-bit K-quant: 256-value superblocks of 16 sub-blocks, 4-bit scales and mins, f16 `d` and `dmin` (84 bytes).
     Q2K,
+    /// 3-bit K-quant: 256-value superblocks of 16 sub-blocks, 6-bit signed scales, f16 `d` (110 bytes).
     Q3K,
+    /// 4-bit K-quant: 256-value superblocks of 8 sub-blocks, 6-bit scales and mins, f16 `d` and `dmin` (144 bytes).
     Q4K,
+    /// 5-bit K-quant: Q4_K's layout plus a fifth bit per value (176 bytes).
     Q5K,
+    /// 6-bit K-quant: 256-value superblocks of 16 sub-blocks, signed 8-bit scales, f16 `d` (210 bytes).
     Q6K,
+    /// bfloat16: the top 16 bits of an F32. Id 30, after the quantized types.
     BF16,
 }
 
@@ -153,24 +166,44 @@ impl FromStr for GgmlType {
 }
 
 /// A llama file type: the value of `general.file_type`, and the name of a quantization mix.
+///
+/// The variant docs summarise each mix; the per-tensor rules (which tensors are quantized,
+/// fused-QKV and per-architecture exceptions, shape fallbacks) live in the `gguf` crate's `mix`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FileType {
+    /// Every tensor F32 (id 0).
     AllF32,
+    /// F16 weights; small and 1-D tensors (norms, biases) may stay F32 (id 1).
     MostlyF16,
+    /// BF16 weights; small and 1-D tensors may stay F32 (id 32).
     MostlyBF16,
+    /// Q4_0 weights, ffn_down in Q4_1 (id 2).
     Q4_0,
+    /// Q4_1 weights (id 3).
     Q4_1,
+    /// Q5_0 weights, ffn_down in Q5_1 (id 8).
     Q5_0,
+    /// Q5_1 weights (id 9).
     Q5_1,
+    /// Q8_0 weights (id 7).
     Q8_0,
+    /// Q2_K weights, v projections in Q3_K (id 10).
     Q2K,
+    /// Q3_K weights, the small mix: no tensor is given a wider type (id 11).
     Q3KS,
+    /// Q3_K weights, the medium mix: v projections and ffn_down in Q4_K, the first two v projections in Q5_K (id 12).
     Q3KM,
+    /// Q3_K weights, the large mix: v projections and ffn_down in Q5_K (id 13).
     Q3KL,
+    /// Q4_K weights, the small mix: the first four v projections and ffn_down in Q5_K (id 14).
     Q4KS,
+    /// Q4_K weights, the medium mix: v projections and ffn_down in Q6_K (id 15).
     Q4KM,
+    /// Q5_K weights, no tensor given a wider type (id 16).
     Q5KS,
+    /// Q5_K weights, v projections and ffn_down in Q6_K (id 17).
     Q5KM,
+    /// Q6_K weights (id 18).
     Q6K,
 }
 

@@ -34,27 +34,49 @@ pub use writer::{SafetensorsWriter, TensorSpec};
 /// converter reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dtype {
+    /// IEEE 754 double precision.
     F64,
+    /// IEEE 754 single precision.
     F32,
+    /// IEEE 754 half precision.
     F16,
+    /// bfloat16: the top 16 bits of an F32 (8-bit exponent, 7-bit mantissa).
     BF16,
+    /// torch's `float8_e4m3fn`: no infinities, largest finite ±448, NaN `0x7F`/`0xFF`.
     F8E4M3,
+    /// torch's `float8_e5m2`: F16 with the low 8 mantissa bits dropped (has ±inf).
     F8E5M2,
+    /// OCP MX scale: an unsigned power of two (8 exponent bits, no mantissa).
     F8E8M0,
+    /// E4M3 without negative zero or infinities; `0x80` is the only NaN (AMD's fp8).
     F8E4M3FNUZ,
+    /// E5M2 without negative zero or infinities; `0x80` is the only NaN (AMD's fp8).
     F8E5M2FNUZ,
+    /// OCP MX 6-bit float, 2 exponent and 3 mantissa bits.
     F6E2M3,
+    /// OCP MX 6-bit float, 3 exponent and 2 mantissa bits.
     F6E3M2,
+    /// OCP MX 4-bit float (E2M1), two per byte.
     F4,
+    /// Signed 64-bit integer.
     I64,
+    /// Signed 32-bit integer.
     I32,
+    /// Signed 16-bit integer.
     I16,
+    /// Signed byte.
     I8,
+    /// Unsigned 64-bit integer.
     U64,
+    /// Unsigned 32-bit integer.
     U32,
+    /// Unsigned 16-bit integer.
     U16,
+    /// Unsigned byte.
     U8,
+    /// One byte per value, 0 or 1 (`BOOL` in the header).
     Bool,
+    /// Complex number: two F32 parts, real then imaginary.
     C64,
 }
 
@@ -913,6 +935,7 @@ pub struct ReadBuffer {
 }
 
 impl ReadBuffer {
+    /// An empty buffer: nothing is allocated until the first [`ReadBuffer::get`].
     pub fn new() -> ReadBuffer {
         ReadBuffer::default()
     }

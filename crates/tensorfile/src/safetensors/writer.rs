@@ -12,8 +12,11 @@ use super::Dtype;
 /// One tensor of the output, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
+    /// The key in the header.
     pub name: String,
+    /// The element type of the data the caller writes.
     pub dtype: Dtype,
+    /// Dims in torch order; empty for a scalar.
     pub shape: Vec<u64>,
 }
 
