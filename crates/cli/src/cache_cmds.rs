@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::args::{CheckArgs, CleanupArgs, KindArg, KindArgs};
 use crate::convert_cmd::exit_for;
 use crate::output::{Exit, Failure, Ui};
-use crate::size::human_bytes;
+use indicatif::HumanBytes;
 
 /// The cache kind of a `--kind` value.
 pub fn kind(k: KindArg) -> Kind {
@@ -71,15 +71,17 @@ pub fn check_json(source: &Path, c: &smart::Check) -> Value {
 
 /// `convcache check SRC --to T,...`: what `convert` would do, per target, converting nothing.
 pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failure> {
-    let mut options = smart::Options::new(models);
-    options.strict = args.strict;
-    options.double_quant = args.double_quant;
-    let checks = smart::check(&args.source, &args.to.targets, &options).map_err(|e| Failure {
-        exit: exit_for(&e),
-        message: e.to_string(),
-    })?;
+    let conversion = &args.conversion;
+    let source = &conversion.source;
+    let checks =
+        smart::check(source, &conversion.targets, &conversion.options(models)).map_err(|e| {
+            Failure {
+                exit: exit_for(&e),
+                message: e.to_string(),
+            }
+        })?;
     if ui.json {
-        let rows: Vec<Value> = checks.iter().map(|c| check_json(&args.source, c)).collect();
+        let rows: Vec<Value> = checks.iter().map(|c| check_json(source, c)).collect();
         ui.print_json(&Value::Array(rows));
     } else {
         for c in &checks {
@@ -139,7 +141,7 @@ pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
             ui.print(format!(
                 "{:<12} {:>11}  {}  <- {source}",
                 e.precision.canonical_name(),
-                human_bytes(e.size),
+                HumanBytes(e.size).to_string(),
                 e.path.display()
             ));
         }
@@ -164,19 +166,19 @@ pub fn stats_json(s: &Stats) -> Value {
 
 /// The text form of [`Stats`].
 pub fn stats_text(s: &Stats) -> String {
-    let mut out = format!("{} conversion(s), {}", s.count, human_bytes(s.total_bytes));
+    let mut out = format!("{} conversion(s), {}", s.count, HumanBytes(s.total_bytes));
     for (name, t) in &s.by_precision {
         out.push_str(&format!(
             "\n  {name:<12} {:>4}  {:>11}",
             t.count,
-            human_bytes(t.bytes)
+            HumanBytes(t.bytes).to_string()
         ));
     }
     if s.unusable.count > 0 {
         out.push_str(&format!(
             "\n  {} file(s) with an output's name that cannot serve, {} (see `list`)",
             s.unusable.count,
-            human_bytes(s.unusable.bytes)
+            HumanBytes(s.unusable.bytes)
         ));
     }
     out
@@ -261,14 +263,14 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
             ui.print(format!(
                 "{verb} {} ({})",
                 r.path.display(),
-                human_bytes(r.size)
+                HumanBytes(r.size)
             ));
         }
         ui.print(format!(
             "{verb} {} file(s), {}; the cache holds {}",
             removed.len(),
-            human_bytes(freed),
-            human_bytes(after)
+            HumanBytes(freed),
+            HumanBytes(after)
         ));
     }
     Ok(Exit::Ok)

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use cache::{ModelsDir, Provenance, digest};
-use tensorfile::safetensors::Dtype;
 use detect::{Detection, Precision};
-use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::backends::PrecisionBackend;
 use smart::{
-    Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
-    smart_convert, smart_convert_with,
+    Backend, BackendOptions, ConversionReport, Job, Options, Phase, PlannedConversion, Progress,
+    SmartError, Status, smart_convert, smart_convert_with,
 };
+use tensorfile::safetensors::Dtype;
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 /// Writes a small flux-like model: one 2-D weight and a 1-D bias, `dtype` floats from `seed`.
 fn write_model(path: &Path, dtype: Dtype, seed: u32, rows: u64) {
@@ -139,7 +139,7 @@ fn converts_then_serves_from_the_cache() {
     assert_eq!(o.status, Status::Converted);
     assert_eq!(o.path, e.converted().join("flux_bf16.safetensors"));
     assert_eq!(o.source_precision, Some(Precision::Fp32));
-    let report = o.report.clone().unwrap();
+    let report = serde_json::to_value(o.report.clone().unwrap()).unwrap();
     assert_eq!(report["target"], "bf16");
     let d = detected(&o.path);
     assert_eq!(d.precision, Some(Precision::Bf16));
@@ -489,7 +489,7 @@ impl PlannedConversion for TestPlanned {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         let mut w = FaultyWriter {
             inner: out,
@@ -502,9 +502,6 @@ impl PlannedConversion for TestPlanned {
 }
 
 impl Backend for TestBackend {
-    fn name(&self) -> &'static str {
-        "test"
-    }
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         PrecisionBackend.supports(source, target)
     }

@@ -19,18 +19,19 @@ use ::gguf::mix::{DroppedTensor, GgufPlan, SourceDtype, SourceTensor};
 use ::gguf::reader::MetadataValue;
 use ::gguf::{Arch, FileType};
 use detect::detection::Format;
-use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
 use detect::{Detection, Precision};
 use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec};
+use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
 
-use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
+use crate::{
+    Backend, BackendOptions, ConversionReport, ConverterError, Job, PlannedConversion, SmartError,
+    Unencodable,
+};
 
-/// The GGUF converter. `arch` forces the architecture (`--arch`) instead of detecting it from
-/// the tensor names.
+/// The GGUF converter. [`BackendOptions::gguf_arch`] forces the architecture (`--arch`)
+/// instead of detecting it from the tensor names.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GgufBackend {
-    pub arch: Option<Arch>,
-}
+pub struct GgufBackend;
 
 /// Bump when the bytes written for some target change.
 const VERSION: &str = "gguf-1";
@@ -55,10 +56,6 @@ fn is_dequant_target(target: Precision) -> Option<Dtype> {
 }
 
 impl Backend for GgufBackend {
-    fn name(&self) -> &'static str {
-        "gguf"
-    }
-
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         match (source.format, target) {
             (Format::Safetensors, Precision::Gguf(_)) => {
@@ -71,8 +68,9 @@ impl Backend for GgufBackend {
     }
 
     fn converter_version(&self, _target: Precision, options: &BackendOptions) -> String {
-        // A forced architecture changes `general.architecture` and possibly the mix.
-        match self.forced_arch(options) {
+        // A forced architecture changes `general.architecture` and possibly the mix (it is only
+        // set when it differs from the detected one, see `Options::backend_options`).
+        match options.gguf_arch {
             Some(a) => format!("{VERSION}+arch={}", a.name()),
             None => VERSION.to_string(),
         }
@@ -85,7 +83,7 @@ impl Backend for GgufBackend {
                 let planned = plan_gguf(
                     source,
                     job.source_path,
-                    self.forced_arch(&job.options),
+                    job.options.gguf_arch,
                     ft,
                     job.extra_metadata,
                     Vec::new(),
@@ -105,7 +103,7 @@ impl Backend for GgufBackend {
                 Ok(Box::new(plan_gguf(
                     source,
                     job.source_path,
-                    self.forced_arch(&job.options),
+                    job.options.gguf_arch,
                     ft,
                     job.extra_metadata,
                     vec![warning],
@@ -113,7 +111,7 @@ impl Backend for GgufBackend {
             }
             (Format::Gguf, t) => match is_dequant_target(t) {
                 Some(dtype) => Ok(Box::new(plan_dequantize(
-                    open_gguf(job.source_path)?,
+                    GgufSource::open(job.source_path).map_err(SmartError::backend)?,
                     dtype,
                     job.extra_metadata,
                 )?)),
@@ -121,14 +119,6 @@ impl Backend for GgufBackend {
             },
             _ => Err(unsupported(job)),
         }
-    }
-}
-
-impl GgufBackend {
-    /// The architecture to force, if any. The single place to read a per-job `--arch` from
-    /// once `BackendOptions` carries one (`options.arch.or(self.arch)`).
-    fn forced_arch(&self, _options: &BackendOptions) -> Option<Arch> {
-        self.arch
     }
 }
 
@@ -172,6 +162,15 @@ enum StError {
         name: String,
         problem: String,
     },
+}
+
+impl ConverterError for StError {
+    fn is_input_fault(&self) -> bool {
+        match self {
+            StError::Io(e) => e.is_input_fault(),
+            StError::Bad { .. } => true,
+        }
+    }
 }
 
 /// A safetensors file read with its positioned reads, widened exactly to f32 with
@@ -375,6 +374,15 @@ enum SourceError {
     Gguf(#[from] ::gguf::convert::GgufSourceError),
 }
 
+impl ConverterError for SourceError {
+    fn is_input_fault(&self) -> bool {
+        match self {
+            SourceError::Safetensors(e) => e.is_input_fault(),
+            SourceError::Gguf(e) => e.is_input_fault(),
+        }
+    }
+}
+
 impl TensorSource for AnySource {
     type Error = SourceError;
 
@@ -422,8 +430,6 @@ fn plan_gguf(
     extra_metadata: &BTreeMap<String, String>,
     warnings: Vec<String>,
 ) -> Result<PlannedGguf, SmartError> {
-    let with_path =
-        |e: &dyn std::fmt::Display| SmartError::backend(format!("{}: {e}", path.display()));
     let mut plan = match &source {
         AnySource::Safetensors(st) => {
             // convert.py's order is the order of the data in the file (see gguf::mix), which is
@@ -440,8 +446,8 @@ fn plan_gguf(
                     dtype: SafetensorsSource::source_dtype(t.dtype),
                 })
                 .collect();
-            let mut plan =
-                ::gguf::mix::plan(&sources, forced_arch, target).map_err(|e| with_path(&e))?;
+            let mut plan = ::gguf::mix::plan(&sources, forced_arch, target)
+                .map_err(|e| SmartError::backend_in(path, e))?;
             plan.dropped.splice(0..0, st.dropped.iter().cloned());
             plan
         }
@@ -466,7 +472,8 @@ fn plan_gguf(
         .filter(|(k, _)| !plan.metadata.iter().any(|(pk, _)| pk == *k))
         .map(|(k, v)| (k.clone(), MetadataValue::String(v.clone())))
         .collect();
-    let output_len = gconv::output_len(&plan, &extra).map_err(|e| with_path(&e))?;
+    let output_len = gconv::output_len(&plan, &extra)
+        .map_err(|e| SmartError::backend_in(path, Unencodable(e)))?;
     let mut bytes_before = Vec::with_capacity(plan.tensors.len());
     let mut total = 0u64;
     for t in &plan.tensors {
@@ -497,7 +504,7 @@ impl PlannedConversion for PlannedGguf {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         let plan = &self.plan;
         // A source rewritten since planning would be read with stale offsets.
         if let AnySource::Safetensors(st) = &self.source {
@@ -513,21 +520,103 @@ impl PlannedConversion for PlannedGguf {
             );
         })
         .map_err(SmartError::backend)?;
-        Ok(serde_json::json!({
-            "format": "gguf",
-            "architecture": plan.arch.name(),
-            "file_type": plan.file_type.name(),
-            "tensors": report.tensors,
-            "quantized_tensors": report.quantized,
-            "types": plan.type_histogram(),
-            "reshaped": plan.tensors.iter().filter(|t| t.orig_shape.is_some()).count(),
-            "data_bytes": report.data_bytes,
-            "dropped": plan.dropped.iter().map(|d| serde_json::json!({
-                "name": d.name,
-                "reason": d.reason,
-            })).collect::<Vec<_>>(),
-            "warnings": self.warnings,
+        Ok(ConversionReport::Gguf(GgufReport {
+            format: "gguf",
+            architecture: plan.arch.name(),
+            file_type: plan.file_type.name(),
+            tensors: report.tensors,
+            quantized_tensors: report.quantized,
+            types: plan.type_histogram(),
+            reshaped: plan
+                .tensors
+                .iter()
+                .filter(|t| t.orig_shape.is_some())
+                .count(),
+            data_bytes: report.data_bytes,
+            dropped: plan
+                .dropped
+                .iter()
+                .map(|d| Dropped {
+                    name: d.name.clone(),
+                    reason: d.reason,
+                })
+                .collect(),
+            warnings: self.warnings.clone(),
         }))
+    }
+}
+
+/// What a conversion to GGUF did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GgufReport {
+    /// Always `gguf`.
+    pub format: &'static str,
+    /// `general.architecture`.
+    pub architecture: &'static str,
+    /// The target's name (`Q8_0`, `Q4_K_M`...).
+    pub file_type: &'static str,
+    /// Tensors written.
+    pub tensors: u64,
+    /// Tensors stored in a block-quantized type.
+    pub quantized_tensors: u64,
+    /// Tensors per written type.
+    pub types: BTreeMap<&'static str, usize>,
+    /// Tensors stored flattened, with their torch shape in the metadata.
+    pub reshaped: usize,
+    /// Bytes of tensor data written (padding excluded).
+    pub data_bytes: u64,
+    /// Source tensors left out, by name.
+    pub dropped: Vec<Dropped>,
+    /// What the user should know about the output.
+    pub warnings: Vec<String>,
+}
+
+/// A source tensor left out of an output, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Dropped {
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// What a GGUF -> safetensors dequantization did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DequantReport {
+    /// Always `safetensors`.
+    pub format: &'static str,
+    /// The output dtype (`F32`, `F16`, `BF16`).
+    pub dtype: &'static str,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Source tensors per GGUF type.
+    pub source_types: BTreeMap<&'static str, u64>,
+    /// Tensors written in a torch shape other than their GGUF one.
+    pub reshaped: usize,
+    /// Source tensors left out (none: every tensor is dequantized).
+    pub dropped: Vec<Dropped>,
+    /// What the user should know about the output (nothing so far).
+    pub warnings: Vec<String>,
+}
+
+/// Why writing a dequantized output failed.
+#[derive(Debug, thiserror::Error)]
+enum DequantError {
+    #[error("{}: writing: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// An F32 -> F16/BF16 cast refused its input (a bug: the widths are planned).
+    #[error("{}: `{name}`: {source}", path.display())]
+    Cast {
+        path: PathBuf,
+        name: String,
+        source: tensorfile::CastError,
+    },
+}
+
+impl ConverterError for DequantError {
+    fn is_input_fault(&self) -> bool {
+        false
     }
 }
 
@@ -542,13 +631,10 @@ struct PlannedDequant {
 }
 
 fn plan_dequantize(
-    source: AnySource,
+    source: GgufSource,
     dtype: Dtype,
     extra_metadata: &BTreeMap<String, String>,
 ) -> Result<PlannedDequant, SmartError> {
-    let AnySource::Gguf(source) = source else {
-        return Err(SmartError::backend("dequantization needs a GGUF source"));
-    };
     let logical = source.logical_tensors().map_err(SmartError::backend)?;
     let specs: Vec<TensorSpec> = logical
         .into_iter()
@@ -561,7 +647,7 @@ fn plan_dequantize(
     let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     metadata.extend(extra_metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
     let output_len = tensorfile::safetensors::writer::output_len(&specs, &metadata)
-        .map_err(|e| SmartError::backend(format!("{}: {e}", source.file().path.display())))?;
+        .map_err(|e| SmartError::backend_in(&source.file().path, Unencodable(e)))?;
     let source_bytes = source.file().tensors.iter().map(|t| t.byte_len()).sum();
     Ok(PlannedDequant {
         source,
@@ -585,10 +671,14 @@ impl PlannedConversion for PlannedDequant {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         let path = &self.source.file().path;
-        let io =
-            |e: std::io::Error| SmartError::backend(format!("{}: writing: {e}", path.display()));
+        let io = |source| {
+            SmartError::backend(DequantError::Write {
+                path: path.clone(),
+                source,
+            })
+        };
         let mut writer = SafetensorsWriter::new(out, &self.specs, &self.metadata).map_err(io)?;
         let mut values: Vec<f32> = Vec::new();
         let mut wide: Vec<u8> = Vec::new();
@@ -618,8 +708,12 @@ impl PlannedConversion for PlannedDequant {
                 } else {
                     narrow.resize(values.len() * 2, 0);
                     tensorfile::cast_slice(Dtype::F32, &wide, spec.dtype, &mut narrow).map_err(
-                        |e| {
-                            SmartError::backend(format!("{}: `{}`: {e}", path.display(), spec.name))
+                        |source| {
+                            SmartError::backend(DequantError::Cast {
+                                path: path.clone(),
+                                name: spec.name.clone(),
+                                source,
+                            })
                         },
                     )?;
                     &narrow
@@ -639,15 +733,19 @@ impl PlannedConversion for PlannedDequant {
             }
         }
         writer.finish().map_err(io)?;
-        Ok(serde_json::json!({
-            "format": "safetensors",
-            "dtype": self.specs.first().map_or("", |s| s.dtype.as_str()),
-            "tensors": self.specs.len(),
-            "source_types": types,
-            "reshaped": self.specs.iter().zip(&self.source.file().tensors)
-                .filter(|(s, t)| s.shape != t.torch_shape()).count(),
-            "dropped": [],
-            "warnings": [],
+        Ok(ConversionReport::GgufDequantized(DequantReport {
+            format: "safetensors",
+            dtype: self.specs.first().map_or("", |s| s.dtype.as_str()),
+            tensors: self.specs.len(),
+            source_types: types,
+            reshaped: self
+                .specs
+                .iter()
+                .zip(&self.source.file().tensors)
+                .filter(|(s, t)| s.shape != t.torch_shape())
+                .count(),
+            dropped: Vec::new(),
+            warnings: Vec::new(),
         }))
     }
 }
@@ -667,14 +765,14 @@ mod tests {
 
     #[test]
     fn a_forced_arch_changes_the_converter_version() {
-        let o = BackendOptions::default();
         let t = Precision::Gguf(FileType::Q8_0);
+        let forced = BackendOptions {
+            gguf_arch: Some(Arch::Flux),
+            ..BackendOptions::default()
+        };
         assert_ne!(
-            GgufBackend { arch: None }.converter_version(t, &o),
-            GgufBackend {
-                arch: Some(Arch::Flux)
-            }
-            .converter_version(t, &o)
+            GgufBackend.converter_version(t, &BackendOptions::default()),
+            GgufBackend.converter_version(t, &forced)
         );
     }
 

@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use detect::detection::Format;
-use tensorfile::safetensors::SafetensorsFile;
 use detect::{Detection, Precision};
 use precision::convert::{self as conv, Plan};
+use tensorfile::safetensors::SafetensorsFile;
 
-use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
+use crate::{
+    Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
+};
 
 /// The `precision` crate's converter.
 #[derive(Debug, Clone, Copy, Default)]
@@ -18,10 +20,6 @@ pub struct PrecisionBackend;
 const VERSION: &str = "precision-1";
 
 impl Backend for PrecisionBackend {
-    fn name(&self) -> &'static str {
-        "precision"
-    }
-
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         source.format == Format::Safetensors
             && source.supported_as_source
@@ -43,7 +41,7 @@ impl Backend for PrecisionBackend {
         let metadata = conv::merged_metadata(&src.header, job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
-            .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
+            .map_err(|e| SmartError::backend_in(job.source_path, Unencodable(e)))?;
         Ok(Box::new(Planned {
             src,
             plan,
@@ -73,10 +71,10 @@ impl PlannedConversion for Planned {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         let report = conv::convert(&self.src, &self.plan, &self.metadata, out, progress)
             .map_err(SmartError::backend)?;
-        serde_json::to_value(report).map_err(SmartError::backend)
+        Ok(ConversionReport::Precision(report))
     }
 
     fn write_observing_source(
@@ -84,7 +82,7 @@ impl PlannedConversion for Planned {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
         observer: &mut (dyn FnMut(&[u8]) + Send),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         let report = conv::convert_observing_source(
             &self.src,
             &self.plan,
@@ -95,6 +93,6 @@ impl PlannedConversion for Planned {
             observer,
         )
         .map_err(SmartError::backend)?;
-        serde_json::to_value(report).map_err(SmartError::backend)
+        Ok(ConversionReport::Precision(report))
     }
 }
