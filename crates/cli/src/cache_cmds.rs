@@ -1,8 +1,12 @@
 //! `check`, `list`, `stats` and `cleanup`: presentation over [`cache::Cache`].
+//!
+//! A cache operation that fails (reading or changing the cache dirs) exits 1, as a failed
+//! conversion; problems with what the user named (a source, an argument) exit 2 and are caught
+//! before.
 
 use std::path::Path;
 
-use cache::{Cache, CacheError, Entry, Kind, ModelsDir, Stats};
+use cache::{Cache, Entry, Kind, ModelsDir, Stats};
 use serde_json::{Value, json};
 
 use crate::args::{CheckArgs, CleanupArgs, KindArg, KindArgs};
@@ -17,13 +21,6 @@ pub fn kind(k: KindArg) -> Kind {
         KindArg::Gguf => Kind::Gguf,
         KindArg::All => Kind::All,
     }
-}
-
-/// A cache operation that failed (reading or changing the cache dirs): exit 1, as a failed
-/// conversion. Problems with what the user named (a source, an argument) are exit 2 and are
-/// caught before.
-fn failed(e: CacheError) -> Failure {
-    Failure::failed(e)
 }
 
 fn path_str(p: &Path) -> String {
@@ -123,7 +120,7 @@ pub fn entry_json(e: &Entry) -> Value {
 pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
     // Leftovers of killed conversions are removed by whichever command runs next.
     let _ = cache.sweep_temporaries();
-    let entries = cache.list(kind(args.kind)).map_err(failed)?;
+    let entries = cache.list(kind(args.kind)).map_err(Failure::failed)?;
     if ui.json {
         ui.print_json(&Value::Array(entries.iter().map(entry_json).collect()));
     } else if entries.is_empty() {
@@ -187,7 +184,7 @@ pub fn stats_text(s: &Stats) -> String {
 /// `convcache stats`.
 pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
     let _ = cache.sweep_temporaries();
-    let s = cache.stats(kind(args.kind)).map_err(failed)?;
+    let s = cache.stats(kind(args.kind)).map_err(Failure::failed)?;
     if ui.json {
         ui.print_json(&stats_json(&s));
     } else {
@@ -205,7 +202,7 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
     // clap guarantees exactly one policy, and no source with --max-size.
     let (policy, removed, before, after) = match (args.keep, args.max_size, &args.source) {
         (Some(keep), _, source) => {
-            let stats = cache.stats(Kind::All).map_err(failed)?;
+            let stats = cache.stats(Kind::All).map_err(Failure::failed)?;
             let before = stats.total_bytes + stats.unusable.bytes;
             let removed = match source {
                 Some(source) => {
@@ -214,7 +211,9 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
                     if source.exists() {
                         check_source(source)?;
                     }
-                    let removed = cache.cleanup(source, keep, args.dry_run).map_err(failed)?;
+                    let removed = cache
+                        .cleanup(source, keep, args.dry_run)
+                        .map_err(Failure::failed)?;
                     if !source.exists() && removed.is_empty() {
                         ui.note(format!(
                             "convcache: note: {}: no such file, and no conversion beyond the \
@@ -224,13 +223,15 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
                     }
                     removed
                 }
-                None => cache.cleanup_all(keep, args.dry_run).map_err(failed)?,
+                None => cache
+                    .cleanup_all(keep, args.dry_run)
+                    .map_err(Failure::failed)?,
             };
             let freed: u64 = removed.iter().map(|r| r.size).sum();
             ("keep", removed, before, before.saturating_sub(freed))
         }
         (None, Some(max), _) => {
-            let e = cache.evict_to(max, args.dry_run).map_err(failed)?;
+            let e = cache.evict_to(max, args.dry_run).map_err(Failure::failed)?;
             ("max_size", e.removed, e.bytes_before, e.bytes_after)
         }
         _ => {

@@ -11,7 +11,7 @@ fn status(s: &Scratch, args: &[&str]) -> String {
     let mut argv = vec!["--json"];
     argv.extend_from_slice(args);
     let v = s.run(&argv).ok().json();
-    only(&v)["status"].as_str().unwrap().to_owned()
+    only(&v)["status"].as_str().expect("a status").to_owned()
 }
 
 #[test]

@@ -22,19 +22,19 @@ fn write_model(path: &Path, tensors: &[(&str, Dtype, &[u64])]) {
         })
         .collect();
     let mut out = Vec::new();
-    let mut w = SafetensorsWriter::new(&mut out, &specs, &BTreeMap::new()).unwrap();
+    let mut w = SafetensorsWriter::new(&mut out, &specs, &BTreeMap::new()).expect("header");
     for s in &specs {
-        let len = s.byte_len().unwrap() as usize;
+        let len = s.byte_len().expect("a small tensor") as usize;
         let bytes = match (s.dtype, len) {
             (Dtype::F32, 4) => 1f32.to_le_bytes().to_vec(),
             _ => vec![0u8; len],
         };
         if len > 0 {
-            w.write_chunk(&bytes).unwrap();
+            w.write_chunk(&bytes).expect("tensor data");
         }
     }
-    w.finish().unwrap();
-    std::fs::write(path, out).unwrap();
+    w.finish().expect("complete");
+    std::fs::write(path, out).expect("write the model");
 }
 
 /// A Flux weight (the key that names the architecture) and a few more float tensors.
@@ -43,7 +43,12 @@ const FLUX_WEIGHT: &str = "double_blocks.0.img_attn.proj.weight";
 /// Runs `convert SRC --to TARGET` and asserts exit 2, one error line naming the file, and
 /// nothing published.
 fn assert_input_fault(s: &Scratch, src: &Path, target: &str, needle: &str) {
-    let run = s.run(&["convert", src.to_str().unwrap(), "--to", target]);
+    let run = s.run(&[
+        "convert",
+        src.to_str().expect("utf-8 temp path"),
+        "--to",
+        target,
+    ]);
     let err = run.stderr.trim();
     assert_eq!(run.code, 2, "{target}: exit {}: {err}", run.code);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -115,7 +120,7 @@ fn a_diffusers_layout_file_or_an_unknown_architecture_exits_2() {
     // Forcing the architecture it is detected as does not get it past the check.
     let run = s.run(&[
         "convert",
-        src.to_str().unwrap(),
+        src.to_str().expect("utf-8 temp path"),
         "--to",
         "Q8_0",
         "--arch",

@@ -542,6 +542,29 @@ fn writer_error_midway_leaves_nothing() {
 }
 
 #[test]
+fn converter_errors_keep_their_kind() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let b = TestBackend::new(Fault::FailMidway);
+    let err = smart_convert_with(&src, Precision::Fp16, &e.options(), &[&b]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SmartError::Backend {
+                input_fault: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_input_fault(), "{err}");
+    // The two-tensor test model names no architecture: the input's fault.
+    let err = smart_convert(&src, "Q8_0".parse().unwrap(), &e.options()).unwrap_err();
+    assert!(err.is_input_fault(), "{err}");
+    assert!(err.to_string().contains("flux.safetensors"), "{err}");
+}
+
+#[test]
 fn output_failing_verification_is_not_published() {
     let e = Env::new();
     let src = e.source("flux.safetensors", 1);
