@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use cache::ModelsDir;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use detect::Precision;
 
@@ -77,18 +76,6 @@ pub struct ConversionArgs {
     /// (flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2).
     #[arg(long, value_name = "A")]
     pub arch: Option<gguf::Arch>,
-}
-
-impl ConversionArgs {
-    /// The request these flags make, for the models dir `models_dir`; the caller adds what
-    /// only it knows (cancel flag, progress, `--no-fsync`).
-    pub fn options<'a>(&self, models_dir: ModelsDir) -> smart::Options<'a> {
-        let mut options = smart::Options::new(models_dir);
-        options.strict = self.strict;
-        options.double_quant = self.double_quant;
-        options.gguf_arch = self.arch;
-        options
-    }
 }
 
 /// `convert`.

@@ -70,13 +70,11 @@ pub fn check_json(source: &Path, c: &smart::Check) -> Value {
 pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failure> {
     let conversion = &args.conversion;
     let source = &conversion.source;
-    let checks =
-        smart::check(source, &conversion.targets, &conversion.options(models)).map_err(|e| {
-            Failure {
-                exit: exit_for(&e),
-                message: e.to_string(),
-            }
-        })?;
+    let request = crate::convert_cmd::request(ui, conversion, models);
+    let checks = smart::check(source, &conversion.targets, &request).map_err(|e| Failure {
+        exit: exit_for(&e),
+        message: e.to_string(),
+    })?;
     if ui.json {
         let rows: Vec<Value> = checks.iter().map(|c| check_json(source, c)).collect();
         ui.print_json(&Value::Array(rows));

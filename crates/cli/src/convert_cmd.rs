@@ -8,7 +8,7 @@ use detect::Precision;
 use serde_json::{Value, json};
 use smart::{ConversionReport, Outcome, SmartError, Status};
 
-use crate::args::ConvertArgs;
+use crate::args::{ConversionArgs, ConvertArgs};
 use crate::output::{Exit, Failure, Ui, one_line};
 use crate::progress::Bar;
 
@@ -207,9 +207,9 @@ pub fn present(ui: &Ui, rows: &[Row]) -> Exit {
     exit
 }
 
-/// `convcache convert`.
-pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
-    let conversion = &args.conversion;
+/// The request the flags `convert` and `check` share make, for `models`; the caller adds what
+/// only it knows (cancel flag, `--no-fsync`). Notes an `--arch` that no target uses.
+pub fn request<'a>(ui: &Ui, conversion: &ConversionArgs, models: ModelsDir) -> smart::Options<'a> {
     if conversion.arch.is_some()
         && !conversion
             .targets
@@ -218,7 +218,17 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
     {
         ui.note("convcache: note: --arch only applies to GGUF targets; ignored");
     }
-    let mut request = conversion.options(models);
+    let mut request = smart::Options::new(models);
+    request.strict = conversion.strict;
+    request.double_quant = conversion.double_quant;
+    request.gguf_arch = conversion.arch;
+    request
+}
+
+/// `convcache convert`.
+pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
+    let conversion = &args.conversion;
+    let mut request = request(ui, conversion, models);
     request.sync_output = !args.no_fsync;
     request.cancel = crate::interrupt::install();
     let rows = convert_all(ui, &request, &conversion.source, &conversion.targets);
