@@ -50,9 +50,12 @@ pub enum Command {
     Demo,
 }
 
-/// Targets, as `--to fp16,bf16` or repeated `--to`.
+/// What `convert` and `check` are asked about: the source, its targets, and the flags that
+/// decide which output answers (`check` answers for a `convert` with the same flags).
 #[derive(Debug, Args)]
-pub struct TargetArgs {
+pub struct ConversionArgs {
+    /// The source model file.
+    pub source: PathBuf,
     /// Target precision(s): fp32, fp16, bf16, fp8 (= fp8_e4m3fn), fp8_e5m2, nf4, fp4, int8,
     /// Q4_0 ... Q8_0, Q2_K ... Q6_K, gguf_f16 ...; comma-separated or repeated.
     #[arg(
@@ -62,16 +65,8 @@ pub struct TargetArgs {
         required = true
     )]
     pub targets: Vec<Precision>,
-}
-
-/// `convert`.
-#[derive(Debug, Args)]
-pub struct ConvertArgs {
-    /// The source model file.
-    pub source: PathBuf,
-    #[command(flatten)]
-    pub to: TargetArgs,
-    /// Reconvert a file found at the output path that has no provenance, instead of using it.
+    /// A file found at the output path that has no provenance does not count: a conversion is
+    /// made beside it instead of using it.
     #[arg(long)]
     pub strict: bool,
     /// bitsandbytes NF4/FP4: also quantize the absmax values (double quantization).
@@ -81,6 +76,13 @@ pub struct ConvertArgs {
     /// (flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2).
     #[arg(long, value_name = "A")]
     pub arch: Option<gguf::Arch>,
+}
+
+/// `convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub conversion: ConversionArgs,
     /// Publish without waiting for the output to reach the disk (no fsync). Faster where the
     /// disk is slower than the conversion. convcache still never serves a torn output: its
     /// first cache hit syncs the output, and after a restart it re-verifies such an output
@@ -93,16 +95,8 @@ pub struct ConvertArgs {
 /// `check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The source model file.
-    pub source: PathBuf,
     #[command(flatten)]
-    pub to: TargetArgs,
-    /// Answer as `convert --strict` would (a file without provenance does not count).
-    #[arg(long)]
-    pub strict: bool,
-    /// Answer for `convert --double-quant` outputs.
-    #[arg(long)]
-    pub double_quant: bool,
+    pub conversion: ConversionArgs,
 }
 
 /// Which cache folder(s) a command looks at.
@@ -170,7 +164,10 @@ mod tests {
         let Command::Convert(c) = cli.command else {
             panic!("not convert")
         };
-        assert_eq!(c.to.targets, vec![Precision::Fp8E4m3fn, Precision::Bf16]);
+        assert_eq!(
+            c.conversion.targets,
+            vec![Precision::Fp8E4m3fn, Precision::Bf16]
+        );
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! `check`, `list`, `stats` and `cleanup`: presentation over [`cache::Cache`].
+//!
+//! A cache operation that fails (reading or changing the cache dirs) exits 1, as a failed
+//! conversion; problems with what the user named (a source, an argument) exit 2 and are caught
+//! before.
 
 use std::path::Path;
 
-use cache::{Cache, CacheError, Entry, Kind, ModelsDir, Stats};
+use cache::{Cache, Entry, Kind, ModelsDir, Stats};
 use serde_json::{Value, json};
 
 use crate::args::{CheckArgs, CleanupArgs, KindArg, KindArgs};
 use crate::convert_cmd::exit_for;
 use crate::output::{Exit, Failure, Ui};
-use crate::size::human_bytes;
+use indicatif::HumanBytes;
 
 /// The cache kind of a `--kind` value.
 pub fn kind(k: KindArg) -> Kind {
@@ -17,13 +21,6 @@ pub fn kind(k: KindArg) -> Kind {
         KindArg::Gguf => Kind::Gguf,
         KindArg::All => Kind::All,
     }
-}
-
-/// A cache operation that failed (reading or changing the cache dirs): exit 1, as a failed
-/// conversion. Problems with what the user named (a source, an argument) are exit 2 and are
-/// caught before.
-fn failed(e: CacheError) -> Failure {
-    Failure::failed(e)
 }
 
 fn path_str(p: &Path) -> String {
@@ -71,15 +68,15 @@ pub fn check_json(source: &Path, c: &smart::Check) -> Value {
 
 /// `convcache check SRC --to T,...`: what `convert` would do, per target, converting nothing.
 pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failure> {
-    let mut options = smart::Options::new(models);
-    options.strict = args.strict;
-    options.double_quant = args.double_quant;
-    let checks = smart::check(&args.source, &args.to.targets, &options).map_err(|e| Failure {
+    let conversion = &args.conversion;
+    let source = &conversion.source;
+    let request = crate::convert_cmd::request(ui, conversion, models);
+    let checks = smart::check(source, &conversion.targets, &request).map_err(|e| Failure {
         exit: exit_for(&e),
         message: e.to_string(),
     })?;
     if ui.json {
-        let rows: Vec<Value> = checks.iter().map(|c| check_json(&args.source, c)).collect();
+        let rows: Vec<Value> = checks.iter().map(|c| check_json(source, c)).collect();
         ui.print_json(&Value::Array(rows));
     } else {
         for c in &checks {
@@ -121,7 +118,7 @@ pub fn entry_json(e: &Entry) -> Value {
 pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
     // Leftovers of killed conversions are removed by whichever command runs next.
     let _ = cache.sweep_temporaries();
-    let entries = cache.list(kind(args.kind)).map_err(failed)?;
+    let entries = cache.list(kind(args.kind)).map_err(Failure::failed)?;
     if ui.json {
         ui.print_json(&Value::Array(entries.iter().map(entry_json).collect()));
     } else if entries.is_empty() {
@@ -139,7 +136,7 @@ pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
             ui.print(format!(
                 "{:<12} {:>11}  {}  <- {source}",
                 e.precision.canonical_name(),
-                human_bytes(e.size),
+                HumanBytes(e.size).to_string(),
                 e.path.display()
             ));
         }
@@ -164,19 +161,19 @@ pub fn stats_json(s: &Stats) -> Value {
 
 /// The text form of [`Stats`].
 pub fn stats_text(s: &Stats) -> String {
-    let mut out = format!("{} conversion(s), {}", s.count, human_bytes(s.total_bytes));
+    let mut out = format!("{} conversion(s), {}", s.count, HumanBytes(s.total_bytes));
     for (name, t) in &s.by_precision {
         out.push_str(&format!(
             "\n  {name:<12} {:>4}  {:>11}",
             t.count,
-            human_bytes(t.bytes)
+            HumanBytes(t.bytes).to_string()
         ));
     }
     if s.unusable.count > 0 {
         out.push_str(&format!(
             "\n  {} file(s) with an output's name that cannot serve, {} (see `list`)",
             s.unusable.count,
-            human_bytes(s.unusable.bytes)
+            HumanBytes(s.unusable.bytes)
         ));
     }
     out
@@ -185,7 +182,7 @@ pub fn stats_text(s: &Stats) -> String {
 /// `convcache stats`.
 pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
     let _ = cache.sweep_temporaries();
-    let s = cache.stats(kind(args.kind)).map_err(failed)?;
+    let s = cache.stats(kind(args.kind)).map_err(Failure::failed)?;
     if ui.json {
         ui.print_json(&stats_json(&s));
     } else {
@@ -203,7 +200,7 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
     // clap guarantees exactly one policy, and no source with --max-size.
     let (policy, removed, before, after) = match (args.keep, args.max_size, &args.source) {
         (Some(keep), _, source) => {
-            let stats = cache.stats(Kind::All).map_err(failed)?;
+            let stats = cache.stats(Kind::All).map_err(Failure::failed)?;
             let before = stats.total_bytes + stats.unusable.bytes;
             let removed = match source {
                 Some(source) => {
@@ -212,7 +209,9 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
                     if source.exists() {
                         check_source(source)?;
                     }
-                    let removed = cache.cleanup(source, keep, args.dry_run).map_err(failed)?;
+                    let removed = cache
+                        .cleanup(source, keep, args.dry_run)
+                        .map_err(Failure::failed)?;
                     if !source.exists() && removed.is_empty() {
                         ui.note(format!(
                             "convcache: note: {}: no such file, and no conversion beyond the \
@@ -222,13 +221,15 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
                     }
                     removed
                 }
-                None => cache.cleanup_all(keep, args.dry_run).map_err(failed)?,
+                None => cache
+                    .cleanup_all(keep, args.dry_run)
+                    .map_err(Failure::failed)?,
             };
             let freed: u64 = removed.iter().map(|r| r.size).sum();
             ("keep", removed, before, before.saturating_sub(freed))
         }
         (None, Some(max), _) => {
-            let e = cache.evict_to(max, args.dry_run).map_err(failed)?;
+            let e = cache.evict_to(max, args.dry_run).map_err(Failure::failed)?;
             ("max_size", e.removed, e.bytes_before, e.bytes_after)
         }
         _ => {
@@ -261,14 +262,14 @@ pub fn cleanup(ui: &Ui, cache: &Cache, args: &CleanupArgs) -> Result<Exit, Failu
             ui.print(format!(
                 "{verb} {} ({})",
                 r.path.display(),
-                human_bytes(r.size)
+                HumanBytes(r.size)
             ));
         }
         ui.print(format!(
             "{verb} {} file(s), {}; the cache holds {}",
             removed.len(),
-            human_bytes(freed),
-            human_bytes(after)
+            HumanBytes(freed),
+            HumanBytes(after)
         ));
     }
     Ok(Exit::Ok)

@@ -6,25 +6,11 @@ use std::time::{Duration, Instant};
 use cache::ModelsDir;
 use detect::Precision;
 use serde_json::{Value, json};
-use smart::{Outcome, SmartError, Status};
+use smart::{ConversionReport, Outcome, SmartError, Status};
 
-use crate::args::ConvertArgs;
+use crate::args::{ConversionArgs, ConvertArgs};
 use crate::output::{Exit, Failure, Ui, one_line};
 use crate::progress::Bar;
-
-/// What the CLI passes to every conversion besides source and target.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub models: ModelsDir,
-    pub strict: bool,
-    pub double_quant: bool,
-    /// Forces the architecture of GGUF conversions (`--arch`).
-    pub arch: Option<gguf::Arch>,
-    /// `--no-fsync`: publish without waiting for the disk.
-    pub no_fsync: bool,
-    /// Set by an interrupt (see [`crate::interrupt`]).
-    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-}
 
 /// One target's result, as printed.
 #[derive(Debug)]
@@ -45,22 +31,17 @@ pub fn status_word(s: &Status) -> &'static str {
     }
 }
 
-/// The exit code a failed conversion leads to: 2 when the input is at fault (the source cannot
-/// be read or is not a convertible model, no converter makes the target from it, the source
-/// sits at its own output path), else 1 (the conversion itself failed: I/O, full disk,
-/// verification).
+/// The exit code a failed conversion leads to: 2 when the input is at fault (see
+/// [`SmartError::is_input_fault`]: the source cannot be read as a model, holds what its
+/// converter refuses, cannot become the target...), else 1 (the conversion itself failed:
+/// I/O, full disk, verification).
 pub fn exit_for(e: &SmartError) -> Exit {
     if e.is_cancelled() {
-        return Exit::Interrupted;
-    }
-    match e {
-        SmartError::Detect(_)
-        | SmartError::UnknownSourcePrecision(_)
-        | SmartError::Unsupported { .. }
-        | SmartError::UnreadableSource { .. }
-        | SmartError::SourceIsOutput(_)
-        | SmartError::Cache(cache::CacheError::NotAFile(_)) => Exit::BadInput,
-        _ => Exit::Failed,
+        Exit::Interrupted
+    } else if e.is_input_fault() {
+        Exit::BadInput
+    } else {
+        Exit::Failed
     }
 }
 
@@ -75,7 +56,7 @@ impl Row {
                 "target": target,
                 "status": status_word(&o.status),
                 "path": o.path.display().to_string(),
-                "report": o.report.clone().unwrap_or(Value::Null),
+                "report": o.report,
                 "replaced": o.replaced,
                 "note": o.note,
                 "error": null,
@@ -121,32 +102,35 @@ impl Row {
 }
 
 /// The parts of a converter report worth a glance: values that did not survive the cast and
-/// tensors an fp8 target kept in 16 bits. Reports differ per converter, so keys are looked up
-/// by name and missing ones are skipped.
-pub fn report_notes(report: &Value) -> Vec<String> {
-    let count = |keys: &[&str]| {
-        keys.iter()
-            .filter_map(|k| report.get(*k).and_then(Value::as_u64))
-            .sum::<u64>()
+/// tensors an fp8 target kept in 16 bits.
+pub fn report_notes(report: &ConversionReport) -> Vec<String> {
+    // (tensors kept 16-bit, values overflowed, values non-finite)
+    let (kept, overflowed, non_finite) = match report {
+        ConversionReport::Precision(r) => (r.tensors_kept_16bit, r.overflowed, r.non_finite),
+        ConversionReport::Bitsandbytes(r) => (0, r.cast_overflowed, r.cast_non_finite),
+        ConversionReport::Gguf(_) | ConversionReport::GgufDequantized(_) => (0, 0, 0),
     };
     let mut notes = Vec::new();
-    let kept = count(&["tensors_kept_16bit"]);
     if kept > 0 {
         notes.push(format!("{kept} tensor(s) kept 16-bit"));
     }
-    let overflowed = count(&["overflowed", "cast_overflowed"]);
     if overflowed > 0 {
         notes.push(format!("{overflowed} value(s) overflowed"));
     }
-    let non_finite = count(&["non_finite", "cast_non_finite"]);
     if non_finite > 0 {
         notes.push(format!("{non_finite} value(s) became non-finite"));
     }
     notes
 }
 
-/// Converts `source` to each target in order; a failed target does not stop the others.
-pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Precision]) -> Vec<Row> {
+/// Converts `source` to each target in order, as `request` says; a failed target does not stop
+/// the others.
+pub fn convert_all(
+    ui: &Ui,
+    request: &smart::Options<'_>,
+    source: &Path,
+    targets: &[Precision],
+) -> Vec<Row> {
     // The source's digest, once a target has computed or found it, spares the next targets a
     // pass over the source (each call checks that the source is unchanged before using it).
     let mut known_digest = None;
@@ -175,14 +159,11 @@ pub fn convert_all(ui: &Ui, settings: &Settings, source: &Path, targets: &[Preci
                     p.tensors_total,
                 )
             };
-            let mut options = smart::Options::new(settings.models.clone());
-            options.strict = settings.strict;
-            options.double_quant = settings.double_quant;
-            options.gguf_arch = settings.arch;
-            options.sync_output = !settings.no_fsync;
-            options.cancel = settings.cancel.clone();
-            options.known_digest = known_digest.clone();
-            options.progress = Some(&on_progress);
+            let options = smart::Options {
+                progress: Some(&on_progress),
+                known_digest: known_digest.clone(),
+                ..request.clone()
+            };
             let started = Instant::now();
             let result = smart::smart_convert(source, target, &options);
             bar.finish();
@@ -226,29 +207,34 @@ pub fn present(ui: &Ui, rows: &[Row]) -> Exit {
     exit
 }
 
-/// `convcache convert`.
-pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
-    if args.arch.is_some()
-        && !args
-            .to
+/// The request the flags `convert` and `check` share make, for `models`; the caller adds what
+/// only it knows (cancel flag, `--no-fsync`). Notes an `--arch` that no target uses.
+pub fn request<'a>(ui: &Ui, conversion: &ConversionArgs, models: ModelsDir) -> smart::Options<'a> {
+    if conversion.arch.is_some()
+        && !conversion
             .targets
             .iter()
             .any(|t| t.container() == detect::precision::Container::Gguf)
     {
         ui.note("convcache: note: --arch only applies to GGUF targets; ignored");
     }
-    let settings = Settings {
-        models,
-        strict: args.strict,
-        double_quant: args.double_quant,
-        arch: args.arch,
-        no_fsync: args.no_fsync,
-        cancel: crate::interrupt::install(),
-    };
-    let rows = convert_all(ui, &settings, &args.source, &args.to.targets);
+    let mut request = smart::Options::new(models);
+    request.strict = conversion.strict;
+    request.double_quant = conversion.double_quant;
+    request.gguf_arch = conversion.arch;
+    request
+}
+
+/// `convcache convert`.
+pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
+    let conversion = &args.conversion;
+    let mut request = request(ui, conversion, models);
+    request.sync_output = !args.no_fsync;
+    request.cancel = crate::interrupt::install();
+    let rows = convert_all(ui, &request, &conversion.source, &conversion.targets);
     let exit = present(ui, &rows);
     // Interrupted, even if the conversion under way had passed its last check and published.
-    match crate::interrupt::arrived(settings.cancel.as_deref()) {
+    match crate::interrupt::arrived(request.cancel.as_deref()) {
         true => Exit::Interrupted,
         false => exit,
     }
@@ -260,13 +246,28 @@ mod tests {
 
     #[test]
     fn report_notes_pick_the_counts_that_matter() {
-        let r = json!({"tensors_kept_16bit": 3, "overflowed": 2, "non_finite": 0});
+        let r = ConversionReport::Precision(precision::convert::Report {
+            target: "fp8_e4m3fn".into(),
+            tensors_converted: 4,
+            tensors_copied: 0,
+            tensors_kept_16bit: 3,
+            kept_16bit: vec!["a".into(), "b".into(), "c".into()],
+            overflowed: 2,
+            non_finite: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        });
         assert_eq!(
             report_notes(&r),
             ["3 tensor(s) kept 16-bit", "2 value(s) overflowed"]
         );
-        let r = json!({"cast_overflowed": 0, "cast_non_finite": 5});
+        let r = ConversionReport::Bitsandbytes(bnb::Report {
+            cast_overflowed: 0,
+            cast_non_finite: 5,
+            ..bnb::Report::default()
+        });
         assert_eq!(report_notes(&r), ["5 value(s) became non-finite"]);
-        assert!(report_notes(&json!({})).is_empty());
+        let r = ConversionReport::Bitsandbytes(bnb::Report::default());
+        assert!(report_notes(&r).is_empty());
     }
 }

@@ -2,14 +2,14 @@
 
 use cache::{Cache, Kind, ModelsDir};
 use detect::Precision;
+use indicatif::HumanBytes;
 use serde_json::{Value, json};
 
 use crate::cache_cmds::{entry_json, stats_json, stats_text};
-use crate::convert_cmd::{Row, Settings, convert_all, present};
+use crate::convert_cmd::{Row, convert_all, present};
 use crate::detect_cmd::describe;
 use crate::output::{Exit, Failure, Ui};
 use crate::sample::SampleSpec;
-use crate::size::human_bytes;
 
 /// The targets the demo converts to.
 const TARGETS: [Precision; 4] = [
@@ -40,22 +40,16 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
 
     ui.print(format!(
         "== a sample model ({}) in a temporary models dir {}\n",
-        human_bytes(size),
+        HumanBytes(size),
         models.root().display()
     ));
     let detection = detect::detect(&source).map_err(Failure::failed)?;
     let detection = serde_json::to_value(&detection).unwrap_or(Value::Null);
     ui.print(describe(&detection));
 
-    let settings = Settings {
-        models: models.clone(),
-        strict: false,
-        double_quant: false,
-        arch: None,
-        no_fsync: false,
-        // An interrupt stops the conversion; the temporary models dir is removed on the way out.
-        cancel: crate::interrupt::install(),
-    };
+    let mut request = smart::Options::new(models.clone());
+    // An interrupt stops the conversion; the temporary models dir is removed on the way out.
+    request.cancel = crate::interrupt::install();
     // Text and -q output of the conversions comes from `present`, as for `convert`.
     let text_ui = Ui { json: false, ..*ui };
     let quiet_json = Ui {
@@ -76,14 +70,14 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
     };
 
     ui.print("\n== convert to bf16, fp8, nf4 and Q4_K_M (converts)");
-    let interrupted = || crate::interrupt::arrived(settings.cancel.as_deref());
-    let first = convert_all(ui, &settings, &source, &TARGETS);
+    let interrupted = || crate::interrupt::arrived(request.cancel.as_deref());
+    let first = convert_all(ui, &request, &source, &TARGETS);
     show(&first);
     if interrupted() {
         return Ok(Exit::Interrupted);
     }
     ui.print("\n== the same again (answered from the cache)");
-    let second = convert_all(ui, &settings, &source, &TARGETS);
+    let second = convert_all(ui, &request, &source, &TARGETS);
     show(&second);
     if interrupted() {
         return Ok(Exit::Interrupted);
@@ -97,7 +91,7 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
         ui.print(format!(
             "{:<12} {:>11}  {}",
             e.precision.canonical_name(),
-            human_bytes(e.size),
+            HumanBytes(e.size).to_string(),
             e.path.display()
         ));
     }

@@ -2,11 +2,11 @@
 
 use std::fmt::Write as _;
 
+use indicatif::HumanBytes;
 use serde_json::Value;
 
 use crate::args::DetectArgs;
 use crate::output::{Exit, Failure, Ui};
-use crate::size::human_bytes;
 
 /// Detects every file; prints the good ones, one error line per bad one (exit 2 if any).
 pub fn run(ui: &Ui, args: &DetectArgs) -> Exit {
@@ -75,7 +75,7 @@ pub fn describe(d: &Value) -> String {
     }
     let size = d["file_size"]
         .as_u64()
-        .map(human_bytes)
+        .map(|b| HumanBytes(b).to_string())
         .unwrap_or_else(|| "-".into());
     let _ = writeln!(
         s,
@@ -87,7 +87,7 @@ pub fn describe(d: &Value) -> String {
             let label = if i == 0 { "histogram" } else { "" };
             let bytes = row["bytes"]
                 .as_u64()
-                .map(human_bytes)
+                .map(|b| HumanBytes(b).to_string())
                 .unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 s,

@@ -122,21 +122,6 @@ pub fn parse_size(input: &str) -> Result<u64, SizeParseError> {
     u64::try_from(bytes).map_err(|_| overflow())
 }
 
-/// Formats `bytes` for people: `512 B`, `1.50 KiB`, `23.84 GiB`.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.2} {}", UNITS[unit])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,8 +188,11 @@ mod tests {
         }
     }
 
+    /// Sizes are shown with `indicatif::HumanBytes` (the text `list`, `stats`, `cleanup` and
+    /// `detect` print, and docs/cli.md shows).
     #[test]
     fn human_formatting() {
+        let human_bytes = |b| indicatif::HumanBytes(b).to_string();
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.50 KiB");

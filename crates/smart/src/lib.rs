@@ -29,6 +29,16 @@
 //! conversion into that dir, through [`cache::Cache::sweep_temporaries`]).
 //!
 //! Converters plug in through [`Backend`] (see [`backends`]).
+//!
+//! [`Options`] is the one description of a request besides its source and target: the CLI
+//! builds it once; the converters' [`BackendOptions`] and the cache's [`LookupOptions`] are
+//! derived from it, each in one place ([`Options::backend_options`],
+//! [`Options::lookup_options`]).
+//!
+//! The cache identity of an output (its converter version) records the options that were used,
+//! resolved against the source: a forced GGUF architecture that is the one detected in the
+//! source is no force at all, so `convert --arch flux` of a flux model and a plain `convert`
+//! (or `check`) make and find the same output.
 
 mod backend;
 pub mod backends;
@@ -38,19 +48,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Whether a cancel flag is set.
-fn is_set(flag: &AtomicBool) -> bool {
-    flag.load(Ordering::Relaxed)
-}
-
 use cache::{Cache, CacheError, KnownDigest, LookupOptions, LookupStatus, ModelsDir};
-use detect::{DetectError, Precision};
+use detect::{DetectError, Detection, Precision};
 
-pub use backend::{Backend, BackendOptions, Job, PlannedConversion};
-pub use backends::default_backends;
+pub use backend::{
+    Backend, BackendOptions, ConversionReport, ConverterError, InFile, Job, PlannedConversion,
+    Unencodable,
+};
 pub use publish::ignore_file_size_signal;
 
-/// What [`smart_convert`] needs besides the source and target.
+/// What [`smart_convert`] and [`check`] need besides the source and target: the request, built
+/// once by the caller.
+#[derive(Clone)]
 pub struct Options<'a> {
     pub models_dir: ModelsDir,
     /// Reconvert files at the cache path that carry no provenance (made by another tool).
@@ -70,7 +79,8 @@ pub struct Options<'a> {
     /// hashing the source while its path, size and mtime are unchanged (not with
     /// `verify_digest`).
     pub known_digest: Option<KnownDigest>,
-    /// GGUF targets: force this architecture instead of detecting it from tensor names.
+    /// GGUF targets: force this architecture instead of detecting it from tensor names (the
+    /// output and its identity are those of a plain conversion when it names the detected one).
     pub gguf_arch: Option<gguf::Arch>,
     /// Wait for the output's data to reach the disk (fsync) before publishing it (the default).
     /// `false` publishes as soon as the data is in the page cache, for when the conversion
@@ -96,6 +106,37 @@ impl<'a> Options<'a> {
             gguf_arch: None,
             sync_output: true,
         }
+    }
+
+    /// The converters' options for `source`: a forced GGUF architecture is kept only when it
+    /// differs from the one detected in the source, so that it changes the output (and its
+    /// converter version) only when it changes what is converted.
+    pub fn backend_options(&self, source: &Detection) -> BackendOptions {
+        BackendOptions {
+            double_quant: self.double_quant,
+            gguf_arch: self
+                .gguf_arch
+                .filter(|a| source.architecture.as_deref() != Some(a.name())),
+        }
+    }
+
+    /// The cache's view of this request, for an output made by `converter_version` (`None`: no
+    /// backend makes this target from this source).
+    pub fn lookup_options(&self, converter_version: Option<String>) -> LookupOptions {
+        LookupOptions {
+            strict: self.strict,
+            verify_digest: self.verify_digest,
+            converter_version,
+            cancel: self.cancel.clone(),
+            known_digest: self.known_digest.clone(),
+        }
+    }
+
+    /// Whether [`Options::cancel`] is set.
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_deref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
     }
 }
 
@@ -143,7 +184,7 @@ pub struct Outcome {
     #[serde(serialize_with = "ser_opt_precision")]
     pub source_precision: Option<Precision>,
     /// The converter's report ([`Status::Converted`] only).
-    pub report: Option<serde_json::Value>,
+    pub report: Option<ConversionReport>,
     /// Why the file at the cache path was replaced (stale, broken, foreign), if it was.
     pub replaced: Option<String>,
     /// What a cached answer could not verify (an output without an output record).
@@ -242,8 +283,12 @@ pub enum SmartError {
         source: std::io::Error,
     },
     /// The converter failed (its message names the file).
-    #[error("{0}")]
-    Backend(Box<dyn std::error::Error + Send + Sync>),
+    #[error("{source}")]
+    Backend {
+        /// Whether the input is at fault (see [`ConverterError`]).
+        input_fault: bool,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The written output did not verify; nothing was published.
     #[error("{path}: the converted output failed verification: {problem}; nothing was published")]
     Verify { path: PathBuf, problem: String },
@@ -253,9 +298,36 @@ pub enum SmartError {
 }
 
 impl SmartError {
-    /// Wraps a converter error.
-    pub fn backend(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SmartError {
-        SmartError::Backend(e.into())
+    /// Wraps a converter error, keeping its kind.
+    pub fn backend(e: impl ConverterError) -> SmartError {
+        SmartError::Backend {
+            input_fault: e.is_input_fault(),
+            source: Box::new(e),
+        }
+    }
+
+    /// Wraps a converter error whose message does not name the file: `PATH: error`.
+    pub fn backend_in(path: &Path, error: impl ConverterError) -> SmartError {
+        SmartError::backend(InFile {
+            path: path.to_path_buf(),
+            error,
+        })
+    }
+
+    /// Whether the input is at fault: the source cannot be read as a model, holds what its
+    /// converter refuses, cannot become the target, or sits at its own output path. Otherwise
+    /// the conversion itself failed (I/O, full disk, verification, cancelled).
+    pub fn is_input_fault(&self) -> bool {
+        match self {
+            SmartError::Detect(_)
+            | SmartError::UnknownSourcePrecision(_)
+            | SmartError::Unsupported { .. }
+            | SmartError::UnreadableSource { .. }
+            | SmartError::SourceIsOutput(_)
+            | SmartError::Cache(CacheError::NotAFile(_)) => true,
+            SmartError::Backend { input_fault, .. } => *input_fault,
+            _ => false,
+        }
     }
 
     /// Whether the call stopped because [`Options::cancel`] was set.
@@ -274,10 +346,7 @@ pub fn smart_convert(
     target: Precision,
     options: &Options<'_>,
 ) -> Result<Outcome, SmartError> {
-    let gguf = backends::gguf::GgufBackend {
-        arch: options.gguf_arch,
-    };
-    smart_convert_with(source, target, options, &backends::with_gguf(&gguf))
+    smart_convert_with(source, target, options, backends::DEFAULT)
 }
 
 /// [`smart_convert`] with an explicit list of backends (the first that supports the job is
@@ -288,7 +357,7 @@ pub fn smart_convert_with(
     options: &Options<'_>,
     backends: &[&dyn Backend],
 ) -> Result<Outcome, SmartError> {
-    if options.cancel.as_deref().is_some_and(is_set) {
+    if options.cancelled() {
         return Err(SmartError::Cancelled(source.to_path_buf()));
     }
     let detection = detect::detect(source)?;
@@ -321,20 +390,13 @@ pub fn smart_convert_with(
     }
 
     // Stage 2: a valid earlier conversion.
-    let backend_options = BackendOptions {
-        double_quant: options.double_quant,
-    };
+    let backend_options = options.backend_options(&detection);
     let backend = backends
         .iter()
         .copied()
         .find(|b| b.supports(&detection, target));
-    let lookup_options = LookupOptions {
-        strict: options.strict,
-        verify_digest: options.verify_digest,
-        converter_version: backend.map(|b| b.converter_version(target, &backend_options)),
-        cancel: options.cancel.clone(),
-        known_digest: options.known_digest.clone(),
-    };
+    let lookup_options =
+        options.lookup_options(backend.map(|b| b.converter_version(target, &backend_options)));
     let cache = Cache::new(options.models_dir.clone());
     // Leftovers of killed writers go on the next run, hit or miss. Best effort: a read-only
     // models dir must still answer hits.
@@ -425,10 +487,7 @@ pub fn check(
     targets: &[Precision],
     options: &Options<'_>,
 ) -> Result<Vec<Check>, SmartError> {
-    let gguf = backends::gguf::GgufBackend {
-        arch: options.gguf_arch,
-    };
-    check_with(source, targets, options, &backends::with_gguf(&gguf))
+    check_with(source, targets, options, backends::DEFAULT)
 }
 
 /// [`check`] with explicit backends.
@@ -445,9 +504,7 @@ pub fn check_with(
     let cache = Cache::new(options.models_dir.clone());
     // Leftovers of killed writers go on the next run (best effort, as in `smart_convert`).
     let _ = cache.sweep_temporaries();
-    let backend_options = BackendOptions {
-        double_quant: options.double_quant,
-    };
+    let backend_options = options.backend_options(&detection);
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());
     for &target in targets {
@@ -462,16 +519,12 @@ pub fn check_with(
             });
             continue;
         }
-        let lookup_options = LookupOptions {
-            strict: options.strict,
-            verify_digest: options.verify_digest,
-            converter_version: backends
+        let lookup_options = options.lookup_options(
+            backends
                 .iter()
                 .find(|b| b.supports(&detection, target))
                 .map(|b| b.converter_version(target, &backend_options)),
-            cancel: options.cancel.clone(),
-            known_digest: options.known_digest.clone(),
-        };
+        );
         // Reuse the digest across targets (it is only valid while the source is unchanged,
         // which lookup_again checks).
         let l = match &earlier {

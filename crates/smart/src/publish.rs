@@ -19,7 +19,8 @@ use cache::{
 use detect::{Detection, Precision};
 
 use crate::{
-    Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
+    Backend, BackendOptions, ConversionReport, Job, Options, Phase, PlannedConversion, Progress,
+    SmartError, Status,
 };
 
 /// How many times the lock is re-taken when the output path moves under us (another source
@@ -43,7 +44,7 @@ pub(crate) struct Convert<'a> {
 pub(crate) struct Done {
     pub status: Status,
     pub path: PathBuf,
-    pub report: Option<serde_json::Value>,
+    pub report: Option<ConversionReport>,
     pub replaced: Option<String>,
     pub note: Option<String>,
     pub known_digest: Option<KnownDigest>,
@@ -498,7 +499,7 @@ impl Convert<'_> {
         &self,
         lookup: &Lookup,
         out: PathBuf,
-        report: serde_json::Value,
+        report: ConversionReport,
         source_digest: String,
     ) -> Done {
         let _ = self.cache.record_use(&out);
@@ -539,7 +540,7 @@ struct Planned {
 /// What [`Convert::write_temporary`] ended with.
 enum Written {
     /// Published; the converter's report and the source digest in its provenance.
-    Published(serde_json::Value, String),
+    Published(ConversionReport, String),
     /// Nothing published: plan again with this source digest.
     Retry(String),
 }

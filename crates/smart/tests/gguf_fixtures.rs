@@ -149,7 +149,7 @@ fn convert(fixture: &Path, target: FileType) -> (Vec<u8>, serde_json::Value) {
         extra_metadata: &extra,
         options: BackendOptions::default(),
     };
-    let backend = GgufBackend { arch: None };
+    let backend = GgufBackend;
     assert!(backend.supports(&detection, job.target));
     let planned = backend.plan(&job).unwrap();
     let mut out = Vec::new();
@@ -160,6 +160,7 @@ fn convert(fixture: &Path, target: FileType) -> (Vec<u8>, serde_json::Value) {
             last = (bytes, tensors);
         })
         .unwrap();
+    let report = serde_json::to_value(report).unwrap();
     assert_eq!(planned.output_len(), out.len() as u64);
     assert_eq!(last, planned.totals(), "progress ends at the totals");
     (out, report)

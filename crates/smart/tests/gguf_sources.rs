@@ -16,7 +16,7 @@ use smart::{Backend, Options, Status, smart_convert_with};
 use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use tensorfile::{SafetensorsWriter, TensorSpec};
 
-const BACKEND: GgufBackend = GgufBackend { arch: None };
+const BACKEND: GgufBackend = GgufBackend;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -72,7 +72,7 @@ fn safetensors_to_gguf_is_published_verified_and_then_cached() {
     // The name is the cache's business; the place and the suffix are GGUF's.
     assert_eq!(out.path.parent(), Some(env.models.gguf_dir().as_path()));
     assert!(out.path.to_string_lossy().ends_with("_Q4_K_M.gguf"));
-    let report = out.report.unwrap();
+    let report = serde_json::to_value(out.report.unwrap()).unwrap();
     assert_eq!(report["file_type"], "Q4_K_M");
     let counted: u64 = report["types"]
         .as_object()
@@ -139,7 +139,7 @@ fn gguf_dequantizes_to_safetensors_with_names_and_logical_shapes() {
             tensorfile::cast_slice(Dtype::F32, &wide, dtype, &mut want).unwrap();
             assert_eq!(bytes, &want[..], "{} as {target}", info.name);
         }
-        let report = out.report.unwrap();
+        let report = serde_json::to_value(out.report.unwrap()).unwrap();
         assert!(report["reshaped"].as_u64().unwrap() > 0);
     }
 }
@@ -154,7 +154,7 @@ fn gguf_requantizes_with_a_quality_warning() {
     assert_eq!(out.status, Status::Converted);
     assert_eq!(out.path.parent(), Some(env.models.gguf_dir().as_path()));
     assert_ne!(out.path, direct);
-    let report = out.report.unwrap();
+    let report = serde_json::to_value(out.report.unwrap()).unwrap();
     let warnings = report["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 1);
     assert!(warnings[0].as_str().unwrap().contains("loses quality"));
@@ -249,7 +249,7 @@ fn scaled_fp8_weights_are_multiplied_by_their_scale_and_the_scales_dropped() {
     let detection = detect::detect(&src).unwrap();
     assert!(detection.fp8_scaling.is_some());
     let out = env.convert(&src, Precision::Gguf(FileType::AllF32));
-    let report = out.report.unwrap();
+    let report = serde_json::to_value(out.report.unwrap()).unwrap();
     let dropped: Vec<&str> = report["dropped"]
         .as_array()
         .unwrap()
@@ -381,17 +381,9 @@ fn layouts_are_refused_with_the_file_named_and_arch_can_be_forced() {
     }
     assert!(!env.models.gguf_dir().join("mystery_Q8_0.gguf").exists());
 
-    let forced = GgufBackend {
-        arch: Some(gguf::Arch::Flux),
-    };
-    let backends: [&dyn Backend; 1] = [&forced];
-    let out = smart_convert_with(
-        &unknown,
-        target,
-        &Options::new(env.models.clone()),
-        &backends,
-    )
-    .unwrap();
+    let mut forced = Options::new(env.models.clone());
+    forced.gguf_arch = Some(gguf::Arch::Flux);
+    let out = smart_convert_with(&unknown, target, &forced, &backends).unwrap();
     assert_eq!(out.status, Status::Converted);
     let file = GgufFile::open(&out.path).unwrap();
     assert_eq!(file.architecture(), Some("flux"));

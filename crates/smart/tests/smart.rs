@@ -13,8 +13,8 @@ use cache::{ModelsDir, Provenance, digest};
 use detect::{Detection, Precision};
 use smart::backends::PrecisionBackend;
 use smart::{
-    Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
-    smart_convert, smart_convert_with,
+    Backend, BackendOptions, ConversionReport, Job, Options, Phase, PlannedConversion, Progress,
+    SmartError, Status, smart_convert, smart_convert_with,
 };
 use tensorfile::safetensors::Dtype;
 use tensorfile::{SafetensorsWriter, TensorSpec};
@@ -139,7 +139,7 @@ fn converts_then_serves_from_the_cache() {
     assert_eq!(o.status, Status::Converted);
     assert_eq!(o.path, e.converted().join("flux_bf16.safetensors"));
     assert_eq!(o.source_precision, Some(Precision::Fp32));
-    let report = o.report.clone().unwrap();
+    let report = serde_json::to_value(o.report.clone().unwrap()).unwrap();
     assert_eq!(report["target"], "bf16");
     let d = detected(&o.path);
     assert_eq!(d.precision, Some(Precision::Bf16));
@@ -489,7 +489,7 @@ impl PlannedConversion for TestPlanned {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         let mut w = FaultyWriter {
             inner: out,
@@ -502,9 +502,6 @@ impl PlannedConversion for TestPlanned {
 }
 
 impl Backend for TestBackend {
-    fn name(&self) -> &'static str {
-        "test"
-    }
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         PrecisionBackend.supports(source, target)
     }
@@ -542,6 +539,29 @@ fn writer_error_midway_leaves_nothing() {
     // The next run converts normally.
     let o = smart_convert(&src, Precision::Fp16, &e.options()).unwrap();
     assert_eq!(o.status, Status::Converted);
+}
+
+#[test]
+fn converter_errors_keep_their_kind() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    let b = TestBackend::new(Fault::FailMidway);
+    let err = smart_convert_with(&src, Precision::Fp16, &e.options(), &[&b]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SmartError::Backend {
+                input_fault: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!err.is_input_fault(), "{err}");
+    // The two-tensor test model names no architecture: the input's fault.
+    let err = smart_convert(&src, "Q8_0".parse().unwrap(), &e.options()).unwrap_err();
+    assert!(err.is_input_fault(), "{err}");
+    assert!(err.to_string().contains("flux.safetensors"), "{err}");
 }
 
 #[test]

@@ -205,7 +205,7 @@ impl ScaledLayout {
                         })?
                     }
                 };
-                check_scaled_weight(w, &format)?;
+                check_scaled_weight(w, &t.name, &format)?;
                 check_scalar(t)?;
                 layers.push(ScaledLayer {
                     layer: layer.to_owned(),
@@ -282,7 +282,7 @@ fn check_scalar(t: &TensorEntry) -> Result<(), LayoutError> {
     Ok(())
 }
 
-fn check_scaled_weight(w: &TensorEntry, format: &str) -> Result<(), LayoutError> {
+fn check_scaled_weight(w: &TensorEntry, scale: &str, format: &str) -> Result<(), LayoutError> {
     match fp8_format_dtype(format) {
         None => Err(layout_err(
             &w.name,
@@ -290,7 +290,7 @@ fn check_scaled_weight(w: &TensorEntry, format: &str) -> Result<(), LayoutError>
         )),
         Some(d) if d != w.dtype => Err(layout_err(
             &w.name,
-            format!("has a weight scale but is {}, not {format}", w.dtype),
+            format!("has a weight scale (`{scale}`) but is {}, not {format}", w.dtype),
         )),
         Some(_) => Ok(()),
     }

@@ -7,7 +7,9 @@ use detect::detection::Format;
 use detect::{Detection, Precision};
 use tensorfile::safetensors::SafetensorsFile;
 
-use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
+use crate::{
+    Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
+};
 
 /// The `bnb` crate's quantizer and dequantizer.
 #[derive(Debug, Clone, Copy, Default)]
@@ -21,10 +23,6 @@ fn is_dequant_target(target: Precision) -> bool {
 }
 
 impl Backend for BnbBackend {
-    fn name(&self) -> &'static str {
-        "bitsandbytes"
-    }
-
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         if source.format != Format::Safetensors {
             return false;
@@ -48,8 +46,7 @@ impl Backend for BnbBackend {
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let src = SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?;
-        let in_file =
-            |e: ::bnb::BnbError| SmartError::backend(format!("{}: {e}", job.source_path.display()));
+        let in_file = |e: ::bnb::BnbError| SmartError::backend_in(job.source_path, e);
         let plan = if job.source.bitsandbytes.is_some() {
             ::bnb::plan_dequantize_file(&src, job.target).map_err(in_file)?
         } else {
@@ -65,7 +62,7 @@ impl Backend for BnbBackend {
             precision::convert::merged_metadata(&src.header.metadata, job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
-            .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
+            .map_err(|e| SmartError::backend_in(job.source_path, Unencodable(e)))?;
         let source_bytes = src.header.data_len();
         Ok(Box::new(Planned {
             src,
@@ -98,9 +95,9 @@ impl PlannedConversion for Planned {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         let report = ::bnb::convert(&self.src, &self.plan, &self.metadata, out, progress)
             .map_err(SmartError::backend)?;
-        serde_json::to_value(report).map_err(SmartError::backend)
+        Ok(ConversionReport::Bitsandbytes(report))
     }
 }

@@ -8,7 +8,6 @@
 
 use std::io::Write;
 
-use ::gguf::Arch;
 use ::gguf::convert::GgufConversion;
 use ::gguf::dequantize::Dequantization;
 use ::gguf::source::GgufSource;
@@ -16,14 +15,12 @@ use detect::detection::Format;
 use detect::{Detection, Precision};
 use tensorfile::Dtype;
 
-use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
+use crate::{Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError};
 
-/// The GGUF converter. `arch` forces the architecture (`--arch`) instead of detecting it from
-/// the tensor names.
+/// The GGUF converter. [`BackendOptions::gguf_arch`] forces the architecture (`--arch`)
+/// instead of detecting it from the tensor names.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GgufBackend {
-    pub arch: Option<Arch>,
-}
+pub struct GgufBackend;
 
 /// Bump when the bytes written for some target change.
 const VERSION: &str = "gguf-1";
@@ -38,10 +35,6 @@ fn is_dequant_target(target: Precision) -> Option<Dtype> {
 }
 
 impl Backend for GgufBackend {
-    fn name(&self) -> &'static str {
-        "gguf"
-    }
-
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         match (source.format, target) {
             (Format::Safetensors, Precision::Gguf(_)) => {
@@ -54,8 +47,9 @@ impl Backend for GgufBackend {
     }
 
     fn converter_version(&self, _target: Precision, options: &BackendOptions) -> String {
-        // A forced architecture changes `general.architecture` and possibly the mix.
-        match self.forced_arch(options) {
+        // A forced architecture changes `general.architecture` and possibly the mix (it is only
+        // set when it differs from the detected one, see `Options::backend_options`).
+        match options.gguf_arch {
             Some(a) => format!("{VERSION}+arch={}", a.name()),
             None => VERSION.to_string(),
         }
@@ -63,7 +57,7 @@ impl Backend for GgufBackend {
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let (path, provenance) = (job.source_path, job.extra_metadata);
-        let forced_arch = self.forced_arch(&job.options);
+        let forced_arch = job.options.gguf_arch;
         let gguf_source = || GgufSource::open(path).map_err(SmartError::backend);
         Ok(match (job.source.format, job.target) {
             (Format::Safetensors, Precision::Gguf(ft)) => {
@@ -92,14 +86,6 @@ impl Backend for GgufBackend {
     }
 }
 
-impl GgufBackend {
-    /// The architecture to force, if any. The single place to read a per-job `--arch` from
-    /// once `BackendOptions` carries one (`options.arch.or(self.arch)`).
-    fn forced_arch(&self, _options: &BackendOptions) -> Option<Arch> {
-        self.arch
-    }
-}
-
 fn unsupported(job: &Job<'_>) -> SmartError {
     SmartError::Unsupported {
         path: job.source_path.to_path_buf(),
@@ -109,11 +95,6 @@ fn unsupported(job: &Job<'_>) -> SmartError {
             .map_or_else(|| "unknown".to_string(), |p| p.canonical_name().to_string()),
         target: job.target,
     }
-}
-
-/// A typed report as the JSON `smart` hands on (until the reports are typed end to end).
-fn to_json(report: &impl serde::Serialize) -> Result<serde_json::Value, SmartError> {
-    serde_json::to_value(report).map_err(SmartError::backend)
 }
 
 impl PlannedConversion for GgufConversion {
@@ -129,8 +110,9 @@ impl PlannedConversion for GgufConversion {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
-        to_json(&GgufConversion::write(self, out, progress).map_err(SmartError::backend)?)
+    ) -> Result<ConversionReport, SmartError> {
+        let report = GgufConversion::write(self, out, progress).map_err(SmartError::backend)?;
+        Ok(ConversionReport::Gguf(report))
     }
 }
 
@@ -147,27 +129,28 @@ impl PlannedConversion for Dequantization {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
-        to_json(&Dequantization::write(self, out, progress).map_err(SmartError::backend)?)
+    ) -> Result<ConversionReport, SmartError> {
+        let report = Dequantization::write(self, out, progress).map_err(SmartError::backend)?;
+        Ok(ConversionReport::GgufDequantized(report))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use ::gguf::FileType;
+    use ::gguf::{Arch, FileType};
 
     use super::*;
 
     #[test]
     fn a_forced_arch_changes_the_converter_version() {
-        let o = BackendOptions::default();
         let t = Precision::Gguf(FileType::Q8_0);
+        let forced = BackendOptions {
+            gguf_arch: Some(Arch::Flux),
+            ..BackendOptions::default()
+        };
         assert_ne!(
-            GgufBackend { arch: None }.converter_version(t, &o),
-            GgufBackend {
-                arch: Some(Arch::Flux)
-            }
-            .converter_version(t, &o)
+            GgufBackend.converter_version(t, &BackendOptions::default()),
+            GgufBackend.converter_version(t, &forced)
         );
     }
 

@@ -13,7 +13,9 @@ use precision::convert::{self as conv, Plan};
 use tensorfile::safetensors::SafetensorsFile;
 use tensorfile::{TensorSource, open_safetensors};
 
-use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
+use crate::{
+    Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
+};
 
 /// The `precision` crate's converter.
 #[derive(Debug, Clone, Copy, Default)]
@@ -23,10 +25,6 @@ pub struct PrecisionBackend;
 const VERSION: &str = "precision-1";
 
 impl Backend for PrecisionBackend {
-    fn name(&self) -> &'static str {
-        "precision"
-    }
-
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         source.format == Format::Safetensors
             && source.supported_as_source
@@ -52,7 +50,7 @@ impl Backend for PrecisionBackend {
         let metadata = conv::merged_metadata(src.get().metadata(), job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
-            .map_err(|e| SmartError::backend(format!("{}: {e}", job.source_path.display())))?;
+            .map_err(|e| SmartError::backend_in(job.source_path, Unencodable(e)))?;
         Ok(Box::new(Planned {
             src,
             plan,
@@ -97,10 +95,10 @@ impl PlannedConversion for Planned {
         &self,
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
         let report = conv::convert(self.src.get(), &self.plan, &self.metadata, out, progress)
             .map_err(SmartError::backend)?;
-        serde_json::to_value(report).map_err(SmartError::backend)
+        Ok(ConversionReport::Precision(report))
     }
 
     fn write_observing_source(
@@ -108,11 +106,10 @@ impl PlannedConversion for Planned {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
         observer: &mut (dyn FnMut(&[u8]) + Send),
-    ) -> Result<serde_json::Value, SmartError> {
+    ) -> Result<ConversionReport, SmartError> {
+        // Only called when `observes_source` said so, which it does not for a view.
         let Source::File(file) = &self.src else {
-            return Err(SmartError::backend(
-                "a de-scaled source cannot be handed over while converting",
-            ));
+            return Err(SmartError::backend(crate::backend::CannotObserve));
         };
         let report = conv::convert_observing_source(
             file,
@@ -124,6 +121,6 @@ impl PlannedConversion for Planned {
             observer,
         )
         .map_err(SmartError::backend)?;
-        serde_json::to_value(report).map_err(SmartError::backend)
+        Ok(ConversionReport::Precision(report))
     }
 }
