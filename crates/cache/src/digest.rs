@@ -17,8 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tensorfile::safetensors::ReadBuffer;
 use rayon::prelude::*;
+use tensorfile::safetensors::ReadBuffer;
 use twox_hash::XxHash3_128 as Xxh3;
 
 /// XXH3-128 with seed 0 of `bytes` (AVX2 or SSE2, chosen at run time).

@@ -206,8 +206,8 @@ impl Provenance {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gguf::FileType;
     use proptest::prelude::*;
+    use tensorfile::gguf::FileType;
 
     fn sample(target: Precision) -> Provenance {
         Provenance {

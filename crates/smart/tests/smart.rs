@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use cache::{ModelsDir, Provenance, digest};
-use tensorfile::safetensors::Dtype;
 use detect::{Detection, Precision};
-use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::backends::PrecisionBackend;
 use smart::{
     Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
     smart_convert, smart_convert_with,
 };
+use tensorfile::safetensors::Dtype;
+use tensorfile::{SafetensorsWriter, TensorSpec};
 
 /// Writes a small flux-like model: one 2-D weight and a 1-D bias, `dtype` floats from `seed`.
 fn write_model(path: &Path, dtype: Dtype, seed: u32, rows: u64) {
@@ -641,8 +641,7 @@ fn cancelling_while_another_process_holds_the_lock_returns_at_once() {
     let out = e.converted().join("flux_fp16.safetensors");
     fs::create_dir_all(e.converted()).unwrap();
     // Another writer of the same output holds its lock for as long as this test runs.
-    let held = cache::open_lock(&out).unwrap();
-    held.lock().unwrap();
+    let _held = cache::OutputSlot::acquire(&out, None).unwrap();
     let cancel = Arc::new(AtomicBool::new(false));
     let waiting = {
         let (cancel, src, models) = (cancel.clone(), src.clone(), e.models.clone());
