@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use cache::ModelsDir;
 use detect::Precision;
+use tensorfile::safetensors::{Dtype, SafetensorsFile};
 use gguf::{FileType, GgmlType, GgufFile};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::backends::gguf::GgufBackend;
 use smart::{Backend, Options, Status, smart_convert_with};
-use tensorfile::safetensors::{Dtype, SafetensorsFile};
-use tensorfile::{SafetensorsWriter, TensorSpec};
 
 const BACKEND: GgufBackend = GgufBackend { arch: None };
 

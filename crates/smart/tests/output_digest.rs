@@ -16,9 +16,9 @@ use cache::{
     read_output_record, use_stamp_path,
 };
 use detect::Precision;
-use smart::{CheckStatus, Options, Status, check, smart_convert};
 use tensorfile::safetensors::Dtype;
 use tensorfile::{SafetensorsWriter, TensorSpec};
+use smart::{CheckStatus, Options, Status, check, smart_convert};
 
 /// A small f32 model: one 2-D weight and a 1-D bias with values from `seed`.
 fn write_model(path: &Path, seed: u32) {

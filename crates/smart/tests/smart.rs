@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use cache::{ModelsDir, Provenance, digest};
+use tensorfile::safetensors::Dtype;
 use detect::{Detection, Precision};
+use tensorfile::{SafetensorsWriter, TensorSpec};
 use smart::backends::PrecisionBackend;
 use smart::{
     Backend, BackendOptions, Job, Options, Phase, PlannedConversion, Progress, SmartError, Status,
     smart_convert, smart_convert_with,
 };
-use tensorfile::safetensors::Dtype;
-use tensorfile::{SafetensorsWriter, TensorSpec};
 
 /// Writes a small flux-like model: one 2-D weight and a 1-D bias, `dtype` floats from `seed`.
 fn write_model(path: &Path, dtype: Dtype, seed: u32, rows: u64) {

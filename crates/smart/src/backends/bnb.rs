@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use detect::detection::Format;
-use detect::{Detection, Precision};
 use tensorfile::safetensors::SafetensorsFile;
+use detect::{Detection, Precision};
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
 

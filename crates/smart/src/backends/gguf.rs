@@ -19,9 +19,9 @@ use ::gguf::mix::{DroppedTensor, GgufPlan, SourceDtype, SourceTensor};
 use ::gguf::reader::MetadataValue;
 use ::gguf::{Arch, FileType};
 use detect::detection::Format;
+use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
 use detect::{Detection, Precision};
 use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec};
-use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsError, SafetensorsFile, TensorEntry};
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
 

@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 
 use detect::detection::Format;
+use tensorfile::safetensors::SafetensorsFile;
 use detect::{Detection, Precision};
 use precision::convert::{self as conv, Plan};
-use tensorfile::safetensors::SafetensorsFile;
 
 use crate::{Backend, BackendOptions, Job, PlannedConversion, SmartError};
 
