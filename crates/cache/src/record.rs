@@ -115,7 +115,7 @@ impl OutputRecord {
 
     /// Whether the output was published unsynced in another boot than this one (or the boot
     /// cannot be told): its data must be hashed before it is trusted.
-    pub fn needs_reverify(&self) -> bool {
+    pub(crate) fn needs_reverify(&self) -> bool {
         match &self.unsynced_boot_id {
             None => false,
             Some(then) => current_boot_id().as_ref() != Some(then),
