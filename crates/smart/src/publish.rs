@@ -290,10 +290,10 @@ impl Convert<'_> {
     }
 
     /// Streams `planned` into the slot's temporary, verifies it and publishes it. With a
-    /// placeholder digest in its header, the source
-    /// is hashed as the converter reads it and the placeholder is overwritten in place; if the
-    /// placeholder is not found exactly once in the output's first chunk, the temporary is
-    /// dropped and [`Written::Retry`] carries the computed digest for a conversion planned with it.
+    /// placeholder digest in its header, the source is hashed as the converter reads it and the
+    /// placeholder is overwritten in place; if the placeholder is not found exactly once in the
+    /// output's first chunk, the temporary is dropped (which removes it) and [`Written::Retry`]
+    /// carries the computed digest for a conversion planned with it.
     fn write_temporary(
         &self,
         slot: &OutputSlot,
@@ -309,7 +309,9 @@ impl Convert<'_> {
         } = planned;
         let needed = planned.output_len();
         check_space(dir, out, needed)?;
-        let temporary = slot.create_temporary(self.options.sync_output)?;
+        let temporary = slot
+            .create_temporary(self.options.sync_output)
+            .map_err(|e| slot_error(e, out))?;
         let tmp = temporary.path().to_path_buf();
         reserve_space(temporary.file(), out, needed)?;
         let mut writer = BufWriter::with_capacity(
