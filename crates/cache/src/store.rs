@@ -265,6 +265,9 @@ impl Cache {
     /// whose provenance names the target and this source — same path, size and mtime, or,
     /// when those differ, the same content digest. The source is only hashed when the cheap
     /// facts do not settle it (or [`LookupOptions::verify_digest`]).
+    ///
+    /// Writes nothing (no record, no use stamp, no lock file): a caller that uses the answer
+    /// passes it to [`Cache::record_hit`] (or [`OutputSlot::record_hit`]).
     pub fn lookup(
         &self,
         source: &Path,
