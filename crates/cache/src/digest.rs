@@ -54,11 +54,11 @@ fn combine(len: u64, chunk_hashes: &[u128]) -> String {
 const CHUNKS_PER_REPORT: usize = 64;
 
 thread_local! {
-    /// Files hashed by [`digest_file_with_progress`] on this thread.
+    /// Files hashed by [`digest_file_cancellable`] on this thread.
     static FILES_HASHED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// How many files [`digest_file`] (or its progress variant) has hashed on the calling thread.
+/// How many files [`digest_file`] (or its cancellable variant) has hashed on the calling thread.
 ///
 /// Per thread so that a test can tell whether one lookup hashed anything, whatever other tests
 /// run at the same time.
@@ -73,19 +73,11 @@ pub fn files_hashed_on_this_thread() -> u64 {
 /// memory for the whole run (the size of the model), and a source truncated meanwhile would
 /// raise SIGBUS instead of an error.
 pub fn digest_file(path: &Path) -> Result<String, CacheError> {
-    digest_file_with_progress(path, &mut |_, _| {})
+    digest_file_cancellable(path, &mut |_, _| {}, None)
 }
 
-/// [`digest_file`], calling `progress(bytes hashed, file size)` as it goes.
-pub fn digest_file_with_progress(
-    path: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<String, CacheError> {
-    digest_file_cancellable(path, progress, None)
-}
-
-/// [`digest_file_with_progress`] that stops with [`CacheError::Cancelled`] soon after `cancel`
-/// is set (it is checked between batches of one chunk per thread): hashing a large model
+/// [`digest_file`], calling `progress(bytes hashed, file size)` as it goes, and stopping with
+/// [`CacheError::Cancelled`] soon after `cancel` is set (it is checked between batches of one chunk per thread): hashing a large model
 /// takes seconds, and an interrupt should not wait for it.
 pub fn digest_file_cancellable(
     path: &Path,
@@ -292,7 +284,7 @@ mod tests {
         let d = digest_file(&p).unwrap();
         assert_eq!(d, digest_bytes(&data));
         let mut last = (0, 0);
-        let with = digest_file_with_progress(&p, &mut |a, b| last = (a, b)).unwrap();
+        let with = digest_file_cancellable(&p, &mut |a, b| last = (a, b), None).unwrap();
         assert_eq!(with, d);
         assert_eq!(last, (data.len() as u64, data.len() as u64));
         assert_eq!(d.len(), 32);

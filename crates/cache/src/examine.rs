@@ -89,11 +89,13 @@ pub fn examine(path: &Path) -> Option<Examined> {
 }
 
 /// Whether the metadata at the start of `path` (a file of `size` bytes) has provenance keys,
-/// whatever follows it: a safetensors header that parses as JSON, or GGUF key-values that
-/// validate (read from the first [`GGUF_METADATA_PREFIX`] bytes). Lengths are checked against
-/// the file size and caps before anything is allocated.
+/// whatever data follows it: a safetensors header that validates except for the length of the
+/// data section (truncated or extended), or GGUF key-values that validate (read from the first
+/// [`GGUF_METADATA_PREFIX`] bytes). Both go through `tensorfile`'s readers; lengths are checked
+/// against the file size and caps before anything is allocated.
 fn header_has_provenance_keys(path: &Path, size: u64) -> bool {
     use std::io::Read;
+    use tensorfile::safetensors::{HeaderError, check_header_len, parse_header};
     let Ok(mut file) = std::fs::File::open(path) else {
         return false;
     };
@@ -101,31 +103,81 @@ fn header_has_provenance_keys(path: &Path, size: u64) -> bool {
     if file.read_exact(&mut first).is_err() {
         return false;
     }
+    let mut prefix = first.to_vec();
     if first[..4] == *b"GGUF" {
         let len = size.min(GGUF_METADATA_PREFIX);
-        let mut prefix = first.to_vec();
         if file.take(len - 8).read_to_end(&mut prefix).is_err() {
             return false;
         }
-        return gguf::reader::read_metadata_prefix(&prefix)
+        return tensorfile::gguf::reader::read_metadata_prefix(&prefix)
             .is_ok_and(|kv| kv.iter().any(|(k, _)| Provenance::is_key(k)));
     }
-    let len = u64::from_le_bytes(first);
-    if len > tensorfile::safetensors::MAX_HEADER_LEN || len > size.saturating_sub(8) {
-        return false;
-    }
-    let mut json = vec![0u8; len as usize];
-    if file.read_exact(&mut json).is_err() {
-        return false;
-    }
-    let Ok(serde_json::Value::Object(header)) = serde_json::from_slice(&json) else {
+    let Ok(header_len) = check_header_len(first, size) else {
         return false;
     };
-    match header.get("__metadata__") {
-        Some(serde_json::Value::Object(meta)) => meta.keys().any(|k| Provenance::is_key(k)),
-        _ => false,
+    if file.take(header_len).read_to_end(&mut prefix).is_err() {
+        return false;
     }
+    // The data section is as long as the tensors say: parsed against an unbounded file first,
+    // the only complaint left about a valid header is the length it covers.
+    let data_start = 8 + header_len;
+    let header = match parse_header(&prefix, u64::MAX) {
+        Err(HeaderError::TrailingData { covered, .. }) => {
+            parse_header(&prefix, data_start.saturating_add(covered))
+        }
+        other => other,
+    };
+    header.is_ok_and(|h| h.metadata.keys().any(|k| Provenance::is_key(k)))
 }
 
 /// How much of a damaged GGUF file is read for its key-values (ours hold a few KiB).
 const GGUF_METADATA_PREFIX: u64 = 16 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tensorfile::{Dtype, SafetensorsWriter, TensorSpec};
+
+    fn write_model(path: &Path, meta: &BTreeMap<String, String>) -> Vec<u8> {
+        let spec = TensorSpec {
+            name: "w".into(),
+            dtype: Dtype::F16,
+            shape: vec![2, 8],
+        };
+        let mut w = SafetensorsWriter::new(Vec::new(), &[spec], meta).unwrap();
+        w.write_chunk(&[7u8; 32]).unwrap();
+        let bytes = w.finish().unwrap();
+        std::fs::write(path, &bytes).unwrap();
+        bytes
+    }
+
+    /// A damaged output still says whose it is (which decides whether it may be replaced);
+    /// a damaged file without provenance does not claim to be ours.
+    #[test]
+    fn a_truncated_or_extended_output_keeps_its_provenance_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("m_fp16.safetensors");
+        let meta = BTreeMap::from([("convcache.target".to_string(), "fp16".to_string())]);
+        for (meta, ours) in [(meta, true), (BTreeMap::new(), false)] {
+            let bytes = write_model(&out, &meta);
+            let ex = examine(&out).unwrap();
+            assert_eq!((ex.problem.is_none(), ex.has_provenance_keys), (true, ours));
+            let mut longer = bytes.clone();
+            longer.push(0);
+            for damaged in [
+                &bytes[..bytes.len() - 1],
+                &longer[..],
+                &bytes[..bytes.len() - 32],
+            ] {
+                std::fs::write(&out, damaged).unwrap();
+                let ex = examine(&out).unwrap();
+                assert!(ex.problem.is_some());
+                assert_eq!(ex.has_provenance_keys, ours, "{} bytes", damaged.len());
+            }
+            // The header itself cut short: nothing can be read from it.
+            std::fs::write(&out, &bytes[..20]).unwrap();
+            assert!(!examine(&out).unwrap().has_provenance_keys);
+        }
+    }
+}

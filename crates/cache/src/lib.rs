@@ -7,9 +7,12 @@
 //! - [`provenance`]: the `convcache.*` key-values every output carries.
 //! - [`record`]: the output record (size, mtime, digest of a published output) that lets a
 //!   lookup tell an output whose data changed since it was published, without hashing on a hit.
-//! - [`Cache`]: validated [`Cache::lookup`], [`Cache::batch_check`], [`Cache::list`],
-//!   [`Cache::stats`], [`Cache::cleanup`], [`Cache::evict_to`], and the file conventions the
-//!   converter (crate `smart`) follows: per-output lock files, temporaries, use stamps.
+//! - [`Cache`]: validated [`Cache::lookup`], [`Cache::list`], [`Cache::stats`],
+//!   [`Cache::cleanup`], [`Cache::evict_to`]. Lookups and listings write nothing (`check`,
+//!   `list` and `stats` leave the cache as they found it); what a lookup learned is written
+//!   when its answer is used ([`Cache::record_hit`]).
+//! - [`OutputSlot`]: one output's lock, held by a converter (crate `smart`) while it looks
+//!   again, writes a [`Temporary`] and publishes it with its output record.
 //!
 //! # Files in an output dir
 //! - `flux_bf16.safetensors`: an output (published only by atomic rename).
@@ -33,22 +36,23 @@ mod models_dir;
 pub mod naming;
 pub mod provenance;
 pub mod record;
+mod slot;
 mod store;
 
 use std::path::PathBuf;
 
 pub use examine::{Examined, examine};
-pub use models_dir::{MODELS_DIR_ENV, ModelsDir, ModelsDirOrigin};
+pub use models_dir::{MODELS_DIR_ENV, ModelsDir};
 pub use naming::{basename_of, output_file_name, parse_output_name};
 pub use provenance::{Provenance, SourceStat};
 pub use record::{
     OutputRecord, SourceSeen, current_boot_id, output_record_path, read_output_record,
     write_output_record,
 };
+pub use slot::{OutputSlot, STATE_DIR, Temporary, temp_path, use_stamp_path};
 pub use store::{
-    Cache, CheckEntry, Entry, Eviction, Kind, KnownDigest, Lookup, LookupOptions, LookupStatus,
-    PrecisionTotals, Removed, STATE_DIR, Stats, last_used, lock_path, open_lock, parse_temp_name,
-    record_use_at, remove_temporaries_locked, temp_path, use_stamp_path,
+    Cache, Entry, Eviction, Kind, KnownDigest, Lookup, LookupOptions, LookupStatus,
+    PrecisionTotals, Removed, Stats,
 };
 
 /// Why a cache operation failed.
@@ -64,7 +68,9 @@ pub enum CacheError {
     /// The source is not a regular file.
     #[error("{0}: not a regular file")]
     NotAFile(PathBuf),
-    /// Hashing the file was stopped through [`LookupOptions::cancel`] (an interrupt).
-    #[error("{0}: cancelled while hashing")]
+    /// Stopped through a cancel flag (an interrupt): hashing the file
+    /// ([`LookupOptions::cancel`]), or waiting for the lock of the output at the path, or
+    /// publishing it ([`OutputSlot`]).
+    #[error("{0}: cancelled")]
     Cancelled(PathBuf),
 }

@@ -14,20 +14,6 @@ pub const MODELS_DIR_ENV: &str = "CONVCACHE_MODELS_DIR";
 /// Files that together mark a ComfyUI install (its entry point and its folder registry).
 const COMFYUI_MARKERS: &[&str] = &["main.py", "folder_paths.py"];
 
-/// How the models dir was chosen (for messages and `--json` output).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
-pub enum ModelsDirOrigin {
-    /// `--models-dir`.
-    Explicit,
-    /// [`MODELS_DIR_ENV`].
-    Environment,
-    /// `models/` of the ComfyUI install at this path, found walking up from the current dir.
-    ComfyUi(PathBuf),
-    /// `./models`, nothing else applying.
-    Default,
-}
-
 /// The models dir (a ComfyUI-style `models/` folder) the cache lives in.
 ///
 /// Outputs go to `<models>/diffusion_models/converted/` (safetensors precisions and
@@ -36,7 +22,6 @@ pub enum ModelsDirOrigin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelsDir {
     root: PathBuf,
-    origin: ModelsDirOrigin,
 }
 
 impl ModelsDir {
@@ -56,50 +41,29 @@ impl ModelsDir {
         ))
     }
 
-    /// [`ModelsDir::resolve`] with the environment value and current directory given, for
-    /// tests and embedding. Relative paths are taken relative to `cwd`. An empty environment
-    /// value counts as unset.
-    pub fn resolve_with(explicit: Option<&Path>, env: Option<OsString>, cwd: &Path) -> ModelsDir {
-        if let Some(p) = explicit {
-            return ModelsDir {
-                root: cwd.join(p),
-                origin: ModelsDirOrigin::Explicit,
-            };
-        }
-        if let Some(e) = env.filter(|e| !e.is_empty()) {
-            return ModelsDir {
-                root: cwd.join(e),
-                origin: ModelsDirOrigin::Environment,
-            };
-        }
-        if let Some(install) = find_comfyui(cwd) {
-            return ModelsDir {
-                root: install.join("models"),
-                origin: ModelsDirOrigin::ComfyUi(install),
-            };
-        }
-        ModelsDir {
-            root: cwd.join("models"),
-            origin: ModelsDirOrigin::Default,
-        }
+    /// [`ModelsDir::resolve`] with the environment value and current directory given.
+    /// Relative paths are taken relative to `cwd`. An empty environment value counts as unset.
+    fn resolve_with(explicit: Option<&Path>, env: Option<OsString>, cwd: &Path) -> ModelsDir {
+        let root = if let Some(p) = explicit {
+            cwd.join(p)
+        } else if let Some(e) = env.filter(|e| !e.is_empty()) {
+            cwd.join(e)
+        } else if let Some(install) = find_comfyui(cwd) {
+            install.join("models")
+        } else {
+            cwd.join("models")
+        };
+        ModelsDir { root }
     }
 
     /// A models dir at exactly this path.
     pub fn at(root: impl Into<PathBuf>) -> ModelsDir {
-        ModelsDir {
-            root: root.into(),
-            origin: ModelsDirOrigin::Explicit,
-        }
+        ModelsDir { root: root.into() }
     }
 
     /// The models dir itself.
     pub fn root(&self) -> &Path {
         &self.root
-    }
-
-    /// How it was chosen.
-    pub fn origin(&self) -> &ModelsDirOrigin {
-        &self.origin
     }
 
     /// `<models>/diffusion_models/converted`: safetensors outputs (plain and bitsandbytes).
@@ -118,7 +82,7 @@ impl ModelsDir {
     }
 
     /// The directory outputs in `container` go to.
-    pub fn dir_for(&self, container: Container) -> PathBuf {
+    fn dir_for(&self, container: Container) -> PathBuf {
         match container {
             Container::Safetensors => self.converted_dir(),
             Container::Gguf => self.gguf_dir(),
@@ -158,15 +122,12 @@ mod tests {
 
         let m = ModelsDir::resolve_with(Some(Path::new("flag")), env.clone(), &cwd);
         assert_eq!(m.root(), cwd.join("flag"));
-        assert_eq!(m.origin(), &ModelsDirOrigin::Explicit);
 
         let m = ModelsDir::resolve_with(None, env, &cwd);
         assert_eq!(m.root(), Path::new("/env/models"));
-        assert_eq!(m.origin(), &ModelsDirOrigin::Environment);
 
         let m = ModelsDir::resolve_with(None, Some(OsString::new()), &cwd);
         assert_eq!(m.root(), install.join("models"));
-        assert_eq!(m.origin(), &ModelsDirOrigin::ComfyUi(install.clone()));
         assert_eq!(
             m.converted_dir(),
             install.join("models/diffusion_models/converted")
@@ -177,7 +138,6 @@ mod tests {
         std::fs::create_dir_all(&elsewhere).unwrap();
         let m = ModelsDir::resolve_with(None, None, &elsewhere);
         assert_eq!(m.root(), elsewhere.join("models"));
-        assert_eq!(m.origin(), &ModelsDirOrigin::Default);
     }
 
     #[test]
@@ -185,7 +145,6 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("models")).unwrap();
         std::fs::write(t.path().join("main.py"), "").unwrap();
-        let m = ModelsDir::resolve_with(None, None, t.path());
-        assert_eq!(m.origin(), &ModelsDirOrigin::Default);
+        assert_eq!(find_comfyui(t.path()), None);
     }
 }

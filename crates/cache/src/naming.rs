@@ -144,8 +144,8 @@ pub fn parse_output_name(file_name: &str) -> Option<(String, Precision)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gguf::FileType;
     use proptest::prelude::*;
+    use tensorfile::gguf::FileType;
 
     #[test]
     fn examples_from_the_issue() {

@@ -14,10 +14,10 @@ use detect::Precision;
 use crate::CacheError;
 
 /// Prefix of every provenance key.
-pub const PREFIX: &str = "convcache.";
+const PREFIX: &str = "convcache.";
 
 /// Version of the key layout below.
-pub const PROVENANCE_VERSION: &str = "1";
+const PROVENANCE_VERSION: &str = "1";
 
 const K_VERSION: &str = "convcache.provenance_version";
 const K_NAME: &str = "convcache.source_name";
@@ -56,7 +56,7 @@ fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::
 
 /// The precision whose canonical name is exactly `name` (case-sensitive, so GGUF `F16` and
 /// safetensors `fp16` stay apart).
-pub fn precision_from_canonical(name: &str) -> Option<Precision> {
+fn precision_from_canonical(name: &str) -> Option<Precision> {
     Precision::all().find(|p| p.canonical_name() == name)
 }
 
@@ -206,8 +206,8 @@ impl Provenance {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gguf::FileType;
     use proptest::prelude::*;
+    use tensorfile::gguf::FileType;
 
     fn sample(target: Precision) -> Provenance {
         Provenance {

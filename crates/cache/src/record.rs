@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::provenance::system_time_ns;
-use crate::store::STATE_DIR;
+use crate::slot::{RecordedFacts, state_path};
 use crate::{CacheError, digest};
 
 /// The largest record read (a real one is about 150 bytes).
@@ -89,12 +89,7 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -
 
 /// `<dir>/.convcache/<name>.digest`: the output record of an output.
 pub fn output_record_path(output: &Path) -> PathBuf {
-    let dir = output.parent().unwrap_or(Path::new("."));
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dir.join(STATE_DIR).join(format!("{name}.digest"))
+    state_path(output, ".digest")
 }
 
 /// Size and mtime (ns) of the file at `path`, following symlinks.
@@ -120,7 +115,7 @@ impl OutputRecord {
 
     /// Whether the output was published unsynced in another boot than this one (or the boot
     /// cannot be told): its data must be hashed before it is trusted.
-    pub fn needs_reverify(&self) -> bool {
+    pub(crate) fn needs_reverify(&self) -> bool {
         match &self.unsynced_boot_id {
             None => false,
             Some(then) => current_boot_id().as_ref() != Some(then),
@@ -210,8 +205,9 @@ pub(crate) fn remove_output_record(output: &Path) {
 /// The outcome of checking an output's data against its record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum DataCheck {
-    /// Matches the record (by size and mtime, or by digest).
-    Verified,
+    /// Matches the record (by size and mtime, or by digest); with the facts to re-record it
+    /// with when they differ from the record's (or the record's unsynced mark is to go).
+    Verified(Option<RecordedFacts>),
     /// Not verified (no usable record), with the reason to report.
     Unrecorded(String),
     /// The data is not what was published.
@@ -220,8 +216,8 @@ pub(crate) enum DataCheck {
 
 /// Checks the output at `output` against its record: size and mtime equal to the record settle
 /// it without hashing unless `always_hash`; otherwise the output is hashed and its digest
-/// compared. A match after a changed mtime refreshes the record (best effort, only when the
-/// output's lock is free, so never under a writer).
+/// compared. Writes nothing: a match under a changed mtime (or after an unsynced publish) comes
+/// with the facts to re-record, for the caller to write when it uses the output.
 pub(crate) fn check_output_data(output: &Path, always_hash: bool) -> DataCheck {
     let record = match read_output_record(output) {
         Ok(Some(r)) => r,
@@ -245,19 +241,24 @@ pub(crate) fn check_output_data(output: &Path, always_hash: bool) -> DataCheck {
         ));
     }
     let reverify = record.needs_reverify();
+    let facts = |digest: &str| RecordedFacts {
+        size,
+        mtime_ns,
+        digest: digest.to_string(),
+    };
     if mtime_ns == record.mtime_ns && !always_hash && !reverify {
         if record.unsynced_boot_id.is_some() {
-            // Published unsynced in this boot: make it durable now. This waits for writeback
-            // still in flight, and reports a writeback that failed (the page cache may then
-            // be all that held the data). Then the mark goes, and later hits are O(1) again.
+            // Published unsynced in this boot: wait for its writeback (still in flight, or
+            // failed: the page cache may then be all that held the data). Syncing changes no
+            // file. Re-recorded without the mark when used, later hits are O(1) again.
             if let Err(e) = File::open(output).and_then(|f| f.sync_data()) {
                 return DataCheck::Changed(format!(
                     "its data could not be written to disk after an unsynced publish: {e}"
                 ));
             }
-            refresh(output, (size, mtime_ns), &record.digest);
+            return DataCheck::Verified(Some(facts(&record.digest)));
         }
-        return DataCheck::Verified;
+        return DataCheck::Verified(None);
     }
     let now = match digest::digest_file(output) {
         Ok(d) => d,
@@ -273,37 +274,29 @@ pub(crate) fn check_output_data(output: &Path, always_hash: bool) -> DataCheck {
         }
         return DataCheck::Changed("output data changed since it was published".into());
     }
-    if mtime_ns != record.mtime_ns || reverify {
-        refresh(output, (size, mtime_ns), &now);
-    }
-    DataCheck::Verified
-}
-
-/// Re-records an output whose content was found unchanged under a new mtime (touched, copied
-/// back), so the next lookup is O(1) again. Skipped when a writer holds the lock, and when the
-/// file's size or mtime is no longer the one seen before hashing (it changed meanwhile).
-fn refresh(output: &Path, hashed: (u64, i128), digest: &str) {
-    let Ok(lock) = crate::store::open_lock(output) else {
-        return;
-    };
-    if lock.try_lock().is_err() {
-        return;
-    }
-    let Ok(rec) = OutputRecord::of_file(output, digest.to_string()) else {
-        return;
-    };
-    if (rec.size, rec.mtime_ns) != hashed {
-        return;
-    }
-    // The new record says the data is durable (an unsynced mark is dropped): make it so first.
-    if File::open(output).and_then(|f| f.sync_all()).is_ok() {
-        let _ = write_output_record(output, &rec);
-    }
+    let refresh = mtime_ns != record.mtime_ns || reverify;
+    DataCheck::Verified(refresh.then(|| facts(&now)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slot::{OutputSlot, Upkeep};
+
+    /// [`check_output_data`], then what a conversion that uses the verified output writes.
+    fn check_and_use(out: &Path) -> DataCheck {
+        let verdict = check_output_data(out, false);
+        if let DataCheck::Verified(refresh) = &verdict {
+            let upkeep = Upkeep {
+                refresh: refresh.clone(),
+                source_seen: None,
+            };
+            OutputSlot::acquire(out, None)
+                .unwrap()
+                .write_upkeep(&upkeep);
+        }
+        verdict
+    }
 
     #[test]
     fn roundtrips_and_rejects_unusable_records() {
@@ -352,8 +345,8 @@ mod tests {
         fs::write(&out, b"0123456789").unwrap();
         let rec = OutputRecord::of_file(&out, digest::digest_file(&out).unwrap()).unwrap();
         write_output_record(&out, &rec).unwrap();
-        assert_eq!(check_output_data(&out, false), DataCheck::Verified);
-        assert_eq!(check_output_data(&out, true), DataCheck::Verified);
+        assert_eq!(check_output_data(&out, false), DataCheck::Verified(None));
+        assert_eq!(check_output_data(&out, true), DataCheck::Verified(None));
         fs::write(&out, b"0123456788").unwrap();
         assert!(matches!(
             check_output_data(&out, false),
@@ -387,7 +380,13 @@ mod tests {
             let rec = unsynced(boot);
             assert!(!rec.needs_reverify());
             write_output_record(&out, &rec).unwrap();
-            assert_eq!(check_output_data(&out, false), DataCheck::Verified);
+            // Checking writes nothing.
+            assert!(matches!(
+                check_output_data(&out, false),
+                DataCheck::Verified(Some(_))
+            ));
+            assert_eq!(read_output_record(&out).unwrap().unwrap(), rec);
+            assert!(matches!(check_and_use(&out), DataCheck::Verified(_)));
             // Same boot: trusted without hashing, synced, then recorded as durable.
             let now = read_output_record(&out).unwrap().unwrap();
             assert_eq!(now.unsynced_boot_id, None);
@@ -397,7 +396,7 @@ mod tests {
         let rec = unsynced("another-boot");
         assert!(rec.needs_reverify());
         write_output_record(&out, &rec).unwrap();
-        assert_eq!(check_output_data(&out, false), DataCheck::Verified);
+        assert!(matches!(check_and_use(&out), DataCheck::Verified(_)));
         let now = read_output_record(&out).unwrap().unwrap();
         assert_eq!(now.unsynced_boot_id, None);
         assert_eq!(now.digest, digest);

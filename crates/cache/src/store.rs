@@ -1,7 +1,7 @@
 //! Lookup, listing, statistics, cleanup and eviction over the output dirs.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, TryLockError};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -11,16 +11,15 @@ use detect::Precision;
 use detect::precision::Container;
 
 use crate::examine::{Examined, examine};
-use crate::naming::{
-    self, basename_of, disambiguated_basename, output_file_name, parse_output_name,
-};
+use crate::naming::{basename_of, disambiguated_basename, output_file_name, parse_output_name};
 use crate::provenance::{Provenance, SourceStat, absolute};
-use crate::record::{DataCheck, check_output_data, read_output_record, remove_output_record};
+use crate::record::{
+    DataCheck, SourceSeen, check_output_data, read_output_record, remove_output_record,
+};
+use crate::slot::{
+    OutputSlot, RecordedFacts, Upkeep, parse_temp_name, record_use_at, use_stamp_path,
+};
 use crate::{CacheError, ModelsDir, digest};
-
-/// Name of the hidden folder (inside each output dir) holding lock files, use stamps and output
-/// records.
-pub const STATE_DIR: &str = ".convcache";
 
 /// How strictly [`Cache::lookup`] validates.
 #[derive(Debug, Clone, Default)]
@@ -111,23 +110,9 @@ pub struct Lookup {
     /// verified against), or why a conversion to make does not go to the standard path (a
     /// file another tool made is there).
     pub note: Option<String>,
-}
-
-/// One target of [`Cache::batch_check`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CheckEntry {
-    #[serde(serialize_with = "ser_precision")]
-    pub target: Precision,
-    /// A file is at `path`.
-    pub exists: bool,
-    /// That file can be used (a hit, or an unverified foreign file when not strict).
-    pub valid: bool,
-    #[serde(flatten)]
-    pub status: LookupStatus,
-    pub path: PathBuf,
-    /// [`Lookup::note`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
+    /// What the lookup learned, written when its answer is used ([`Cache::record_hit`],
+    /// [`OutputSlot::record_hit`]).
+    pub(crate) upkeep: Upkeep,
 }
 
 /// Which output dirs [`Cache::list`] and friends look at.
@@ -280,6 +265,9 @@ impl Cache {
     /// whose provenance names the target and this source — same path, size and mtime, or,
     /// when those differ, the same content digest. The source is only hashed when the cheap
     /// facts do not settle it (or [`LookupOptions::verify_digest`]).
+    ///
+    /// Writes nothing (no record, no use stamp, no lock file): a caller that uses the answer
+    /// passes it to [`Cache::record_hit`] (or [`OutputSlot::record_hit`]).
     pub fn lookup(
         &self,
         source: &Path,
@@ -318,35 +306,6 @@ impl Cache {
             cancel: options.cancel.as_deref(),
         };
         self.lookup_inner(source, &stat, &mut digest, target, options)
-    }
-
-    /// [`Cache::lookup`] for several targets, hashing the source at most once.
-    pub fn batch_check(
-        &self,
-        source: &Path,
-        targets: &[Precision],
-        options: &LookupOptions,
-    ) -> Result<Vec<CheckEntry>, CacheError> {
-        let stat = SourceStat::of(source)?;
-        let mut digest = LazyDigest {
-            source,
-            value: known_digest(options, &stat),
-            cancel: options.cancel.as_deref(),
-        };
-        targets
-            .iter()
-            .map(|&target| {
-                let l = self.lookup_inner(source, &stat, &mut digest, target, options)?;
-                Ok(CheckEntry {
-                    target,
-                    exists: fs::symlink_metadata(&l.path).is_ok(),
-                    valid: l.status.is_usable(),
-                    status: l.status,
-                    path: l.path,
-                    note: l.note,
-                })
-            })
-            .collect()
     }
 
     fn lookup_inner(
@@ -391,14 +350,18 @@ impl Cache {
             _ => false,
         };
         let candidates: Vec<&Examined> = plain_ex.iter().chain(alternates.iter()).collect();
-        let hit = |ex: &Examined, p: Provenance, digest: Option<String>, note| Lookup {
+        let hit = |ex: &Examined, p: Provenance, digest: Option<String>, data: Served| Lookup {
             status: LookupStatus::Hit,
             path: ex.path.clone(),
             source: stat.clone(),
             source_digest: digest,
             provenance: Some(p),
             superseded: Vec::new(),
-            note,
+            note: data.note,
+            upkeep: Upkeep {
+                refresh: data.refresh,
+                source_seen: None,
+            },
         };
         // Outputs whose provenance fits but whose data is not what was published, with why.
         let mut data_changed: Vec<(PathBuf, String)> = Vec::new();
@@ -409,8 +372,8 @@ impl Cache {
                 if options.verify_digest && digest.get()? != p.source_digest {
                     continue;
                 }
-                if let Some(note) = data_verdict(ex, options, &mut data_changed) {
-                    return Ok(hit(ex, p, digest.value.clone(), note));
+                if let Some(data) = data_verdict(ex, options, &mut data_changed) {
+                    return Ok(hit(ex, p, digest.value.clone(), data));
                 }
             }
         }
@@ -428,6 +391,7 @@ impl Cache {
                 provenance: None,
                 superseded: Vec::new(),
                 note: None,
+                upkeep: Upkeep::default(),
             });
         }
         // Nothing at all to compare against: no need to hash here (the converter hashes the
@@ -441,16 +405,25 @@ impl Cache {
                 provenance: None,
                 superseded: Vec::new(),
                 note: None,
+                upkeep: Upkeep::default(),
             });
         }
         // 3. The same content under other facts (moved, copied, touched).
         let d = digest.get()?.to_string();
         for ex in &candidates {
             if let Some(p) = valid_prov(ex).filter(|p| p.source_digest == d)
-                && let Some(note) = data_verdict(ex, options, &mut data_changed)
+                && let Some(data) = data_verdict(ex, options, &mut data_changed)
             {
-                remember_source(&ex.path, stat, &d);
-                return Ok(hit(ex, p, Some(d), note));
+                // Remembered once the answer is used, so that the next lookups need not hash
+                // the source again.
+                let mut found = hit(ex, p, Some(d.clone()), data);
+                found.upkeep.source_seen = Some(SourceSeen {
+                    path: stat.path.clone(),
+                    size: stat.size,
+                    mtime_ns: stat.mtime_ns,
+                    digest: d,
+                });
+                return Ok(found);
             }
         }
 
@@ -551,6 +524,7 @@ impl Cache {
             provenance,
             superseded,
             note,
+            upkeep: Upkeep::default(),
         })
     }
 
@@ -717,12 +691,9 @@ impl Cache {
         if !is_regular(path) {
             return Ok(false);
         }
-        let lock = open_lock(path)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Ok(false),
-            Err(TryLockError::Error(e)) => return Err(io_err(path, "lock")(e)),
-        }
+        let Some(_slot) = OutputSlot::try_acquire(path)? else {
+            return Ok(false);
+        };
         // Re-checked under the lock: writers publish under it, so the file is stable now.
         if !is_regular(path) || examine(path).and_then(|e| e.provenance).is_none() {
             return Ok(false);
@@ -735,13 +706,24 @@ impl Cache {
         Ok(true)
     }
 
-    /// Records that `output` was used now (a cache hit or a fresh conversion).
-    pub fn record_use(&self, output: &Path) -> Result<(), CacheError> {
-        record_use_at(output, SystemTime::now())
+    /// Records that `lookup`'s answer (a hit) was used now, and writes what the lookup learned
+    /// (a refreshed output record, the source's new facts), unless a writer holds the output's
+    /// lock. Best effort: a read-only models dir must still serve hits. [`Cache::lookup`] itself
+    /// writes nothing; this is for a caller that uses the answer (a conversion), not one that
+    /// only reports it.
+    pub fn record_hit(&self, lookup: &Lookup) {
+        let _ = record_use_at(&lookup.path, SystemTime::now());
+        if lookup.upkeep == Upkeep::default() {
+            return;
+        }
+        if let Ok(Some(slot)) = OutputSlot::try_acquire(&lookup.path) {
+            slot.write_upkeep(&lookup.upkeep);
+        }
     }
 
     /// Removes temporaries in the output dirs whose writer is gone (its output's lock is free).
-    /// Returns the removed paths.
+    /// Returns the removed paths. For commands that write (a conversion, a cleanup); lookups and
+    /// listings leave temporaries alone.
     pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>, CacheError> {
         let mut removed = Vec::new();
         for (dir, _) in self.dirs(Kind::All) {
@@ -752,9 +734,8 @@ impl Cache {
                     continue;
                 };
                 let output = dir.join(output_name);
-                let lock = open_lock(&output)?;
-                if lock.try_lock().is_ok() {
-                    removed.extend(remove_temporaries_locked(&output)?);
+                if let Some(slot) = OutputSlot::try_acquire(&output)? {
+                    removed.extend(slot.remove_dead_temporaries()?);
                 }
             }
         }
@@ -762,62 +743,38 @@ impl Cache {
     }
 }
 
-/// Records in `output`'s record that `source`, as it is now, has `digest`, the source digest
-/// the output's provenance names (see [`crate::record::OutputRecord::source_seen`]), so that
-/// the next lookup need not hash it again. Best effort: skipped when another process holds the
-/// output's lock, when the output has no usable record, when the file at `output` no longer
-/// names that digest (another conversion was published meanwhile), and when the source's mtime
-/// is within [`RACY_MTIME`] of now (a write in the same clock tick after it was hashed would go
-/// unnoticed). The next lookup then hashes again, which is only slower.
-fn remember_source(output: &Path, source: &SourceStat, digest: &str) {
-    let now = crate::provenance::system_time_ns(SystemTime::now());
-    if (now - source.mtime_ns).abs() < RACY_MTIME.as_nanos() as i128 {
-        return;
-    }
-    let Ok(lock) = open_lock(output) else { return };
-    if lock.try_lock().is_err() {
-        return;
-    }
-    let names_digest = examine(output)
-        .and_then(|ex| ex.provenance)
-        .is_some_and(|p| p.source_digest == digest);
-    let Ok(Some(mut record)) = read_output_record(output) else {
-        return;
-    };
-    if !names_digest {
-        return;
-    }
-    record.source_seen = Some(crate::record::SourceSeen {
-        path: source.path.clone(),
-        size: source.size,
-        mtime_ns: source.mtime_ns,
-        digest: digest.to_owned(),
-    });
-    let _ = crate::record::write_output_record(output, &record);
+/// Why an output's data may be served ([`data_verdict`]).
+struct Served {
+    /// What was not verified (no usable output record).
+    note: Option<String>,
+    /// Facts to re-record the output with when the answer is used ([`Upkeep::refresh`]).
+    refresh: Option<RecordedFacts>,
 }
 
-/// How close to now a source's mtime may be for [`remember_source`] to trust it: coarse
-/// filesystem clocks tick in up to 2 s.
-const RACY_MTIME: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Whether the data of `ex` (whose provenance fits) may be served: `Some(note)` if so (the note
-/// says what was not verified), `None` if not (the reason is pushed to `changed`). Hashes the
-/// output only when its size or mtime differ from its record, or with `verify_digest`.
+/// Whether the data of `ex` (whose provenance fits) may be served: `Some` if so, `None` if not
+/// (the reason is pushed to `changed`). Hashes the output only when its size or mtime differ
+/// from its record, or with `verify_digest`.
 fn data_verdict(
     ex: &Examined,
     options: &LookupOptions,
     changed: &mut Vec<(PathBuf, String)>,
-) -> Option<Option<String>> {
+) -> Option<Served> {
     if changed.iter().any(|(p, _)| *p == ex.path) {
         return None;
     }
     match check_output_data(&ex.path, options.verify_digest) {
-        DataCheck::Verified => Some(None),
+        DataCheck::Verified(refresh) => Some(Served {
+            note: None,
+            refresh,
+        }),
         DataCheck::Unrecorded(why) if options.strict => {
             changed.push((ex.path.clone(), format!("{why} (strict)")));
             None
         }
-        DataCheck::Unrecorded(why) => Some(Some(why)),
+        DataCheck::Unrecorded(why) => Some(Served {
+            note: Some(why),
+            refresh: None,
+        }),
         DataCheck::Changed(why) => {
             changed.push((ex.path.clone(), why));
             None
@@ -875,113 +832,11 @@ fn output_files(dir: &Path, container: Container) -> Result<Vec<(PathBuf, u64)>,
     Ok(out)
 }
 
-fn state_path(output: &Path, suffix: &str) -> PathBuf {
-    let dir = output.parent().unwrap_or(Path::new("."));
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dir.join(STATE_DIR).join(format!("{name}{suffix}"))
-}
-
-/// `<dir>/.convcache/<name>.lock`: the lock file of an output.
-pub fn lock_path(output: &Path) -> PathBuf {
-    state_path(output, ".lock")
-}
-
-/// `<dir>/.convcache/<name>.used`: the use stamp of an output.
-pub fn use_stamp_path(output: &Path) -> PathBuf {
-    state_path(output, ".used")
-}
-
-/// Opens (creating it and its folder if needed) the lock file of `output`, unlocked.
-pub fn open_lock(output: &Path) -> Result<File, CacheError> {
-    let path = lock_path(output);
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent, "create the cache state folder"))?;
-    }
-    File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io_err(&path, "open the lock file"))
-}
-
-/// Sets the use stamp of `output` to `time`.
-pub fn record_use_at(output: &Path, time: SystemTime) -> Result<(), CacheError> {
-    let path = use_stamp_path(output);
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(io_err(parent, "create the cache state folder"))?;
-    }
-    let f = File::options()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io_err(&path, "open the use stamp"))?;
-    f.set_modified(time)
-        .map_err(io_err(&path, "set the time of the use stamp"))
-}
-
 /// When `output` was last produced or served: the later of its use stamp and its own mtime.
-pub fn last_used(output: &Path) -> SystemTime {
+fn last_used(output: &Path) -> SystemTime {
     let mtime = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
     match (mtime(&use_stamp_path(output)), mtime(output)) {
         (Some(a), Some(b)) => a.max(b),
         (a, b) => a.or(b).unwrap_or(SystemTime::UNIX_EPOCH),
     }
-}
-
-/// `.<name>.<pid>.tmp`: where process `pid` writes `output` before publishing it.
-pub fn temp_path(output: &Path, pid: u32) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    output.with_file_name(format!(".{name}.{pid}.tmp"))
-}
-
-/// Parses a temporary's name into (output name, writer pid).
-pub fn parse_temp_name(name: &str) -> Option<(&str, u32)> {
-    let rest = name.strip_prefix('.')?.strip_suffix(".tmp")?;
-    let (output, pid) = rest.rsplit_once('.')?;
-    let pid = pid.parse().ok()?;
-    naming::parse_output_name(output)?;
-    Some((output, pid))
-}
-
-/// Removes every temporary of `output`. The caller holds the output's lock, so no live writer
-/// owns any of them (writers create and publish temporaries only under the lock).
-pub fn remove_temporaries_locked(output: &Path) -> Result<Vec<PathBuf>, CacheError> {
-    let Some(dir) = output.parent() else {
-        return Ok(Vec::new());
-    };
-    let Some(out_name) = output.file_name().and_then(|n| n.to_str()) else {
-        return Ok(Vec::new());
-    };
-    let rd = match fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(dir, "list")(e)),
-    };
-    let mut removed = Vec::new();
-    for ent in rd.flatten() {
-        let name = ent.file_name();
-        let is_ours = name
-            .to_str()
-            .and_then(parse_temp_name)
-            .is_some_and(|(o, _)| o == out_name);
-        let regular = ent.metadata().is_ok_and(|m| m.file_type().is_file());
-        if is_ours && regular {
-            let p = ent.path();
-            match fs::remove_file(&p) {
-                Ok(()) => removed.push(p),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&p, "remove the stale temporary")(e)),
-            }
-        }
-    }
-    Ok(removed)
 }

@@ -12,13 +12,24 @@ use std::time::{Duration, SystemTime};
 
 use cache::provenance::SourceStat;
 use cache::{
-    Cache, Kind, LookupOptions, LookupStatus, ModelsDir, Provenance, digest, record_use_at,
+    Cache, Kind, LookupOptions, LookupStatus, ModelsDir, OutputSlot, Provenance, digest,
+    use_stamp_path,
 };
 use detect::Precision;
 use tensorfile::safetensors::Dtype;
 use tensorfile::{SafetensorsWriter, TensorSpec};
 
 const VERSION: &str = "test-converter/1";
+
+/// Sets the use stamp of `output` to `time`, as a use at that time would have.
+fn record_use_at(output: &Path, time: SystemTime) {
+    let stamp = use_stamp_path(output);
+    fs::create_dir_all(stamp.parent().unwrap()).unwrap();
+    fs::File::create(&stamp)
+        .unwrap()
+        .set_modified(time)
+        .unwrap();
+}
 
 /// Writes a safetensors file with one 2-D tensor of `dtype` filled with `fill`.
 fn write_model(path: &Path, dtype: Dtype, n: u64, fill: u8, meta: &BTreeMap<String, String>) {
@@ -183,6 +194,8 @@ fn touched_or_moved_source_with_same_content_is_a_hit_by_digest() {
     assert_eq!(l.status, LookupStatus::Hit);
     assert!(l.source_digest.is_some());
     assert_eq!(digest::files_hashed_on_this_thread(), hashed + 1);
+    // The answer is used (a lookup alone writes nothing).
+    e.cache.record_hit(&l);
     // The facts it was found under are remembered: the next lookups do not hash it again.
     for _ in 0..2 {
         let l = e.cache.lookup(&src, Precision::Fp16, &opts()).unwrap();
@@ -197,6 +210,7 @@ fn touched_or_moved_source_with_same_content_is_a_hit_by_digest() {
     assert_eq!(l.status, LookupStatus::Hit);
     assert_eq!(l.path, out);
     assert_eq!(digest::files_hashed_on_this_thread(), hashed + 2);
+    e.cache.record_hit(&l);
 
     // Remembered again for the new path: no hash.
     let l = e.cache.lookup(&moved, Precision::Fp16, &opts()).unwrap();
@@ -410,7 +424,7 @@ fn other_converter_version_is_stale_when_asked() {
 }
 
 #[test]
-fn batch_check_reports_each_target() {
+fn lookup_reports_each_target() {
     let e = env();
     let src = source(&e, "flux.safetensors", 3);
     publish(
@@ -420,31 +434,28 @@ fn batch_check_reports_each_target() {
     );
     let out = e.cache.standard_path(&src, Precision::Bf16);
     write_model(&out, Dtype::F32, 4, 0, &BTreeMap::new());
-    let r = e
-        .cache
-        .batch_check(
-            &src,
-            &[Precision::Fp16, Precision::Bf16, Precision::Fp8E4m3fn],
-            &opts(),
-        )
-        .unwrap();
+    let r: Vec<_> = [Precision::Fp16, Precision::Bf16, Precision::Fp8E4m3fn]
+        .into_iter()
+        .map(|t| e.cache.lookup(&src, t, &opts()).unwrap())
+        .collect();
     // bf16: another tool's file in the wrong precision at the standard path; the conversion
     // would go to the digest-suffixed name, where nothing is yet.
     assert_eq!(
-        r.iter().map(|c| (c.exists, c.valid)).collect::<Vec<_>>(),
+        r.iter()
+            .map(|c| (c.path.exists(), c.status.is_usable()))
+            .collect::<Vec<_>>(),
         vec![(true, true), (false, false), (false, false)]
     );
     assert_eq!(r[2].status, LookupStatus::Missing);
     // GGUF targets live in their own dir, with ggml's spelling.
     let q = "Q4_K_M".parse().unwrap();
-    let g = e.cache.batch_check(&src, &[q], &opts()).unwrap();
-    assert_eq!(g[0].status, LookupStatus::Missing);
+    let g = e.cache.lookup(&src, q, &opts()).unwrap();
+    assert_eq!(g.status, LookupStatus::Missing);
     assert_eq!(
-        g[0].path,
+        g.path,
         e.root.join("models/diffusion_models/gguf/flux_Q4_K_M.gguf")
     );
-    let json = serde_json::to_value(&r[0]).unwrap();
-    assert_eq!(json["target"], "fp16");
+    let json = serde_json::to_value(&r[0].status).unwrap();
     assert_eq!(json["status"], "hit");
 }
 
@@ -475,7 +486,7 @@ fn populated() -> Populated {
         let p = e.cache.standard_path(&src, t);
         publish(&src, t, &p);
         set_mtime(&p, base);
-        record_use_at(&p, base + Duration::from_secs(10 * i as u64)).unwrap();
+        record_use_at(&p, base + Duration::from_secs(10 * i as u64));
         outputs.push(p);
     }
     let dir = e.cache.models_dir().converted_dir();
@@ -615,7 +626,12 @@ fn evict_removes_least_recently_used_and_nothing_else() {
     assert_eq!(ev.bytes_after, all - sizes[0]);
 
     // A hit counts as a use: bf16 used now, so fp8 goes before it.
-    p.e.cache.record_use(&p.outputs[1]).unwrap();
+    let hit = p.e.cache.lookup(&p.src, Precision::Bf16, &opts()).unwrap();
+    assert_eq!(
+        (hit.status.clone(), &hit.path),
+        (LookupStatus::Hit, &p.outputs[1])
+    );
+    p.e.cache.record_hit(&hit);
     let ev = p.e.cache.evict_to(all - sizes[0] - 1, true).unwrap();
     assert_eq!(ev.removed[0].path, p.outputs[2]);
     assert!(p.outputs[2].is_file(), "dry run");
@@ -630,8 +646,7 @@ fn evict_removes_least_recently_used_and_nothing_else() {
 #[test]
 fn a_locked_output_is_never_removed() {
     let p = populated();
-    let lock = cache::open_lock(&p.outputs[0]).unwrap();
-    lock.lock().unwrap();
+    let lock = OutputSlot::acquire(&p.outputs[0], None).unwrap();
     let ev = p.e.cache.evict_to(0, false).unwrap();
     assert!(!ev.removed.iter().any(|r| r.path == p.outputs[0]));
     assert!(p.outputs[0].is_file());
@@ -664,20 +679,15 @@ fn sweep_removes_temporaries_of_dead_writers_only() {
     let live_out = dir.join("live_fp16.safetensors");
     let live_temp = cache::temp_path(&live_out, std::process::id());
     fs::write(&live_temp, b"in progress").unwrap();
-    let lock = cache::open_lock(&live_out).unwrap();
-    lock.lock().unwrap();
+    let _held = OutputSlot::acquire(&live_out, None).unwrap();
     let removed = p.e.cache.sweep_temporaries().unwrap();
     assert_eq!(removed, vec![p.temp.clone()]);
     assert!(live_temp.is_file());
-    assert_eq!(
-        cache::parse_temp_name(live_temp.file_name().unwrap().to_str().unwrap()),
-        Some(("live_fp16.safetensors", std::process::id()))
-    );
 }
 
 /// Writes a Q8_0 GGUF file at `at` with `extra` string key-values.
 fn write_gguf(at: &Path, extra: &BTreeMap<String, String>) {
-    use gguf::{FileType, GgmlType, GgufWriter, MetadataValue, TensorDesc};
+    use tensorfile::gguf::{FileType, GgmlType, GgufWriter, MetadataValue, TensorDesc};
     fs::create_dir_all(at.parent().unwrap()).unwrap();
     let mut meta = vec![
         (

@@ -116,8 +116,6 @@ pub fn entry_json(e: &Entry) -> Value {
 
 /// `convcache list`.
 pub fn list(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
-    // Leftovers of killed conversions are removed by whichever command runs next.
-    let _ = cache.sweep_temporaries();
     let entries = cache.list(kind(args.kind)).map_err(Failure::failed)?;
     if ui.json {
         ui.print_json(&Value::Array(entries.iter().map(entry_json).collect()));
@@ -181,7 +179,6 @@ pub fn stats_text(s: &Stats) -> String {
 
 /// `convcache stats`.
 pub fn stats(ui: &Ui, cache: &Cache, args: &KindArgs) -> Result<Exit, Failure> {
-    let _ = cache.sweep_temporaries();
     let s = cache.stats(kind(args.kind)).map_err(Failure::failed)?;
     if ui.json {
         ui.print_json(&stats_json(&s));

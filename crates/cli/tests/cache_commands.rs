@@ -222,26 +222,33 @@ fn cleanup_keep_without_a_source_keeps_n_per_source_and_a_deleted_source_is_stil
     a.assert_unchanged();
 }
 
+/// `convert` and `cleanup` remove it; the read-only commands leave it (see `read_only.rs`).
 #[test]
 fn a_temporary_left_by_a_killed_conversion_is_removed_by_the_next_command() {
-    for command in [&["list"][..], &["stats"], &["cleanup", "--max-size", "1T"]] {
+    for command in [
+        &["convert", "SRC", "--to", "bf16"][..],
+        &["cleanup", "--max-size", "1T"],
+    ] {
         let s = Scratch::new();
         let src = s.source("m.safetensors", SMALL);
+        let command: Vec<&str> = command
+            .iter()
+            .map(|&a| if a == "SRC" { src.arg() } else { a })
+            .collect();
         let out = three_conversions(&s, &src).remove(0);
         // What a killed writer leaves: a temporary named after the output and its pid, with
         // nobody holding the output's lock.
         let name = out.file_name().expect("name").to_str().expect("utf-8");
         let temp = s.converted_dir().join(format!(".{name}.999999.tmp"));
         std::fs::write(&temp, b"half a model").expect("write temporary");
-        s.run(command).ok();
+        s.run(&command).ok();
         assert!(!temp.exists(), "{command:?} left {}", temp.display());
         assert!(out.exists(), "{command:?} removed the output itself");
 
         // A live writer's temporary (its output's lock held) is left alone.
         std::fs::write(&temp, b"being written").expect("write temporary");
-        let lock = cache::open_lock(&out).expect("lock file");
-        lock.lock().expect("lock");
-        s.run(command).ok();
+        let lock = cache::OutputSlot::acquire(&out, None).expect("lock");
+        s.run(&command).ok();
         assert!(
             temp.exists(),
             "{command:?} removed a live writer's temporary"

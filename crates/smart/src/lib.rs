@@ -404,7 +404,7 @@ pub fn smart_convert_with(
     let lookup = cache.lookup(source, target, &lookup_options)?;
     if let Some(status) = usable(&lookup.status) {
         // A read-only models dir must not turn a hit into a failure: the stamp is best effort.
-        let _ = cache.record_use(&lookup.path);
+        cache.record_hit(&lookup);
         let known = publish::known_digest(&lookup);
         return Ok(outcome(status, lookup.path, None, None, lookup.note, known));
     }
@@ -502,8 +502,6 @@ pub fn check_with(
         .precision
         .ok_or_else(|| SmartError::UnknownSourcePrecision(source.to_path_buf()))?;
     let cache = Cache::new(options.models_dir.clone());
-    // Leftovers of killed writers go on the next run (best effort, as in `smart_convert`).
-    let _ = cache.sweep_temporaries();
     let backend_options = options.backend_options(&detection);
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());

@@ -1,20 +1,21 @@
-//! Stage 3: convert under the output's lock, into a temporary, verify, publish atomically.
+//! Stage 3: convert in the output's slot ([`cache::OutputSlot`]: its lock, temporary, record and
+//! atomic publish), verifying the temporary before it is published.
 //!
-//! The output's digest is computed from the bytes as they are written (no second read), and
-//! recorded in its output record ([`cache::record`]) before the rename (the record's folder is
-//! fsynced first, so no crash keeps the new output with the old record). A crash between the
-//! two leaves the new record beside the previous file, if there is one: its size or mtime then
-//! differ from the record, so it is hashed and, unless its bytes are exactly the new output's,
-//! reported broken and reconverted. A file is never served against a record of other bytes.
+//! The output's digest is computed from the bytes as they are written (no second read) and
+//! handed to the slot, which records it in the output record ([`cache::record`]) before the
+//! rename; see [`cache::OutputSlot`] for why no crash can serve a file against a record of other
+//! bytes. This module owns what is written and when to stop: free space and the file-size
+//! limit, the placeholder source digest, cancellation while writing, writeback, verification.
 
-use std::fs::{self, File, TryLockError};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use cache::{
-    Cache, KnownDigest, Lookup, LookupOptions, LookupStatus, OutputRecord, Provenance, digest,
+    Cache, CacheError, KnownDigest, Lookup, LookupOptions, LookupStatus, OutputSlot, Provenance,
+    digest,
 };
 use detect::{Detection, Precision};
 
@@ -68,23 +69,6 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SmartError
     move |source| SmartError::Io { path, op, source }
 }
 
-/// Removes the temporary unless it was published.
-struct TempGuard {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// How often a cancellable wait for another process's lock checks the flag.
-const LOCK_POLL: Duration = Duration::from_millis(20);
-
 /// Written bytes between two requests to start their writeback (see [`Sink::start_writeback`]).
 const WRITEBACK_STEP: u64 = 16 << 20;
 
@@ -92,7 +76,7 @@ const WRITEBACK_STEP: u64 = 16 << 20;
 /// failures whatever the converter wraps it in), counts and hashes bytes, honours cancellation
 /// and, when the output will be fsynced, starts writeback early.
 struct Sink<'a> {
-    file: File,
+    file: &'a File,
     written: u64,
     hasher: digest::StreamDigest,
     error: Option<(io::ErrorKind, Option<i32>)>,
@@ -139,7 +123,7 @@ impl Write for Sink<'_> {
             self.cancelled = true;
             return Err(io::Error::other("conversion cancelled"));
         }
-        match self.file.write(buf) {
+        match (&mut self.file).write(buf) {
             Ok(n) => {
                 self.written += n as u64;
                 self.hasher.update(&buf[..n]);
@@ -154,7 +138,7 @@ impl Write for Sink<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        (&mut self.file).flush()
     }
 }
 
@@ -162,6 +146,21 @@ fn is_no_space(raw: Option<i32>, kind: io::ErrorKind) -> bool {
     kind == io::ErrorKind::StorageFull
         || kind == io::ErrorKind::FileTooLarge
         || raw.is_some_and(|r| r == libc::ENOSPC || r == libc::EFBIG || r == libc::EDQUOT)
+}
+
+/// A slot's error while taking the lock or publishing `out`: a cancel is this conversion's, and
+/// a full disk (ENOSPC/EFBIG at the final sync or the record) is reported as such.
+fn slot_error(e: CacheError, out: &Path) -> SmartError {
+    match e {
+        CacheError::Cancelled(_) => SmartError::Cancelled(out.to_path_buf()),
+        CacheError::Io { source, .. } if is_no_space(source.raw_os_error(), source.kind()) => {
+            SmartError::DiskFull {
+                path: out.to_path_buf(),
+                source,
+            }
+        }
+        e => SmartError::Cache(e),
+    }
 }
 
 impl Convert<'_> {
@@ -175,10 +174,8 @@ impl Convert<'_> {
         let mut lookup = first;
         for _ in 0..MAX_LOCK_ATTEMPTS {
             let out = lookup.path.clone();
-            let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
-            fs::create_dir_all(&dir).map_err(io_err(&dir, "create the output directory"))?;
-            let lock = cache::open_lock(&out)?;
-            self.wait_for_lock(&lock, &out)?;
+            let slot = OutputSlot::acquire(&out, self.options.cancel.as_deref())
+                .map_err(|e| slot_error(e, &out))?;
 
             // Another process may have finished while we waited, or the source changed.
             let again =
@@ -190,7 +187,7 @@ impl Convert<'_> {
             }
             match again.status {
                 LookupStatus::Hit | LookupStatus::Unverified => {
-                    let _ = self.cache.record_use(&out);
+                    slot.record_hit(&again);
                     let status = if again.status == LookupStatus::Hit {
                         Status::Cached
                     } else {
@@ -207,9 +204,9 @@ impl Convert<'_> {
                 }
                 // `again` carries the first lookup's digest only if the source's size and
                 // mtime are unchanged since; a digest of older content must not be recorded.
-                _ => return self.convert_locked(again),
+                _ => return self.convert_locked(&slot, again),
             }
-            // `lock` is released here, on drop.
+            // The slot's lock is released here, on drop.
         }
         Err(SmartError::Io {
             path: lookup.path,
@@ -218,34 +215,12 @@ impl Convert<'_> {
         })
     }
 
-    /// Takes the output's lock, waiting for another process that holds it. With a cancel flag
-    /// the wait polls, so that an interrupt does not wait for the other conversion to end.
-    fn wait_for_lock(&self, lock: &File, out: &Path) -> Result<(), SmartError> {
-        let lock_err = |e| io_err(&cache::lock_path(out), "lock")(e);
-        let Some(cancel) = self.options.cancel.as_deref() else {
-            return lock.lock().map_err(lock_err);
-        };
-        loop {
-            match lock.try_lock() {
-                Ok(()) => return Ok(()),
-                Err(TryLockError::WouldBlock) => {}
-                Err(TryLockError::Error(e)) => return Err(lock_err(e)),
-            }
-            if cancel.load(Ordering::Relaxed) {
-                return Err(SmartError::Cancelled(out.to_path_buf()));
-            }
-            std::thread::sleep(LOCK_POLL);
-        }
-    }
-
-    /// Converts into `lookup.path`; the caller holds its lock.
-    fn convert_locked(&self, lookup: Lookup) -> Result<Done, SmartError> {
+    /// Converts into `lookup.path`, whose slot the caller holds.
+    fn convert_locked(&self, slot: &OutputSlot, lookup: Lookup) -> Result<Done, SmartError> {
         let out = lookup.path.clone();
-        let dir = out.parent().unwrap_or(Path::new(".")).to_path_buf();
         if same_file(&out, self.source) {
             return Err(SmartError::SourceIsOutput(self.source.to_path_buf()));
         }
-        cache::remove_temporaries_locked(&out)?;
         // Other outputs' leftovers: best effort, a failure here is not this conversion's.
         let _ = self.cache.sweep_temporaries();
 
@@ -254,9 +229,9 @@ impl Convert<'_> {
         // placeholder could not be patched (see `write_temporary`).
         for _ in 0..2 {
             let planned = self.plan(&lookup, digest.as_deref())?;
-            match self.write_temporary(&out, &dir, &lookup, planned)? {
+            match self.write_temporary(slot, &lookup, planned)? {
                 Written::Published(report, digest) => {
-                    return Ok(self.published(&lookup, out, report, digest));
+                    return Ok(self.published(slot, &lookup, out, report, digest));
                 }
                 Written::Retry(computed) => digest = Some(computed),
             }
@@ -315,18 +290,19 @@ impl Convert<'_> {
         Ok(planned(plan_with(digest)?, None))
     }
 
-    /// Streams `planned` into a temporary beside `out`, makes it durable, verifies it and
-    /// publishes it. With a placeholder digest in its header, the source
-    /// is hashed as the converter reads it and the placeholder is overwritten in place; if the
-    /// placeholder is not found exactly once in the output's first chunk, the temporary is
-    /// dropped and [`Written::Retry`] carries the computed digest for a conversion planned with it.
+    /// Streams `planned` into the slot's temporary, verifies it and publishes it. With a
+    /// placeholder digest in its header, the source is hashed as the converter reads it and the
+    /// placeholder is overwritten in place; if the placeholder is not found exactly once in the
+    /// output's first chunk, the temporary is dropped (which removes it) and [`Written::Retry`]
+    /// carries the computed digest for a conversion planned with it.
     fn write_temporary(
         &self,
-        out: &Path,
-        dir: &Path,
+        slot: &OutputSlot,
         lookup: &Lookup,
         planned: Planned,
     ) -> Result<Written, SmartError> {
+        let out = slot.output();
+        let dir = out.parent().unwrap_or(Path::new("."));
         let Planned {
             mut provenance,
             conversion: planned,
@@ -334,28 +310,15 @@ impl Convert<'_> {
         } = planned;
         let needed = planned.output_len();
         check_space(dir, out, needed)?;
-        // Unsynced publishing needs the boot's identity (see `Options::sync_output`).
-        let unsynced_boot = match self.options.sync_output {
-            true => None,
-            false => cache::current_boot_id(),
-        };
-
-        let tmp = cache::temp_path(out, std::process::id());
-        let mut guard = TempGuard {
-            path: tmp.clone(),
-            armed: false,
-        };
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp, "create the temporary output"))?;
-        guard.armed = true;
-        reserve_space(&file, out, needed)?;
+        let temporary = slot
+            .create_temporary(self.options.sync_output)
+            .map_err(|e| slot_error(e, out))?;
+        let tmp = temporary.path().to_path_buf();
+        reserve_space(temporary.file(), out, needed)?;
         let mut writer = BufWriter::with_capacity(
             WRITE_BUFFER,
             Sink {
-                file,
+                file: temporary.file(),
                 written: 0,
                 hasher: if digest_in_pass.is_some() {
                     digest::StreamDigest::holding_head()
@@ -365,7 +328,7 @@ impl Convert<'_> {
                 error: None,
                 cancel: self.options.cancel.as_deref(),
                 cancelled: false,
-                early_writeback: unsynced_boot.is_none(),
+                early_writeback: temporary.is_synced(),
                 writeback_started: 0,
             },
         );
@@ -448,61 +411,31 @@ impl Convert<'_> {
             if !sink.hasher.patch_head(at, digest.as_bytes()) {
                 return Ok(Written::Retry(digest));
             }
-            write_at(&sink.file, digest.as_bytes(), at as u64).map_err(io_err(
+            write_at(sink.file, digest.as_bytes(), at as u64).map_err(io_err(
                 &tmp,
                 "write the source digest into the temporary output",
             ))?;
             provenance.source_digest = digest;
         }
-        backdate(&sink.file, &tmp)?;
-        if unsynced_boot.is_none() {
-            sink.file.sync_all().map_err(|e| match e.raw_os_error() {
-                Some(r) if is_no_space(Some(r), e.kind()) => SmartError::DiskFull {
-                    path: out.to_path_buf(),
-                    source: e,
-                },
-                _ => io_err(&tmp, "flush the temporary output to disk")(e),
-            })?;
-        }
         let output_digest = std::mem::take(&mut sink.hasher).finish();
         drop(sink);
 
         verify(&tmp, out, self.target, &provenance, needed, written)?;
-        // The last point where an interrupt leaves everything as it was (the fsync above can
-        // take seconds).
-        if self
-            .options
-            .cancel
-            .as_deref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
-        {
-            return Err(SmartError::Cancelled(out.to_path_buf()));
-        }
-        // The rename keeps the temporary's size and mtime, so its record is the output's.
-        let record = OutputRecord {
-            unsynced_boot_id: unsynced_boot.clone(),
-            ..OutputRecord::of_file(&tmp, output_digest)?
-        };
-        // The record is durable either way (it is written before the rename, so a crash can
-        // never leave an output without the record that says how far to trust it).
-        cache::write_output_record(out, &record)?;
-        fs::rename(&tmp, out).map_err(io_err(out, "publish the output (rename)"))?;
-        guard.armed = false;
-        if unsynced_boot.is_none() {
-            sync_dir(dir)?;
-        }
+        slot.publish(temporary, output_digest, self.options.cancel.as_deref())
+            .map_err(|e| slot_error(e, out))?;
         Ok(Written::Published(report, provenance.source_digest))
     }
 
     /// After a publish: the use stamp, older outputs of this source removed, the answer.
     fn published(
         &self,
+        slot: &OutputSlot,
         lookup: &Lookup,
         out: PathBuf,
         report: ConversionReport,
         source_digest: String,
     ) -> Done {
-        let _ = self.cache.record_use(&out);
+        slot.record_use();
         for old in &lookup.superseded {
             let _ = self.cache.remove_output(old, false);
         }
@@ -582,52 +515,15 @@ fn only_occurrence(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// A positioned write of all of `bytes` at `offset`.
 fn write_at(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
-    }
-    #[cfg(not(unix))]
-    {
-        use std::io::{Seek, SeekFrom};
-        let mut f = file;
-        f.seek(SeekFrom::Start(offset))?;
-        f.write_all(bytes)
-    }
-}
-
-/// Sets the finished temporary's mtime one second before both its current mtime and now, so that
-/// any later write to the published output (even within the same filesystem clock tick as the
-/// publish) gives it an mtime other than the one in its output record.
-fn backdate(file: &File, tmp: &Path) -> Result<(), SmartError> {
-    let now = SystemTime::now();
-    let mtime = file.metadata().and_then(|m| m.modified()).map_err(io_err(
-        tmp,
-        "read the modification time of the temporary output",
-    ))?;
-    let base = mtime.min(now);
-    let past = base.checked_sub(Duration::from_secs(1)).unwrap_or(base);
-    file.set_modified(past).map_err(io_err(
-        tmp,
-        "set the modification time of the temporary output",
-    ))
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
 }
 
 /// Whether `a` and `b` are the same file (both exist and share device and inode).
 fn same_file(a: &Path, b: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::MetadataExt;
-        match (fs::metadata(a), fs::metadata(b)) {
-            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-            _ => false,
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        match (fs::canonicalize(a), fs::canonicalize(b)) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => false,
-        }
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
     }
 }
 
@@ -693,30 +589,19 @@ fn reserve_space(file: &File, out: &Path, needed: u64) -> Result<(), SmartError>
 
 /// The soft `RLIMIT_FSIZE`, if limited.
 fn file_size_limit() -> Option<u64> {
-    #[cfg(unix)]
-    {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
-        let rc = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) };
-        if rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
-            return Some(lim.rlim_cur);
-        }
-        None
-    }
-    #[cfg(not(unix))]
-    {
-        None
-    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass, which lives for the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) };
+    (rc == 0 && lim.rlim_cur != libc::RLIM_INFINITY).then_some(lim.rlim_cur)
 }
 
 /// Makes writes beyond the file-size limit fail with EFBIG instead of killing the process with
 /// SIGXFSZ, so the conversion can clean up and report it. For programs (the CLI) to call once at
 /// start; a library does not change signal dispositions on its own.
 pub fn ignore_file_size_signal() {
-    #[cfg(unix)]
     // SAFETY: setting SIGXFSZ to SIG_IGN installs no handler code; it is async-signal-safe
     // and affects only how that one signal is delivered.
     unsafe {
@@ -752,21 +637,6 @@ fn verify(
         return Err(fail("its provenance is not the one written".into()));
     }
     Ok(())
-}
-
-/// Makes the rename durable.
-fn sync_dir(dir: &Path) -> Result<(), SmartError> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(dir, "sync the output directory"))
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = dir;
-        Ok(())
-    }
 }
 
 #[cfg(test)]

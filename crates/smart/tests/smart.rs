@@ -661,8 +661,7 @@ fn cancelling_while_another_process_holds_the_lock_returns_at_once() {
     let out = e.converted().join("flux_fp16.safetensors");
     fs::create_dir_all(e.converted()).unwrap();
     // Another writer of the same output holds its lock for as long as this test runs.
-    let held = cache::open_lock(&out).unwrap();
-    held.lock().unwrap();
+    let _held = cache::OutputSlot::acquire(&out, None).unwrap();
     let cancel = Arc::new(AtomicBool::new(false));
     let waiting = {
         let (cancel, src, models) = (cancel.clone(), src.clone(), e.models.clone());

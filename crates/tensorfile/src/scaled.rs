@@ -290,7 +290,10 @@ fn check_scaled_weight(w: &TensorEntry, scale: &str, format: &str) -> Result<(),
         )),
         Some(d) if d != w.dtype => Err(layout_err(
             &w.name,
-            format!("has a weight scale (`{scale}`) but is {}, not {format}", w.dtype),
+            format!(
+                "has a weight scale (`{scale}`) but is {}, not {format}",
+                w.dtype
+            ),
         )),
         Some(_) => Ok(()),
     }
