@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use tensorfile::source::{Stored, check_range, tensor};
+use tensorfile::source::{Stored, check_range, read_raw_via_f32, tensor};
 use tensorfile::{Dtype, SourceError, SourceTensor, TensorSource};
 
 use crate::Arch;
@@ -171,19 +171,7 @@ impl TensorSource for GgufSource {
 
     /// Little-endian f32 bytes of the dequantized values, in whole elements.
     fn read_raw(&self, index: usize, byte_offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        if !byte_offset.is_multiple_of(4) || !buf.len().is_multiple_of(4) {
-            return Err(SourceError::invalid(
-                self.path(),
-                &tensor(self, index)?.name,
-                "dequantized values are read in whole f32 elements",
-            ));
-        }
-        let mut values = vec![0f32; buf.len() / 4];
-        self.read_f32(index, byte_offset / 4, &mut values)?;
-        for (dst, v) in buf.chunks_exact_mut(4).zip(&values) {
-            dst.copy_from_slice(&v.to_le_bytes());
-        }
-        Ok(())
+        read_raw_via_f32(self, index, byte_offset, buf)
     }
 
     fn read_f32(&self, index: usize, start: u64, out: &mut [f32]) -> Result<(), SourceError> {

@@ -22,7 +22,8 @@ use std::path::Path;
 
 use crate::safetensors::{Dtype, Header, SafetensorsError, SafetensorsFile, TensorEntry};
 use crate::source::{
-    HiddenTensor, SourceError, SourceTensor, TensorSource, check_range, read_f32_via_raw, tensor,
+    HiddenTensor, SourceError, SourceTensor, TensorSource, check_range, read_f32_via_raw,
+    read_raw_via_f32, tensor,
 };
 
 /// Name (or suffix after `.`) of the legacy layout's marker tensor.
@@ -429,22 +430,10 @@ impl TensorSource for ScaledFp8 {
 
     fn read_raw(&self, index: usize, byte_offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let (entry, scale) = self.entry(index)?;
-        if scale.is_none() {
-            return Ok(self.file.read_tensor_range(entry, byte_offset, buf)?);
+        match scale {
+            None => Ok(self.file.read_tensor_range(entry, byte_offset, buf)?),
+            Some(_) => read_raw_via_f32(self, index, byte_offset, buf),
         }
-        if !byte_offset.is_multiple_of(4) || !buf.len().is_multiple_of(4) {
-            return Err(SourceError::invalid(
-                &self.file.path,
-                &entry.name,
-                "de-scaled values are read in whole f32 elements",
-            ));
-        }
-        let mut values = vec![0f32; buf.len() / 4];
-        self.read_f32(index, byte_offset / 4, &mut values)?;
-        for (dst, v) in buf.chunks_exact_mut(4).zip(&values) {
-            dst.copy_from_slice(&v.to_le_bytes());
-        }
-        Ok(())
     }
 
     fn read_f32(&self, index: usize, start: u64, out: &mut [f32]) -> Result<(), SourceError> {

@@ -231,6 +231,30 @@ pub fn read_f32_via_raw<S: TensorSource + ?Sized>(
     })
 }
 
+/// [`TensorSource::read_raw`] for a tensor served as F32 that the source computes
+/// ([`TensorSource::read_f32`]: dequantized, de-scaled): little-endian f32 bytes, in whole
+/// elements.
+pub fn read_raw_via_f32<S: TensorSource + ?Sized>(
+    source: &S,
+    index: usize,
+    byte_offset: u64,
+    buf: &mut [u8],
+) -> Result<(), SourceError> {
+    if !byte_offset.is_multiple_of(4) || !buf.len().is_multiple_of(4) {
+        return Err(SourceError::invalid(
+            source.path(),
+            &tensor(source, index)?.name,
+            "computed f32 values are read in whole elements",
+        ));
+    }
+    let mut values = vec![0f32; buf.len() / 4];
+    source.read_f32(index, byte_offset / 4, &mut values)?;
+    for (dst, v) in buf.chunks_exact_mut(4).zip(&values) {
+        dst.copy_from_slice(&v.to_le_bytes());
+    }
+    Ok(())
+}
+
 /// Tensor `index` of `source`, or an error naming the file.
 pub fn tensor<S: TensorSource + ?Sized>(
     source: &S,
