@@ -1,8 +1,8 @@
 //! The packed quant-state JSON (`P.weight.quant_state.bitsandbytes__nf4|fp4`): writing it byte
 //! for byte as bitsandbytes does, and parsing it defensively.
 
-use tensorfile::safetensors::Dtype;
 use serde_json::Value;
+use tensorfile::safetensors::Dtype;
 
 use crate::error::BnbError;
 use crate::kernels::QuantType;

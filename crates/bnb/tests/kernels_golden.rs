@@ -10,8 +10,8 @@ use bnb::kernels::{
     dequantize_int8_rows, double_quant_with_offset, quantize_4bit, quantize_int8_rows,
 };
 use bnb::quant_state::{NestedJson, QuantStateJson, parse_quant_state};
-use tensorfile::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 use tensorfile::cast_slice;
+use tensorfile::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 
 fn golden(name: &str) -> SafetensorsFile {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

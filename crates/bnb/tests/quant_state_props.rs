@@ -7,8 +7,8 @@ use bnb::quant_state::{
     MAX_FLOAT_REPR_LEN, NestedJson, QuantStateJson, parse_quant_state, python_float_repr,
     reserved_json_len,
 };
-use tensorfile::safetensors::Dtype;
 use proptest::prelude::*;
+use tensorfile::safetensors::Dtype;
 
 #[test]
 fn float_printing_matches_python_json_dumps() {

@@ -7,12 +7,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use bnb::kernels::{BLOCKSIZE, QuantType, Quantizer4, quantize_4bit, quantize_int8_rows};
-use bnb::{Options, TensorSource, convert_from, plan};
+use bnb::{Options, convert, plan};
 use detect::Precision;
-use tensorfile::safetensors::{Dtype, Header, TensorEntry};
+use tensorfile::safetensors::Dtype;
+use tensorfile::source::Stored;
+use tensorfile::{SourceError, SourceTensor, TensorSource};
 
+/// One tensor in memory.
+#[derive(Debug)]
 struct Mem {
-    header: Header,
+    tensors: Vec<SourceTensor>,
+    metadata: BTreeMap<String, String>,
     data: Vec<u8>,
 }
 
@@ -20,11 +25,14 @@ impl TensorSource for Mem {
     fn path(&self) -> &Path {
         Path::new("memory")
     }
-    fn entries(&self) -> &[TensorEntry] {
-        &self.header.tensors
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
     }
-    fn read(&self, e: &TensorEntry, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let a = (e.data_offsets.0 + offset) as usize;
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+    fn read_raw(&self, _index: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let a = offset as usize;
         buf.copy_from_slice(&self.data[a..a + buf.len()]);
         Ok(())
     }
@@ -53,17 +61,22 @@ fn source(name: &str, shape: [u64; 2]) -> (Mem, Vec<f32>) {
         .iter()
         .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
         .collect();
-    let header = Header {
-        metadata: BTreeMap::new(),
-        tensors: vec![TensorEntry {
-            name: name.into(),
-            dtype: Dtype::BF16,
-            shape: shape.to_vec(),
-            data_offsets: (0, data.len() as u64),
-        }],
-        data_start: 8,
-    };
-    (Mem { header, data }, vals)
+    let tensors = vec![SourceTensor {
+        name: name.into(),
+        shape: shape.to_vec(),
+        dtype: Dtype::BF16,
+        stored: Stored::Safetensors(Dtype::BF16),
+        source_bytes: data.len() as u64,
+    }];
+    let metadata = BTreeMap::new();
+    (
+        Mem {
+            tensors,
+            metadata,
+            data,
+        },
+        vals,
+    )
 }
 
 fn tensor<'a>(out: &'a [u8], name: &str) -> &'a [u8] {
@@ -87,9 +100,9 @@ fn four_bit_bytes_do_not_depend_on_windows_or_threads() {
         } else {
             Precision::Fp4
         };
-        let p = plan(&src.header, target, &Options::default()).unwrap();
+        let p = plan(&src, target, &Options::default()).unwrap();
         let mut out = Vec::new();
-        convert_from(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+        convert(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
         let mut codes = vec![0u8; vals.len().div_ceil(2)];
         let mut absmax = vec![0f32; vals.len().div_ceil(BLOCKSIZE)];
         quantize_4bit(&Quantizer4::new(qt), &vals, &mut codes, &mut absmax);
@@ -108,9 +121,9 @@ fn four_bit_bytes_do_not_depend_on_windows_or_threads() {
 #[test]
 fn int8_bytes_do_not_depend_on_windows_or_threads() {
     let (src, vals) = source("lin.weight", [2_100, 2_011]);
-    let p = plan(&src.header, Precision::Int8, &Options::default()).unwrap();
+    let p = plan(&src, Precision::Int8, &Options::default()).unwrap();
     let mut out = Vec::new();
-    convert_from(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+    convert(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
     // bf16 -> f16 -> f32 is what bnb quantizes; these values are f16-exact except tiny ones,
     // so round through f16 explicitly.
     let x16: Vec<f32> = vals
@@ -190,13 +203,13 @@ fn hostile_bitsandbytes_files_are_refused() {
         v
     };
     let open = |t: &[(&str, Dtype, Vec<u64>, Vec<u8>)]| {
-        tensorfile::safetensors::SafetensorsFile::open(&write_file(dir.path(), t)).unwrap()
+        tensorfile::open_safetensors(&write_file(dir.path(), t)).unwrap()
     };
     // The well-formed file plans and converts.
     let ok = open(&good("[4, 64]", 128, 4, false));
-    let p = bnb::plan_dequantize_file(&ok, Precision::Bf16).unwrap();
+    let p = bnb::plan_dequantize_file(&*ok, Precision::Bf16).unwrap();
     let mut out = Vec::new();
-    bnb::convert(&ok, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+    bnb::convert(&*ok, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
     // A shape claiming far more elements than the packed bytes hold.
     for (bad, what) in [
         (good("[4000000, 4000000]", 128, 4, false), "packed codes"),
@@ -206,16 +219,16 @@ fn hostile_bitsandbytes_files_are_refused() {
         (good("[4, 64", 128, 4, false), "not valid JSON"),
     ] {
         let f = open(&bad);
-        let e = bnb::plan_dequantize_file(&f, Precision::Bf16)
+        let e = bnb::plan_dequantize_file(&*f, Precision::Bf16)
             .unwrap_err()
             .to_string();
         assert!(e.contains(what), "{e}");
-        assert!(e.starts_with(&f.path.display().to_string()), "{e}");
+        assert!(e.starts_with(&f.path().display().to_string()), "{e}");
     }
     let mut missing = good("[4, 64]", 128, 4, false);
     missing.remove(1);
     let f = open(&missing);
-    let e = bnb::plan_dequantize_file(&f, Precision::Bf16)
+    let e = bnb::plan_dequantize_file(&*f, Precision::Bf16)
         .unwrap_err()
         .to_string();
     assert!(
