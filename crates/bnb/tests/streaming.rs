@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use bnb::kernels::{BLOCKSIZE, QuantType, Quantizer4, quantize_4bit, quantize_int8_rows};
+use bnb::kernels::{
+    BLOCKSIZE, QuantType, Quantizer4, dequantize_4bit, dequantize_int8_rows, quantize_4bit,
+    quantize_int8_rows,
+};
 use bnb::{Options, convert, plan};
 use detect::Precision;
 use tensorfile::safetensors::Dtype;
@@ -140,6 +143,45 @@ fn int8_bytes_do_not_depend_on_windows_or_threads() {
     assert_eq!(tensor(&out, "lin.weight_format"), [0u8]);
 }
 
+#[test]
+fn dequantization_bytes_do_not_depend_on_windows_or_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, shape, target) in [
+        ("blk.weight", [1_123, 3_851], Precision::Nf4),
+        ("lin.weight", [2_100, 2_011], Precision::Int8),
+    ] {
+        let (src, _) = source(name, shape);
+        let p = plan(&src, target, &Options::default()).unwrap();
+        let mut quantized = Vec::new();
+        convert(&src, &p, &BTreeMap::new(), &mut quantized, &mut |_, _| {}).unwrap();
+        let path = dir.path().join("q.safetensors");
+        std::fs::write(&path, &quantized).unwrap();
+        let q = tensorfile::open_safetensors(&path).unwrap();
+        let back = bnb::plan_dequantize_file(&*q, Precision::Fp32).unwrap();
+        let mut out = Vec::new();
+        convert(&*q, &back, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+        let n = (shape[0] * shape[1]) as usize;
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let mut want = vec![0f32; n];
+        if target == Precision::Nf4 {
+            let table = QuantType::Nf4.dequant_table(&shape);
+            let absmax = f32s(tensor(&quantized, &format!("{name}.absmax")));
+            let codes = tensor(&quantized, name);
+            dequantize_4bit(&table, codes, &absmax, BLOCKSIZE, 0, &mut want);
+        } else {
+            let codes: Vec<i8> = tensor(&quantized, name).iter().map(|&b| b as i8).collect();
+            let scb = f32s(tensor(&quantized, "lin.SCB"));
+            dequantize_int8_rows(&codes, shape[1] as usize, &scb, &mut want);
+        }
+        let want: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(tensor(&out, name) == want.as_slice(), "{target}");
+    }
+}
+
 /// Writes a safetensors file of (name, dtype, shape, bytes).
 fn write_file(dir: &Path, tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)]) -> std::path::PathBuf {
     let specs: Vec<tensorfile::TensorSpec> = tensors
@@ -235,4 +277,79 @@ fn hostile_bitsandbytes_files_are_refused() {
         e.contains("w.weight.absmax") && e.contains("missing"),
         "{e}"
     );
+}
+
+/// A writer that always fails, as a full disk does.
+struct FullDisk;
+
+impl std::io::Write for FullDisk {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("no space left"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A source whose reads fail with `fault`.
+#[derive(Debug)]
+struct Failing {
+    inner: Mem,
+    io: bool,
+}
+
+impl TensorSource for Failing {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn tensors(&self) -> &[SourceTensor] {
+        self.inner.tensors()
+    }
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        self.inner.metadata()
+    }
+    fn read_raw(&self, _: usize, _: u64, _: &mut [u8]) -> Result<(), SourceError> {
+        let path = self.path().to_owned();
+        Err(if self.io {
+            SourceError::Io {
+                path,
+                source: std::io::Error::other("bad sector"),
+            }
+        } else {
+            SourceError::Changed { path }
+        })
+    }
+}
+
+#[test]
+fn error_kinds_tell_input_faults_from_io_faults() {
+    // Input: a target bnb does not make, a source that changed.
+    let (src, _) = source("lin.weight", [4, 64]);
+    let e = plan(&src, Precision::Fp8E4m3fn, &Options::default()).unwrap_err();
+    assert!(e.is_input_fault(), "{e}");
+    let changed = Failing {
+        inner: source("lin.weight", [4, 64]).0,
+        io: false,
+    };
+    let p = plan(&changed, Precision::Nf4, &Options::default()).unwrap();
+    let e = convert(&changed, &p, &BTreeMap::new(), Vec::new(), &mut |_, _| {}).unwrap_err();
+    assert!(e.is_input_fault(), "{e}");
+    // I/O: reading the source, writing the output.
+    let unreadable = Failing {
+        inner: source("lin.weight", [4, 64]).0,
+        io: true,
+    };
+    let e = convert(
+        &unreadable,
+        &p,
+        &BTreeMap::new(),
+        Vec::new(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(!e.is_input_fault(), "{e}");
+    let p = plan(&src, Precision::Nf4, &Options::default()).unwrap();
+    let e = convert(&src, &p, &BTreeMap::new(), FullDisk, &mut |_, _| {}).unwrap_err();
+    assert!(!e.is_input_fault(), "{e}");
+    assert!(e.to_string().contains("no space left"), "{e}");
 }
