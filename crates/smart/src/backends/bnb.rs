@@ -47,7 +47,8 @@ impl Backend for BnbBackend {
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let source = tensorfile::open_safetensors(job.source_path).map_err(SmartError::backend)?;
+        let source = tensorfile::open_safetensors(job.source_path)
+            .map_err(|e| SmartError::backend(::bnb::BnbError::from(e)))?;
         let plan = if job.source.bitsandbytes.is_some() {
             ::bnb::plan_dequantize_file(&*source, job.target)
         } else {
@@ -63,6 +64,9 @@ impl Backend for BnbBackend {
         }
         .map_err(SmartError::backend)?;
         let mut metadata = source.metadata().clone();
+        // The list of comfy_quant layers describes scales the source view applied and hid: the
+        // output is plain.
+        metadata.remove(tensorfile::scaled::QUANTIZATION_METADATA);
         metadata.extend(job.extra_metadata.clone());
         let output_len = plan
             .output_len(&metadata)
