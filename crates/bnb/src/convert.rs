@@ -411,10 +411,9 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, BnbError> {
                 let t = &tensors[*weight];
                 let (rows, cols) = rows_cols(t)?;
                 let n = rows * cols;
-                for (row, nr) in windows(
-                    if cols == 0 { 0 } else { rows },
-                    (WINDOW / cols.max(1)).max(1),
-                ) {
+                // An empty weight writes nothing (its SCB is not even read).
+                let rows_written = if n == 0 { 0 } else { rows };
+                for (row, nr) in windows(rows_written, (WINDOW / cols.max(1)).max(1)) {
                     let work = Work::DequantRows8 {
                         weight: *weight,
                         scb: *scb,
