@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use detect::Precision;
-use tensorfile::safetensors::SafetensorsFile;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,13 +35,15 @@ fn run(args: &[String]) -> Result<String, Box<dyn std::error::Error>> {
     let options = bnb::Options {
         double_quant: args.iter().any(|a| a == "--double-quant"),
     };
-    let src = SafetensorsFile::open(&input)?;
+    let src = tensorfile::open_safetensors(&input)?;
     let plan = if target.is_bitsandbytes() {
-        bnb::plan(&src.header, target, &options)?
+        let mut plan = bnb::plan(&*src, target, &options)?;
+        bnb::resolve_nested_offsets(&*src, &mut plan)?;
+        plan
     } else {
-        bnb::plan_dequantize_file(&src, target)?
+        bnb::plan_dequantize_file(&*src, target)?
     };
     let out = BufWriter::new(std::fs::File::create(&output)?);
-    let report = bnb::convert(&src, &plan, &BTreeMap::new(), out, &mut |_, _| {})?;
+    let report = bnb::convert(&*src, &plan, &BTreeMap::new(), out, &mut |_, _| {})?;
     Ok(serde_json::to_string_pretty(&report)?)
 }

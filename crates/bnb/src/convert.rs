@@ -1,14 +1,18 @@
-//! Executing a [`Plan`]: streaming, tensor by tensor, large tensors in parallel windows.
+//! Executing a [`Plan`]: the output streams through [`tensorfile::pipeline::stream`] in pieces
+//! (windows of a tensor; the tail of a quantized weight), each converted in parallel tasks of
+//! whole blocks or rows while the previous piece is written.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
 use serde::Serialize;
-use tensorfile::SafetensorsWriter;
 use tensorfile::cast::{CastStats, cast_slice};
-use tensorfile::safetensors::{Dtype, SafetensorsError, SafetensorsFile, TensorEntry};
+use tensorfile::pipeline::{self, StreamError};
+use tensorfile::safetensors::Dtype;
+use tensorfile::safetensors::writer::encode_header;
+use tensorfile::{ReadBuffer, SourceTensor, TensorSource};
 
 use crate::codes::{DYNAMIC_MAP_BITS, FP4_BITS, NF4_BITS};
 use crate::error::BnbError;
@@ -16,14 +20,15 @@ use crate::kernels::{
     self, BLOCKSIZE, NESTED_BLOCKSIZE, QuantType, Quantizer4, decode_nested_absmax,
     dequantize_int8_rows, double_quant, quantize_4bit, quantize_int8_rows,
 };
-use crate::plan::{Plan, QS_MARK, Step};
+use crate::plan::{Plan, Step};
+use crate::quant_state::QuantStateJson;
 
-/// Elements per sequential window: bounds the extra memory of one tensor's conversion (output
-/// window plus one f32 sub-chunk per thread), whatever the tensor's size.
+/// Elements per window: bounds the memory of one piece (its source bytes, its output, one f32
+/// sub-chunk per thread), whatever the tensor's size.
 const WINDOW: usize = 1 << 22;
 /// Elements per parallel task inside a window (a multiple of the 4-bit block size).
 const SUB: usize = 1 << 16;
-/// Bytes per read of a tensor copied unchanged.
+/// Bytes per piece of a tensor copied unchanged.
 const COPY_BYTES: usize = 1 << 23;
 
 /// What a conversion did.
@@ -57,113 +62,139 @@ pub struct Report {
     pub cast_non_finite: u64,
 }
 
-/// Where a conversion reads tensor bytes from, window by window: for a file,
-/// [`SafetensorsFile::read_tensor_range`] (positioned reads, not its memory map).
-pub trait TensorSource: Sync {
-    /// The source's path, for error messages.
-    fn path(&self) -> &Path;
-    /// Every tensor of the source.
-    fn entries(&self) -> &[TensorEntry];
-    /// Fills `buf` with `entry`'s bytes starting `offset` bytes into the tensor. `entry` is one
-    /// of [`TensorSource::entries`]; reading past its end is an error.
-    fn read(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+/// What one piece of the output holds. Tensors are positions in the source's tensor list.
+#[derive(Debug, Clone, Copy)]
+enum Work<'p> {
+    /// The packed codes of elements `start..start + len` of a 4-bit weight; the absmax of their
+    /// blocks is kept for the tail.
+    Codes4 {
+        src: usize,
+        state: &'p QuantStateJson,
+        start: usize,
+        len: usize,
+    },
+    /// The rest of a 4-bit weight's tensors: absmax, quant_map, [nested_absmax,
+    /// nested_quant_map,] the quant-state JSON.
+    Tail4 {
+        state: &'p QuantStateJson,
+        json_len: usize,
+        weight: &'p str,
+    },
+    /// The int8 codes of rows `row..row + rows` of a weight; their SCB is kept for the tail.
+    Rows8 { src: usize, row: usize, rows: usize },
+    /// An int8 weight's `SCB` and `weight_format`.
+    Tail8 { weight: &'p str },
+    /// Elements `start..start + len` of a tensor cast to `dst`.
+    Cast {
+        src: usize,
+        dst: Dtype,
+        start: usize,
+        len: usize,
+    },
+    /// Bytes of a tensor from `offset`, unchanged (as many as the piece holds).
+    Copy { src: usize, offset: u64 },
+    /// Elements `start..start + len` of a 4-bit weight decoded to `dst` (the absmax are decoded
+    /// by the first window).
+    Dequant4 {
+        weight: usize,
+        absmax: usize,
+        nested: Option<(usize, usize)>,
+        state: &'p QuantStateJson,
+        dst: Dtype,
+        start: usize,
+        len: usize,
+    },
+    /// Rows `row..row + rows` of an int8 weight decoded to `dst` (its SCB is read by the first).
+    DequantRows8 {
+        weight: usize,
+        scb: usize,
+        dst: Dtype,
+        row: usize,
+        rows: usize,
+    },
+    /// No bytes: the progress of a step with nothing to write (an empty tensor).
+    Nothing,
 }
 
-/// A validated safetensors file, read with its positioned reads.
-impl TensorSource for SafetensorsFile {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-    fn entries(&self) -> &[TensorEntry] {
-        &self.header.tensors
-    }
-    fn read(&self, entry: &TensorEntry, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.read_tensor_range(entry, offset, buf)
-            .map_err(SafetensorsError::into_io_error)
+/// A unit of the stream: its work, its exact output size, and the progress it makes.
+#[derive(Debug)]
+struct Piece<'p> {
+    work: Work<'p>,
+    out_len: usize,
+    /// Source bytes read for this piece.
+    source_bytes: u64,
+    /// Source tensors finished with this piece.
+    tensors_done: u64,
+}
+
+impl pipeline::Piece for Piece<'_> {
+    fn out_len(&self) -> usize {
+        self.out_len
     }
 }
 
-/// `len` bytes of `e` from `offset`.
-fn read_vec<S: TensorSource>(
-    src: &S,
-    e: &TensorEntry,
-    offset: usize,
-    len: usize,
-) -> Result<Vec<u8>, BnbError> {
-    let mut buf = vec![0u8; len];
-    src.read(e, offset as u64, &mut buf)
-        .map_err(|source| BnbError::Read { source })?;
-    Ok(buf)
-}
-
-/// All bytes of a (small, auxiliary) tensor.
-fn read_all<S: TensorSource>(src: &S, e: &TensorEntry) -> Result<Vec<u8>, BnbError> {
-    let len = usize::try_from(e.byte_len())
-        .map_err(|_| BnbError::tensor(&e.name, "too large for this platform"))?;
-    read_vec(src, e, 0, len)
+/// What a weight's pieces hand to the next piece of the same weight. Pieces are produced one
+/// at a time, in order, so the lock is never contended.
+#[derive(Debug, Default)]
+struct Carry {
+    /// The source bytes of the current window (page-aligned, reused).
+    read: ReadBuffer,
+    /// The absmax of the 4-bit weight being quantized, or the decoded absmax of the one being
+    /// dequantized.
+    absmax: Vec<f32>,
+    /// The SCB of the int8 weight being quantized or dequantized.
+    scb: Vec<f32>,
+    /// Cast statistics so far.
+    stats: CastStats,
 }
 
 /// Runs `plan` (from [`crate::plan()`], [`crate::plan_dequantize`] or
-/// [`crate::plan_dequantize_file`]) over `src`, writing a safetensors file with `metadata` to
-/// `out`. `progress` gets (source bytes done, source tensors done) after each step and each
-/// window of a large tensor.
+/// [`crate::plan_dequantize_file`]) over `source`, writing a safetensors file with `metadata`
+/// to `out`. `progress` gets (source bytes done, source tensors done) after each piece written;
+/// it ends at ([`Plan::source_bytes`], [`Plan::source_tensors`]).
 pub fn convert<W: Write>(
-    src: &SafetensorsFile,
+    source: &dyn TensorSource,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
-    out: W,
+    mut out: W,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, BnbError> {
-    src.check_unchanged().map_err(|e| {
-        BnbError::Read {
-            source: e.into_io_error(),
-        }
-        .in_file(&src.path)
-    })?;
-    convert_from(src, plan, metadata, out, progress)
+    source.check_unchanged()?;
+    run(source, plan, metadata, &mut out, progress).map_err(|e| e.in_file(source.path()))
 }
 
-/// [`convert`] executing a dequantization plan (the same function; named for readability).
-pub fn convert_dequantize<W: Write>(
-    src: &SafetensorsFile,
-    plan: &Plan,
-    metadata: &BTreeMap<String, String>,
-    out: W,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Report, BnbError> {
-    convert(src, plan, metadata, out, progress)
-}
-
-/// [`convert`] over any [`TensorSource`].
-pub fn convert_from<S: TensorSource, W: Write>(
-    src: &S,
-    plan: &Plan,
-    metadata: &BTreeMap<String, String>,
-    out: W,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Report, BnbError> {
-    run(src, plan, metadata, out, progress).map_err(|e| e.in_file(src.path()))
-}
-
-fn run<S: TensorSource, W: Write>(
-    src: &S,
-    plan: &Plan,
-    metadata: &BTreeMap<String, String>,
-    out: W,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Report, BnbError> {
-    let entries: HashMap<&str, &TensorEntry> =
-        src.entries().iter().map(|e| (e.name.as_str(), e)).collect();
-    for step in &plan.steps {
-        for e in step.sources() {
-            if entries.get(e.name.as_str()) != Some(&e) {
-                return Err(BnbError::PlanMismatch(format!(
-                    "tensor `{}` differs or is missing",
-                    e.name.escape_debug()
-                )));
-            }
-        }
+/// Refuses a plan made from other tensors than `source` serves.
+fn check_same_tensors(source: &dyn TensorSource, plan: &Plan) -> Result<(), BnbError> {
+    let ours = source.tensors();
+    if let Some((t, _)) = plan
+        .tensors
+        .iter()
+        .zip(ours)
+        .find(|(planned, served)| planned != served)
+    {
+        return Err(BnbError::PlanMismatch(format!(
+            "tensor `{}` differs",
+            t.name.escape_debug()
+        )));
     }
+    if ours.len() != plan.tensors.len() {
+        return Err(BnbError::PlanMismatch(format!(
+            "the source has {} tensors, the plan {}",
+            ours.len(),
+            plan.tensors.len()
+        )));
+    }
+    Ok(())
+}
+
+fn run<W: Write>(
+    source: &dyn TensorSource,
+    plan: &Plan,
+    metadata: &BTreeMap<String, String>,
+    out: &mut W,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report, BnbError> {
+    check_same_tensors(source, plan)?;
     let mut report = Report {
         target: plan.target.canonical_name().to_string(),
         float_dtype: plan.float_dtype.as_str().to_string(),
@@ -172,114 +203,273 @@ fn run<S: TensorSource, W: Write>(
         output_bytes: plan.output_len(metadata)?,
         ..Report::default()
     };
-    let mut w = SafetensorsWriter::new(out, &plan.specs, metadata)?;
-    let mut ctx = Ctx {
-        bytes_done: 0,
-        tensors_done: 0,
-        progress,
-        stats: CastStats::default(),
-    };
     for step in &plan.steps {
         match step {
-            Step::Quant4 {
-                src: e,
-                state,
-                json_len,
-            } => {
-                quant4(src, e, state, *json_len, &mut w, &mut ctx)?;
-                report.quantized += 1;
-            }
-            Step::Int8 { src: e } => {
-                int8(src, e, &mut w, &mut ctx)?;
-                report.quantized += 1;
-            }
-            Step::Cast { src: e, dst } => {
-                cast(src, e, *dst, &mut w, &mut ctx)?;
-                report.cast += 1;
-            }
-            Step::Copy { src: e } => {
-                let len = usize::try_from(e.byte_len())
-                    .map_err(|_| BnbError::tensor(&e.name, "too large for this platform"))?;
-                for start in (0..len).step_by(COPY_BYTES) {
-                    let n = COPY_BYTES.min(len - start);
-                    w.write_chunk(&read_vec(src, e, start, n)?)?;
-                    ctx.advance(n as u64, 0);
-                }
-                ctx.advance(0, 1);
-                report.copied += 1;
-            }
-            Step::Dequant4 {
-                weight,
-                absmax,
-                nested,
-                aux,
-                state,
-                dst,
-            } => {
-                dequant4(
-                    src,
-                    weight,
-                    absmax,
-                    nested.as_ref(),
-                    state,
-                    *dst,
-                    &mut w,
-                    &mut ctx,
-                )?;
-                let aux_bytes: u64 = aux.iter().map(TensorEntry::byte_len).sum::<u64>()
-                    + absmax.byte_len()
-                    + nested
-                        .as_ref()
-                        .map_or(0, |(a, b)| a.byte_len() + b.byte_len());
-                ctx.advance(
-                    aux_bytes,
-                    2 + aux.len() as u64 + 2 * nested.is_some() as u64,
-                );
-                report.dequantized += 1;
-            }
-            Step::DequantInt8 {
-                weight,
-                scb,
-                aux,
-                dst,
-            } => {
-                dequant_int8(src, weight, scb, *dst, &mut w, &mut ctx)?;
-                let aux_bytes: u64 =
-                    aux.iter().map(TensorEntry::byte_len).sum::<u64>() + scb.byte_len();
-                ctx.advance(aux_bytes, 2 + aux.len() as u64);
-                report.dequantized += 1;
-            }
+            Step::Quant4 { .. } | Step::Int8 { .. } => report.quantized += 1,
+            Step::Cast { .. } => report.cast += 1,
+            Step::Copy { .. } => report.copied += 1,
+            Step::Dequant4 { .. } | Step::DequantInt8 { .. } => report.dequantized += 1,
         }
     }
-    w.finish()?;
-    report.source_bytes = ctx.bytes_done;
-    report.cast_overflowed = ctx.stats.overflowed;
-    report.cast_non_finite = ctx.stats.non_finite;
+    let pieces = pieces(plan)?;
+    out.write_all(&encode_header(&plan.specs, metadata)?)?;
+    let converter = Converter {
+        source,
+        tensors: &plan.tensors,
+        carry: Mutex::new(Carry::default()),
+    };
+    let mut done = (0u64, 0u64);
+    pipeline::stream(
+        pieces,
+        out,
+        &|piece: &Piece<'_>, dst: &mut [u8]| converter.produce(piece, dst),
+        &mut |piece: &Piece<'_>| {
+            done.0 += piece.source_bytes;
+            done.1 += piece.tensors_done;
+            progress(done.0, done.1);
+        },
+        None,
+    )
+    .map_err(|e| match e {
+        StreamError::Produce(e) => e,
+        StreamError::Write(e) => BnbError::Io(e),
+        // No cancel flag is passed: a caller cancels through the writer it hands over.
+        StreamError::Cancelled => BnbError::Io(io::ErrorKind::Interrupted.into()),
+    })?;
+    out.flush()?;
+    let stats = converter
+        .carry
+        .into_inner()
+        .map_or_else(|poisoned| poisoned.into_inner().stats, |carry| carry.stats);
+    report.source_bytes = done.0;
+    report.cast_overflowed = stats.overflowed;
+    report.cast_non_finite = stats.non_finite;
     Ok(report)
-}
-
-struct Ctx<'a> {
-    bytes_done: u64,
-    tensors_done: u64,
-    progress: &'a mut dyn FnMut(u64, u64),
-    stats: CastStats,
-}
-
-impl Ctx<'_> {
-    fn advance(&mut self, bytes: u64, tensors: u64) {
-        self.bytes_done += bytes;
-        self.tensors_done += tensors;
-        (self.progress)(self.bytes_done, self.tensors_done);
-    }
 }
 
 fn elem_size(d: Dtype) -> usize {
     (d.bits() / 8) as usize
 }
 
-fn n_elements(e: &TensorEntry) -> Result<usize, BnbError> {
-    usize::try_from(e.n_elements())
-        .map_err(|_| BnbError::tensor(&e.name, "too many elements for this platform"))
+fn n_elements(t: &SourceTensor) -> Result<usize, BnbError> {
+    usize::try_from(t.n_elements())
+        .map_err(|_| BnbError::tensor(&t.name, "too many elements for this platform"))
+}
+
+/// Rows and columns of a 2-D tensor.
+fn rows_cols(t: &SourceTensor) -> Result<(usize, usize), BnbError> {
+    let dim = |d: u64| {
+        usize::try_from(d)
+            .map_err(|_| BnbError::tensor(&t.name, "too many elements for this platform"))
+    };
+    match t.shape[..] {
+        [rows, cols] => {
+            n_elements(t)?;
+            Ok((dim(rows)?, dim(cols)?))
+        }
+        _ => Err(BnbError::tensor(&t.name, "is not 2-D")),
+    }
+}
+
+/// `(start, len)` of consecutive windows of `size` covering `0..n`.
+fn windows(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(size)
+        .map(move |start| (start, size.min(n - start)))
+}
+
+/// The share of `total` source bytes of elements `start..end` of `n`: shares of consecutive
+/// windows add up to `total` exactly.
+fn share(total: u64, n: usize, start: usize, end: usize) -> u64 {
+    let at = |i: usize| (u128::from(total) * i as u128 / n.max(1) as u128) as u64;
+    at(end) - at(start)
+}
+
+/// The pieces of `plan`, in output order; checks that they write exactly the planned tensors.
+fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, BnbError> {
+    let tensors = &plan.tensors;
+    let mut all = Vec::new();
+    let mut spec_at = 0;
+    for step in &plan.steps {
+        let mut step_pieces = Vec::new();
+        let mut window = |work, out_len, source_bytes| {
+            step_pieces.push(Piece {
+                work,
+                out_len,
+                source_bytes,
+                tensors_done: 0,
+            })
+        };
+        // The tensor read window by window (the others' bytes count when the step ends).
+        let main = match step {
+            Step::Quant4 {
+                src,
+                state,
+                json_len,
+            } => {
+                let t = &tensors[*src];
+                let n = n_elements(t)?;
+                for (start, len) in windows(n, WINDOW) {
+                    let work = Work::Codes4 {
+                        src: *src,
+                        state,
+                        start,
+                        len,
+                    };
+                    let bytes = share(t.source_bytes, n, start, start + len);
+                    window(work, len.div_ceil(2), bytes);
+                }
+                let blocks = n.div_ceil(BLOCKSIZE);
+                let stats = match state.nested {
+                    Some(_) => blocks + 16 * 4 + 4 * blocks.div_ceil(NESTED_BLOCKSIZE) + 256 * 4,
+                    None => 4 * blocks + 16 * 4,
+                };
+                let tail = Work::Tail4 {
+                    state,
+                    json_len: *json_len,
+                    weight: &t.name,
+                };
+                window(tail, stats + json_len, 0);
+                *src
+            }
+            Step::Int8 { src } => {
+                let t = &tensors[*src];
+                let (rows, cols) = rows_cols(t)?;
+                let n = rows * cols;
+                for (row, nr) in windows(rows, (WINDOW / cols.max(1)).max(1)) {
+                    let work = Work::Rows8 {
+                        src: *src,
+                        row,
+                        rows: nr,
+                    };
+                    let bytes = share(t.source_bytes, n, row * cols, (row + nr) * cols);
+                    window(work, nr * cols, bytes);
+                }
+                window(Work::Tail8 { weight: &t.name }, 4 * rows + 1, 0);
+                *src
+            }
+            Step::Cast { src, dst } => {
+                let t = &tensors[*src];
+                let n = n_elements(t)?;
+                for (start, len) in windows(n, WINDOW) {
+                    let work = Work::Cast {
+                        src: *src,
+                        dst: *dst,
+                        start,
+                        len,
+                    };
+                    let bytes = share(t.source_bytes, n, start, start + len);
+                    window(work, len * elem_size(*dst), bytes);
+                }
+                *src
+            }
+            Step::Copy { src } => {
+                let t = &tensors[*src];
+                let len = t
+                    .byte_len()
+                    .and_then(|l| usize::try_from(l).ok())
+                    .ok_or_else(|| BnbError::tensor(&t.name, "too large for this platform"))?;
+                for (offset, n) in windows(len, COPY_BYTES) {
+                    let work = Work::Copy {
+                        src: *src,
+                        offset: offset as u64,
+                    };
+                    window(work, n, share(t.source_bytes, len, offset, offset + n));
+                }
+                *src
+            }
+            Step::Dequant4 {
+                weight,
+                absmax,
+                nested,
+                state,
+                dst,
+                ..
+            } => {
+                let t = &tensors[*weight];
+                let n = usize::try_from(state.n_elements().unwrap_or(u64::MAX)).map_err(|_| {
+                    BnbError::tensor(&t.name, "too many elements for this platform")
+                })?;
+                for (start, len) in windows(n, WINDOW) {
+                    let work = Work::Dequant4 {
+                        weight: *weight,
+                        absmax: *absmax,
+                        nested: *nested,
+                        state,
+                        dst: *dst,
+                        start,
+                        len,
+                    };
+                    let bytes = share(t.source_bytes, n, start, start + len);
+                    window(work, len * elem_size(*dst), bytes);
+                }
+                *weight
+            }
+            Step::DequantInt8 {
+                weight, scb, dst, ..
+            } => {
+                let t = &tensors[*weight];
+                let (rows, cols) = rows_cols(t)?;
+                let n = rows * cols;
+                // An empty weight writes nothing (its SCB is not even read).
+                let rows_written = if n == 0 { 0 } else { rows };
+                for (row, nr) in windows(rows_written, (WINDOW / cols.max(1)).max(1)) {
+                    let work = Work::DequantRows8 {
+                        weight: *weight,
+                        scb: *scb,
+                        dst: *dst,
+                        row,
+                        rows: nr,
+                    };
+                    let bytes = share(t.source_bytes, n, row * cols, (row + nr) * cols);
+                    window(work, nr * cols * elem_size(*dst), bytes);
+                }
+                *weight
+            }
+        };
+        // The step's other tensors (auxiliaries of a dequantized weight) count with its last
+        // piece, as do the tensors it finishes.
+        let sources = step.sources();
+        if step_pieces.is_empty() {
+            step_pieces.push(Piece {
+                work: Work::Nothing,
+                out_len: 0,
+                source_bytes: 0,
+                tensors_done: 0,
+            });
+        }
+        if let Some(last) = step_pieces.last_mut() {
+            last.source_bytes += sources
+                .iter()
+                .filter(|&&i| i != main)
+                .map(|&i| tensors[i].source_bytes)
+                .sum::<u64>();
+            last.tensors_done = sources.len() as u64;
+        }
+        let specs = plan
+            .specs
+            .get(spec_at..spec_at + step.outputs())
+            .unwrap_or_default();
+        spec_at += step.outputs();
+        let planned = specs
+            .iter()
+            .map(|s| s.byte_len().and_then(|l| usize::try_from(l).ok()))
+            .try_fold(0usize, |a, l| a.checked_add(l?));
+        let written = step_pieces.iter().map(|p| p.out_len).sum::<usize>();
+        if planned != Some(written) {
+            return Err(BnbError::PlanMismatch(format!(
+                "the output tensors of `{}` do not match its conversion",
+                tensors[main].name.escape_debug()
+            )));
+        }
+        all.extend(step_pieces);
+    }
+    if spec_at != plan.specs.len() {
+        return Err(BnbError::PlanMismatch(
+            "more output tensors than conversion steps".into(),
+        ));
+    }
+    Ok(all)
 }
 
 fn cast_err(name: &str, e: tensorfile::CastError) -> BnbError {
@@ -325,53 +515,80 @@ fn table_bytes(bits: &[u32]) -> Vec<u8> {
     bits.iter().flat_map(|b| b.to_le_bytes()).collect()
 }
 
-/// Receives one window's packed codes and the number of source bytes it covered.
-type CodesSink<'a> = dyn FnMut(&[u8], usize) -> Result<(), BnbError> + 'a;
-
-/// Quantizes `e` window by window: fills `absmax` and hands each window's packed codes to
-/// `on_codes`. Returns the cast statistics.
-fn quantize_windows<S: TensorSource>(
-    src: &S,
-    e: &TensorEntry,
-    state: &crate::quant_state::QuantStateJson,
-    absmax: &mut [f32],
-    on_codes: &mut CodesSink<'_>,
-) -> Result<CastStats, BnbError> {
-    let q = Quantizer4::new(state.quant_type);
-    let n = n_elements(e)?;
-    let es = elem_size(e.dtype);
-    let mut total = CastStats::default();
-    for start in (0..n).step_by(WINDOW) {
-        let len = WINDOW.min(n - start);
-        let bytes = read_vec(src, e, start * es, len * es)?;
-        let mut codes = vec![0u8; len.div_ceil(2)];
-        let am = &mut absmax[start / BLOCKSIZE..(start + len).div_ceil(BLOCKSIZE)];
-        let stats = codes
-            .par_chunks_mut(SUB / 2)
-            .zip(am.par_chunks_mut(SUB / BLOCKSIZE))
-            .enumerate()
-            .map(|(i, (c, a))| {
-                let e0 = i * SUB;
-                let e1 = (e0 + SUB).min(len);
-                let (x, stats) = to_f32(&e.name, e.dtype, &bytes[e0 * es..e1 * es], state.dtype)?;
-                quantize_4bit(&q, &x, c, a);
-                Ok::<_, BnbError>(stats)
-            })
-            .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
-        total += stats;
-        on_codes(&codes, len * es)?;
-    }
-    Ok(total)
+/// Reads elements `start..start + len` of tensor `index` (`t`) into `buf`.
+fn read_window<'b>(
+    source: &dyn TensorSource,
+    index: usize,
+    t: &SourceTensor,
+    start: usize,
+    len: usize,
+    buf: &'b mut ReadBuffer,
+) -> Result<&'b [u8], BnbError> {
+    let es = elem_size(t.dtype);
+    let bytes = buf.get(len * es, WINDOW * es);
+    source.read_raw(index, (start * es) as u64, bytes)?;
+    Ok(bytes)
 }
 
-/// Computes the nested (double-quant) offset of every 4-bit weight of `plan` from the source, so
+/// All bytes of a small (auxiliary) tensor.
+fn read_small(source: &dyn TensorSource, index: usize) -> Result<Vec<u8>, BnbError> {
+    let t = &source.tensors()[index];
+    let len = t
+        .byte_len()
+        .and_then(|l| usize::try_from(l).ok())
+        .ok_or_else(|| BnbError::tensor(&t.name, "too large for this platform"))?;
+    let mut bytes = vec![0u8; len];
+    source.read_raw(index, 0, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// Quantizes one window of `t` (its source `bytes`) to 4-bit `codes` and the `absmax` of its
+/// blocks, in parallel tasks of [`SUB`] elements.
+fn quantize_window(
+    t: &SourceTensor,
+    state: &QuantStateJson,
+    bytes: &[u8],
+    codes: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<CastStats, BnbError> {
+    let q = Quantizer4::new(state.quant_type);
+    let es = elem_size(t.dtype);
+    let len = bytes.len() / es;
+    codes
+        .par_chunks_mut(SUB / 2)
+        .zip(absmax.par_chunks_mut(SUB / BLOCKSIZE))
+        .enumerate()
+        .map(|(i, (c, a))| {
+            let e0 = i * SUB;
+            let e1 = (e0 + SUB).min(len);
+            let (x, stats) = to_f32(&t.name, t.dtype, &bytes[e0 * es..e1 * es], state.dtype)?;
+            quantize_4bit(&q, &x, c, a);
+            Ok::<_, BnbError>(stats)
+        })
+        .try_reduce(CastStats::default, |a, b| Ok(a + b))
+}
+
+/// Computes the nested (double-quant) offset of every 4-bit weight of `plan` from `source`, so
 /// the quant-state JSON tensors get their exact `json.dumps` length instead of a reservation
 /// padded with spaces. Reads each such weight once more; call it before
 /// [`Plan::output_len`] and [`convert`]. Plans without double quantization are unchanged.
-pub fn resolve_nested_offsets<S: TensorSource>(src: &S, plan: &mut Plan) -> Result<(), BnbError> {
-    for step in plan.steps.iter_mut() {
+pub fn resolve_nested_offsets(source: &dyn TensorSource, plan: &mut Plan) -> Result<(), BnbError> {
+    resolve(source, plan).map_err(|e| e.in_file(source.path()))
+}
+
+fn resolve(source: &dyn TensorSource, plan: &mut Plan) -> Result<(), BnbError> {
+    check_same_tensors(source, plan)?;
+    let Plan {
+        steps,
+        specs,
+        tensors,
+        ..
+    } = plan;
+    let mut read = ReadBuffer::new();
+    let mut codes = vec![0u8; WINDOW / 2];
+    for step in steps.iter_mut() {
         let Step::Quant4 {
-            src: e,
+            src,
             state,
             json_len,
         } = step
@@ -381,143 +598,32 @@ pub fn resolve_nested_offsets<S: TensorSource>(src: &S, plan: &mut Plan) -> Resu
         if state.nested.is_none() {
             continue;
         }
-        let mut absmax = vec![0f32; n_elements(e)?.div_ceil(BLOCKSIZE)];
-        quantize_windows(src, e, state, &mut absmax, &mut |_, _| Ok(()))?;
+        let t = &tensors[*src];
+        let n = n_elements(t)?;
+        let mut absmax = vec![0f32; n.div_ceil(BLOCKSIZE)];
+        for (start, len) in windows(n, WINDOW) {
+            let bytes = read_window(source, *src, t, start, len, &mut read)?;
+            let am = &mut absmax[start / BLOCKSIZE..(start + len).div_ceil(BLOCKSIZE)];
+            quantize_window(t, state, bytes, &mut codes[..len.div_ceil(2)], am)?;
+        }
         let offset = f64::from(double_quant(&absmax).offset);
         if let Some(nested) = &mut state.nested {
             nested.offset = offset;
         }
         let exact = state.to_json_bytes().len();
-        let name = format!("{}{QS_MARK}{}", e.name, state.quant_type.name());
-        let spec = plan
-            .specs
+        let name = format!(
+            "{}{}{}",
+            t.name,
+            detect::detection::BNB_QUANT_STATE_MARK,
+            state.quant_type.name()
+        );
+        let spec = specs
             .iter_mut()
             .find(|s| s.name == name)
-            .ok_or_else(|| BnbError::tensor(&e.name, "quant-state tensor missing from the plan"))?;
+            .ok_or_else(|| BnbError::tensor(&t.name, "quant-state tensor missing from the plan"))?;
         spec.shape = vec![exact as u64];
         *json_len = exact;
     }
-    Ok(())
-}
-
-fn quant4<S: TensorSource, W: Write>(
-    src: &S,
-    e: &TensorEntry,
-    state: &crate::quant_state::QuantStateJson,
-    json_len: usize,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
-    let n = n_elements(e)?;
-    let mut absmax = vec![0f32; n.div_ceil(BLOCKSIZE)];
-    let stats = quantize_windows(src, e, state, &mut absmax, &mut |codes, src_bytes| {
-        w.write_chunk(codes)?;
-        ctx.advance(src_bytes as u64, 0);
-        Ok(())
-    })?;
-    ctx.stats += stats;
-    let quant_map = match state.quant_type {
-        QuantType::Nf4 => table_bytes(&NF4_BITS),
-        QuantType::Fp4 => table_bytes(&FP4_BITS),
-    };
-    let mut state = state.clone();
-    if let Some(nj) = &mut state.nested {
-        let nq = double_quant(&absmax);
-        nj.offset = f64::from(nq.offset);
-        w.write_chunk(&nq.codes)?;
-        w.write_chunk(&quant_map)?;
-        w.write_chunk(&f32_bytes(&nq.nested_absmax))?;
-        w.write_chunk(&table_bytes(&DYNAMIC_MAP_BITS))?;
-    } else {
-        w.write_chunk(&f32_bytes(&absmax))?;
-        w.write_chunk(&quant_map)?;
-    }
-    let mut json = state.to_json_bytes();
-    if json.len() > json_len {
-        return Err(BnbError::tensor(
-            &e.name,
-            "quant-state JSON longer than reserved",
-        ));
-    }
-    // Only an unresolved double-quant state (no `resolve_nested_offsets`) can be shorter than its
-    // reservation, the offset's digits being unknown when the header is written; JSON parsers
-    // ignore the trailing spaces.
-    json.resize(json_len, b' ');
-    w.write_chunk(&json)?;
-    ctx.advance(0, 1);
-    Ok(())
-}
-
-fn int8<S: TensorSource, W: Write>(
-    src: &S,
-    e: &TensorEntry,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
-    let rows = usize::try_from(e.shape[0]).unwrap_or(usize::MAX);
-    let cols = usize::try_from(e.shape[1]).unwrap_or(usize::MAX);
-    n_elements(e)?;
-    let es = elem_size(e.dtype);
-    let mut scb = vec![0f32; rows];
-    let window_rows = (WINDOW / cols).max(1);
-    let task_rows = (SUB / cols).max(1);
-    for r0 in (0..rows).step_by(window_rows) {
-        let nr = window_rows.min(rows - r0);
-        let bytes = read_vec(src, e, r0 * cols * es, nr * cols * es)?;
-        let mut q = vec![0i8; nr * cols];
-        let s = &mut scb[r0..r0 + nr];
-        let stats = q
-            .par_chunks_mut(task_rows * cols)
-            .zip(s.par_chunks_mut(task_rows))
-            .enumerate()
-            .map(|(i, (qc, sc))| {
-                let a = i * task_rows * cols;
-                let b = a + qc.len();
-                let (x, stats) = to_f32(&e.name, e.dtype, &bytes[a * es..b * es], Dtype::F16)?;
-                quantize_int8_rows(&x, cols, qc, sc);
-                Ok::<_, BnbError>(stats)
-            })
-            .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
-        ctx.stats += stats;
-        let qb: Vec<u8> = q.iter().map(|&v| v as u8).collect();
-        w.write_chunk(&qb)?;
-        ctx.advance((nr * cols * es) as u64, 0);
-    }
-    w.write_chunk(&f32_bytes(&scb))?;
-    // weight_format 0 = "row", the only layout bnb loads.
-    w.write_chunk(&[0u8])?;
-    ctx.advance(0, 1);
-    Ok(())
-}
-
-fn cast<S: TensorSource, W: Write>(
-    src: &S,
-    e: &TensorEntry,
-    dst: Dtype,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
-    let n = n_elements(e)?;
-    let (ss, ds) = (elem_size(e.dtype), elem_size(dst));
-    for start in (0..n).step_by(WINDOW) {
-        let len = WINDOW.min(n - start);
-        let bytes = read_vec(src, e, start * ss, len * ss)?;
-        let mut out = vec![0u8; len * ds];
-        let stats = out
-            .par_chunks_mut(SUB * ds)
-            .enumerate()
-            .map(|(i, o)| {
-                let a = i * SUB;
-                let b = a + o.len() / ds;
-                cast_slice(e.dtype, &bytes[a * ss..b * ss], dst, o)
-                    .map_err(|err| cast_err(&e.name, err))
-            })
-            .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
-        ctx.stats += stats;
-        w.write_chunk(&out)?;
-        ctx.advance((len * ss) as u64, 0);
-    }
-    ctx.advance(0, 1);
     Ok(())
 }
 
@@ -531,133 +637,302 @@ enum Bf16Rounding {
     BnbNative,
 }
 
-/// Writes f32 values as `dst`.
-fn emit<W: Write>(
+/// Writes f32 values as `dst` into `out`.
+fn emit(
     name: &str,
     vals: &[f32],
     dst: Dtype,
     bf16: Bf16Rounding,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
-    if dst == Dtype::BF16 && bf16 == Bf16Rounding::BnbNative {
-        let out: Vec<u8> = vals
-            .iter()
-            .flat_map(|&v| kernels::f32_to_bf16_bnb(v).to_le_bytes())
-            .collect();
-        w.write_chunk(&out)?;
-        return Ok(());
+    out: &mut [u8],
+) -> Result<CastStats, BnbError> {
+    match dst {
+        Dtype::BF16 if bf16 == Bf16Rounding::BnbNative => {
+            for (o, &v) in out.chunks_exact_mut(2).zip(vals) {
+                o.copy_from_slice(&kernels::f32_to_bf16_bnb(v).to_le_bytes());
+            }
+            Ok(CastStats::default())
+        }
+        Dtype::F32 => {
+            for (o, &v) in out.chunks_exact_mut(4).zip(vals) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+            Ok(CastStats::default())
+        }
+        _ => cast_slice(Dtype::F32, &f32_bytes(vals), dst, out).map_err(|e| cast_err(name, e)),
     }
-    let f = f32_bytes(vals);
-    if dst == Dtype::F32 {
-        w.write_chunk(&f)?;
-    } else {
-        let mut out = vec![0u8; vals.len() * elem_size(dst)];
-        ctx.stats += cast_slice(Dtype::F32, &f, dst, &mut out).map_err(|e| cast_err(name, e))?;
-        w.write_chunk(&out)?;
+}
+
+/// Produces the pieces of a conversion.
+struct Converter<'a> {
+    source: &'a dyn TensorSource,
+    tensors: &'a [SourceTensor],
+    carry: Mutex<Carry>,
+}
+
+impl Converter<'_> {
+    /// Fills `dst` with `piece`'s bytes.
+    fn produce(&self, piece: &Piece<'_>, dst: &mut [u8]) -> Result<(), BnbError> {
+        let mut carry = self.carry.lock().unwrap_or_else(PoisonError::into_inner);
+        let Carry {
+            read,
+            absmax,
+            scb,
+            stats,
+        } = &mut *carry;
+        let source = self.source;
+        match piece.work {
+            Work::Codes4 {
+                src,
+                state,
+                start,
+                len,
+            } => {
+                let t = &self.tensors[src];
+                if start == 0 {
+                    *absmax = vec![0f32; n_elements(t)?.div_ceil(BLOCKSIZE)];
+                }
+                let bytes = read_window(source, src, t, start, len, read)?;
+                let am = &mut absmax[start / BLOCKSIZE..(start + len).div_ceil(BLOCKSIZE)];
+                *stats += quantize_window(t, state, bytes, dst, am)?;
+            }
+            Work::Tail4 {
+                state,
+                json_len,
+                weight,
+            } => {
+                let absmax = std::mem::take(absmax);
+                let tail = tail4(weight, state, json_len, &absmax)?;
+                fill(dst, &tail, weight)?;
+            }
+            Work::Rows8 { src, row, rows } => {
+                let t = &self.tensors[src];
+                let (total_rows, cols) = rows_cols(t)?;
+                if row == 0 {
+                    *scb = vec![0f32; total_rows];
+                }
+                let es = elem_size(t.dtype);
+                let bytes = read_window(source, src, t, row * cols, rows * cols, read)?;
+                let task_rows = (SUB / cols).max(1);
+                *stats += dst
+                    .par_chunks_mut(task_rows * cols)
+                    .zip(scb[row..row + rows].par_chunks_mut(task_rows))
+                    .enumerate()
+                    .map(|(i, (qc, sc))| {
+                        let a = i * task_rows * cols;
+                        let b = a + qc.len();
+                        let (x, stats) =
+                            to_f32(&t.name, t.dtype, &bytes[a * es..b * es], Dtype::F16)?;
+                        let mut q = vec![0i8; qc.len()];
+                        quantize_int8_rows(&x, cols, &mut q, sc);
+                        for (d, v) in qc.iter_mut().zip(q) {
+                            *d = v as u8;
+                        }
+                        Ok::<_, BnbError>(stats)
+                    })
+                    .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
+            }
+            Work::Tail8 { weight } => {
+                let mut tail = f32_bytes(&std::mem::take(scb));
+                // weight_format 0 = "row", the only layout bnb loads.
+                tail.push(0);
+                fill(dst, &tail, weight)?;
+            }
+            Work::Cast {
+                src,
+                dst: dtype,
+                start,
+                len,
+            } => {
+                let t = &self.tensors[src];
+                let (ss, ds) = (elem_size(t.dtype), elem_size(dtype));
+                let bytes = read_window(source, src, t, start, len, read)?;
+                *stats += dst
+                    .par_chunks_mut(SUB * ds)
+                    .enumerate()
+                    .map(|(i, o)| {
+                        let a = i * SUB;
+                        let b = a + o.len() / ds;
+                        cast_slice(t.dtype, &bytes[a * ss..b * ss], dtype, o)
+                            .map_err(|err| cast_err(&t.name, err))
+                    })
+                    .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
+            }
+            Work::Copy { src, offset } => source.read_raw(src, offset, dst)?,
+            Work::Dequant4 {
+                weight,
+                absmax: absmax_index,
+                nested,
+                state,
+                dst: dtype,
+                start,
+                len,
+            } => {
+                let t = &self.tensors[weight];
+                let bs = usize::try_from(state.blocksize).unwrap_or(BLOCKSIZE);
+                if start == 0 {
+                    *absmax = decoded_absmax(source, absmax_index, nested, state)?;
+                    let n = usize::try_from(state.n_elements().unwrap_or(u64::MAX))
+                        .unwrap_or(usize::MAX);
+                    // The planner checked these; a mismatch means the plan and data disagree.
+                    if absmax.len() != n.div_ceil(bs) {
+                        return Err(BnbError::tensor(
+                            &t.name,
+                            "absmax count does not match the shape",
+                        ));
+                    }
+                }
+                // Windows start at multiples of WINDOW, which is even and a multiple of every
+                // bnb block size, so a window's codes start on a byte and its absmax on an
+                // entry.
+                debug_assert!(WINDOW.is_multiple_of(bs));
+                let packed = read.get(len.div_ceil(2), WINDOW / 2);
+                source.read_raw(weight, (start / 2) as u64, packed)?;
+                let packed = &*packed;
+                let am = &absmax[start / bs..];
+                let table = state.quant_type.dequant_table(&state.shape);
+                // bnb's CPU `dequantize_4bit` uses its native kernel unless the last dimension
+                // is odd (then the PyTorch fallback, which rounds with torch).
+                let bf16 = if state.shape.last().is_some_and(|d| d % 2 == 0) {
+                    Bf16Rounding::BnbNative
+                } else {
+                    Bf16Rounding::Torch
+                };
+                let ds = elem_size(dtype);
+                *stats += dst
+                    .par_chunks_mut(SUB * ds)
+                    .enumerate()
+                    .map(|(i, o)| {
+                        let mut vals = vec![0f32; o.len() / ds];
+                        kernels::dequantize_4bit(&table, packed, am, bs, i * SUB, &mut vals);
+                        emit(&t.name, &vals, dtype, bf16, o)
+                    })
+                    .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
+            }
+            Work::DequantRows8 {
+                weight,
+                scb: scb_index,
+                dst: dtype,
+                row,
+                rows,
+            } => {
+                let t = &self.tensors[weight];
+                let (total_rows, cols) = rows_cols(t)?;
+                if row == 0 {
+                    *scb = f32s(&read_small(source, scb_index)?);
+                    if scb.len() != total_rows
+                        || t.byte_len() != Some(total_rows.saturating_mul(cols) as u64)
+                    {
+                        return Err(BnbError::tensor(
+                            &t.name,
+                            "SCB or weight size does not match the shape",
+                        ));
+                    }
+                }
+                let codes = read.get(rows * cols, WINDOW);
+                source.read_raw(weight, (row * cols) as u64, codes)?;
+                let codes = &*codes;
+                let task_rows = (SUB / cols).max(1);
+                let ds = elem_size(dtype);
+                let scb = &scb[row..row + rows];
+                *stats += dst
+                    .par_chunks_mut(task_rows * cols * ds)
+                    .enumerate()
+                    .map(|(i, o)| {
+                        let r = i * task_rows;
+                        let nr = o.len() / ds / cols;
+                        let q: Vec<i8> = codes[r * cols..(r + nr) * cols]
+                            .iter()
+                            .map(|&b| b as i8)
+                            .collect();
+                        let mut vals = vec![0f32; nr * cols];
+                        dequantize_int8_rows(&q, cols, &scb[r..r + nr], &mut vals);
+                        emit(&t.name, &vals, dtype, Bf16Rounding::Torch, o)
+                    })
+                    .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
+            }
+            Work::Nothing => {}
+        }
+        Ok(())
     }
+}
+
+/// Copies a piece built whole into its slot of the stream.
+fn fill(dst: &mut [u8], bytes: &[u8], tensor: &str) -> Result<(), BnbError> {
+    if dst.len() != bytes.len() {
+        return Err(BnbError::tensor(
+            tensor,
+            format!("{} bytes planned, {} produced", dst.len(), bytes.len()),
+        ));
+    }
+    dst.copy_from_slice(bytes);
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dequant4<S: TensorSource, W: Write>(
-    src: &S,
-    weight: &TensorEntry,
-    absmax_e: &TensorEntry,
-    nested: Option<&(TensorEntry, TensorEntry)>,
-    state: &crate::quant_state::QuantStateJson,
-    dst: Dtype,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
-    let n = usize::try_from(state.n_elements().unwrap_or(u64::MAX))
-        .map_err(|_| BnbError::tensor(&weight.name, "too many elements for this platform"))?;
-    let bs = usize::try_from(state.blocksize).unwrap_or(BLOCKSIZE);
-    let absmax = match (nested, &state.nested) {
+/// The tensors after a 4-bit weight's codes, from its `absmax`: absmax (or its double
+/// quantization), quant_map, [nested_absmax, nested_quant_map,] the quant-state JSON padded to
+/// `json_len`.
+fn tail4(
+    weight: &str,
+    state: &QuantStateJson,
+    json_len: usize,
+    absmax: &[f32],
+) -> Result<Vec<u8>, BnbError> {
+    let quant_map = match state.quant_type {
+        QuantType::Nf4 => table_bytes(&NF4_BITS),
+        QuantType::Fp4 => table_bytes(&FP4_BITS),
+    };
+    let mut state = state.clone();
+    let mut tail = Vec::new();
+    if let Some(nj) = &mut state.nested {
+        let nq = double_quant(absmax);
+        nj.offset = f64::from(nq.offset);
+        tail.extend(&nq.codes);
+        tail.extend(&quant_map);
+        tail.extend(f32_bytes(&nq.nested_absmax));
+        tail.extend(table_bytes(&DYNAMIC_MAP_BITS));
+    } else {
+        tail.extend(f32_bytes(absmax));
+        tail.extend(&quant_map);
+    }
+    let mut json = state.to_json_bytes();
+    if json.len() > json_len {
+        return Err(BnbError::tensor(
+            weight,
+            "quant-state JSON longer than reserved",
+        ));
+    }
+    // Only an unresolved double-quant state (no `resolve_nested_offsets`) can be shorter than its
+    // reservation, the offset's digits being unknown when the header is written; JSON parsers
+    // ignore the trailing spaces.
+    json.resize(json_len, b' ');
+    tail.extend(json);
+    Ok(tail)
+}
+
+/// A 4-bit weight's absmax as f32, decoding a double-quantized one.
+fn decoded_absmax(
+    source: &dyn TensorSource,
+    absmax: usize,
+    nested: Option<(usize, usize)>,
+    state: &QuantStateJson,
+) -> Result<Vec<f32>, BnbError> {
+    match (nested, &state.nested) {
         (Some((na, nm)), Some(nj)) => {
-            let map_v = f32s(&read_all(src, nm)?);
-            let map: [f32; 256] = map_v
-                .try_into()
-                .map_err(|_| BnbError::tensor(&nm.name, "nested_quant_map is not 256 values"))?;
+            let map: [f32; 256] = f32s(&read_small(source, nm)?).try_into().map_err(|_| {
+                BnbError::tensor(
+                    &source.tensors()[nm].name,
+                    "nested_quant_map is not 256 values",
+                )
+            })?;
             let nbs = usize::try_from(nj.blocksize).unwrap_or(NESTED_BLOCKSIZE);
-            decode_nested_absmax(
+            Ok(decode_nested_absmax(
                 &map,
-                &read_all(src, absmax_e)?,
-                &f32s(&read_all(src, na)?),
+                &read_small(source, absmax)?,
+                &f32s(&read_small(source, na)?),
                 nbs,
                 nj.offset as f32,
-            )
+            ))
         }
-        _ => f32s(&read_all(src, absmax_e)?),
-    };
-    // The planner checked these; a mismatch here means the plan and data disagree.
-    if absmax.len() != n.div_ceil(bs) || weight.byte_len() != n.div_ceil(2) as u64 {
-        return Err(BnbError::tensor(
-            &weight.name,
-            "absmax or code count does not match the shape",
-        ));
+        _ => Ok(f32s(&read_small(source, absmax)?)),
     }
-    let table = state.quant_type.dequant_table(&state.shape);
-    // bnb's CPU `dequantize_4bit` uses its native kernel unless the last dimension is odd (then
-    // the PyTorch fallback, which rounds with torch).
-    let bf16 = if state.shape.last().is_some_and(|d| d % 2 == 0) {
-        Bf16Rounding::BnbNative
-    } else {
-        Bf16Rounding::Torch
-    };
-    // Windows start at multiples of WINDOW, which is even and a multiple of every bnb block
-    // size, so a window's codes start on a byte and its absmax on an entry.
-    debug_assert!(WINDOW.is_multiple_of(bs));
-    for start in (0..n).step_by(WINDOW) {
-        let len = WINDOW.min(n - start);
-        let packed = read_vec(src, weight, start / 2, len.div_ceil(2))?;
-        let am = &absmax[start / bs..];
-        let mut vals = vec![0f32; len];
-        vals.par_chunks_mut(SUB).enumerate().for_each(|(i, o)| {
-            kernels::dequantize_4bit(&table, &packed, am, bs, i * SUB, o);
-        });
-        emit(&weight.name, &vals, dst, bf16, w, ctx)?;
-        ctx.advance(len.div_ceil(2) as u64, 0);
-    }
-    Ok(())
-}
-
-fn dequant_int8<S: TensorSource, W: Write>(
-    src: &S,
-    weight: &TensorEntry,
-    scb_e: &TensorEntry,
-    dst: Dtype,
-    w: &mut SafetensorsWriter<W>,
-    ctx: &mut Ctx<'_>,
-) -> Result<(), BnbError> {
-    let rows = usize::try_from(weight.shape[0]).unwrap_or(usize::MAX);
-    let cols = usize::try_from(weight.shape[1]).unwrap_or(usize::MAX);
-    let scb = f32s(&read_all(src, scb_e)?);
-    if rows == 0 || cols == 0 {
-        return Ok(()); // an empty weight has no bytes to write
-    }
-    if scb.len() != rows || weight.byte_len() != rows.saturating_mul(cols) as u64 {
-        return Err(BnbError::tensor(
-            &weight.name,
-            "SCB or weight size does not match the shape",
-        ));
-    }
-    let window_rows = (WINDOW / cols).max(1);
-    for r0 in (0..rows).step_by(window_rows) {
-        let nr = window_rows.min(rows - r0);
-        let raw = read_vec(src, weight, r0 * cols, nr * cols)?;
-        let qi: Vec<i8> = raw.iter().map(|&b| b as i8).collect();
-        let mut vals = vec![0f32; nr * cols];
-        let task_rows = (SUB / cols).max(1);
-        vals.par_chunks_mut(task_rows * cols)
-            .zip(qi.par_chunks(task_rows * cols))
-            .enumerate()
-            .for_each(|(i, (o, qc))| {
-                let r = r0 + i * task_rows;
-                dequantize_int8_rows(qc, cols, &scb[r..r + qc.len() / cols], o);
-            });
-        emit(&weight.name, &vals, dst, Bf16Rounding::Torch, w, ctx)?;
-        ctx.advance((nr * cols) as u64, 0);
-    }
-    Ok(())
 }

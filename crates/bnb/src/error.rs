@@ -1,9 +1,10 @@
 //! Errors of the bitsandbytes converter.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use detect::Precision;
+use tensorfile::SourceError;
 
 /// Why a bitsandbytes plan or conversion failed.
 ///
@@ -43,12 +44,10 @@ pub enum BnbError {
         #[source]
         source: Box<BnbError>,
     },
-    /// Reading the source failed (or it changed after it was opened).
-    #[error("reading the source: {source}")]
-    Read {
-        /// The I/O error.
-        source: io::Error,
-    },
+    /// Reading the source failed, or it changed after it was opened, or it cannot be served
+    /// (the message names the file).
+    #[error(transparent)]
+    Source(#[from] SourceError),
     /// Writing the output failed.
     #[error("writing the output: {0}")]
     Io(#[from] io::Error),
@@ -58,6 +57,20 @@ pub enum BnbError {
 }
 
 impl BnbError {
+    /// Whether the fault is in the input (the source file, its layout, the requested target)
+    /// rather than in reading or writing files.
+    pub fn is_input_fault(&self) -> bool {
+        match self {
+            BnbError::UnsupportedTarget { .. }
+            | BnbError::Tensor { .. }
+            | BnbError::QuantState { .. } => true,
+            BnbError::File { source, .. } => source.is_input_fault(),
+            BnbError::Source(e) => e.is_input_fault(),
+            // A plan handed another source is the caller's mistake, not the file's.
+            BnbError::Io(_) | BnbError::PlanMismatch(_) => false,
+        }
+    }
+
     pub(crate) fn tensor(name: &str, problem: impl Into<String>) -> Self {
         BnbError::Tensor {
             tensor: name.escape_debug().to_string(),
@@ -65,10 +78,13 @@ impl BnbError {
         }
     }
 
-    /// Wraps the error with the file it is about (once).
-    pub(crate) fn in_file(self, path: &std::path::Path) -> Self {
+    /// Wraps the error with the file it is about (once; source errors name it already, and an
+    /// unsupported target is about the request, not the file).
+    pub(crate) fn in_file(self, path: &Path) -> Self {
         match self {
-            e @ BnbError::File { .. } => e,
+            e @ (BnbError::File { .. }
+            | BnbError::Source(_)
+            | BnbError::UnsupportedTarget { .. }) => e,
             e => BnbError::File {
                 path: path.to_owned(),
                 source: Box::new(e),

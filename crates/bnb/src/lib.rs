@@ -3,13 +3,19 @@
 //! Forge and diffusers load the result), and dequantization back to fp16/bf16/fp32.
 //!
 //! # Usage
-//! [`plan()`] decides from a header which tensors are quantized and what the output holds
-//! ([`Plan::specs`], exact size via [`Plan::output_len`]); [`convert()`] streams the conversion
-//! tensor by tensor, reading the source with positioned reads in windows of 4M elements that are
-//! quantized in parallel (rayon) in tasks of whole blocks or rows. Memory is bounded by a window
-//! plus one tensor's absmax (1/16 of its element count in bytes), never by the model.
-//! [`plan_dequantize_file`] (or [`plan_dequantize`] for int8-only files) + [`convert()`] turns a
-//! bitsandbytes file back into floats.
+//! Sources are [`tensorfile::TensorSource`]s, opened with [`tensorfile::open_safetensors`]: a
+//! ComfyUI scaled-fp8 model is thus quantized from its de-scaled weights (`w.to(f32) * scale`,
+//! rounded through the compute dtype like any f32 weight), its scales and marker dropped.
+//! [`plan()`] decides from the source's tensor list which tensors are quantized and what the
+//! output holds ([`Plan::specs`], exact size via [`Plan::output_len`]); [`convert()`] streams
+//! the conversion through [`tensorfile::pipeline::stream`] in pieces (windows of 4M elements
+//! read with positioned reads into page-aligned buffers and converted in parallel tasks of
+//! whole blocks or rows; the tail of each 4-bit weight), producing the next piece while the
+//! previous one is written. Memory is bounded by two windows plus one tensor's absmax (1/16 of
+//! its element count in bytes), never by the model. [`plan_dequantize_file`] (or
+//! [`plan_dequantize`] for int8-only files) + [`convert()`] turns a bitsandbytes file back into
+//! floats. bitsandbytes keys are recognised by `detect` ([`detect::detection::BnbKeys`]), for
+//! detection and dequantization alike.
 //!
 //! # Layout (per quantized `P.weight`)
 //! - 4-bit: `P.weight` U8 `[(n+1)/2, 1]` (element `2k` in the high nibble), `P.weight.absmax`
@@ -53,13 +59,10 @@ pub mod kernels;
 pub mod plan;
 pub mod quant_state;
 
-pub use convert::{
-    Report, TensorSource, convert, convert_dequantize, convert_from, resolve_nested_offsets,
-};
+pub use convert::{Report, convert, resolve_nested_offsets};
 pub use error::BnbError;
 pub use kernels::QuantType;
 pub use plan::{
-    Options, Plan, compute_dtype, is_bitsandbytes, is_quantized_weight, plan, plan_dequantize,
-    plan_dequantize_file,
+    Options, Plan, compute_dtype, is_quantized_weight, plan, plan_dequantize, plan_dequantize_file,
 };
 pub use quant_state::{QuantStateJson, parse_quant_state};

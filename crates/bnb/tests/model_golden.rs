@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use bnb::{BnbError, Options, Plan, convert, plan, plan_dequantize, plan_dequantize_file};
 use detect::Precision;
 use tensorfile::safetensors::{Dtype, SafetensorsFile};
-use tensorfile::{SafetensorsWriter, TensorSpec, cast_slice};
+use tensorfile::{SafetensorsWriter, TensorSource, TensorSpec, cast_slice};
 
 fn golden_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,12 +21,17 @@ fn golden(name: &str) -> SafetensorsFile {
     SafetensorsFile::open(&golden_path(name)).unwrap()
 }
 
+/// `f` as converters read it.
+fn source(f: &SafetensorsFile) -> Box<dyn TensorSource> {
+    tensorfile::open_safetensors(&f.path).unwrap()
+}
+
 /// Runs `plan` over `src` into a temporary file and opens it; checks the planned size.
 fn run(src: &SafetensorsFile, plan: &Plan, dir: &Path, name: &str) -> SafetensorsFile {
     let meta = BTreeMap::new();
     let mut out = Vec::new();
     let mut last = (0, 0);
-    let report = convert(src, plan, &meta, &mut out, &mut |b, t| {
+    let report = convert(&*source(src), plan, &meta, &mut out, &mut |b, t| {
         assert!(b >= last.0 && t >= last.1, "progress goes forward");
         last = (b, t);
     })
@@ -73,7 +78,7 @@ fn nf4_fp4_int8_models_identical_to_bitsandbytes() {
         (Precision::Fp4, "model_fp4.safetensors"),
         (Precision::Int8, "model_int8.safetensors"),
     ] {
-        let p = plan(&src.header, target, &Options::default()).unwrap();
+        let p = plan(&*source(&src), target, &Options::default()).unwrap();
         let got = run(&src, &p, dir.path(), file);
         assert_same_file(&got, &golden(file), file);
     }
@@ -83,7 +88,12 @@ fn nf4_fp4_int8_models_identical_to_bitsandbytes() {
 fn double_quant_model_matches_bitsandbytes() {
     let dir = tempfile::tempdir().unwrap();
     let src = golden("model_src.safetensors");
-    let p = plan(&src.header, Precision::Nf4, &Options { double_quant: true }).unwrap();
+    let p = plan(
+        &*source(&src),
+        Precision::Nf4,
+        &Options { double_quant: true },
+    )
+    .unwrap();
     let got = run(&src, &p, dir.path(), "dq.safetensors");
     let want = golden("model_nf4_dq.safetensors");
     // Our JSON is bnb's followed by spaces (its length is fixed before the offset is known);
@@ -113,8 +123,13 @@ fn double_quant_model_matches_bitsandbytes() {
 fn resolved_double_quant_model_is_byte_identical_to_bitsandbytes() {
     let dir = tempfile::tempdir().unwrap();
     let src = golden("model_src.safetensors");
-    let mut p = plan(&src.header, Precision::Nf4, &Options { double_quant: true }).unwrap();
-    bnb::resolve_nested_offsets(&src, &mut p).unwrap();
+    let mut p = plan(
+        &*source(&src),
+        Precision::Nf4,
+        &Options { double_quant: true },
+    )
+    .unwrap();
+    bnb::resolve_nested_offsets(&*source(&src), &mut p).unwrap();
     let got = run(&src, &p, dir.path(), "dq_exact.safetensors");
     let want = golden("model_nf4_dq.safetensors");
     assert_eq!(keys(&got), keys(&want));
@@ -164,7 +179,7 @@ fn f32_source_quantizes_through_bf16() {
     }
     w.finish().unwrap();
     let f32src = SafetensorsFile::open(&path).unwrap();
-    let p = plan(&f32src.header, Precision::Nf4, &Options::default()).unwrap();
+    let p = plan(&*source(&f32src), Precision::Nf4, &Options::default()).unwrap();
     assert_eq!(p.float_dtype, Dtype::BF16);
     let got = run(&f32src, &p, dir.path(), "nf4.safetensors");
     assert_same_file(&got, &golden("model_nf4.safetensors"), "f32 -> nf4");
@@ -182,7 +197,7 @@ fn dequantization_identical_to_bitsandbytes() {
         ("model_int8.safetensors", "model_int8_dequant.safetensors"),
     ] {
         let q = golden(file);
-        let p = plan_dequantize_file(&q, Precision::Bf16).unwrap();
+        let p = plan_dequantize_file(&*source(&q), Precision::Bf16).unwrap();
         let got = run(&q, &p, dir.path(), &format!("dq_{file}"));
         // Key set and non-weight tensors of the original model; weights as bnb decodes them.
         assert_eq!(keys(&got), keys(&src), "{file}");
@@ -198,8 +213,20 @@ fn dequantization_identical_to_bitsandbytes() {
         }
     }
     // int8 files need only the header; 4-bit ones need the quant-state JSON.
-    assert!(plan_dequantize(&golden("model_int8.safetensors").header, Precision::Fp32).is_ok());
-    assert!(plan_dequantize(&golden("model_nf4.safetensors").header, Precision::Fp32).is_err());
+    assert!(
+        plan_dequantize(
+            source(&golden("model_int8.safetensors")).tensors(),
+            Precision::Fp32
+        )
+        .is_ok()
+    );
+    assert!(
+        plan_dequantize(
+            source(&golden("model_nf4.safetensors")).tensors(),
+            Precision::Fp32
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -209,9 +236,9 @@ fn own_outputs_dequantize_back_to_the_model_layout() {
     let src = golden("model_src.safetensors");
     for target in [Precision::Fp4, Precision::Nf4] {
         for dq in [false, true] {
-            let p = plan(&src.header, target, &Options { double_quant: dq }).unwrap();
+            let p = plan(&*source(&src), target, &Options { double_quant: dq }).unwrap();
             let ours = run(&src, &p, dir.path(), "q.safetensors");
-            let back = plan_dequantize_file(&ours, Precision::Fp32).unwrap();
+            let back = plan_dequantize_file(&*source(&ours), Precision::Fp32).unwrap();
             let out = run(&ours, &back, dir.path(), "back.safetensors");
             assert_eq!(keys(&out), keys(&src));
             for t in &out.header.tensors {
@@ -225,17 +252,17 @@ fn own_outputs_dequantize_back_to_the_model_layout() {
 fn refusals_name_the_problem() {
     let src = golden("model_src.safetensors");
     assert!(matches!(
-        plan(&src.header, Precision::Fp16, &Options::default()),
+        plan(&*source(&src), Precision::Fp16, &Options::default()),
         Err(BnbError::UnsupportedTarget { .. })
     ));
     let q = golden("model_nf4.safetensors");
-    let e = plan(&q.header, Precision::Nf4, &Options::default()).unwrap_err();
+    let e = plan(&*source(&q), Precision::Nf4, &Options::default()).unwrap_err();
     assert!(e.to_string().contains("already bitsandbytes"), "{e}");
-    let e = plan_dequantize_file(&src, Precision::Bf16).unwrap_err();
+    let e = plan_dequantize_file(&*source(&src), Precision::Bf16).unwrap_err();
     let msg = e.to_string();
     assert!(msg.starts_with(&src.path.display().to_string()), "{msg}");
     assert!(msg.contains("no bitsandbytes-quantized tensor"), "{msg}");
-    assert!(plan_dequantize_file(&q, Precision::Nf4).is_err());
+    assert!(plan_dequantize_file(&*source(&q), Precision::Nf4).is_err());
 }
 
 /// Which tensors are quantized: Linear weights (embedders included), not biases, norms,
@@ -243,7 +270,7 @@ fn refusals_name_the_problem() {
 #[test]
 fn quantizes_exactly_the_linear_weights() {
     let src = golden("model_src.safetensors");
-    let p = plan(&src.header, Precision::Nf4, &Options::default()).unwrap();
+    let p = plan(&*source(&src), Precision::Nf4, &Options::default()).unwrap();
     let quantized: BTreeSet<&str> = p
         .specs
         .iter()

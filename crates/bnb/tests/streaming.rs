@@ -6,13 +6,21 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use bnb::kernels::{BLOCKSIZE, QuantType, Quantizer4, quantize_4bit, quantize_int8_rows};
-use bnb::{Options, TensorSource, convert_from, plan};
+use bnb::kernels::{
+    BLOCKSIZE, QuantType, Quantizer4, dequantize_4bit, dequantize_int8_rows, quantize_4bit,
+    quantize_int8_rows,
+};
+use bnb::{Options, convert, plan};
 use detect::Precision;
-use tensorfile::safetensors::{Dtype, Header, TensorEntry};
+use tensorfile::safetensors::Dtype;
+use tensorfile::source::Stored;
+use tensorfile::{SourceError, SourceTensor, TensorSource};
 
+/// One tensor in memory.
+#[derive(Debug)]
 struct Mem {
-    header: Header,
+    tensors: Vec<SourceTensor>,
+    metadata: BTreeMap<String, String>,
     data: Vec<u8>,
 }
 
@@ -20,11 +28,14 @@ impl TensorSource for Mem {
     fn path(&self) -> &Path {
         Path::new("memory")
     }
-    fn entries(&self) -> &[TensorEntry] {
-        &self.header.tensors
+    fn tensors(&self) -> &[SourceTensor] {
+        &self.tensors
     }
-    fn read(&self, e: &TensorEntry, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let a = (e.data_offsets.0 + offset) as usize;
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+    fn read_raw(&self, _index: usize, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let a = offset as usize;
         buf.copy_from_slice(&self.data[a..a + buf.len()]);
         Ok(())
     }
@@ -53,17 +64,22 @@ fn source(name: &str, shape: [u64; 2]) -> (Mem, Vec<f32>) {
         .iter()
         .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
         .collect();
-    let header = Header {
-        metadata: BTreeMap::new(),
-        tensors: vec![TensorEntry {
-            name: name.into(),
-            dtype: Dtype::BF16,
-            shape: shape.to_vec(),
-            data_offsets: (0, data.len() as u64),
-        }],
-        data_start: 8,
-    };
-    (Mem { header, data }, vals)
+    let tensors = vec![SourceTensor {
+        name: name.into(),
+        shape: shape.to_vec(),
+        dtype: Dtype::BF16,
+        stored: Stored::Safetensors(Dtype::BF16),
+        source_bytes: data.len() as u64,
+    }];
+    let metadata = BTreeMap::new();
+    (
+        Mem {
+            tensors,
+            metadata,
+            data,
+        },
+        vals,
+    )
 }
 
 fn tensor<'a>(out: &'a [u8], name: &str) -> &'a [u8] {
@@ -87,9 +103,9 @@ fn four_bit_bytes_do_not_depend_on_windows_or_threads() {
         } else {
             Precision::Fp4
         };
-        let p = plan(&src.header, target, &Options::default()).unwrap();
+        let p = plan(&src, target, &Options::default()).unwrap();
         let mut out = Vec::new();
-        convert_from(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+        convert(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
         let mut codes = vec![0u8; vals.len().div_ceil(2)];
         let mut absmax = vec![0f32; vals.len().div_ceil(BLOCKSIZE)];
         quantize_4bit(&Quantizer4::new(qt), &vals, &mut codes, &mut absmax);
@@ -108,9 +124,9 @@ fn four_bit_bytes_do_not_depend_on_windows_or_threads() {
 #[test]
 fn int8_bytes_do_not_depend_on_windows_or_threads() {
     let (src, vals) = source("lin.weight", [2_100, 2_011]);
-    let p = plan(&src.header, Precision::Int8, &Options::default()).unwrap();
+    let p = plan(&src, Precision::Int8, &Options::default()).unwrap();
     let mut out = Vec::new();
-    convert_from(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+    convert(&src, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
     // bf16 -> f16 -> f32 is what bnb quantizes; these values are f16-exact except tiny ones,
     // so round through f16 explicitly.
     let x16: Vec<f32> = vals
@@ -125,6 +141,45 @@ fn int8_bytes_do_not_depend_on_windows_or_threads() {
     let sb: Vec<u8> = scb.iter().flat_map(|a| a.to_le_bytes()).collect();
     assert!(tensor(&out, "lin.SCB") == sb.as_slice());
     assert_eq!(tensor(&out, "lin.weight_format"), [0u8]);
+}
+
+#[test]
+fn dequantization_bytes_do_not_depend_on_windows_or_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, shape, target) in [
+        ("blk.weight", [1_123, 3_851], Precision::Nf4),
+        ("lin.weight", [2_100, 2_011], Precision::Int8),
+    ] {
+        let (src, _) = source(name, shape);
+        let p = plan(&src, target, &Options::default()).unwrap();
+        let mut quantized = Vec::new();
+        convert(&src, &p, &BTreeMap::new(), &mut quantized, &mut |_, _| {}).unwrap();
+        let path = dir.path().join("q.safetensors");
+        std::fs::write(&path, &quantized).unwrap();
+        let q = tensorfile::open_safetensors(&path).unwrap();
+        let back = bnb::plan_dequantize_file(&*q, Precision::Fp32).unwrap();
+        let mut out = Vec::new();
+        convert(&*q, &back, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+        let n = (shape[0] * shape[1]) as usize;
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let mut want = vec![0f32; n];
+        if target == Precision::Nf4 {
+            let table = QuantType::Nf4.dequant_table(&shape);
+            let absmax = f32s(tensor(&quantized, &format!("{name}.absmax")));
+            let codes = tensor(&quantized, name);
+            dequantize_4bit(&table, codes, &absmax, BLOCKSIZE, 0, &mut want);
+        } else {
+            let codes: Vec<i8> = tensor(&quantized, name).iter().map(|&b| b as i8).collect();
+            let scb = f32s(tensor(&quantized, "lin.SCB"));
+            dequantize_int8_rows(&codes, shape[1] as usize, &scb, &mut want);
+        }
+        let want: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(tensor(&out, name) == want.as_slice(), "{target}");
+    }
 }
 
 /// Writes a safetensors file of (name, dtype, shape, bytes).
@@ -190,13 +245,13 @@ fn hostile_bitsandbytes_files_are_refused() {
         v
     };
     let open = |t: &[(&str, Dtype, Vec<u64>, Vec<u8>)]| {
-        tensorfile::safetensors::SafetensorsFile::open(&write_file(dir.path(), t)).unwrap()
+        tensorfile::open_safetensors(&write_file(dir.path(), t)).unwrap()
     };
     // The well-formed file plans and converts.
     let ok = open(&good("[4, 64]", 128, 4, false));
-    let p = bnb::plan_dequantize_file(&ok, Precision::Bf16).unwrap();
+    let p = bnb::plan_dequantize_file(&*ok, Precision::Bf16).unwrap();
     let mut out = Vec::new();
-    bnb::convert(&ok, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
+    bnb::convert(&*ok, &p, &BTreeMap::new(), &mut out, &mut |_, _| {}).unwrap();
     // A shape claiming far more elements than the packed bytes hold.
     for (bad, what) in [
         (good("[4000000, 4000000]", 128, 4, false), "packed codes"),
@@ -206,20 +261,95 @@ fn hostile_bitsandbytes_files_are_refused() {
         (good("[4, 64", 128, 4, false), "not valid JSON"),
     ] {
         let f = open(&bad);
-        let e = bnb::plan_dequantize_file(&f, Precision::Bf16)
+        let e = bnb::plan_dequantize_file(&*f, Precision::Bf16)
             .unwrap_err()
             .to_string();
         assert!(e.contains(what), "{e}");
-        assert!(e.starts_with(&f.path.display().to_string()), "{e}");
+        assert!(e.starts_with(&f.path().display().to_string()), "{e}");
     }
     let mut missing = good("[4, 64]", 128, 4, false);
     missing.remove(1);
     let f = open(&missing);
-    let e = bnb::plan_dequantize_file(&f, Precision::Bf16)
+    let e = bnb::plan_dequantize_file(&*f, Precision::Bf16)
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("w.weight.absmax") && e.contains("missing"),
         "{e}"
     );
+}
+
+/// A writer that always fails, as a full disk does.
+struct FullDisk;
+
+impl std::io::Write for FullDisk {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("no space left"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A source whose reads fail with `fault`.
+#[derive(Debug)]
+struct Failing {
+    inner: Mem,
+    io: bool,
+}
+
+impl TensorSource for Failing {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+    fn tensors(&self) -> &[SourceTensor] {
+        self.inner.tensors()
+    }
+    fn metadata(&self) -> &BTreeMap<String, String> {
+        self.inner.metadata()
+    }
+    fn read_raw(&self, _: usize, _: u64, _: &mut [u8]) -> Result<(), SourceError> {
+        let path = self.path().to_owned();
+        Err(if self.io {
+            SourceError::Io {
+                path,
+                source: std::io::Error::other("bad sector"),
+            }
+        } else {
+            SourceError::Changed { path }
+        })
+    }
+}
+
+#[test]
+fn error_kinds_tell_input_faults_from_io_faults() {
+    // Input: a target bnb does not make, a source that changed.
+    let (src, _) = source("lin.weight", [4, 64]);
+    let e = plan(&src, Precision::Fp8E4m3fn, &Options::default()).unwrap_err();
+    assert!(e.is_input_fault(), "{e}");
+    let changed = Failing {
+        inner: source("lin.weight", [4, 64]).0,
+        io: false,
+    };
+    let p = plan(&changed, Precision::Nf4, &Options::default()).unwrap();
+    let e = convert(&changed, &p, &BTreeMap::new(), Vec::new(), &mut |_, _| {}).unwrap_err();
+    assert!(e.is_input_fault(), "{e}");
+    // I/O: reading the source, writing the output.
+    let unreadable = Failing {
+        inner: source("lin.weight", [4, 64]).0,
+        io: true,
+    };
+    let e = convert(
+        &unreadable,
+        &p,
+        &BTreeMap::new(),
+        Vec::new(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(!e.is_input_fault(), "{e}");
+    let p = plan(&src, Precision::Nf4, &Options::default()).unwrap();
+    let e = convert(&src, &p, &BTreeMap::new(), FullDisk, &mut |_, _| {}).unwrap_err();
+    assert!(!e.is_input_fault(), "{e}");
+    assert!(e.to_string().contains("no space left"), "{e}");
 }

@@ -23,7 +23,7 @@
 //!   to the file's precision.
 //! - Errors are [`DetectError`], one line `PATH: problem`, with a stable [`DetectError::kind`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -183,6 +183,105 @@ pub struct BnbLayout {
     pub quantized_weights: u64,
     /// 4-bit only: whether the absmax values are themselves quantized (`nested_absmax` keys).
     pub double_quant: bool,
+}
+
+/// What marks a bitsandbytes 4-bit quant-state key: `W.quant_state.bitsandbytes__<type>`, for
+/// the weight `W`.
+pub const BNB_QUANT_STATE_MARK: &str = ".quant_state.bitsandbytes__";
+
+/// A 4-bit quant-state key, `W.quant_state.bitsandbytes__<type>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BnbQuantStateKey {
+    /// Position of the quant-state tensor in the parsed list.
+    pub index: usize,
+    /// The weight's key, `W` (it may be missing from the file).
+    pub weight: String,
+    /// The type the key's suffix names, `None` when it is neither `nf4` nor `fp4`.
+    pub quant_type: Option<BnbQuantType>,
+}
+
+/// An LLM.int8 weight: an I8 `P.weight` with its `P.SCB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnbInt8Keys {
+    /// Position of `P.weight` in the parsed list.
+    pub weight: usize,
+    /// Position of `P.SCB` in the parsed list.
+    pub scb: usize,
+}
+
+/// The bitsandbytes keys of a safetensors file: the one reading of the layout's key names,
+/// which [`detect`] summarizes as a [`BnbLayout`] and the `bnb` converter dequantizes from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BnbKeys {
+    /// Every 4-bit quant-state key, in file order.
+    pub quant_states: Vec<BnbQuantStateKey>,
+    /// Every LLM.int8 weight, in file order of its `SCB`.
+    pub int8: Vec<BnbInt8Keys>,
+    /// Number of `W.nested_absmax` keys (double-quantized absmax).
+    pub nested_absmax: u64,
+}
+
+impl BnbKeys {
+    /// Reads the keys of a file's tensors, given as (name, dtype) in file order.
+    pub fn parse<'a>(tensors: impl IntoIterator<Item = (&'a str, Dtype)>) -> BnbKeys {
+        let tensors: Vec<(&str, Dtype)> = tensors.into_iter().collect();
+        let by_name: HashMap<&str, usize> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, &(n, _))| (n, i))
+            .collect();
+        let mut keys = BnbKeys::default();
+        for (index, &(name, _)) in tensors.iter().enumerate() {
+            if let Some(at) = name.find(BNB_QUANT_STATE_MARK) {
+                let quant_type = match &name[at + BNB_QUANT_STATE_MARK.len()..] {
+                    "nf4" => Some(BnbQuantType::Nf4),
+                    "fp4" => Some(BnbQuantType::Fp4),
+                    _ => None,
+                };
+                keys.quant_states.push(BnbQuantStateKey {
+                    index,
+                    weight: name[..at].to_owned(),
+                    quant_type,
+                });
+            } else if name.ends_with(".weight.nested_absmax") {
+                keys.nested_absmax += 1;
+            } else if let Some(module) = name.strip_suffix(".SCB") {
+                // LLM.int8 stores `P.SCB` next to an I8 `P.weight`.
+                let weight = by_name.get(format!("{module}.weight").as_str()).copied();
+                if let Some(weight) = weight.filter(|&w| tensors[w].1 == Dtype::I8) {
+                    keys.int8.push(BnbInt8Keys { weight, scb: index });
+                }
+            }
+        }
+        keys
+    }
+
+    /// Whether the file has no bitsandbytes key.
+    pub fn is_empty(&self) -> bool {
+        self.quant_states.is_empty() && self.int8.is_empty()
+    }
+
+    /// The file's layout: the quantization with the most weights (ties: int8, then fp4).
+    pub fn layout(&self) -> Option<BnbLayout> {
+        let count = |qt| {
+            self.quant_states
+                .iter()
+                .filter(|k| k.quant_type == Some(qt))
+                .count() as u64
+        };
+        let (quant_type, quantized_weights) = [
+            (BnbQuantType::Nf4, count(BnbQuantType::Nf4)),
+            (BnbQuantType::Fp4, count(BnbQuantType::Fp4)),
+            (BnbQuantType::Int8, self.int8.len() as u64),
+        ]
+        .into_iter()
+        .max_by_key(|&(_, n)| n)?;
+        (quantized_weights > 0).then_some(BnbLayout {
+            quant_type,
+            quantized_weights,
+            double_quant: quant_type != BnbQuantType::Int8 && self.nested_absmax > 0,
+        })
+    }
 }
 
 /// Why a file could not be detected. Display: `PATH: problem`, one line (the CLI prints it
@@ -505,38 +604,7 @@ fn dominant_float(header: &Header) -> Option<Dtype> {
 }
 
 fn detect_bitsandbytes(header: &Header) -> Option<BnbLayout> {
-    let mut nf4 = 0u64;
-    let mut fp4 = 0u64;
-    let mut nested = 0u64;
-    let mut int8 = 0u64;
-    for t in &header.tensors {
-        let name = t.name.as_str();
-        if name.ends_with("quant_state.bitsandbytes__nf4") {
-            nf4 += 1;
-        } else if name.ends_with("quant_state.bitsandbytes__fp4") {
-            fp4 += 1;
-        } else if name.ends_with(".weight.nested_absmax") {
-            nested += 1;
-        } else if let Some(module) = name.strip_suffix(".SCB") {
-            // LLM.int8 stores `P.SCB` next to an I8 `P.weight`.
-            let weight = format!("{module}.weight");
-            if header.tensor(&weight).is_some_and(|w| w.dtype == Dtype::I8) {
-                int8 += 1;
-            }
-        }
-    }
-    let (quant_type, quantized_weights) = [
-        (BnbQuantType::Nf4, nf4),
-        (BnbQuantType::Fp4, fp4),
-        (BnbQuantType::Int8, int8),
-    ]
-    .into_iter()
-    .max_by_key(|&(_, n)| n)?;
-    (quantized_weights > 0).then_some(BnbLayout {
-        quant_type,
-        quantized_weights,
-        double_quant: quant_type != BnbQuantType::Int8 && nested > 0,
-    })
+    BnbKeys::parse(header.tensors.iter().map(|t| (t.name.as_str(), t.dtype))).layout()
 }
 
 fn fp8_scaling(layout: &ScaledLayout) -> Fp8Scaling {

@@ -206,10 +206,17 @@ impl ConvertError {
         self
     }
 
-    /// Whether the input is at fault (a source or plan convcache cannot convert), rather than
-    /// reading or writing.
+    /// Whether the input is at fault (a source convcache cannot convert, or that changed),
+    /// rather than reading, writing or a planning bug (`Cast`, `PlanMismatch`: never
+    /// properties of the data).
     pub fn is_input_fault(&self) -> bool {
-        self.io_error().is_none()
+        matches!(
+            self,
+            ConvertError::UnsupportedTarget { .. }
+                | ConvertError::UnsupportedDtype { .. }
+                | ConvertError::InvalidSource { .. }
+                | ConvertError::SourceChanged { .. }
+        )
     }
 
     /// The I/O error, when reading or writing failed (to tell a full disk from bad input).

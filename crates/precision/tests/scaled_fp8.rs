@@ -66,6 +66,9 @@ fn every_scaled_layout_converts_to_torchs_descaled_values() {
             let d = detect::detect(&out.path).unwrap();
             assert_eq!(d.precision, Some(target), "{source} -> {target}");
             assert!(d.fp8_scaling.is_none(), "{source} -> {target}");
+            // Convertible again, and nothing tells ComfyUI the plain weights are quantized.
+            assert!(d.supported_as_source, "{source} -> {target}: {:?}", d.notes);
+            assert!(!out.header.metadata.contains_key("_quantization_metadata"));
         }
     }
 }

@@ -170,24 +170,13 @@ impl ConverterError for tensorfile::gguf::reader::GgufError {
 
 impl ConverterError for precision::convert::ConvertError {
     fn is_input_fault(&self) -> bool {
-        use precision::convert::ConvertError as E;
-        // `Cast` and `PlanMismatch` are planning bugs, never properties of the data.
-        matches!(
-            self,
-            E::UnsupportedTarget { .. } | E::UnsupportedDtype { .. } | E::SourceChanged { .. }
-        )
+        precision::convert::ConvertError::is_input_fault(self)
     }
 }
 
 impl ConverterError for bnb::BnbError {
     fn is_input_fault(&self) -> bool {
-        use bnb::BnbError as E;
-        match self {
-            E::UnsupportedTarget { .. } | E::Tensor { .. } | E::QuantState { .. } => true,
-            E::File { source, .. } => source.is_input_fault(),
-            // `PlanMismatch` is a planning bug.
-            E::Read { .. } | E::Io(_) | E::PlanMismatch(_) => false,
-        }
+        bnb::BnbError::is_input_fault(self)
     }
 }
 

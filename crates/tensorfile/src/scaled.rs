@@ -338,6 +338,10 @@ pub struct ScaledFp8 {
     /// For each served tensor: its header index and its scale, if de-scaled.
     served: Vec<(usize, Option<f32>)>,
     hidden: Vec<HiddenTensor>,
+    /// The file's metadata without `_quantization_metadata`: that list describes scales this
+    /// view applies and hides, and copied into an output it would make ComfyUI load plain
+    /// weights as quantized ones.
+    metadata: BTreeMap<String, String>,
 }
 
 impl ScaledFp8 {
@@ -384,7 +388,10 @@ impl ScaledFp8 {
                 reason,
             })
             .collect();
+        let mut metadata = file.header.metadata.clone();
+        metadata.remove(QUANTIZATION_METADATA);
         Ok(ScaledFp8 {
+            metadata,
             file,
             layout,
             tensors,
@@ -421,7 +428,7 @@ impl TensorSource for ScaledFp8 {
     }
 
     fn metadata(&self) -> &BTreeMap<String, String> {
-        &self.file.header.metadata
+        &self.metadata
     }
 
     fn hidden(&self) -> &[HiddenTensor] {

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use detect::detection::Format;
 use detect::{Detection, Precision};
-use tensorfile::safetensors::SafetensorsFile;
+use tensorfile::TensorSource;
 
 use crate::{
     Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
@@ -45,41 +45,40 @@ impl Backend for BnbBackend {
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let src = SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?;
-        let in_file = |e: ::bnb::BnbError| SmartError::backend_in(job.source_path, e);
+        let source = tensorfile::open_safetensors(job.source_path)
+            .map_err(|e| SmartError::backend(::bnb::BnbError::from(e)))?;
         let plan = if job.source.bitsandbytes.is_some() {
-            ::bnb::plan_dequantize_file(&src, job.target).map_err(in_file)?
+            ::bnb::plan_dequantize_file(&*source, job.target)
         } else {
             let options = ::bnb::Options {
                 double_quant: job.options.double_quant,
             };
-            let mut plan = ::bnb::plan(&src.header, job.target, &options).map_err(in_file)?;
-            // Exact `json.dumps` quant states: the nested offsets are computed before the header.
-            ::bnb::resolve_nested_offsets(&src, &mut plan).map_err(in_file)?;
-            plan
-        };
-        let metadata =
-            precision::convert::merged_metadata(&src.header.metadata, job.extra_metadata);
+            ::bnb::plan(&*source, job.target, &options).and_then(|mut plan| {
+                // Exact `json.dumps` quant states: the nested offsets are computed before the
+                // header.
+                ::bnb::resolve_nested_offsets(&*source, &mut plan)?;
+                Ok(plan)
+            })
+        }
+        .map_err(SmartError::backend)?;
+        let metadata = precision::convert::merged_metadata(source.metadata(), job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
             .map_err(|e| SmartError::backend_in(job.source_path, Unencodable(e)))?;
-        let source_bytes = src.header.data_len();
         Ok(Box::new(Planned {
-            src,
+            source,
             plan,
             metadata,
             output_len,
-            source_bytes,
         }))
     }
 }
 
 struct Planned {
-    src: SafetensorsFile,
+    source: Box<dyn TensorSource>,
     plan: ::bnb::Plan,
     metadata: BTreeMap<String, String>,
     output_len: u64,
-    source_bytes: u64,
 }
 
 impl PlannedConversion for Planned {
@@ -88,7 +87,7 @@ impl PlannedConversion for Planned {
     }
 
     fn totals(&self) -> (u64, u64) {
-        (self.source_bytes, self.plan.source_tensors())
+        (self.plan.source_bytes(), self.plan.source_tensors())
     }
 
     fn write(
@@ -96,7 +95,7 @@ impl PlannedConversion for Planned {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<ConversionReport, SmartError> {
-        let report = ::bnb::convert(&self.src, &self.plan, &self.metadata, out, progress)
+        let report = ::bnb::convert(&*self.source, &self.plan, &self.metadata, out, progress)
             .map_err(SmartError::backend)?;
         Ok(ConversionReport::Bitsandbytes(report))
     }
