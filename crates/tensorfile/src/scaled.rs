@@ -300,33 +300,43 @@ fn check_scaled_weight(w: &TensorEntry, scale: &str, format: &str) -> Result<(),
     }
 }
 
+/// One layer's `comfy_quant` JSON (other keys, such as `full_precision_matrix_mult`, only
+/// change how ComfyUI multiplies, not the weight's value).
+#[derive(serde::Deserialize)]
+struct LayerConf {
+    format: String,
+}
+
+/// The file metadata's `_quantization_metadata` (`format_version` and other keys ignored, as
+/// ComfyUI does).
+#[derive(serde::Deserialize)]
+struct QuantizationMetadata {
+    layers: BTreeMap<String, LayerConf>,
+}
+
 fn parse_comfy_quant(name: &str, bytes: &[u8]) -> Result<String, LayoutError> {
-    let value: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| layout_err(name, format!("comfy_quant is not JSON: {e}")))?;
-    value
-        .get("format")
-        .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| layout_err(name, "comfy_quant JSON has no string \"format\""))
+    serde_json::from_slice::<LayerConf>(bytes)
+        .map(|c| c.format)
+        .map_err(|e| {
+            layout_err(
+                name,
+                format!("comfy_quant is not JSON with a \"format\": {e}"),
+            )
+        })
 }
 
 fn parse_quantization_metadata(json: &str) -> Result<BTreeMap<String, String>, LayoutError> {
-    let bad = |p: String| layout_err(QUANTIZATION_METADATA, p);
-    let value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let layers = value
-        .get("layers")
-        .and_then(serde_json::Value::as_object)
-        .ok_or_else(|| bad("no \"layers\" object".into()))?;
-    layers
-        .iter()
-        .map(|(layer, conf)| {
-            conf.get("format")
-                .and_then(serde_json::Value::as_str)
-                .map(|f| (layer.clone(), f.to_owned()))
-                .ok_or_else(|| bad(format!("layer {layer:?} has no string \"format\"")))
-        })
-        .collect()
+    let meta: QuantizationMetadata = serde_json::from_str(json).map_err(|e| {
+        layout_err(
+            QUANTIZATION_METADATA,
+            format!("not JSON with \"layers\" of {{\"format\": ...}}: {e}"),
+        )
+    })?;
+    Ok(meta
+        .layers
+        .into_iter()
+        .map(|(layer, conf)| (layer, conf.format))
+        .collect())
 }
 
 /// A scaled-fp8 file served de-scaled: see the module documentation.
