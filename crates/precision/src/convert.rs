@@ -89,26 +89,27 @@ impl Plan {
     }
 }
 
-/// What a conversion did. Serialized as JSON by the CLI; the field names are stable:
-///
-/// - `target`: the canonical precision name (`fp16`, `fp8_e4m3fn`, ...);
-/// - `tensors_converted`: tensors whose dtype changed;
-/// - `tensors_copied`: tensors written byte for byte (integer, bool, already in the output dtype);
-/// - `tensors_kept_16bit` / `kept_16bit`: how many and which 1-D/scalar float tensors an fp8
-///   target left in BF16/F16 (each also counted in one of the two counts above);
-/// - `overflowed`: finite source values that became ±inf or were saturated (fp8_e4m3fn ±448);
-/// - `non_finite`: NaN and ±inf values in the output tensors;
-/// - `bytes_in`: source tensor bytes read; `bytes_out`: bytes written (the whole output file).
+/// What a conversion did. Serialized as JSON by the CLI; the field names are stable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Report {
+    /// The canonical precision name (`fp16`, `fp8_e4m3fn`, ...).
     pub target: String,
+    /// Tensors whose dtype changed.
     pub tensors_converted: u64,
+    /// Tensors written byte for byte (integer, bool, already in the output dtype).
     pub tensors_copied: u64,
+    /// How many 1-D/scalar float tensors an fp8 target left in BF16/F16 (each also counted in
+    /// one of the two counts above).
     pub tensors_kept_16bit: u64,
+    /// The names of those tensors.
     pub kept_16bit: Vec<String>,
+    /// Finite source values that became ±inf or were saturated (fp8_e4m3fn ±448).
     pub overflowed: u64,
+    /// NaN and ±inf values in the output tensors.
     pub non_finite: u64,
+    /// Source tensor bytes read.
     pub bytes_in: u64,
+    /// Bytes written (the whole output file).
     pub bytes_out: u64,
 }
 
@@ -122,7 +123,12 @@ pub enum ConvertError {
          fp8_e4m3fn and fp8_e5m2",
         shown(path)
     )]
-    UnsupportedTarget { path: PathBuf, target: Precision },
+    UnsupportedTarget {
+        /// The source file.
+        path: PathBuf,
+        /// The requested precision.
+        target: Precision,
+    },
     /// A floating tensor whose dtype no cast reads.
     #[error(
         "{}: tensor {tensor:?} has dtype {dtype}, which cannot be converted (supported float \
@@ -130,8 +136,11 @@ pub enum ConvertError {
         shown(path)
     )]
     UnsupportedDtype {
+        /// The source file.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// Its dtype.
         dtype: Dtype,
     },
     /// The plan was not made from this file's header.
@@ -139,22 +148,38 @@ pub enum ConvertError {
         "{}: the conversion plan does not match this file: {detail}",
         shown(path)
     )]
-    PlanMismatch { path: PathBuf, detail: String },
+    PlanMismatch {
+        /// The source file.
+        path: PathBuf,
+        /// What differs.
+        detail: String,
+    },
     /// A cast refused its input (a planning bug, never a property of the data).
     #[error("{}: tensor {tensor:?}: {source}", shown(path))]
     Cast {
+        /// The source file.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// What the cast refused.
         source: CastError,
     },
     /// Reading the source failed.
     #[error("{}: reading the source failed: {source}", shown(path))]
-    Read { path: PathBuf, source: io::Error },
+    Read {
+        /// The source file.
+        path: PathBuf,
+        /// The read error.
+        source: io::Error,
+    },
     /// The source's content cannot be served correctly (bad input).
     #[error("{}: tensor {tensor:?}: {problem}", shown(path))]
     InvalidSource {
+        /// The source file.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// What is wrong with its content.
         problem: String,
     },
     /// The source file is no longer the one whose header was validated.
@@ -162,10 +187,18 @@ pub enum ConvertError {
         "{}: the file changed after it was opened (size or header differ)",
         shown(path)
     )]
-    SourceChanged { path: PathBuf },
+    SourceChanged {
+        /// The source file.
+        path: PathBuf,
+    },
     /// Writing the output failed (disk full, closed pipe...).
     #[error("{}: writing the converted output failed: {source}", shown(path))]
-    Write { path: PathBuf, source: io::Error },
+    Write {
+        /// The file being converted (the output is a writer, which has no path).
+        path: PathBuf,
+        /// The write error.
+        source: io::Error,
+    },
 }
 
 fn shown(path: &Path) -> std::borrow::Cow<'_, str> {

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Precision conversion of safetensors files, bit-identical to PyTorch's `.to(dtype)`.
 //!
 //! - [`mod@convert`]: the streaming safetensors -> safetensors converter ([`plan`], [`convert()`]),

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The three-stage conversion: the source already is the target; a valid cached output; or
 //! convert under a lock with verification and atomic publish.
 //!
@@ -61,6 +62,7 @@ pub use publish::ignore_file_size_signal;
 /// once by the caller.
 #[derive(Clone)]
 pub struct Options<'a> {
+    /// Where outputs are looked up and published.
     pub models_dir: ModelsDir,
     /// Reconvert files at the cache path that carry no provenance (made by another tool).
     pub strict: bool,
@@ -173,11 +175,13 @@ pub enum Status {
 /// What [`smart_convert`] did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
+    /// Which of the three stages answered.
     pub status: Status,
     /// The file in the target precision.
     pub path: PathBuf,
     /// The source, as given.
     pub source: PathBuf,
+    /// The requested precision.
     #[serde(serialize_with = "ser_precision")]
     pub target: Precision,
     /// The source's detected precision.
@@ -221,10 +225,15 @@ pub enum Phase {
 /// A progress report: `done` of `total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Progress {
+    /// What is being done.
     pub phase: Phase,
+    /// Bytes processed so far.
     pub bytes_done: u64,
+    /// Bytes this phase processes in all.
     pub bytes_total: u64,
+    /// Tensors done so far (0 while hashing).
     pub tensors_done: u64,
+    /// Tensors in all (0 while hashing).
     pub tensors_total: u64,
 }
 
@@ -242,12 +251,20 @@ pub enum SmartError {
     UnknownSourcePrecision(PathBuf),
     /// The source is in a layout or dtype convcache cannot read (`why`: detection's notes).
     #[error("{path}: cannot be converted: {why}")]
-    UnreadableSource { path: PathBuf, why: String },
+    UnreadableSource {
+        /// The source file.
+        path: PathBuf,
+        /// Detection's notes.
+        why: String,
+    },
     /// No backend converts this source to this target.
     #[error("{path}: no converter turns {from} into {target}")]
     Unsupported {
+        /// The source file.
         path: PathBuf,
+        /// The source's detected precision (canonical name).
         from: String,
+        /// The requested precision.
         target: Precision,
     },
     /// The cache path of the output is the source itself (a mislabelled file in the cache dir).
@@ -258,28 +275,39 @@ pub enum SmartError {
         "{path}: not enough free space: the output needs {needed} bytes, {available} are available"
     )]
     NoSpace {
+        /// The output's path.
         path: PathBuf,
+        /// The output's exact size in bytes.
         needed: u64,
+        /// Bytes free on its filesystem.
         available: u64,
     },
     /// The output would exceed the process's file-size limit (`ulimit -f`).
     #[error("{path}: the output needs {needed} bytes, over the file-size limit of {limit} bytes")]
     FileSizeLimit {
+        /// The output's path.
         path: PathBuf,
+        /// The output's exact size in bytes.
         needed: u64,
+        /// The limit in bytes.
         limit: u64,
     },
     /// The disk filled up (ENOSPC) or the file-size limit was hit (EFBIG) while writing.
     #[error("{path}: no space left while writing the output ({source}); nothing was published")]
     DiskFull {
+        /// The output's path.
         path: PathBuf,
+        /// The write error.
         source: std::io::Error,
     },
     /// A filesystem operation failed.
     #[error("{path}: cannot {op}: {source}")]
     Io {
+        /// The file or directory operated on.
         path: PathBuf,
+        /// What could not be done, as the message's verb phrase.
         op: &'static str,
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// The converter failed (its message names the file).
@@ -287,11 +315,17 @@ pub enum SmartError {
     Backend {
         /// Whether the input is at fault (see [`ConverterError`]).
         input_fault: bool,
+        /// The converter's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The written output did not verify; nothing was published.
     #[error("{path}: the converted output failed verification: {problem}; nothing was published")]
-    Verify { path: PathBuf, problem: String },
+    Verify {
+        /// The output's path.
+        path: PathBuf,
+        /// What the verification found.
+        problem: String,
+    },
     /// [`Options::cancel`] was set.
     #[error("{0}: conversion cancelled; nothing was published")]
     Cancelled(PathBuf),
@@ -454,6 +488,7 @@ pub enum CheckStatus {
     Hit,
     /// A file without provenance in the target precision (used unless strict).
     Unverified,
+    /// Nothing at the path.
     Missing,
     /// An output made before the source or the converter changed.
     Stale,
@@ -466,8 +501,10 @@ pub enum CheckStatus {
 /// One target of [`check`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
+    /// The target checked.
     #[serde(serialize_with = "ser_precision")]
     pub target: Precision,
+    /// The verdict.
     pub status: CheckStatus,
     /// Whether [`smart_convert`] would answer without converting.
     pub valid: bool,
