@@ -44,18 +44,6 @@ pub const DEFAULT_CHUNK_BYTES: usize = 2 << 20;
 /// chunk over every core.
 const TASK_ELEMS: usize = 1 << 16;
 
-/// The safetensors dtype a precision target writes, when the precision converter handles it.
-pub fn target_dtype(target: Precision) -> Option<Dtype> {
-    match target {
-        Precision::Fp32 => Some(Dtype::F32),
-        Precision::Fp16 => Some(Dtype::F16),
-        Precision::Bf16 => Some(Dtype::BF16),
-        Precision::Fp8E4m3fn => Some(Dtype::F8E4M3),
-        Precision::Fp8E5m2 => Some(Dtype::F8E5M2),
-        _ => None,
-    }
-}
-
 /// How one output tensor is produced from the source tensor of the same index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -301,10 +289,12 @@ pub fn plan<S: TensorSource + ?Sized>(source: &S, target: Precision) -> Result<P
 }
 
 fn plan_tensors(tensors: &[SourceTensor], target: Precision) -> Result<Plan, ConvertError> {
-    let dst = target_dtype(target).ok_or(ConvertError::UnsupportedTarget {
-        path: PathBuf::new(),
-        target,
-    })?;
+    let dst = target
+        .safetensors_dtype()
+        .ok_or(ConvertError::UnsupportedTarget {
+            path: PathBuf::new(),
+            target,
+        })?;
     let n = tensors.len();
     let mut plan = Plan {
         target,

@@ -10,5 +10,5 @@ pub mod convert;
 
 pub use convert::{
     Action, ConvertError, ConvertOptions, Plan, Report, SourceObserver, convert,
-    convert_observing_source, convert_with, merged_metadata, plan, target_dtype,
+    convert_observing_source, convert_with, merged_metadata, plan,
 };
