@@ -40,6 +40,35 @@
 //! resolved against the source: a forced GGUF architecture that is the one detected in the
 //! source is no force at all, so `convert --arch flux` of a flux model and a plain `convert`
 //! (or `check`) make and find the same output.
+//!
+//! # Example
+//!
+//! Convert a one-tensor F32 file to fp16 in a temporary models dir, then ask again:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use detect::Precision;
+//! use smart::{Options, Status, smart_convert};
+//! use tensorfile::{Dtype, SafetensorsWriter, TensorSpec};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let source = dir.path().join("tiny.safetensors");
+//! let spec = TensorSpec { name: "w".into(), dtype: Dtype::F32, shape: vec![2] };
+//! let file = std::fs::File::create(&source)?;
+//! let mut writer = SafetensorsWriter::new(file, &[spec], &BTreeMap::new())?;
+//! writer.write_chunk(&[1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat())?;
+//! writer.finish()?;
+//!
+//! let options = Options::new(cache::ModelsDir::at(dir.path().join("models")));
+//! let first = smart_convert(&source, Precision::Fp16, &options)?;
+//! assert_eq!(first.status, Status::Converted);
+//! assert!(first.path.ends_with("models/diffusion_models/converted/tiny_fp16.safetensors"));
+//! let again = smart_convert(&source, Precision::Fp16, &options)?;
+//! assert_eq!((again.status, again.path), (Status::Cached, first.path));
+//! # Ok(())
+//! # }
+//! ```
 
 mod backend;
 pub mod backends;
@@ -89,8 +118,8 @@ pub struct Options<'a> {
     /// itself must be fast: the output record then carries this boot's id; the first hit in
     /// this boot syncs the output, and after a restart it is hashed once before it is served,
     /// so a conversion cut short by a crash is never served; tools that read the file directly
-    /// right after a power loss could still see a torn file. Where the boot cannot be identified (not Linux), outputs are always
-    /// synced.
+    /// right after a power loss could still see a torn file. Where the boot cannot be
+    /// identified (not Linux), outputs are always synced.
     pub sync_output: bool,
 }
 
