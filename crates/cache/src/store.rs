@@ -619,21 +619,13 @@ impl Cache {
         dry_run: bool,
     ) -> Result<Vec<Removed>, CacheError> {
         let source = absolute(source);
-        let mut mine: Vec<Entry> = self
+        let mine: Vec<Entry> = self
             .list(Kind::All)?
             .into_iter()
             .filter(|e| e.source.as_deref() == Some(source.as_path()))
             .collect();
-        mine.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
         let mut removed = Vec::new();
-        for e in mine.into_iter().skip(keep) {
-            if self.remove_output(&e.path, dry_run)? {
-                removed.push(Removed {
-                    path: e.path,
-                    size: e.size,
-                });
-            }
-        }
+        self.keep_most_recent(mine, keep, dry_run, &mut removed)?;
         Ok(removed)
     }
 
@@ -647,18 +639,31 @@ impl Cache {
             }
         }
         let mut removed = Vec::new();
-        for (_, mut entries) in by_source {
-            entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
-            for e in entries.into_iter().skip(keep) {
-                if self.remove_output(&e.path, dry_run)? {
-                    removed.push(Removed {
-                        path: e.path,
-                        size: e.size,
-                    });
-                }
-            }
+        for (_, entries) in by_source {
+            self.keep_most_recent(entries, keep, dry_run, &mut removed)?;
         }
         Ok(removed)
+    }
+
+    /// Removes all but the `keep` most recently used of `entries` (the outputs of one source),
+    /// adding what it removed to `removed`.
+    fn keep_most_recent(
+        &self,
+        mut entries: Vec<Entry>,
+        keep: usize,
+        dry_run: bool,
+        removed: &mut Vec<Removed>,
+    ) -> Result<(), CacheError> {
+        entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
+        for e in entries.into_iter().skip(keep) {
+            if self.remove_output(&e.path, dry_run)? {
+                removed.push(Removed {
+                    path: e.path,
+                    size: e.size,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Removes least recently used outputs until all listed outputs total at most `max_bytes`.
