@@ -101,15 +101,14 @@ pub struct Report {
     pub bytes_out: u64,
 }
 
-/// Why a conversion failed. Display: `PATH: problem` (errors from [`plan`], which sees only a
-/// header, say `safetensors header` until [`ConvertError::with_path`] names the file).
+/// Why a conversion failed. Display: `PATH: problem`, PATH being the source file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     /// The precision converter does not produce this precision.
     #[error(
         "{}: cannot convert to {target}: the precision converter writes fp32, fp16, bf16, \
          fp8_e4m3fn and fp8_e5m2",
-        shown(path)
+        path.display()
     )]
     UnsupportedTarget {
         /// The source file.
@@ -121,7 +120,7 @@ pub enum ConvertError {
     #[error(
         "{}: tensor {tensor:?} has dtype {dtype}, which cannot be converted (supported float \
          dtypes: F64, F32, F16, BF16, F8_E4M3, F8_E5M2)",
-        shown(path)
+        path.display()
     )]
     UnsupportedDtype {
         /// The source file.
@@ -134,7 +133,7 @@ pub enum ConvertError {
     /// The plan was not made from this file's header.
     #[error(
         "{}: the conversion plan does not match this file: {detail}",
-        shown(path)
+        path.display()
     )]
     PlanMismatch {
         /// The source file.
@@ -143,7 +142,7 @@ pub enum ConvertError {
         detail: String,
     },
     /// A cast refused its input (a planning bug, never a property of the data).
-    #[error("{}: tensor {tensor:?}: {source}", shown(path))]
+    #[error("{}: tensor {tensor:?}: {source}", path.display())]
     Cast {
         /// The source file.
         path: PathBuf,
@@ -153,7 +152,7 @@ pub enum ConvertError {
         source: CastError,
     },
     /// Reading the source failed.
-    #[error("{}: reading the source failed: {source}", shown(path))]
+    #[error("{}: reading the source failed: {source}", path.display())]
     Read {
         /// The source file.
         path: PathBuf,
@@ -161,7 +160,7 @@ pub enum ConvertError {
         source: io::Error,
     },
     /// The source's content cannot be served correctly (bad input).
-    #[error("{}: tensor {tensor:?}: {problem}", shown(path))]
+    #[error("{}: tensor {tensor:?}: {problem}", path.display())]
     InvalidSource {
         /// The source file.
         path: PathBuf,
@@ -173,14 +172,14 @@ pub enum ConvertError {
     /// The source file is no longer the one whose header was validated.
     #[error(
         "{}: the file changed after it was opened (size or header differ)",
-        shown(path)
+        path.display()
     )]
     SourceChanged {
         /// The source file.
         path: PathBuf,
     },
     /// Writing the output failed (disk full, closed pipe...).
-    #[error("{}: writing the converted output failed: {source}", shown(path))]
+    #[error("{}: writing the converted output failed: {source}", path.display())]
     Write {
         /// The file being converted (the output is a writer, which has no path).
         path: PathBuf,
@@ -189,44 +188,7 @@ pub enum ConvertError {
     },
 }
 
-fn shown(path: &Path) -> std::borrow::Cow<'_, str> {
-    if path.as_os_str().is_empty() {
-        "safetensors header".into()
-    } else {
-        path.display().to_string().into()
-    }
-}
-
 impl ConvertError {
-    /// The source file the error is about (empty for [`plan`] errors not yet given a path).
-    pub fn path(&self) -> &Path {
-        match self {
-            ConvertError::UnsupportedTarget { path, .. }
-            | ConvertError::UnsupportedDtype { path, .. }
-            | ConvertError::PlanMismatch { path, .. }
-            | ConvertError::Cast { path, .. }
-            | ConvertError::Read { path, .. }
-            | ConvertError::InvalidSource { path, .. }
-            | ConvertError::SourceChanged { path }
-            | ConvertError::Write { path, .. } => path,
-        }
-    }
-
-    /// The same error about `file`.
-    pub fn with_path(mut self, file: &Path) -> Self {
-        match &mut self {
-            ConvertError::UnsupportedTarget { path, .. }
-            | ConvertError::UnsupportedDtype { path, .. }
-            | ConvertError::PlanMismatch { path, .. }
-            | ConvertError::Cast { path, .. }
-            | ConvertError::Read { path, .. }
-            | ConvertError::InvalidSource { path, .. }
-            | ConvertError::SourceChanged { path }
-            | ConvertError::Write { path, .. } => *path = file.to_owned(),
-        }
-        self
-    }
-
     /// Whether the input is at fault (a source or plan convcache cannot convert), rather than
     /// reading or writing.
     pub fn is_input_fault(&self) -> bool {
@@ -261,13 +223,17 @@ impl From<SourceError> for ConvertError {
 }
 
 /// The output dtype of one source tensor, and whether it is a 1-D/scalar tensor kept 16-bit.
-fn output_dtype(t: &SourceTensor, target: Dtype) -> Result<(Dtype, bool), ConvertError> {
+fn output_dtype(
+    path: &Path,
+    t: &SourceTensor,
+    target: Dtype,
+) -> Result<(Dtype, bool), ConvertError> {
     if !t.dtype.is_float() {
         return Ok((t.dtype, false));
     }
     if !is_cast_source(t.dtype) {
         return Err(ConvertError::UnsupportedDtype {
-            path: PathBuf::new(),
+            path: path.to_owned(),
             tensor: t.name.clone(),
             dtype: t.dtype,
         });
@@ -285,14 +251,11 @@ fn output_dtype(t: &SourceTensor, target: Dtype) -> Result<(Dtype, bool), Conver
 
 /// Plans the conversion of `source` to `target` (its tensor list only, no data read).
 pub fn plan<S: TensorSource + ?Sized>(source: &S, target: Precision) -> Result<Plan, ConvertError> {
-    plan_tensors(source.tensors(), target).map_err(|e| e.with_path(source.path()))
-}
-
-fn plan_tensors(tensors: &[SourceTensor], target: Precision) -> Result<Plan, ConvertError> {
+    let (path, tensors) = (source.path(), source.tensors());
     let dst = target
         .safetensors_dtype()
-        .ok_or(ConvertError::UnsupportedTarget {
-            path: PathBuf::new(),
+        .ok_or_else(|| ConvertError::UnsupportedTarget {
+            path: path.to_owned(),
             target,
         })?;
     let n = tensors.len();
@@ -305,7 +268,7 @@ fn plan_tensors(tensors: &[SourceTensor], target: Precision) -> Result<Plan, Con
         bytes_in: 0,
     };
     for t in tensors {
-        let (dtype, kept) = output_dtype(t, dst)?;
+        let (dtype, kept) = output_dtype(path, t, dst)?;
         plan.actions.push(if dtype == t.dtype {
             Action::Copy
         } else {
