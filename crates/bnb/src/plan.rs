@@ -351,15 +351,12 @@ fn plan_quantize(
 }
 
 fn dequant_dtype(target: Precision) -> Result<Dtype, BnbError> {
-    match target {
-        Precision::Fp16 => Ok(Dtype::F16),
-        Precision::Bf16 => Ok(Dtype::BF16),
-        Precision::Fp32 => Ok(Dtype::F32),
-        _ => Err(BnbError::UnsupportedTarget {
+    target
+        .dequantization_dtype()
+        .ok_or(BnbError::UnsupportedTarget {
             target,
             what: "dequantization",
-        }),
-    }
+        })
 }
 
 /// Plans dequantizing a bitsandbytes file to `target` (fp16, bf16 or fp32) from its tensor list

@@ -11,7 +11,6 @@
 //! number of threads. XXH3 is not cryptographic: the digest tells a changed source from an
 //! unchanged one, it does not defend against someone crafting collisions.
 
-use std::cell::Cell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -53,18 +52,33 @@ fn combine(len: u64, chunk_hashes: &[u128]) -> String {
 /// Chunks hashed between two progress reports (512 MiB).
 const CHUNKS_PER_REPORT: usize = 64;
 
-thread_local! {
-    /// Files hashed by [`digest_file_cancellable`] on this thread.
-    static FILES_HASHED: Cell<u64> = const { Cell::new(0) };
+/// Files hashed per thread, for tests that assert what a lookup or conversion hashed (nothing on
+/// a hit, the source once after a touch). Compiled only with the `test-counters` feature, which
+/// only dev-dependencies enable: production builds carry no counter.
+#[cfg(feature = "test-counters")]
+mod hashed_counter {
+    use std::cell::Cell;
+
+    thread_local! {
+        static FILES_HASHED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub(super) fn count_one() {
+        FILES_HASHED.with(|c| c.set(c.get() + 1));
+    }
+
+    /// How many files [`super::digest_file`] (or its cancellable variant) has hashed on the
+    /// calling thread.
+    ///
+    /// Per thread so that a test can tell whether one lookup hashed anything, whatever other
+    /// tests run at the same time.
+    pub fn files_hashed_on_this_thread() -> u64 {
+        FILES_HASHED.with(Cell::get)
+    }
 }
 
-/// How many files [`digest_file`] (or its cancellable variant) has hashed on the calling thread.
-///
-/// Per thread so that a test can tell whether one lookup hashed anything, whatever other tests
-/// run at the same time.
-pub fn files_hashed_on_this_thread() -> u64 {
-    FILES_HASHED.with(Cell::get)
-}
+#[cfg(feature = "test-counters")]
+pub use hashed_counter::files_hashed_on_this_thread;
 
 /// The digest of the file at `path`.
 ///
@@ -84,7 +98,8 @@ pub fn digest_file_cancellable(
     progress: &mut dyn FnMut(u64, u64),
     cancel: Option<&AtomicBool>,
 ) -> Result<String, CacheError> {
-    FILES_HASHED.with(|c| c.set(c.get() + 1));
+    #[cfg(feature = "test-counters")]
+    hashed_counter::count_one();
     let io = |op, source| CacheError::Io {
         path: path.to_path_buf(),
         op,
@@ -166,6 +181,7 @@ impl std::fmt::Debug for StreamDigest {
 }
 
 impl StreamDigest {
+    /// A digest of nothing yet.
     pub fn new() -> StreamDigest {
         StreamDigest {
             len: 0,

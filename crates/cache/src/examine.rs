@@ -9,6 +9,7 @@ use crate::provenance::Provenance;
 /// What [`examine`] found in a file at a cache path.
 #[derive(Debug, Clone)]
 pub struct Examined {
+    /// The file examined.
     pub path: PathBuf,
     /// Size in bytes.
     pub size: u64,

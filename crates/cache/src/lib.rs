@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Where converted models live, and whether a cached one can be trusted.
 //!
 //! - [`ModelsDir`]: finding the models dir (flag, `CONVCACHE_MODELS_DIR`, a ComfyUI install
@@ -61,8 +62,11 @@ pub enum CacheError {
     /// A filesystem operation failed.
     #[error("{path}: cannot {op}: {source}")]
     Io {
+        /// The file or directory operated on.
         path: PathBuf,
+        /// What could not be done, as the message's verb phrase (`stat the source`).
         op: &'static str,
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// The source is not a regular file.

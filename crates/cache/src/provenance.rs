@@ -75,7 +75,9 @@ pub struct SourceStat {
     pub path: PathBuf,
     /// File name.
     pub name: String,
+    /// Size in bytes.
     pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i128,
 }
 

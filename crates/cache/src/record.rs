@@ -58,9 +58,13 @@ pub struct OutputRecord {
 /// records that digest (another output published at the path since is not vouched for).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceSeen {
+    /// The source's path, as [`crate::SourceStat::path`] has it.
     pub path: PathBuf,
+    /// Size in bytes.
     pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i128,
+    /// The source digest these facts were found with.
     pub digest: String,
 }
 

@@ -47,7 +47,9 @@ pub struct LookupOptions {
 /// [`LookupOptions::known_digest`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KnownDigest {
+    /// The source's identity facts when it was hashed.
     pub source: SourceStat,
+    /// Its content digest ([`crate::digest`]).
     pub digest: String,
 }
 
@@ -93,6 +95,7 @@ impl LookupStatus {
 /// The result of [`Cache::lookup`].
 #[derive(Debug, Clone)]
 pub struct Lookup {
+    /// The verdict.
     pub status: LookupStatus,
     /// The usable output ([`LookupStatus::is_usable`]), or else where a new conversion must be
     /// published (possibly replacing what is there).
@@ -123,6 +126,7 @@ pub enum Kind {
     Precision,
     /// `diffusion_models/gguf`.
     Gguf,
+    /// Both.
     All,
 }
 
@@ -131,9 +135,12 @@ pub enum Kind {
 pub struct Entry {
     /// The basename in the file name (a digest-suffixed one for a second same-named source).
     pub basename: String,
+    /// The precision in the file name (see `problem` for whether the header agrees).
     #[serde(serialize_with = "ser_precision")]
     pub precision: Precision,
+    /// The output file.
     pub path: PathBuf,
+    /// Size in bytes.
     pub size: u64,
     /// The source path from the provenance; `None` for a file another tool made.
     pub source: Option<PathBuf>,
@@ -153,6 +160,7 @@ pub struct Entry {
 pub struct Stats {
     /// Usable files (their header agrees with their name).
     pub count: u64,
+    /// Their bytes.
     pub total_bytes: u64,
     /// Canonical precision name -> (count, bytes), usable files only.
     pub by_precision: BTreeMap<String, PrecisionTotals>,
@@ -163,20 +171,25 @@ pub struct Stats {
 /// Count and bytes of one precision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PrecisionTotals {
+    /// Files.
     pub count: u64,
+    /// Their bytes.
     pub bytes: u64,
 }
 
 /// A file removed (or, in a dry run, that would be removed).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Removed {
+    /// The file.
     pub path: PathBuf,
+    /// Its size in bytes.
     pub size: u64,
 }
 
 /// What [`Cache::evict_to`] did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Eviction {
+    /// The files removed, least recently used first.
     pub removed: Vec<Removed>,
     /// Bytes of all listed outputs before.
     pub bytes_before: u64,
@@ -243,10 +256,12 @@ impl LazyDigest<'_> {
 }
 
 impl Cache {
+    /// The cache of outputs under `models`.
     pub fn new(models: ModelsDir) -> Cache {
         Cache { models }
     }
 
+    /// The models dir the outputs live in.
     pub fn models_dir(&self) -> &ModelsDir {
         &self.models
     }
@@ -604,21 +619,13 @@ impl Cache {
         dry_run: bool,
     ) -> Result<Vec<Removed>, CacheError> {
         let source = absolute(source);
-        let mut mine: Vec<Entry> = self
+        let mine: Vec<Entry> = self
             .list(Kind::All)?
             .into_iter()
             .filter(|e| e.source.as_deref() == Some(source.as_path()))
             .collect();
-        mine.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
         let mut removed = Vec::new();
-        for e in mine.into_iter().skip(keep) {
-            if self.remove_output(&e.path, dry_run)? {
-                removed.push(Removed {
-                    path: e.path,
-                    size: e.size,
-                });
-            }
-        }
+        self.keep_most_recent(mine, keep, dry_run, &mut removed)?;
         Ok(removed)
     }
 
@@ -632,18 +639,31 @@ impl Cache {
             }
         }
         let mut removed = Vec::new();
-        for (_, mut entries) in by_source {
-            entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
-            for e in entries.into_iter().skip(keep) {
-                if self.remove_output(&e.path, dry_run)? {
-                    removed.push(Removed {
-                        path: e.path,
-                        size: e.size,
-                    });
-                }
-            }
+        for (_, entries) in by_source {
+            self.keep_most_recent(entries, keep, dry_run, &mut removed)?;
         }
         Ok(removed)
+    }
+
+    /// Removes all but the `keep` most recently used of `entries` (the outputs of one source),
+    /// adding what it removed to `removed`.
+    fn keep_most_recent(
+        &self,
+        mut entries: Vec<Entry>,
+        keep: usize,
+        dry_run: bool,
+        removed: &mut Vec<Removed>,
+    ) -> Result<(), CacheError> {
+        entries.sort_by(|a, b| b.last_used.cmp(&a.last_used).then(a.path.cmp(&b.path)));
+        for e in entries.into_iter().skip(keep) {
+            if self.remove_output(&e.path, dry_run)? {
+                removed.push(Removed {
+                    path: e.path,
+                    size: e.size,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Removes least recently used outputs until all listed outputs total at most `max_bytes`.

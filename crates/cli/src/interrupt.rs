@@ -19,7 +19,6 @@ const SECOND_SIGNAL_EXIT: i32 = 130;
 pub fn install() -> Option<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let mut any = false;
-    #[cfg(unix)]
     for signal in [
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,

@@ -21,17 +21,29 @@ use std::str::FromStr;
 /// A diffusion-model architecture, as named in `general.architecture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Arch {
+    /// Flux (`flux`).
     Flux,
+    /// Stable Diffusion 3 (`sd3`).
     Sd3,
+    /// AuraFlow (`aura`).
     Aura,
+    /// HiDream (`hidream`).
     Hidream,
+    /// Cosmos (`cosmos`).
     Cosmos,
+    /// LTX-Video (`ltxv`).
     Ltxv,
+    /// HunyuanVideo (`hyvid`).
     Hyvid,
+    /// Wan (`wan`).
     Wan,
+    /// Stable Diffusion XL (`sdxl`).
     Sdxl,
+    /// Stable Diffusion 1.x (`sd1`).
     Sd1,
+    /// Lumina 2 (`lumina2`).
     Lumina2,
+    /// Qwen-Image (`qwen_image`).
     QwenImage,
 }
 
@@ -484,7 +496,10 @@ pub enum ArchError {
          can be converted, because ComfyUI-GGUF loads original key names with fused q/k/v \
          projections. Use the model's original single-file checkpoint instead"
     )]
-    DiffusersLayout { arch: Arch },
+    DiffusersLayout {
+        /// The architecture the keys match.
+        arch: Arch,
+    },
     /// No architecture's key set is present.
     #[error(
         "unknown model architecture: the tensor names match none of flux, sd3, aura, hidream, \

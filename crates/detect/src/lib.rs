@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! What is this model file, and in which precision?
 //!
 //! - [`precision`]: the precision vocabulary (fp32 ... Q6_K), aliases, canonical names and

@@ -33,6 +33,15 @@ pub enum Precision {
     Gguf(FileType),
 }
 
+/// The safetensors precisions and the tensor dtype each stands for, in both directions.
+const SAFETENSORS_DTYPES: [(Precision, Dtype); 5] = [
+    (Precision::Fp32, Dtype::F32),
+    (Precision::Fp16, Dtype::F16),
+    (Precision::Bf16, Dtype::BF16),
+    (Precision::Fp8E4m3fn, Dtype::F8E4M3),
+    (Precision::Fp8E5m2, Dtype::F8E5M2),
+];
+
 /// The container a precision lives in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Container {
@@ -106,12 +115,26 @@ impl Precision {
     /// F32, F16, BF16, F8_E4M3 and F8_E5M2. Integer dtypes, F64 and the newer F8/F6/F4
     /// formats have none.
     pub fn from_safetensors_dtype(dtype: Dtype) -> Option<Precision> {
-        match dtype {
-            Dtype::F32 => Some(Precision::Fp32),
-            Dtype::F16 => Some(Precision::Fp16),
-            Dtype::BF16 => Some(Precision::Bf16),
-            Dtype::F8E4M3 => Some(Precision::Fp8E4m3fn),
-            Dtype::F8E5M2 => Some(Precision::Fp8E5m2),
+        SAFETENSORS_DTYPES
+            .iter()
+            .find(|&&(_, d)| d == dtype)
+            .map(|&(p, _)| p)
+    }
+
+    /// The dtype a safetensors output in this precision holds its converted tensors in (the
+    /// inverse of [`Precision::from_safetensors_dtype`]); `None` for bitsandbytes and GGUF.
+    pub fn safetensors_dtype(self) -> Option<Dtype> {
+        SAFETENSORS_DTYPES
+            .iter()
+            .find(|&&(p, _)| p == self)
+            .map(|&(_, d)| d)
+    }
+
+    /// The dtype a dequantization (of a GGUF or bitsandbytes file) to this precision writes:
+    /// F32, F16 or BF16. fp8 is not a dequantization target.
+    pub fn dequantization_dtype(self) -> Option<Dtype> {
+        match self {
+            Precision::Fp32 | Precision::Fp16 | Precision::Bf16 => self.safetensors_dtype(),
             _ => None,
         }
     }
@@ -276,6 +299,24 @@ mod tests {
         assert_eq!("uint8".parse(), Ok(Precision::Int8));
         assert_eq!("q4_k_m".parse(), Ok(Precision::Gguf(FileType::Q4KM)));
         assert!("q4_k_x".parse::<Precision>().is_err());
+    }
+
+    #[test]
+    fn safetensors_dtypes_map_both_ways() {
+        for p in Precision::all() {
+            match p.safetensors_dtype() {
+                Some(d) => assert_eq!(Precision::from_safetensors_dtype(d), Some(p)),
+                None => assert!(p.is_bitsandbytes() || p.container() == Container::Gguf),
+            }
+        }
+        assert_eq!(
+            Precision::Fp8E4m3fn.safetensors_dtype(),
+            Some(Dtype::F8E4M3)
+        );
+        assert_eq!(Precision::from_safetensors_dtype(Dtype::F64), None);
+        assert_eq!(Precision::Bf16.dequantization_dtype(), Some(Dtype::BF16));
+        assert_eq!(Precision::Fp8E5m2.dequantization_dtype(), None);
+        assert_eq!(Precision::Nf4.dequantization_dtype(), None);
     }
 
     #[test]

@@ -44,18 +44,6 @@ pub const DEFAULT_CHUNK_BYTES: usize = 2 << 20;
 /// chunk over every core.
 const TASK_ELEMS: usize = 1 << 16;
 
-/// The safetensors dtype a precision target writes, when the precision converter handles it.
-pub fn target_dtype(target: Precision) -> Option<Dtype> {
-    match target {
-        Precision::Fp32 => Some(Dtype::F32),
-        Precision::Fp16 => Some(Dtype::F16),
-        Precision::Bf16 => Some(Dtype::BF16),
-        Precision::Fp8E4m3fn => Some(Dtype::F8E4M3),
-        Precision::Fp8E5m2 => Some(Dtype::F8E5M2),
-        _ => None,
-    }
-}
-
 /// How one output tensor is produced from the source tensor of the same index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -89,123 +77,118 @@ impl Plan {
     }
 }
 
-/// What a conversion did. Serialized as JSON by the CLI; the field names are stable:
-///
-/// - `target`: the canonical precision name (`fp16`, `fp8_e4m3fn`, ...);
-/// - `tensors_converted`: tensors whose dtype changed;
-/// - `tensors_copied`: tensors written byte for byte (integer, bool, already in the output dtype);
-/// - `tensors_kept_16bit` / `kept_16bit`: how many and which 1-D/scalar float tensors an fp8
-///   target left in BF16/F16 (each also counted in one of the two counts above);
-/// - `overflowed`: finite source values that became ±inf or were saturated (fp8_e4m3fn ±448);
-/// - `non_finite`: NaN and ±inf values in the output tensors;
-/// - `bytes_in`: source tensor bytes read; `bytes_out`: bytes written (the whole output file).
+/// What a conversion did. Serialized as JSON by the CLI; the field names are stable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Report {
+    /// The canonical precision name (`fp16`, `fp8_e4m3fn`, ...).
     pub target: String,
+    /// Tensors whose dtype changed.
     pub tensors_converted: u64,
+    /// Tensors written byte for byte (integer, bool, already in the output dtype).
     pub tensors_copied: u64,
+    /// How many 1-D/scalar float tensors an fp8 target left in BF16/F16 (each also counted in
+    /// one of the two counts above).
     pub tensors_kept_16bit: u64,
+    /// The names of those tensors.
     pub kept_16bit: Vec<String>,
+    /// Finite source values that became ±inf or were saturated (fp8_e4m3fn ±448).
     pub overflowed: u64,
+    /// NaN and ±inf values in the output tensors.
     pub non_finite: u64,
+    /// Source tensor bytes read.
     pub bytes_in: u64,
+    /// Bytes written (the whole output file).
     pub bytes_out: u64,
 }
 
-/// Why a conversion failed. Display: `PATH: problem` (errors from [`plan`], which sees only a
-/// header, say `safetensors header` until [`ConvertError::with_path`] names the file).
+/// Why a conversion failed. Display: `PATH: problem`, PATH being the source file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     /// The precision converter does not produce this precision.
     #[error(
         "{}: cannot convert to {target}: the precision converter writes fp32, fp16, bf16, \
          fp8_e4m3fn and fp8_e5m2",
-        shown(path)
+        path.display()
     )]
-    UnsupportedTarget { path: PathBuf, target: Precision },
+    UnsupportedTarget {
+        /// The source file.
+        path: PathBuf,
+        /// The requested precision.
+        target: Precision,
+    },
     /// A floating tensor whose dtype no cast reads.
     #[error(
         "{}: tensor {tensor:?} has dtype {dtype}, which cannot be converted (supported float \
          dtypes: F64, F32, F16, BF16, F8_E4M3, F8_E5M2)",
-        shown(path)
+        path.display()
     )]
     UnsupportedDtype {
+        /// The source file.
         path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// Its dtype.
         dtype: Dtype,
     },
     /// The plan was not made from this file's header.
     #[error(
         "{}: the conversion plan does not match this file: {detail}",
-        shown(path)
+        path.display()
     )]
-    PlanMismatch { path: PathBuf, detail: String },
-    /// A cast refused its input (a planning bug, never a property of the data).
-    #[error("{}: tensor {tensor:?}: {source}", shown(path))]
-    Cast {
+    PlanMismatch {
+        /// The source file.
         path: PathBuf,
+        /// What differs.
+        detail: String,
+    },
+    /// A cast refused its input (a planning bug, never a property of the data).
+    #[error("{}: tensor {tensor:?}: {source}", path.display())]
+    Cast {
+        /// The source file.
+        path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// What the cast refused.
         source: CastError,
     },
     /// Reading the source failed.
-    #[error("{}: reading the source failed: {source}", shown(path))]
-    Read { path: PathBuf, source: io::Error },
-    /// The source's content cannot be served correctly (bad input).
-    #[error("{}: tensor {tensor:?}: {problem}", shown(path))]
-    InvalidSource {
+    #[error("{}: reading the source failed: {source}", path.display())]
+    Read {
+        /// The source file.
         path: PathBuf,
+        /// The read error.
+        source: io::Error,
+    },
+    /// The source's content cannot be served correctly (bad input).
+    #[error("{}: tensor {tensor:?}: {problem}", path.display())]
+    InvalidSource {
+        /// The source file.
+        path: PathBuf,
+        /// The tensor's name.
         tensor: String,
+        /// What is wrong with its content.
         problem: String,
     },
     /// The source file is no longer the one whose header was validated.
     #[error(
         "{}: the file changed after it was opened (size or header differ)",
-        shown(path)
+        path.display()
     )]
-    SourceChanged { path: PathBuf },
+    SourceChanged {
+        /// The source file.
+        path: PathBuf,
+    },
     /// Writing the output failed (disk full, closed pipe...).
-    #[error("{}: writing the converted output failed: {source}", shown(path))]
-    Write { path: PathBuf, source: io::Error },
-}
-
-fn shown(path: &Path) -> std::borrow::Cow<'_, str> {
-    if path.as_os_str().is_empty() {
-        "safetensors header".into()
-    } else {
-        path.display().to_string().into()
-    }
+    #[error("{}: writing the converted output failed: {source}", path.display())]
+    Write {
+        /// The file being converted (the output is a writer, which has no path).
+        path: PathBuf,
+        /// The write error.
+        source: io::Error,
+    },
 }
 
 impl ConvertError {
-    /// The source file the error is about (empty for [`plan`] errors not yet given a path).
-    pub fn path(&self) -> &Path {
-        match self {
-            ConvertError::UnsupportedTarget { path, .. }
-            | ConvertError::UnsupportedDtype { path, .. }
-            | ConvertError::PlanMismatch { path, .. }
-            | ConvertError::Cast { path, .. }
-            | ConvertError::Read { path, .. }
-            | ConvertError::InvalidSource { path, .. }
-            | ConvertError::SourceChanged { path }
-            | ConvertError::Write { path, .. } => path,
-        }
-    }
-
-    /// The same error about `file`.
-    pub fn with_path(mut self, file: &Path) -> Self {
-        match &mut self {
-            ConvertError::UnsupportedTarget { path, .. }
-            | ConvertError::UnsupportedDtype { path, .. }
-            | ConvertError::PlanMismatch { path, .. }
-            | ConvertError::Cast { path, .. }
-            | ConvertError::Read { path, .. }
-            | ConvertError::InvalidSource { path, .. }
-            | ConvertError::SourceChanged { path }
-            | ConvertError::Write { path, .. } => *path = file.to_owned(),
-        }
-        self
-    }
-
     /// Whether the input is at fault (a source convcache cannot convert, or that changed),
     /// rather than reading, writing or a planning bug (`Cast`, `PlanMismatch`: never
     /// properties of the data).
@@ -247,13 +230,17 @@ impl From<SourceError> for ConvertError {
 }
 
 /// The output dtype of one source tensor, and whether it is a 1-D/scalar tensor kept 16-bit.
-fn output_dtype(t: &SourceTensor, target: Dtype) -> Result<(Dtype, bool), ConvertError> {
+fn output_dtype(
+    path: &Path,
+    t: &SourceTensor,
+    target: Dtype,
+) -> Result<(Dtype, bool), ConvertError> {
     if !t.dtype.is_float() {
         return Ok((t.dtype, false));
     }
     if !is_cast_source(t.dtype) {
         return Err(ConvertError::UnsupportedDtype {
-            path: PathBuf::new(),
+            path: path.to_owned(),
             tensor: t.name.clone(),
             dtype: t.dtype,
         });
@@ -271,14 +258,13 @@ fn output_dtype(t: &SourceTensor, target: Dtype) -> Result<(Dtype, bool), Conver
 
 /// Plans the conversion of `source` to `target` (its tensor list only, no data read).
 pub fn plan<S: TensorSource + ?Sized>(source: &S, target: Precision) -> Result<Plan, ConvertError> {
-    plan_tensors(source.tensors(), target).map_err(|e| e.with_path(source.path()))
-}
-
-fn plan_tensors(tensors: &[SourceTensor], target: Precision) -> Result<Plan, ConvertError> {
-    let dst = target_dtype(target).ok_or(ConvertError::UnsupportedTarget {
-        path: PathBuf::new(),
-        target,
-    })?;
+    let (path, tensors) = (source.path(), source.tensors());
+    let dst = target
+        .safetensors_dtype()
+        .ok_or_else(|| ConvertError::UnsupportedTarget {
+            path: path.to_owned(),
+            target,
+        })?;
     let n = tensors.len();
     let mut plan = Plan {
         target,
@@ -289,7 +275,7 @@ fn plan_tensors(tensors: &[SourceTensor], target: Precision) -> Result<Plan, Con
         bytes_in: 0,
     };
     for t in tensors {
-        let (dtype, kept) = output_dtype(t, dst)?;
+        let (dtype, kept) = output_dtype(path, t, dst)?;
         plan.actions.push(if dtype == t.dtype {
             Action::Copy
         } else {

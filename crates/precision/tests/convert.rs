@@ -158,7 +158,7 @@ fn fp8_targets_keep_1d_and_scalars_16bit_and_copy_integers() {
                 .map(|s| s.dtype)
                 .unwrap()
         };
-        let fp8 = precision::target_dtype(target).unwrap();
+        let fp8 = target.safetensors_dtype().unwrap();
         assert_eq!(dtype_of("model.diffusion_model.proj.weight"), fp8);
         assert_eq!(dtype_of("model.diffusion_model.f64w"), fp8);
         assert_eq!(dtype_of("model.diffusion_model.fp8w"), fp8);
@@ -510,7 +510,7 @@ fn large_tensors_split_across_chunks_and_threads() {
     );
     let src = SafetensorsFile::open(&path).unwrap();
     for target in TARGETS {
-        let dst = precision::target_dtype(target).unwrap();
+        let dst = target.safetensors_dtype().unwrap();
         let mut expect = vec![0u8; n * (dst.bits() / 8) as usize];
         let stats =
             tensorfile::cast_slice(Dtype::F32, src.tensor("w").unwrap().1, dst, &mut expect)

@@ -26,9 +26,11 @@ pub struct Job<'a> {
     pub source_path: &'a Path,
     /// What `detect` found in it.
     pub source: &'a Detection,
+    /// The requested precision.
     pub target: Precision,
     /// Key-values to add to the output's metadata (the provenance), over the source's own.
     pub extra_metadata: &'a BTreeMap<String, String>,
+    /// The request's converter settings.
     pub options: BackendOptions,
 }
 

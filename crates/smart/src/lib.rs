@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The three-stage conversion: the source already is the target; a valid cached output; or
 //! convert under a lock with verification and atomic publish.
 //!
@@ -39,6 +40,35 @@
 //! resolved against the source: a forced GGUF architecture that is the one detected in the
 //! source is no force at all, so `convert --arch flux` of a flux model and a plain `convert`
 //! (or `check`) make and find the same output.
+//!
+//! # Example
+//!
+//! Convert a one-tensor F32 file to fp16 in a temporary models dir, then ask again:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use detect::Precision;
+//! use smart::{Options, Status, smart_convert};
+//! use tensorfile::{Dtype, SafetensorsWriter, TensorSpec};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let source = dir.path().join("tiny.safetensors");
+//! let spec = TensorSpec { name: "w".into(), dtype: Dtype::F32, shape: vec![2] };
+//! let file = std::fs::File::create(&source)?;
+//! let mut writer = SafetensorsWriter::new(file, &[spec], &BTreeMap::new())?;
+//! writer.write_chunk(&[1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat())?;
+//! writer.finish()?;
+//!
+//! let options = Options::new(cache::ModelsDir::at(dir.path().join("models")));
+//! let first = smart_convert(&source, Precision::Fp16, &options)?;
+//! assert_eq!(first.status, Status::Converted);
+//! assert!(first.path.ends_with("models/diffusion_models/converted/tiny_fp16.safetensors"));
+//! let again = smart_convert(&source, Precision::Fp16, &options)?;
+//! assert_eq!((again.status, again.path), (Status::Cached, first.path));
+//! # Ok(())
+//! # }
+//! ```
 
 mod backend;
 pub mod backends;
@@ -61,6 +91,7 @@ pub use publish::ignore_file_size_signal;
 /// once by the caller.
 #[derive(Clone)]
 pub struct Options<'a> {
+    /// Where outputs are looked up and published.
     pub models_dir: ModelsDir,
     /// Reconvert files at the cache path that carry no provenance (made by another tool).
     pub strict: bool,
@@ -87,8 +118,8 @@ pub struct Options<'a> {
     /// itself must be fast: the output record then carries this boot's id; the first hit in
     /// this boot syncs the output, and after a restart it is hashed once before it is served,
     /// so a conversion cut short by a crash is never served; tools that read the file directly
-    /// right after a power loss could still see a torn file. Where the boot cannot be identified (not Linux), outputs are always
-    /// synced.
+    /// right after a power loss could still see a torn file. Where the boot cannot be
+    /// identified (not Linux), outputs are always synced.
     pub sync_output: bool,
 }
 
@@ -173,11 +204,13 @@ pub enum Status {
 /// What [`smart_convert`] did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
+    /// Which of the three stages answered.
     pub status: Status,
     /// The file in the target precision.
     pub path: PathBuf,
     /// The source, as given.
     pub source: PathBuf,
+    /// The requested precision.
     #[serde(serialize_with = "ser_precision")]
     pub target: Precision,
     /// The source's detected precision.
@@ -221,10 +254,15 @@ pub enum Phase {
 /// A progress report: `done` of `total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Progress {
+    /// What is being done.
     pub phase: Phase,
+    /// Bytes processed so far.
     pub bytes_done: u64,
+    /// Bytes this phase processes in all.
     pub bytes_total: u64,
+    /// Tensors done so far (0 while hashing).
     pub tensors_done: u64,
+    /// Tensors in all (0 while hashing).
     pub tensors_total: u64,
 }
 
@@ -242,12 +280,20 @@ pub enum SmartError {
     UnknownSourcePrecision(PathBuf),
     /// The source is in a layout or dtype convcache cannot read (`why`: detection's notes).
     #[error("{path}: cannot be converted: {why}")]
-    UnreadableSource { path: PathBuf, why: String },
+    UnreadableSource {
+        /// The source file.
+        path: PathBuf,
+        /// Detection's notes.
+        why: String,
+    },
     /// No backend converts this source to this target.
     #[error("{path}: no converter turns {from} into {target}")]
     Unsupported {
+        /// The source file.
         path: PathBuf,
+        /// The source's detected precision (canonical name).
         from: String,
+        /// The requested precision.
         target: Precision,
     },
     /// The cache path of the output is the source itself (a mislabelled file in the cache dir).
@@ -258,28 +304,39 @@ pub enum SmartError {
         "{path}: not enough free space: the output needs {needed} bytes, {available} are available"
     )]
     NoSpace {
+        /// The output's path.
         path: PathBuf,
+        /// The output's exact size in bytes.
         needed: u64,
+        /// Bytes free on its filesystem.
         available: u64,
     },
     /// The output would exceed the process's file-size limit (`ulimit -f`).
     #[error("{path}: the output needs {needed} bytes, over the file-size limit of {limit} bytes")]
     FileSizeLimit {
+        /// The output's path.
         path: PathBuf,
+        /// The output's exact size in bytes.
         needed: u64,
+        /// The limit in bytes.
         limit: u64,
     },
     /// The disk filled up (ENOSPC) or the file-size limit was hit (EFBIG) while writing.
     #[error("{path}: no space left while writing the output ({source}); nothing was published")]
     DiskFull {
+        /// The output's path.
         path: PathBuf,
+        /// The write error.
         source: std::io::Error,
     },
     /// A filesystem operation failed.
     #[error("{path}: cannot {op}: {source}")]
     Io {
+        /// The file or directory operated on.
         path: PathBuf,
+        /// What could not be done, as the message's verb phrase.
         op: &'static str,
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// The converter failed (its message names the file).
@@ -287,11 +344,17 @@ pub enum SmartError {
     Backend {
         /// Whether the input is at fault (see [`ConverterError`]).
         input_fault: bool,
+        /// The converter's error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The written output did not verify; nothing was published.
     #[error("{path}: the converted output failed verification: {problem}; nothing was published")]
-    Verify { path: PathBuf, problem: String },
+    Verify {
+        /// The output's path.
+        path: PathBuf,
+        /// What the verification found.
+        problem: String,
+    },
     /// [`Options::cancel`] was set.
     #[error("{0}: conversion cancelled; nothing was published")]
     Cancelled(PathBuf),
@@ -454,6 +517,7 @@ pub enum CheckStatus {
     Hit,
     /// A file without provenance in the target precision (used unless strict).
     Unverified,
+    /// Nothing at the path.
     Missing,
     /// An output made before the source or the converter changed.
     Stale,
@@ -466,8 +530,10 @@ pub enum CheckStatus {
 /// One target of [`check`].
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Check {
+    /// The target checked.
     #[serde(serialize_with = "ser_precision")]
     pub target: Precision,
+    /// The verdict.
     pub status: CheckStatus,
     /// Whether [`smart_convert`] would answer without converting.
     pub valid: bool,

@@ -16,6 +16,10 @@
 //!
 //! This crate depends on no other convcache crate.
 //!
+//! Unix only, like the whole workspace: files are read with positioned reads
+//! (`std::os::unix::fs::FileExt`) and a source is recognised as the same file by its device and
+//! inode.
+//!
 //! # Example
 //!
 //! Write a small F16 tensor with the streaming writer, then read it back widened to f32:
@@ -48,6 +52,9 @@
 //! ```
 
 #![warn(missing_docs)]
+
+#[cfg(not(unix))]
+compile_error!("convcache builds on unix only (positioned reads, device and inode identity)");
 
 pub mod cast;
 pub mod gguf;

@@ -18,17 +18,13 @@ pub struct BnbBackend;
 /// Bump when the bytes written for some target change.
 const VERSION: &str = "bnb-1";
 
-fn is_dequant_target(target: Precision) -> bool {
-    matches!(target, Precision::Fp32 | Precision::Fp16 | Precision::Bf16)
-}
-
 impl Backend for BnbBackend {
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         if source.format != Format::Safetensors {
             return false;
         }
         if source.bitsandbytes.is_some() {
-            is_dequant_target(target)
+            target.dequantization_dtype().is_some()
         } else {
             source.supported_as_source && target.is_bitsandbytes()
         }

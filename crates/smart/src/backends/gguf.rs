@@ -13,7 +13,6 @@ use ::gguf::dequantize::Dequantization;
 use ::gguf::source::GgufSource;
 use detect::detection::Format;
 use detect::{Detection, Precision};
-use tensorfile::Dtype;
 
 use crate::{Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError};
 
@@ -25,15 +24,6 @@ pub struct GgufBackend;
 /// Bump when the bytes written for some target change.
 const VERSION: &str = "gguf-1";
 
-fn is_dequant_target(target: Precision) -> Option<Dtype> {
-    match target {
-        Precision::Fp32 => Some(Dtype::F32),
-        Precision::Fp16 => Some(Dtype::F16),
-        Precision::Bf16 => Some(Dtype::BF16),
-        _ => None,
-    }
-}
-
 impl Backend for GgufBackend {
     fn supports(&self, source: &Detection, target: Precision) -> bool {
         match (source.format, target) {
@@ -41,7 +31,7 @@ impl Backend for GgufBackend {
                 source.supported_as_source && source.bitsandbytes.is_none()
             }
             (Format::Gguf, Precision::Gguf(_)) => true,
-            (Format::Gguf, t) => is_dequant_target(t).is_some(),
+            (Format::Gguf, t) => t.dequantization_dtype().is_some(),
             _ => false,
         }
     }
@@ -75,7 +65,7 @@ impl Backend for GgufBackend {
                 )
             }
             (Format::Gguf, t) => {
-                let dtype = is_dequant_target(t).ok_or_else(|| unsupported(job))?;
+                let dtype = t.dequantization_dtype().ok_or_else(|| unsupported(job))?;
                 Box::new(
                     Dequantization::plan(gguf_source()?, dtype, provenance)
                         .map_err(SmartError::backend)?,
@@ -152,11 +142,5 @@ mod tests {
             GgufBackend.converter_version(t, &BackendOptions::default()),
             GgufBackend.converter_version(t, &forced)
         );
-    }
-
-    #[test]
-    fn dequant_targets() {
-        assert_eq!(is_dequant_target(Precision::Bf16), Some(Dtype::BF16));
-        assert_eq!(is_dequant_target(Precision::Nf4), None);
     }
 }

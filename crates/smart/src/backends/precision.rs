@@ -29,7 +29,7 @@ impl Backend for PrecisionBackend {
         source.format == Format::Safetensors
             && source.supported_as_source
             && source.bitsandbytes.is_none()
-            && conv::target_dtype(target).is_some()
+            && target.safetensors_dtype().is_some()
     }
 
     fn converter_version(&self, _target: Precision, _options: &BackendOptions) -> String {

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -972,9 +973,6 @@ pub struct SafetensorsFile {
     pub header: Header,
     file_len: u64,
     file: File,
-    /// Without unix's positioned reads, a seek and its read must not interleave with another's.
-    #[cfg(not(unix))]
-    seek_lock: std::sync::Mutex<()>,
     mmap: memmap2::Mmap,
     /// The header's tensors as a [`crate::TensorSource`] serves them.
     source_tensors: Vec<crate::SourceTensor>,
@@ -1008,8 +1006,6 @@ impl SafetensorsFile {
             path: path.to_owned(),
             file_len,
             file,
-            #[cfg(not(unix))]
-            seek_lock: std::sync::Mutex::new(()),
             mmap,
             source_tensors: crate::source::safetensors_tensors(&header),
             header,
@@ -1108,14 +1104,10 @@ impl SafetensorsFile {
         if parse_header(&prefix, len).ok().as_ref() != Some(&self.header) {
             return Err(changed(len));
         }
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::MetadataExt;
-            let opened = self.file.metadata().map_err(io_err)?;
-            let named = std::fs::metadata(&self.path).map_err(io_err)?;
-            if (named.dev(), named.ino()) != (opened.dev(), opened.ino()) {
-                return Err(changed(named.len()));
-            }
+        let opened = self.file.metadata().map_err(io_err)?;
+        let named = std::fs::metadata(&self.path).map_err(io_err)?;
+        if (named.dev(), named.ino()) != (opened.dev(), opened.ino()) {
+            return Err(changed(named.len()));
         }
         Ok(prefix)
     }
@@ -1136,18 +1128,7 @@ impl SafetensorsFile {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
-        #[cfg(unix)]
-        {
-            std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, at)
-        }
-        #[cfg(not(unix))]
-        {
-            use std::io::{Seek, SeekFrom};
-            let _guard = self.seek_lock.lock().unwrap_or_else(|e| e.into_inner());
-            let mut file = &self.file;
-            file.seek(SeekFrom::Start(at))?;
-            file.read_exact(buf)
-        }
+        self.file.read_exact_at(buf, at)
     }
 }
 
