@@ -52,6 +52,8 @@
 //!   15, as `torch.bucketize` ranks NaN last); an int8 row holding NaN gets codes 0 and a NaN
 //!   SCB whose NaN bits may differ from torch's.
 
+#![warn(missing_docs)]
+
 pub mod codes;
 pub mod convert;
 pub mod error;
