@@ -10,24 +10,12 @@ use bnb::kernels::{BLOCKSIZE, QuantType, Quantizer4, dequantize_4bit, quantize_4
 use bnb::{Options, Plan, convert, plan, plan_dequantize_file};
 use detect::Precision;
 use tensorfile::safetensors::{Dtype, SafetensorsFile};
-use tensorfile::{SafetensorsWriter, TensorSpec, cast_slice, open_safetensors, widen_to_f32};
+use tensorfile::{cast_slice, open_safetensors, widen_to_f32};
 
 /// Writes a safetensors file of (name, dtype, shape, bytes) to `path`.
 fn write_file(path: &Path, tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)]) {
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, d, s, _)| TensorSpec {
-            name: n.to_string(),
-            dtype: *d,
-            shape: s.clone(),
-        })
-        .collect();
-    let file = std::fs::File::create(path).unwrap();
-    let mut w = SafetensorsWriter::new(file, &specs, &BTreeMap::new()).unwrap();
-    for (_, _, _, b) in tensors {
-        w.write_chunk(b).unwrap();
-    }
-    w.finish().unwrap();
+    tensorfile::safetensors::writer::write_file(path, tensors, &BTreeMap::new())
+        .expect("write the model");
 }
 
 /// Converts `src` as `plan_of` plans it (nested offsets resolved) into `out` and opens it.

@@ -11,7 +11,6 @@ use precision::convert::{ConvertError, ConvertOptions, Report, convert_observing
 use precision::{convert, convert_with, merged_metadata, plan};
 use proptest::prelude::*;
 use tensorfile::safetensors::{Dtype, SafetensorsFile};
-use tensorfile::{SafetensorsWriter, TensorSpec};
 
 const TARGETS: [Precision; 5] = [
     Precision::Fp32,
@@ -33,21 +32,7 @@ fn write_model(
     tensors: &[(&str, Dtype, Vec<u64>, Vec<u8>)],
     meta: &BTreeMap<String, String>,
 ) {
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, d, s, _)| TensorSpec {
-            name: n.to_string(),
-            dtype: *d,
-            shape: s.clone(),
-        })
-        .collect();
-    let mut w = SafetensorsWriter::new(std::fs::File::create(path).unwrap(), &specs, meta).unwrap();
-    for (_, _, _, bytes) in tensors {
-        if !bytes.is_empty() {
-            w.write_chunk(bytes).unwrap();
-        }
-    }
-    w.finish().unwrap();
+    tensorfile::safetensors::writer::write_file(path, tensors, meta).expect("write the model");
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

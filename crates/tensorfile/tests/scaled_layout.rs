@@ -5,35 +5,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use tensorfile::safetensors::Dtype;
-use tensorfile::{SafetensorsWriter, SourceError, TensorSpec, open_safetensors};
+use tensorfile::{SourceError, open_safetensors};
 
 type Tensor = (&'static str, Dtype, Vec<u64>, Vec<u8>);
 
 fn write(path: &Path, tensors: &[Tensor], meta: &[(&str, &str)]) {
-    let specs: Vec<TensorSpec> = tensors
-        .iter()
-        .map(|(n, d, s, _)| TensorSpec {
-            name: n.to_string(),
-            dtype: *d,
-            shape: s.clone(),
-        })
-        .collect();
     let meta: BTreeMap<String, String> = meta
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let mut w = SafetensorsWriter::new(
-        std::fs::File::create(path).expect("test setup"),
-        &specs,
-        &meta,
-    )
-    .expect("test setup");
-    for (_, _, _, b) in tensors {
-        if !b.is_empty() {
-            w.write_chunk(b).expect("test setup");
-        }
-    }
-    w.finish().expect("test setup");
+    tensorfile::safetensors::writer::write_file(path, tensors, &meta).expect("test setup");
 }
 
 fn f32s(v: &[f32]) -> Vec<u8> {

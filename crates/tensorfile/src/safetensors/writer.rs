@@ -168,6 +168,36 @@ impl<W: Write> SafetensorsWriter<W> {
     }
 }
 
+/// One whole tensor for [`write_file`]: name, dtype, shape, and its bytes.
+pub type WholeTensor<'a> = (&'a str, Dtype, Vec<u64>, Vec<u8>);
+
+/// Writes a small safetensors file whose tensors are all in memory (fixtures, tests, samples):
+/// the header from `tensors` and `metadata`, then each tensor's bytes. Refused like
+/// [`SafetensorsWriter`] when a tensor's bytes do not match its dtype and shape.
+pub fn write_file(
+    path: &std::path::Path,
+    tensors: &[WholeTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> io::Result<()> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(name, dtype, shape, _)| TensorSpec {
+            name: (*name).to_owned(),
+            dtype: *dtype,
+            shape: shape.clone(),
+        })
+        .collect();
+    let mut w = SafetensorsWriter::new(
+        io::BufWriter::new(std::fs::File::create(path)?),
+        &specs,
+        metadata,
+    )?;
+    for (_, _, _, bytes) in tensors {
+        w.write_all(bytes)?;
+    }
+    w.finish()?.flush()
+}
+
 /// Tensor data as a byte stream: a write may span tensors (it is split at their boundaries), so
 /// a converter's piece can hold several small tensors. Writing past the last tensor fails.
 impl<W: Write> Write for SafetensorsWriter<W> {
