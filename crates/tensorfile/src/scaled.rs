@@ -168,15 +168,6 @@ impl Format {
     }
 }
 
-/// The fp8 dtype a comfy_quant format stores its weight in, for the per-tensor scaled fp8
-/// formats.
-pub fn fp8_format_dtype(format: &str) -> Option<Dtype> {
-    match Format::parse(format) {
-        Some(Format::Fp8(dtype)) => Some(dtype),
-        _ => None,
-    }
-}
-
 fn format_name(dtype: Dtype) -> &'static str {
     match dtype {
         Dtype::F8E5M2 => "float8_e5m2",
@@ -271,18 +262,8 @@ impl ScaledLayout {
                         (conf.format.clone(), conf.orig_shape)
                     }
                 };
-                let (storage, shape) = check_layer(header, &index, layer, w, t, &format)?;
-                let shape = match (orig_shape, storage) {
-                    (None, _) => shape,
-                    (Some(orig), Storage::Fp8) if shape == orig => shape,
-                    (Some(orig), Storage::Fp8) => {
-                        return Err(orig_shape_err(w, orig, &shape, "the stored shape"));
-                    }
-                    (Some(orig), Storage::Nvfp4 { .. }) => {
-                        unpadded_shape(w, orig, &shape, NVFP4_GROUP)?
-                    }
-                    (Some(orig), Storage::Mxfp8) => unpadded_shape(w, orig, &shape, MXFP8_GROUP)?,
-                };
+                let (storage, stored) = check_layer(header, &index, layer, w, t, &format)?;
+                let shape = served_shape(w, storage, stored, orig_shape)?;
                 if let Storage::Nvfp4 { tensor_scale } = storage {
                     hidden.push((
                         tensor_scale,
@@ -499,31 +480,38 @@ fn check_block_scales(
     ))
 }
 
-/// A block-scaled weight's `orig_shape`, checked against its stored (padded) `shape`: no
-/// larger, and less than one block smaller, in each dimension.
-fn unpadded_shape(
+/// The shape a layer's weight is served in: its stored shape in values, or the comfy_quant
+/// `orig_shape`, which must fit it with less than one block of padding per dimension (none for
+/// fp8).
+fn served_shape(
     w: &TensorEntry,
-    orig: [u64; 2],
-    shape: &[u64],
-    group: usize,
+    storage: Storage,
+    stored: Vec<u64>,
+    orig: Option<[u64; 2]>,
 ) -> Result<Vec<u64>, LayoutError> {
-    let fits = orig
-        .iter()
-        .zip(shape)
-        .all(|(&o, &s)| o > 0 && o <= s && s - o < group as u64);
+    let Some(orig) = orig else {
+        return Ok(stored);
+    };
+    let group = match storage {
+        Storage::Fp8 => 1,
+        Storage::Nvfp4 { .. } => NVFP4_GROUP as u64,
+        Storage::Mxfp8 => MXFP8_GROUP as u64,
+    };
+    let fits = stored.len() == 2
+        && orig
+            .iter()
+            .zip(&stored)
+            .all(|(&o, &s)| o > 0 && o <= s && s - o < group);
     if fits {
-        Ok(orig.to_vec())
-    } else {
-        let what = format!("the stored shape less its padding to a multiple of {group}");
-        Err(orig_shape_err(w, orig, shape, &what))
+        return Ok(orig.to_vec());
     }
-}
-
-fn orig_shape_err(w: &TensorEntry, orig: [u64; 2], shape: &[u64], what: &str) -> LayoutError {
-    layout_err(
+    Err(layout_err(
         &w.name,
-        format!("comfy_quant orig_shape {orig:?} is not {what} ({shape:?} values)"),
-    )
+        format!(
+            "comfy_quant orig_shape {orig:?} is not the weight's shape before padding (stored \
+             {stored:?} values, blocks of {group})"
+        ),
+    ))
 }
 
 /// A per-tensor scale must be one float.

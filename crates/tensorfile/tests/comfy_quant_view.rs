@@ -401,6 +401,24 @@ fn broken_block_scaled_layers_are_refused_by_tensor() {
     );
     let e = refused(&replace(layer(), marker));
     assert!(e.contains("a.comfy_quant") && e.contains("not JSON"), "{e}");
+    // fp8 has no padding: its orig_shape, if any, is the weight's shape.
+    let json = br#"{"format": "float8_e4m3fn", "orig_shape": [2, 1]}"#.to_vec();
+    let e = refused(&[
+        (
+            "c.comfy_quant".into(),
+            Dtype::U8,
+            vec![json.len() as u64],
+            json,
+        ),
+        ("c.weight".into(), Dtype::F8E4M3, vec![2, 2], vec![0x38; 4]),
+        (
+            "c.weight_scale".into(),
+            Dtype::F32,
+            vec![],
+            1f32.to_le_bytes().to_vec(),
+        ),
+    ]);
+    assert!(e.contains("c.weight") && e.contains("orig_shape"), "{e}");
     // Activation pre-scaling cannot be folded into a plain weight.
     let mut with_pre = layer();
     with_pre.push((
