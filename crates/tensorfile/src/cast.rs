@@ -307,12 +307,12 @@ fn f32_to_bf16_stats(src: &[[u8; 4]], dst: &[[u8; 2]]) -> CastStats {
 }
 
 /// torch's F32/F64 -> BF16 NaN (vectorised kernel).
-const BF16_NAN_FROM_F32: u16 = 0xFFFF;
+pub(crate) const BF16_NAN_FROM_F32: u16 = 0xFFFF;
 /// torch's F16/F8 -> BF16 NaN (scalar `c10::BFloat16` constructor).
 const BF16_NAN_FROM_NARROW: u16 = 0x7FC0;
 
 #[inline(always)]
-fn f32_bits_to_bf16(bits: u32, nan: u16) -> u16 {
+pub(crate) fn f32_bits_to_bf16(bits: u32, nan: u16) -> u16 {
     if bits & 0x7FFF_FFFF > 0x7F80_0000 {
         nan
     } else {

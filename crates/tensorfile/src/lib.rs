@@ -9,8 +9,10 @@
 //! - [`gguf`]: the GGUF container (types, validating reader, streaming writer).
 //! - [`source`]: [`TensorSource`], the one way converters read tensors (name, dtype, shape,
 //!   any element range as raw bytes or exact f32), implemented for safetensors files here.
-//! - [`scaled`]: ComfyUI's scaled-fp8 layouts (legacy `scaled_fp8` and per-layer
-//!   `comfy_quant`), parsed once, and the view that serves their weights de-scaled.
+//! - [`scaled`]: ComfyUI's quantized layouts (legacy `scaled_fp8`, and per-layer `comfy_quant`
+//!   fp8, nvfp4 and mxfp8), parsed once, and the view that serves their weights dequantized.
+//! - [`blockfp`]: the fp8, nvfp4 and mxfp8 kernels (quantize, dequantize, the blocked scale
+//!   layout), byte for byte as comfy-kitchen's eager ones.
 //! - [`pipeline`]: the streaming pipeline every converter writes through (produce the next
 //!   piece on the thread pool while the previous one is written).
 //!
@@ -56,6 +58,7 @@
 #[cfg(not(unix))]
 compile_error!("convcache builds on unix only (positioned reads, device and inode identity)");
 
+pub mod blockfp;
 pub mod cast;
 pub mod gguf;
 pub mod pipeline;

@@ -3,9 +3,10 @@
 //! A source lists its tensors ([`SourceTensor`]: name, shape, the dtype it serves, what the file
 //! stores) and reads any element range of one of them, as raw bytes of the served dtype
 //! ([`TensorSource::read_raw`]) or widened exactly to f32 ([`TensorSource::read_f32`]).
-//! Implementations: a validated [`SafetensorsFile`] (every tensor as stored), the scaled-fp8 view
-//! ([`crate::scaled::ScaledFp8`], de-scaled values, scale and marker tensors hidden) and a GGUF
-//! file (dequantizing; in the `gguf` crate, which has the block kernels).
+//! Implementations: a validated [`SafetensorsFile`] (every tensor as stored), the view of ComfyUI
+//! quantized files ([`crate::scaled::ScaledView`]: scaled-fp8, nvfp4 and mxfp8 weights
+//! dequantized, scale and marker tensors hidden) and a GGUF file (dequantizing; in the `gguf`
+//! crate, which has the block kernels).
 //!
 //! Reads are positioned reads into the caller's buffers (never a long-lived map: its touched
 //! pages would count against the process's memory, see [`crate::safetensors::ReadBuffer`]), so
@@ -329,14 +330,15 @@ impl TensorSource for SafetensorsFile {
     }
 }
 
-/// Opens a safetensors file as converters read it: through [`crate::scaled::ScaledFp8`] (weights
-/// de-scaled, scales and markers hidden) when it has a scaled-fp8 layout, as stored otherwise.
+/// Opens a safetensors file as converters read it: through [`crate::scaled::ScaledView`] (weights
+/// dequantized, scales and markers hidden) when it has a ComfyUI scaled-fp8, nvfp4 or mxfp8
+/// layout, as stored otherwise.
 /// A layout that cannot be served correctly is refused ([`SourceError::Invalid`]).
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
     let file = SafetensorsFile::open(path)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
         Ok(None) => Ok(Box::new(file)),
-        Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledFp8::new(file, layout)?)),
+        Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledView::new(file, layout)?)),
         Err(e) => Err(SourceError::Invalid {
             path: path.to_owned(),
             tensor: e.tensor,
