@@ -56,6 +56,7 @@
 #[cfg(not(unix))]
 compile_error!("convcache builds on unix only (positioned reads, device and inode identity)");
 
+pub mod blockfp;
 pub mod cast;
 pub mod gguf;
 pub mod pipeline;
