@@ -1,9 +1,10 @@
 //! comfy-kitchen's block-float quantizers (fp8 per tensor, nvfp4, mxfp8).
 //!
 //! placeholder until the blockfp branch lands: the agreed signatures of `tensorfile::blockfp`
-//! (see the issue-12 API note) with simple bodies that give outputs of the right sizes only
-//! (codes and scales are zeros), so the `comfyquant` crate compiles and its layout tests run.
-//! The lead replaces this file with the real module at merge.
+//! (see the issue-12 API note) with simple bodies of the right sizes whose bytes depend on each
+//! value's position (the top bits of its f32), so the `comfyquant` crate compiles and its
+//! layout and alignment tests run. They are NOT comfy-kitchen's formats. The lead replaces this
+//! file with the real module at merge.
 
 use crate::safetensors::Dtype;
 
@@ -26,8 +27,22 @@ pub fn fp8_tensor_scale(amax: f32, source: Dtype) -> f32 {
 // placeholder until the blockfp branch lands
 /// comfy-kitchen's `quantize_per_tensor_fp8` to E4M3FN.
 pub fn quantize_fp8(values: &[f32], source: Dtype, scale: f32, out: &mut [u8]) {
-    let _ = (values, source, scale);
-    out.fill(0);
+    let _ = (source, scale);
+    for (o, v) in out.iter_mut().zip(values) {
+        *o = top_byte(*v);
+    }
+}
+
+/// The sign and high exponent bits of `v` (placeholder code).
+fn top_byte(v: f32) -> u8 {
+    (v.to_bits() >> 24) as u8
+}
+
+/// One placeholder scale per block: the top byte of its largest |value|.
+fn block_tops(values: &[f32], group: usize, block_scales: &mut [u8]) {
+    for (s, block) in block_scales.iter_mut().zip(values.chunks(group)) {
+        *s = top_byte(block.iter().fold(0f32, |m, v| m.max(v.abs())));
+    }
 }
 
 // placeholder until the blockfp branch lands
@@ -65,17 +80,21 @@ pub fn quantize_nvfp4_rows(
     packed: &mut [u8],
     block_scales: &mut [u8],
 ) {
-    let _ = (values, cols, tensor_scale);
-    packed.fill(0);
-    block_scales.fill(0);
+    let _ = (cols, tensor_scale);
+    for (p, pair) in packed.iter_mut().zip(values.chunks(2)) {
+        *p = (top_byte(pair[0]) & 0xF0) | (top_byte(pair[pair.len() - 1]) >> 4);
+    }
+    block_tops(values, NVFP4_GROUP, block_scales);
 }
 
 // placeholder until the blockfp branch lands
 /// Quantizes whole rows of a padded weight to mxfp8.
 pub fn quantize_mxfp8_rows(values: &[f32], cols: usize, codes: &mut [u8], block_scales: &mut [u8]) {
-    let _ = (values, cols);
-    codes.fill(0);
-    block_scales.fill(0);
+    let _ = cols;
+    for (c, v) in codes.iter_mut().zip(values) {
+        *c = top_byte(*v);
+    }
+    block_tops(values, MXFP8_GROUP, block_scales);
 }
 
 // placeholder until the blockfp branch lands
@@ -87,9 +106,12 @@ pub fn blocked_shape(rows: usize, cols: usize) -> (usize, usize) {
 // placeholder until the blockfp branch lands
 /// A `[rows, cols]` scale grid in the cuBLAS blocked layout.
 pub fn to_blocked(grid: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let _ = grid;
     let (r, c) = blocked_shape(rows, cols);
-    vec![0; r * c]
+    let mut out = vec![0; r * c];
+    for (dst, src) in out.chunks_mut(c).zip(grid.chunks(cols.max(1))) {
+        dst[..src.len()].copy_from_slice(src);
+    }
+    out
 }
 
 // placeholder until the blockfp branch lands
