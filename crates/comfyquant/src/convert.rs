@@ -345,10 +345,10 @@ impl Producer<'_> {
                 if row == 0 {
                     *grid = vec![0u8; weight.stored_rows * grid_row];
                 }
-                let grid = grid
+                let scales = grid
                     .get_mut(row * grid_row..(row + rows) * grid_row)
                     .ok_or_else(|| ComfyQuantError::mismatch(source.path(), "rows out of order"))?;
-                self.quantize_rows(weight, row, dst, grid)
+                self.quantize_rows(weight, row, dst, scales)
             }
             Work::Tail { weight } => {
                 let grid =
