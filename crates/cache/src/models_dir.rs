@@ -66,7 +66,8 @@ impl ModelsDir {
         &self.root
     }
 
-    /// `<models>/diffusion_models/converted`: safetensors outputs (plain and bitsandbytes).
+    /// `<models>/diffusion_models/converted`: safetensors outputs (plain, bitsandbytes and
+    /// ComfyUI quantized).
     pub fn converted_dir(&self) -> PathBuf {
         self.root.join("diffusion_models").join("converted")
     }

@@ -43,6 +43,9 @@ const STEM_ALIASES: &[&str] = &[
     "gguf_f16",
     "gguf_f32",
     "gguf_bf16",
+    // ComfyUI quantized releases (`flux1-dev_fp8_e4m3fn_scaled`).
+    "fp8_e4m3fn_scaled",
+    "fp8scaled",
 ];
 
 /// Every name a stem may end with that counts as a precision, longest first so that

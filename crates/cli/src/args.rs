@@ -57,7 +57,8 @@ pub struct ConversionArgs {
     /// The source model file.
     pub source: PathBuf,
     /// Target precision(s): fp32, fp16, bf16, fp8 (= fp8_e4m3fn), fp8_e5m2, nf4, fp4, int8,
-    /// Q4_0 ... Q8_0, Q2_K ... Q6_K, gguf_f16 ...; comma-separated or repeated.
+    /// fp8_scaled, nvfp4, mxfp8 (ComfyUI), Q4_0 ... Q8_0, Q2_K ... Q6_K, gguf_f16 ...;
+    /// comma-separated or repeated.
     #[arg(
         long = "to",
         value_name = "T[,T...]",

@@ -108,6 +108,7 @@ pub fn report_notes(report: &ConversionReport) -> Vec<String> {
     let (kept, overflowed, non_finite) = match report {
         ConversionReport::Precision(r) => (r.tensors_kept_16bit, r.overflowed, r.non_finite),
         ConversionReport::Bitsandbytes(r) => (0, r.cast_overflowed, r.cast_non_finite),
+        ConversionReport::ComfyQuant(r) => (r.kept_high_precision, 0, 0),
         ConversionReport::Gguf(_) | ConversionReport::GgufDequantized(_) => (0, 0, 0),
     };
     let mut notes = Vec::new();

@@ -5,7 +5,8 @@
 //! - **safetensors**: the header is read (only the header) and validated; the precision is the
 //!   dominant *floating* dtype by bytes over all tensors — not the first tensor, since writers
 //!   put F32 norms and scales first. bitsandbytes layouts (NF4/FP4 quant states, LLM.int8 `SCB`)
-//!   override it; ComfyUI scaled fp8 is reported next to its fp8 precision.
+//!   override it; a ComfyUI quantized layout (scaled fp8, `comfy_quant` nvfp4/mxfp8) decides it
+//!   next (`fp8_scaled`, `nvfp4`, `mxfp8`: the layout of most quantized layers).
 //! - **GGUF**: `general.file_type` when present, else the dominant tensor type by bytes.
 //! - **pickle checkpoints** (`.ckpt`, `.pt`, `.pth`, `.bin`): recognised and reported with
 //!   `supported_as_source: false`; `detect` returns `Ok` for them (the CLI prints "not supported
@@ -44,10 +45,11 @@ pub struct Detection {
     pub path: PathBuf,
     /// The container: `"safetensors"`, `"gguf"` or `"pickle"`.
     pub format: Format,
-    /// The precision as its canonical name (`"bf16"`, `"fp8_e4m3fn"`, `"nf4"`, `"Q4_K_M"`,
-    /// `"F16"` for an F16 GGUF file, ...), or `null` when it cannot be determined (pickle
-    /// checkpoints; files whose dominant floating dtype convcache cannot read, like F4/F6 or
-    /// the FNUZ/E8M0 fp8 variants; integer-only files without a precision in their name).
+    /// The precision as its canonical name (`"bf16"`, `"fp8_e4m3fn"`, `"nf4"`, `"fp8_scaled"`,
+    /// `"nvfp4"`, `"Q4_K_M"`, `"F16"` for an F16 GGUF file, ...), or `null` when it cannot be
+    /// determined (pickle checkpoints; files whose dominant floating dtype convcache cannot
+    /// read, like F4/F6 or the FNUZ/E8M0 fp8 variants; integer-only files without a precision
+    /// in their name).
     pub precision: Option<Precision>,
     /// How `precision` was determined: `"header"`, `"filename_guess"` (the header had nothing
     /// to go by; the file name's suffix was used), or `"undetermined"` (`precision` is null).
@@ -138,7 +140,9 @@ pub struct Fp8Scaling {
     /// `"scaled_fp8"` (the legacy marker and `scale_weight` layout) or `"comfy_quant"`
     /// (ComfyUI's per-layer mixed-precision layout, `weight_scale`).
     pub layout: &'static str,
-    /// Scaled layers per format (`"float8_e4m3fn"`, `"float8_e5m2"`).
+    /// Scaled layers per `comfy_quant` format (`"float8_e4m3fn"`, `"float8_e5m2"`, and
+    /// `"nvfp4"`, `"mxfp8"` where the reader serves them); legacy layers are named by their
+    /// weight dtype.
     pub formats: BTreeMap<String, u64>,
     /// The key of the `scaled_fp8` marker tensor, if present.
     pub marker: Option<String>,
@@ -618,6 +622,32 @@ fn fp8_scaling(layout: &ScaledLayout) -> Fp8Scaling {
     }
 }
 
+/// The precision of a file with ComfyUI quantized layers: the layout of most of them
+/// (`fp8_scaled` for both fp8 flavours and the legacy layout, `nvfp4`, `mxfp8`; ties go to the
+/// later of these). A file mixing layouts gets a note; the per-format counts stay in
+/// [`Fp8Scaling::formats`].
+fn comfy_quant_precision(
+    formats: &BTreeMap<String, u64>,
+    notes: &mut Vec<String>,
+) -> Option<Precision> {
+    let mut layers: BTreeMap<Precision, u64> = BTreeMap::new();
+    for (format, &n) in formats {
+        if let Some(p) = Precision::from_comfy_quant_format(format) {
+            *layers.entry(p).or_default() += n;
+        }
+    }
+    let (&precision, _) = layers.iter().max_by_key(|&(_, &n)| n)?;
+    if layers.len() > 1 {
+        let counts: Vec<String> = layers.iter().map(|(p, n)| format!("{n} {p}")).collect();
+        notes.push(format!(
+            "mixed ComfyUI quantization ({} layers): reported as {precision}, the layout of \
+             most quantized layers",
+            counts.join(", ")
+        ));
+    }
+    Some(precision)
+}
+
 /// The precision a file name's suffix names (`flux_fp8_e4m3fn`, `model_Q4_K_M`), trying the
 /// longest `_`-separated suffix first so `fp8_e4m3fn` wins over `e4m3fn`.
 fn guess_from_file_name(path: &Path, container: Container) -> Option<Precision> {
@@ -679,8 +709,13 @@ fn detect_safetensors(
         }
     };
 
+    let comfy_quant = fp8_scaling
+        .as_ref()
+        .and_then(|s| comfy_quant_precision(&s.formats, &mut notes));
     let (precision, evidence) = if let Some(bnb) = bitsandbytes {
         (Some(bnb.quant_type.precision()), Evidence::Header)
+    } else if let Some(p) = comfy_quant {
+        (Some(p), Evidence::Header)
     } else if let Some(dtype) = dominant_float(header) {
         match Precision::from_safetensors_dtype(dtype) {
             Some(p) => (Some(p), Evidence::Header),
@@ -721,8 +756,7 @@ fn detect_safetensors(
 
     if let Some(s) = &fp8_scaling {
         notes.push(format!(
-            "ComfyUI scaled fp8 ({} layout): {} per-tensor weight scales{}; converted \
-             de-scaled",
+            "ComfyUI quantized layers ({} layout): {} weight scales{}; converted dequantized",
             s.layout,
             s.scale_weights,
             if s.marker.is_some() {
@@ -934,6 +968,34 @@ mod tests {
         assert_eq!(
             sniff(b"hello", 5, Path::new("a.CKPT")),
             Some(Format::Pickle)
+        );
+    }
+
+    #[test]
+    fn comfy_quant_files_are_the_layout_of_most_layers() {
+        let formats = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|&(f, n)| (f.to_owned(), n)).collect()
+        };
+        let mut notes = Vec::new();
+        let p = comfy_quant_precision(
+            &formats(&[("float8_e4m3fn", 3), ("float8_e5m2", 1)]),
+            &mut notes,
+        );
+        assert_eq!(p, Some(Precision::Fp8Scaled));
+        assert!(notes.is_empty(), "both fp8 flavours are one layout");
+        let p = comfy_quant_precision(
+            &formats(&[("float8_e4m3fn", 2), ("nvfp4", 5), ("mxfp8", 1)]),
+            &mut notes,
+        );
+        assert_eq!(p, Some(Precision::Nvfp4));
+        assert_eq!(notes.len(), 1);
+        assert!(
+            notes[0].contains("2 fp8_scaled, 5 nvfp4, 1 mxfp8"),
+            "{notes:?}"
+        );
+        assert_eq!(
+            comfy_quant_precision(&formats(&[("int8_tensorwise", 4)]), &mut notes),
+            None
         );
     }
 

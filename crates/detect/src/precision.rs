@@ -29,6 +29,15 @@ pub enum Precision {
     Fp4,
     /// LLM.int8 (row-wise absmax int8, bitsandbytes layout).
     Int8,
+    /// ComfyUI fp8 with a per-tensor scale (`fp8_scaled`): `comfy_quant` `float8_e4m3fn` layers
+    /// (`weight` F8_E4M3, `weight_scale` F32), or the legacy `scaled_fp8` layout.
+    Fp8Scaled,
+    /// ComfyUI / comfy-kitchen NVFP4 (`nvfp4`): E2M1 weights in blocks of 16 with E4M3 block
+    /// scales and a per-tensor scale.
+    Nvfp4,
+    /// ComfyUI / comfy-kitchen MXFP8 (`mxfp8`): E4M3 weights in blocks of 32 with E8M0 block
+    /// scales.
+    Mxfp8,
     /// A GGUF file of this llama file type (a quantization mix, or plain F32/F16/BF16 GGUF).
     Gguf(FileType),
 }
@@ -63,6 +72,9 @@ impl Precision {
             Precision::Nf4,
             Precision::Fp4,
             Precision::Int8,
+            Precision::Fp8Scaled,
+            Precision::Nvfp4,
+            Precision::Mxfp8,
         ]
         .into_iter()
         .chain(FileType::ALL.into_iter().map(Precision::Gguf))
@@ -82,6 +94,9 @@ impl Precision {
             Precision::Nf4 => "nf4",
             Precision::Fp4 => "fp4",
             Precision::Int8 => "int8",
+            Precision::Fp8Scaled => "fp8_scaled",
+            Precision::Nvfp4 => "nvfp4",
+            Precision::Mxfp8 => "mxfp8",
             Precision::Gguf(t) => t.name(),
         }
     }
@@ -97,6 +112,27 @@ impl Precision {
     /// Whether this is a bitsandbytes precision.
     pub fn is_bitsandbytes(self) -> bool {
         matches!(self, Precision::Nf4 | Precision::Fp4 | Precision::Int8)
+    }
+
+    /// Whether this is one of ComfyUI's quantized layouts (`fp8_scaled`, `nvfp4`, `mxfp8`):
+    /// safetensors files whose quantized layers carry a `comfy_quant` format and scales.
+    pub fn is_comfy_quant(self) -> bool {
+        matches!(
+            self,
+            Precision::Fp8Scaled | Precision::Nvfp4 | Precision::Mxfp8
+        )
+    }
+
+    /// The comfy_quant precision of a file whose quantized layers are mostly in this
+    /// `comfy_quant` format (`float8_e4m3fn`, `float8_e5m2`, `nvfp4`, `mxfp8`): both fp8
+    /// flavours are `fp8_scaled`, as ComfyUI runs them on the same GPUs.
+    pub fn from_comfy_quant_format(format: &str) -> Option<Precision> {
+        match format {
+            "float8_e4m3fn" | "float8_e5m2" => Some(Precision::Fp8Scaled),
+            "nvfp4" => Some(Precision::Nvfp4),
+            "mxfp8" => Some(Precision::Mxfp8),
+            _ => None,
+        }
     }
 
     /// A name that [`FromStr`] parses back to this precision: the canonical name, except
@@ -182,8 +218,8 @@ impl fmt::Display for Precision {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "unknown precision `{0}` (known: fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2, nf4, fp4, int8, \
-     Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, \
-     Q5_K_M, Q6_K, gguf_f32, gguf_f16, gguf_bf16)"
+     fp8_scaled, nvfp4, mxfp8, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, \
+     Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, gguf_f32, gguf_f16, gguf_bf16)"
 )]
 pub struct PrecisionParseError(pub String);
 
@@ -210,6 +246,11 @@ impl FromStr for Precision {
             "int8" | "uint8" | "i8" | "u8" | "llm.int8" | "llm_int8" | "bnb_int8" => {
                 Precision::Int8
             }
+            "fp8_scaled" | "fp8scaled" | "fp8_e4m3fn_scaled" | "float8_e4m3fn_scaled" => {
+                Precision::Fp8Scaled
+            }
+            "nvfp4" => Precision::Nvfp4,
+            "mxfp8" => Precision::Mxfp8,
             "gguf_f32" => Precision::Gguf(FileType::AllF32),
             "gguf_f16" => Precision::Gguf(FileType::MostlyF16),
             "gguf_bf16" => Precision::Gguf(FileType::MostlyBF16),
@@ -263,6 +304,9 @@ impl fmt::Display for SkipReason {
 /// The container is part of the value, so a safetensors fp16 source and a `gguf_f16` target
 /// are different (a conversion is needed), while a GGUF file whose `general.file_type` is F16
 /// (detected as `Precision::Gguf(FileType::MostlyF16)`) is already a `gguf_f16` target.
+/// Likewise a ComfyUI quantized file is detected as its layout (`fp8_scaled` for fp8
+/// `comfy_quant` and legacy `scaled_fp8` files, `nvfp4`, `mxfp8`), not as the dtype its weights
+/// are stored in: it is already a target of that layout, and never of a plain `fp8_e4m3fn`.
 pub fn should_skip(source: Precision, target: Precision) -> Option<SkipReason> {
     (source == target).then_some(SkipReason::AlreadyTarget)
 }
@@ -302,11 +346,43 @@ mod tests {
     }
 
     #[test]
+    fn comfy_quant_targets() {
+        for alias in [
+            "fp8_scaled",
+            "FP8_SCALED",
+            "fp8-scaled",
+            "fp8scaled",
+            "fp8_e4m3fn_scaled",
+            "Float8_E4M3FN_Scaled",
+        ] {
+            assert_eq!(alias.parse(), Ok(Precision::Fp8Scaled), "{alias}");
+        }
+        assert_eq!("NVFP4".parse(), Ok(Precision::Nvfp4));
+        assert_eq!("mxfp8".parse(), Ok(Precision::Mxfp8));
+        for p in [Precision::Fp8Scaled, Precision::Nvfp4, Precision::Mxfp8] {
+            assert!(p.is_comfy_quant() && !p.is_bitsandbytes());
+            assert_eq!(p.container(), Container::Safetensors);
+            // Not a plain dtype: the precision converter does not claim them.
+            assert_eq!(p.safetensors_dtype(), None);
+            assert_eq!(p.dequantization_dtype(), None);
+        }
+        assert_eq!(
+            Precision::from_comfy_quant_format("float8_e5m2"),
+            Some(Precision::Fp8Scaled)
+        );
+        assert_eq!(Precision::from_comfy_quant_format("int8_tensorwise"), None);
+        assert!(should_skip(Precision::Nvfp4, Precision::Nvfp4).is_some());
+        assert!(should_skip(Precision::Fp8Scaled, Precision::Fp8E4m3fn).is_none());
+    }
+
+    #[test]
     fn safetensors_dtypes_map_both_ways() {
         for p in Precision::all() {
             match p.safetensors_dtype() {
                 Some(d) => assert_eq!(Precision::from_safetensors_dtype(d), Some(p)),
-                None => assert!(p.is_bitsandbytes() || p.container() == Container::Gguf),
+                None => assert!(
+                    p.is_bitsandbytes() || p.is_comfy_quant() || p.container() == Container::Gguf
+                ),
             }
         }
         assert_eq!(

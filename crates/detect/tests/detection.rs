@@ -70,7 +70,8 @@ fn fp8_files_and_comfyui_scaled_fp8() {
         ),
     );
     let d = detect(&path).unwrap();
-    assert_eq!(d.precision, Some(Precision::Fp8E4m3fn));
+    // The legacy scaled layout is ComfyUI fp8_scaled (issue 12), not a plain fp8 file.
+    assert_eq!(d.precision, Some(Precision::Fp8Scaled));
     let s = d.fp8_scaling.unwrap();
     assert_eq!(
         s.marker.as_deref(),

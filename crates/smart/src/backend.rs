@@ -115,6 +115,8 @@ pub enum ConversionReport {
     Gguf(gguf::convert::Report),
     /// GGUF -> safetensors float.
     GgufDequantized(gguf::dequantize::DequantReport),
+    /// safetensors -> ComfyUI fp8_scaled/nvfp4/mxfp8 (crate `comfyquant`).
+    ComfyQuant(comfyquant::Report),
 }
 
 /// A converter's error that knows whether the input is at fault (bad, unsupported or changed
@@ -179,6 +181,12 @@ impl ConverterError for precision::convert::ConvertError {
 impl ConverterError for bnb::BnbError {
     fn is_input_fault(&self) -> bool {
         bnb::BnbError::is_input_fault(self)
+    }
+}
+
+impl ConverterError for comfyquant::ComfyQuantError {
+    fn is_input_fault(&self) -> bool {
+        comfyquant::ComfyQuantError::is_input_fault(self)
     }
 }
 

@@ -1,0 +1,469 @@
+//! Executing a [`Plan`]: the output streams through [`tensorfile::pipeline::stream`] in pieces
+//! (windows of rows of a quantized weight, then its tail of scales and `comfy_quant`; chunks of
+//! the other tensors), each produced in parallel tasks of whole rows while the previous piece is
+//! written.
+//!
+//! Memory: the pipeline's two piece buffers, one f32 buffer of a task's rows per thread, and
+//! the block-scale grid of the weight being quantized (1/16 or 1/32 byte per element), which
+//! its tail piece writes swizzled (`to_blocked`).
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::sync::{Mutex, PoisonError};
+
+use rayon::prelude::*;
+use serde::Serialize;
+use tensorfile::blockfp;
+use tensorfile::cast::cast_slice;
+use tensorfile::pipeline::{self, StreamError};
+use tensorfile::safetensors::writer::encode_header;
+use tensorfile::{Dtype, ReadBuffer, TensorSource};
+
+use crate::error::ComfyQuantError;
+use crate::plan::{KeptLayer, Plan, QuantFormat, QuantizedWeight, Step};
+
+/// Elements of a stored weight per piece (at least one row).
+const WINDOW: usize = 1 << 22;
+/// Elements per parallel task (at least one row).
+const TASK: usize = 1 << 16;
+/// Bytes per piece of a tensor cast or copied.
+const CHUNK_BYTES: usize = 1 << 23;
+/// Names of kept layers listed in a [`Report`] (all are counted).
+pub const KEPT_NAMES_LIMIT: usize = 100;
+
+/// What a conversion did. Serialized as JSON by the CLI; the field names are stable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Report {
+    /// The target's canonical name (`fp8_scaled`, `nvfp4`, `mxfp8`).
+    pub target: String,
+    /// The layer rule applied (`flux`, `wan`, ..., `generic`).
+    pub layer_rule: String,
+    /// The dtype of tensors cast to 16 bits (`BF16`, `F16`).
+    pub float_dtype: String,
+    /// Weights quantized.
+    pub quantized: u64,
+    /// Weights quantized per `comfy_quant` format.
+    pub formats: BTreeMap<String, u64>,
+    /// Quantized weights stored padded (their `comfy_quant` has `orig_shape`).
+    pub padded: u64,
+    /// Layers the rule selects that the format cannot hold, written in high precision.
+    pub kept_high_precision: u64,
+    /// The first [`KEPT_NAMES_LIMIT`] of them, with the reason.
+    pub kept: Vec<KeptLayer>,
+    /// Tensors cast to `float_dtype`.
+    pub cast: u64,
+    /// Tensors copied unchanged.
+    pub copied: u64,
+    /// Source bytes read for the output (the planning pass not counted).
+    pub bytes_in: u64,
+    /// Bytes written (the whole output file).
+    pub bytes_out: u64,
+}
+
+/// What one piece of the output holds.
+#[derive(Debug, Clone, Copy)]
+enum Work<'p> {
+    /// Stored rows `row..row + rows` of a quantized weight (rows past the source's are padding).
+    Rows {
+        weight: &'p QuantizedWeight,
+        row: usize,
+        rows: usize,
+    },
+    /// A quantized weight's scales and `comfy_quant`.
+    Tail { weight: &'p QuantizedWeight },
+    /// Elements `start..start + len` of a tensor cast to `dst`.
+    Cast {
+        src: usize,
+        dst: Dtype,
+        start: usize,
+        len: usize,
+    },
+    /// Bytes of a tensor from `offset`, unchanged (as many as the piece holds).
+    Copy { src: usize, offset: u64 },
+    /// No bytes (an empty tensor): its progress only.
+    Nothing,
+}
+
+/// A unit of the stream: its work, its exact output size, and the progress it makes.
+#[derive(Debug)]
+struct Piece<'p> {
+    work: Work<'p>,
+    out_len: usize,
+    source_bytes: u64,
+    tensors_done: u64,
+}
+
+impl pipeline::Piece for Piece<'_> {
+    fn out_len(&self) -> usize {
+        self.out_len
+    }
+}
+
+/// Converts `source` as `plan` says, writing a safetensors file with `metadata` to `out`.
+/// `progress(source bytes done, source tensors done)` is called after each piece written.
+/// Writes exactly [`Plan::output_len`] bytes on success.
+pub fn convert<W: Write>(
+    source: &dyn TensorSource,
+    plan: &Plan,
+    metadata: &BTreeMap<String, String>,
+    mut out: W,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Report, ComfyQuantError> {
+    let path = source.path();
+    if source.tensors() != plan.tensors.as_slice() {
+        return Err(ComfyQuantError::mismatch(
+            path,
+            "the source serves other tensors than the plan was made from",
+        ));
+    }
+    source.check_unchanged()?;
+    let write_err = |e: io::Error| ComfyQuantError::Write {
+        path: path.to_owned(),
+        source: e,
+    };
+    let pieces = pieces(plan).map_err(|detail| ComfyQuantError::mismatch(path, detail))?;
+    let header = encode_header(&plan.specs, metadata)
+        .map_err(|e| ComfyQuantError::mismatch(path, e.to_string()))?;
+    let bytes_out = pieces
+        .iter()
+        .fold(header.len() as u64, |n, p| n + p.out_len as u64);
+    out.write_all(&header).map_err(write_err)?;
+    let producer = Producer {
+        source,
+        format: plan.format,
+        read: Mutex::new(ReadBuffer::new()),
+        grid: Mutex::new(Vec::new()),
+    };
+    let mut done = (0u64, 0u64);
+    pipeline::stream(
+        pieces,
+        &mut out,
+        &|piece: &Piece<'_>, dst: &mut [u8]| producer.produce(piece, dst),
+        &mut |piece: &Piece<'_>| {
+            done.0 += piece.source_bytes;
+            done.1 += piece.tensors_done;
+            progress(done.0, done.1);
+        },
+        None,
+    )
+    .map_err(|e| match e {
+        StreamError::Produce(e) => e,
+        StreamError::Write(e) => write_err(e),
+        // No cancel flag is passed: a caller cancels through the writer it hands over.
+        StreamError::Cancelled => write_err(io::ErrorKind::Interrupted.into()),
+    })?;
+    out.flush().map_err(write_err)?;
+    Ok(report(plan, done.0, bytes_out))
+}
+
+fn report(plan: &Plan, bytes_in: u64, bytes_out: u64) -> Report {
+    let mut r = Report {
+        target: plan.target.canonical_name().to_owned(),
+        layer_rule: plan.rule.name().to_owned(),
+        float_dtype: plan.float_dtype.as_str().to_owned(),
+        kept_high_precision: plan.kept.len() as u64,
+        kept: plan.kept.iter().take(KEPT_NAMES_LIMIT).cloned().collect(),
+        bytes_in,
+        bytes_out,
+        ..Report::default()
+    };
+    for step in &plan.steps {
+        match step {
+            Step::Quantize(w) => {
+                r.quantized += 1;
+                r.padded += u64::from((w.stored_rows, w.stored_cols) != (w.rows, w.cols));
+            }
+            Step::Cast { .. } => r.cast += 1,
+            Step::Copy { .. } => r.copied += 1,
+        }
+    }
+    if r.quantized > 0 {
+        r.formats
+            .insert(plan.format.comfy_quant_name().to_owned(), r.quantized);
+    }
+    r
+}
+
+/// `(start, len)` of consecutive windows of `size` covering `0..n`.
+fn windows(n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(size.max(1))
+        .map(move |start| (start, size.min(n - start)))
+}
+
+/// The share of `total` source bytes of elements `start..end` of `n`: shares of consecutive
+/// windows add up to `total` exactly.
+fn share(total: u64, n: usize, start: usize, end: usize) -> u64 {
+    let at = |i: usize| (u128::from(total) * i as u128 / n.max(1) as u128) as u64;
+    at(end) - at(start)
+}
+
+/// The bytes of a quantized weight's tail: its block scales (swizzled), its per-tensor scale
+/// and its `comfy_quant`, in spec order.
+fn tail_len(format: QuantFormat, w: &QuantizedWeight) -> usize {
+    let grid = |cols| {
+        let (r, c) = blockfp::blocked_shape(w.stored_rows, cols);
+        r * c
+    };
+    let scales = match format {
+        QuantFormat::Fp8 => 4,
+        QuantFormat::Nvfp4 => grid(format.row_blocks(w.stored_cols)) + 4,
+        QuantFormat::Mxfp8 => grid(format.row_blocks(w.stored_cols)),
+    };
+    scales + w.comfy_quant.len()
+}
+
+/// The pieces of `plan`, in output order; checks that each step writes exactly its planned
+/// tensors.
+fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, String> {
+    let format = plan.format;
+    let mut all = Vec::new();
+    let mut spec_at = 0;
+    for step in &plan.steps {
+        let t = plan
+            .tensors
+            .get(step.src())
+            .ok_or("a step reads a tensor the source does not have")?;
+        let n = usize::try_from(t.n_elements()).map_err(|_| "a tensor too large")?;
+        let mut step_pieces = Vec::new();
+        let mut push = |work, out_len, source_bytes| {
+            step_pieces.push(Piece {
+                work,
+                out_len,
+                source_bytes,
+                tensors_done: 0,
+            })
+        };
+        let outputs = match step {
+            Step::Quantize(w) => {
+                let per = (WINDOW / w.stored_cols.max(1)).max(1);
+                for (row, rows) in windows(w.stored_rows, per) {
+                    let real = |r: usize| r.min(w.rows) * w.cols;
+                    let bytes = share(t.source_bytes, n, real(row), real(row + rows));
+                    let work = Work::Rows {
+                        weight: w,
+                        row,
+                        rows,
+                    };
+                    push(work, rows * format.row_bytes(w.stored_cols), bytes);
+                }
+                push(Work::Tail { weight: w }, tail_len(format, w), 0);
+                match format {
+                    QuantFormat::Nvfp4 => 4,
+                    QuantFormat::Fp8 | QuantFormat::Mxfp8 => 3,
+                }
+            }
+            &Step::Cast { src, dst } => {
+                let per = CHUNK_BYTES / elem_size(t.dtype).max(elem_size(dst)).max(1);
+                for (start, len) in windows(n, per) {
+                    let work = Work::Cast {
+                        src,
+                        dst,
+                        start,
+                        len,
+                    };
+                    let bytes = share(t.source_bytes, n, start, start + len);
+                    push(work, len * elem_size(dst), bytes);
+                }
+                1
+            }
+            &Step::Copy { src } => {
+                let len = t
+                    .byte_len()
+                    .and_then(|l| usize::try_from(l).ok())
+                    .ok_or("a tensor too large")?;
+                for (offset, bytes) in windows(len, CHUNK_BYTES) {
+                    let work = Work::Copy {
+                        src,
+                        offset: offset as u64,
+                    };
+                    push(
+                        work,
+                        bytes,
+                        share(t.source_bytes, len, offset, offset + bytes),
+                    );
+                }
+                1
+            }
+        };
+        if step_pieces.is_empty() {
+            step_pieces.push(Piece {
+                work: Work::Nothing,
+                out_len: 0,
+                source_bytes: 0,
+                tensors_done: 0,
+            });
+        }
+        if let Some(last) = step_pieces.last_mut() {
+            last.tensors_done = 1;
+        }
+        let planned = plan
+            .specs
+            .get(spec_at..spec_at + outputs)
+            .ok_or("fewer output tensors than conversion steps")?
+            .iter()
+            .map(|s| s.byte_len().and_then(|l| usize::try_from(l).ok()))
+            .try_fold(0usize, |a, l| a.checked_add(l?));
+        spec_at += outputs;
+        let written = step_pieces.iter().map(|p| p.out_len).sum::<usize>();
+        if planned != Some(written) {
+            return Err(format!(
+                "the output tensors of `{}` do not match its conversion",
+                t.name.escape_debug()
+            ));
+        }
+        all.extend(step_pieces);
+    }
+    if spec_at != plan.specs.len() {
+        return Err("more output tensors than conversion steps".into());
+    }
+    Ok(all)
+}
+
+fn elem_size(d: Dtype) -> usize {
+    (d.bits() / 8) as usize
+}
+
+/// Produces the pieces of a conversion. Pieces are produced one at a time, in order, so the
+/// locks are never contended.
+struct Producer<'a> {
+    source: &'a dyn TensorSource,
+    format: QuantFormat,
+    /// The source bytes of a cast chunk (page-aligned, reused).
+    read: Mutex<ReadBuffer>,
+    /// The block-scale grid (row-major, not swizzled) of the weight being quantized.
+    grid: Mutex<Vec<u8>>,
+}
+
+impl Producer<'_> {
+    fn produce(&self, piece: &Piece<'_>, dst: &mut [u8]) -> Result<(), ComfyQuantError> {
+        let source = self.source;
+        match piece.work {
+            Work::Rows { weight, row, rows } => {
+                let mut grid = self.grid.lock().unwrap_or_else(PoisonError::into_inner);
+                let grid_row = self.format.row_blocks(weight.stored_cols);
+                if row == 0 {
+                    *grid = vec![0u8; weight.stored_rows * grid_row];
+                }
+                let scales = grid
+                    .get_mut(row * grid_row..(row + rows) * grid_row)
+                    .ok_or_else(|| ComfyQuantError::mismatch(source.path(), "rows out of order"))?;
+                self.quantize_rows(weight, row, dst, scales)
+            }
+            Work::Tail { weight } => {
+                let grid =
+                    std::mem::take(&mut *self.grid.lock().unwrap_or_else(PoisonError::into_inner));
+                let mut bytes = Vec::with_capacity(dst.len());
+                let blocked = |cols| blockfp::to_blocked(&grid, weight.stored_rows, cols);
+                match self.format {
+                    QuantFormat::Fp8 => bytes.extend(weight.tensor_scale.to_le_bytes()),
+                    QuantFormat::Nvfp4 => {
+                        bytes.extend(blocked(self.format.row_blocks(weight.stored_cols)));
+                        bytes.extend(weight.tensor_scale.to_le_bytes());
+                    }
+                    QuantFormat::Mxfp8 => {
+                        bytes.extend(blocked(self.format.row_blocks(weight.stored_cols)))
+                    }
+                }
+                bytes.extend_from_slice(&weight.comfy_quant);
+                if bytes.len() != dst.len() {
+                    return Err(ComfyQuantError::mismatch(
+                        source.path(),
+                        "a quantized weight's scales do not match the plan",
+                    ));
+                }
+                dst.copy_from_slice(&bytes);
+                Ok(())
+            }
+            Work::Cast {
+                src,
+                dst: to,
+                start,
+                len,
+            } => {
+                let t = &source.tensors()[src];
+                let es = elem_size(t.dtype);
+                let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+                let bytes = read.get(len * es, CHUNK_BYTES);
+                source.read_raw(src, (start * es) as u64, bytes)?;
+                let bytes = &*bytes;
+                let cast = |(s, d): (&[u8], &mut [u8])| {
+                    cast_slice(t.dtype, s, to, d)
+                        .map(|_| ())
+                        .map_err(|e| ComfyQuantError::tensor(source.path(), &t.name, e.to_string()))
+                };
+                bytes
+                    .par_chunks(TASK * es)
+                    .zip(dst.par_chunks_mut(TASK * elem_size(to)))
+                    .try_for_each(cast)
+            }
+            Work::Copy { src, offset } => Ok(source.read_raw(src, offset, dst)?),
+            Work::Nothing => Ok(()),
+        }
+    }
+
+    /// Quantizes stored rows starting at `row` into `dst` (and their block scales into `grid`),
+    /// in parallel tasks of whole rows.
+    fn quantize_rows(
+        &self,
+        w: &QuantizedWeight,
+        row: usize,
+        dst: &mut [u8],
+        grid: &mut [u8],
+    ) -> Result<(), ComfyQuantError> {
+        let format = self.format;
+        let sc = w.stored_cols;
+        let task_rows = (TASK / sc.max(1)).max(1);
+        let out_row = format.row_bytes(sc);
+        let task = |k: usize, out: &mut [u8], scales: &mut [u8]| {
+            let first = row + k * task_rows;
+            let mut values = vec![0f32; out.len() / out_row * sc];
+            self.read_rows(w, first, &mut values)?;
+            match format {
+                QuantFormat::Fp8 => blockfp::quantize_fp8(&values, w.compute, w.tensor_scale, out),
+                QuantFormat::Nvfp4 => {
+                    blockfp::quantize_nvfp4_rows(&values, sc, w.tensor_scale, out, scales)
+                }
+                QuantFormat::Mxfp8 => blockfp::quantize_mxfp8_rows(&values, sc, out, scales),
+            }
+            Ok(())
+        };
+        let outs = dst.par_chunks_mut(task_rows * out_row);
+        match format.row_blocks(sc) {
+            // fp8 has no block scales.
+            0 => outs
+                .enumerate()
+                .try_for_each(|(k, out)| task(k, out, &mut [])),
+            grid_row => outs
+                .zip(grid.par_chunks_mut(task_rows * grid_row))
+                .enumerate()
+                .try_for_each(|(k, (out, scales))| task(k, out, scales)),
+        }
+    }
+
+    /// Fills `values` (whole stored rows from `first`, zeroed) with the source's values: rows
+    /// and columns past the source's stay zero (comfy-kitchen's padding).
+    fn read_rows(
+        &self,
+        w: &QuantizedWeight,
+        first: usize,
+        values: &mut [f32],
+    ) -> Result<(), ComfyQuantError> {
+        let sc = w.stored_cols;
+        let real = (values.len() / sc).min(w.rows.saturating_sub(first));
+        if real == 0 {
+            return Ok(());
+        }
+        let start = (first * w.cols) as u64;
+        if sc == w.cols {
+            self.source
+                .read_f32(w.src, start, &mut values[..real * sc])?;
+        } else {
+            for (i, row) in values.chunks_mut(sc).take(real).enumerate() {
+                let at = start + (i * w.cols) as u64;
+                self.source.read_f32(w.src, at, &mut row[..w.cols])?;
+            }
+        }
+        Ok(())
+    }
+}
