@@ -102,6 +102,10 @@ impl Observer for Bars {
         });
     }
 
+    fn planned(&self, pair: Pair<'_>, _output_bytes: u64, _source_bytes: u64, tensors: u64) {
+        self.with_bar(pair, |b| b.tensors = (0, tensors));
+    }
+
     fn tensor(&self, pair: Pair<'_>, index: u64, count: u64) {
         self.with_bar(pair, |b| {
             b.tensors = (index + 1, count);
@@ -148,15 +152,18 @@ impl Default for JsonLines {
 }
 
 impl JsonLines {
-    /// Writes `event` with the fields every event has.
-    fn write(&self, event: &str, pair: Pair<'_>, mut fields: Value) {
-        if let Value::Object(map) = &mut fields {
-            map.insert("event".into(), event.into());
-            map.insert("time".into(), json!(self.started.elapsed().as_secs_f64()));
-            map.insert("source".into(), pair.source.display().to_string().into());
-            map.insert("target".into(), pair.target.canonical_name().into());
+    /// Writes `event`: the fields every event has, then `fields`.
+    fn write(&self, event: &str, pair: Pair<'_>, fields: Value) {
+        let mut line = json!({
+            "event": event,
+            "time": self.started.elapsed().as_secs_f64(),
+            "source": pair.source.display().to_string(),
+            "target": pair.target.canonical_name(),
+        });
+        if let (Value::Object(line), Value::Object(fields)) = (&mut line, fields) {
+            line.extend(fields);
         }
-        let line = serde_json::to_string(&fields).unwrap_or_else(|_| "null".to_owned());
+        let line = serde_json::to_string(&line).unwrap_or_else(|_| "null".to_owned());
         let _ = writeln!(std::io::stderr().lock(), "{line}");
     }
 }
@@ -196,6 +203,10 @@ impl Observer for JsonLines {
                 "tensors_total": tensors_total,
             }),
         );
+    }
+
+    fn planned(&self, pair: Pair<'_>, _output_bytes: u64, _source_bytes: u64, tensors: u64) {
+        lock(&self.pairs).entry(key(pair)).or_default().tensors = (0, tensors);
     }
 
     fn tensor(&self, pair: Pair<'_>, index: u64, count: u64) {

@@ -318,6 +318,12 @@ pub trait Observer: Send + Sync {
         let _ = (pair, stage);
     }
 
+    /// The conversion is planned, before [`Stage::Converting`]: it writes an output of
+    /// `output_bytes`, reading `source_bytes` of the source and `tensors` tensors.
+    fn planned(&self, pair: Pair<'_>, output_bytes: u64, source_bytes: u64, tensors: u64) {
+        let _ = (pair, output_bytes, source_bytes, tensors);
+    }
+
     /// `done` of `total` bytes of `stage` ([`Stage::Hashing`]: source bytes hashed;
     /// [`Stage::Converting`]: source bytes converted). Within a stage `done` never decreases,
     /// and a stage that completes reports `done == total` last.

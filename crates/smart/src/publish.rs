@@ -361,6 +361,9 @@ impl Convert<'_> {
             },
         );
         let (bytes_total, tensors_total) = planned.totals();
+        if let Some(o) = self.options.observer {
+            o.planned(self.pair(), needed, bytes_total, tensors_total);
+        }
         self.stage(Stage::Converting);
         self.bytes(Stage::Converting, 0, bytes_total);
         // Converters report (bytes done, tensors done); each newly finished tensor is an event
