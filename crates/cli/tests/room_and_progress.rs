@@ -426,3 +426,34 @@ fn progress_jsonl_follows_the_schema() {
     let run = s.run(&["convert", src.arg(), "--to", "fp16"]).ok();
     assert!(run.stderr.is_empty(), "{}", run.stderr);
 }
+
+#[test]
+fn make_room_never_evicts_the_source() {
+    let f = filled();
+    // The least recently used output is the source of this conversion.
+    let source = f.outputs[0].to_str().expect("utf-8").to_owned();
+    let budget = f.cached_bytes().to_string();
+    let v =
+        f.s.run(&[
+            "--json",
+            "convert",
+            &source,
+            "--to",
+            "fp16",
+            "--max-cache-size",
+            &budget,
+            "--make-room",
+        ])
+        .ok()
+        .json();
+    let row = only(&v);
+    assert_eq!(row["status"], "converted", "{row}");
+    let removed = removed_of(row);
+    assert_eq!(
+        removed.first(),
+        Some(&(f.outputs[1].clone(), f.sizes[1])),
+        "{row}"
+    );
+    assert!(removed.iter().all(|(p, _)| *p != f.outputs[0]), "{row}");
+    assert!(f.outputs[0].exists() && f.foreign.exists());
+}
