@@ -12,6 +12,8 @@
 //!   [`Cache::cleanup`], [`Cache::evict_to`]. Lookups and listings write nothing (`check`,
 //!   `list` and `stats` leave the cache as they found it); what a lookup learned is written
 //!   when its answer is used ([`Cache::record_hit`]).
+//! - [`Cache::make_room`]: what an output about to be written lacks on the disk or under a size
+//!   budget, and least-recently-used eviction of other outputs until it fits.
 //! - [`OutputSlot`]: one output's lock, held by a converter (crate `smart`) while it looks
 //!   again, writes a [`Temporary`] and publishes it with its output record.
 //!
@@ -26,7 +28,7 @@
 //!   converter before it publishes the output; `.digest.tmp` while being replaced.
 //!
 //! # What may be deleted
-//! [`Cache::cleanup`] and [`Cache::evict_to`] only remove regular files (never symlinks, never
+//! [`Cache::cleanup`], [`Cache::evict_to`] and [`Cache::make_room`] only remove regular files (never symlinks, never
 //! directories) found directly in the output dirs, whose names parse as output names and whose
 //! contents carry convcache provenance, and only while holding their lock (so never an output
 //! that is being written).
@@ -37,6 +39,7 @@ mod models_dir;
 pub mod naming;
 pub mod provenance;
 pub mod record;
+mod room;
 mod slot;
 mod store;
 
@@ -50,6 +53,7 @@ pub use record::{
     OutputRecord, SourceSeen, current_boot_id, output_record_path, read_output_record,
     write_output_record,
 };
+pub use room::{Room, RoomRequest, Shortfall};
 pub use slot::{OutputSlot, STATE_DIR, Temporary, temp_path, use_stamp_path};
 pub use store::{
     Cache, Entry, Eviction, Kind, KnownDigest, Lookup, LookupOptions, LookupStatus,

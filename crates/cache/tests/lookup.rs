@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use cache::provenance::SourceStat;
 use cache::{
-    Cache, Kind, LookupOptions, LookupStatus, ModelsDir, OutputSlot, Provenance, digest,
-    use_stamp_path,
+    Cache, Kind, LookupOptions, LookupStatus, ModelsDir, OutputSlot, Provenance, RoomRequest,
+    digest, use_stamp_path,
 };
 use detect::Precision;
 use tensorfile::safetensors::Dtype;
@@ -754,4 +754,87 @@ fn gguf_outputs_carry_provenance_in_key_values() {
     assert_eq!(l.status, LookupStatus::Missing, "not used, not replaced");
     assert_ne!(l.path, wrong);
     assert!(l.note.unwrap().contains("another tool"));
+}
+
+#[test]
+fn make_room_frees_only_what_is_missing_least_recently_used_first() {
+    let p = populated();
+    let c = &p.e.cache;
+    let sizes: Vec<u64> = p
+        .outputs
+        .iter()
+        .map(|o| fs::metadata(o).unwrap().len())
+        .collect();
+    let new_output = c.standard_path(&p.src, Precision::Fp32);
+    let cached: u64 = c.list(Kind::All).unwrap().iter().map(|e| e.size).sum();
+    let request = |max, disk_available, spare: &'static [PathBuf]| {
+        let new_output = new_output.clone();
+        move |dry_run| {
+            c.make_room(
+                &RoomRequest {
+                    output: &new_output,
+                    output_bytes: 1000,
+                    disk_available,
+                    max_cache_bytes: max,
+                    spare,
+                },
+                dry_run,
+            )
+            .unwrap()
+        }
+    };
+    // It fits: nothing to do.
+    let room = request(Some(cached + 1000), u64::MAX, &[])(false);
+    assert!(room.enough && room.shortfall.is_none() && room.removed.is_empty());
+
+    // One byte over the budget: the least recently used output alone; a dry run removes
+    // nothing and says the same.
+    let over_by_one = request(Some(cached + 999), u64::MAX, &[]);
+    let would = over_by_one(true);
+    assert_eq!(would.shortfall.budget, 1);
+    assert_eq!(would.removed.len(), 1);
+    assert_eq!(
+        (would.removed[0].path.clone(), would.removed[0].size),
+        (p.outputs[0].clone(), sizes[0])
+    );
+    assert!(would.enough && p.outputs[0].is_file());
+    assert_eq!(over_by_one(false), would);
+    assert!(!p.outputs[0].exists());
+
+    // More than every output of convcache holds: not enough, and every one is listed (the
+    // foreign file, the symlink's target and the source are never candidates).
+    let room = request(Some(0), u64::MAX, &[])(true);
+    assert!(!room.enough);
+    assert_eq!(room.removed.len(), 2);
+    assert_eq!(room.removed_bytes(), sizes[1] + sizes[2]);
+
+    // Short on disk: outputs on the same filesystem count by the blocks they free.
+    let room = request(None, 0, &[])(true);
+    assert_eq!(room.shortfall.disk, 1000);
+    assert!(room.enough && room.removed.len() == 1, "{room:?}");
+    assert_eq!(room.removed[0].path, p.outputs[1]);
+    p.untouched();
+}
+
+#[test]
+fn make_room_spares_what_it_is_told_to() {
+    let p = populated();
+    let c = &p.e.cache;
+    let new_output = c.standard_path(&p.src, Precision::Fp32);
+    let spare = vec![p.outputs[0].clone()];
+    let room = c
+        .make_room(
+            &RoomRequest {
+                output: &new_output,
+                output_bytes: 1000,
+                disk_available: 0,
+                max_cache_bytes: None,
+                spare: &spare,
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(room.removed.len(), 1);
+    assert_eq!(room.removed[0].path, p.outputs[1]);
+    assert!(p.outputs[0].is_file());
 }

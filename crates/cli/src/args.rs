@@ -91,6 +91,31 @@ pub struct ConvertArgs {
     /// Linux only (elsewhere outputs are always synced).
     #[arg(long)]
     pub no_fsync: bool,
+    /// How progress is shown on stderr: `bars`, `jsonl` (JSON lines, see docs/cli.md) or
+    /// `none`. Default: bars when stderr is a terminal and neither --json nor -q is given,
+    /// else none.
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub progress: Option<ProgressArg>,
+    /// The cache's size budget: an output that would take the cached conversions over SIZE
+    /// does not fit (default: $CONVCACHE_MAX_SIZE, else no budget). SIZE as for cleanup.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_cache_size: Option<u64>,
+    /// When an output does not fit (free space or --max-cache-size), evict least recently used
+    /// conversions until it does. Never a file convcache did not make, an output being
+    /// written, the source, or an output of this command.
+    #[arg(long)]
+    pub make_room: bool,
+}
+
+/// How `convert` shows progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressArg {
+    /// Progress bars with ETA.
+    Bars,
+    /// JSON-lines events.
+    Jsonl,
+    /// Nothing.
+    None,
 }
 
 /// `check`.

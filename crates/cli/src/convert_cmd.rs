@@ -8,9 +8,13 @@ use detect::Precision;
 use serde_json::{Value, json};
 use smart::{ConversionReport, Outcome, SmartError, Status};
 
-use crate::args::{ConversionArgs, ConvertArgs};
+use crate::args::{ConversionArgs, ConvertArgs, ProgressArg};
 use crate::output::{Exit, Failure, Ui, one_line};
-use crate::progress::Bar;
+use crate::progress::{Bars, JsonLines};
+use crate::size::parse_size;
+
+/// The environment variable holding the default of `convert --max-cache-size`.
+pub const MAX_SIZE_ENV: &str = "CONVCACHE_MAX_SIZE";
 
 /// One target's result, as printed.
 #[derive(Debug)]
@@ -29,6 +33,14 @@ pub fn status_word(s: &Status) -> &'static str {
         Status::CachedUnverified => "cached_unverified",
         Status::Converted => "converted",
     }
+}
+
+/// The JSON of outputs evicted to make room: `[{"path", "size"}]`, least recently used first.
+pub fn removed_json(removed: &[cache::Removed]) -> Value {
+    removed
+        .iter()
+        .map(|r| json!({ "path": r.path.display().to_string(), "size": r.size }))
+        .collect()
 }
 
 /// The exit code a failed conversion leads to: 2 when the input is at fault (see
@@ -59,6 +71,7 @@ impl Row {
                 "report": o.report,
                 "replaced": o.replaced,
                 "note": o.note,
+                "removed": removed_json(&o.removed),
                 "error": null,
             }),
             Err(e) => json!({
@@ -69,6 +82,7 @@ impl Row {
                 "report": null,
                 "replaced": null,
                 "note": null,
+                "removed": [],
                 "error": one_line(&e.to_string()),
             }),
         }
@@ -90,6 +104,19 @@ impl Row {
         }
         if let Some(note) = &o.note {
             notes.push(note.clone());
+        }
+        if !o.removed.is_empty() {
+            let bytes: u64 = o.removed.iter().map(|r| r.size).sum();
+            let paths: Vec<String> = o
+                .removed
+                .iter()
+                .map(|r| r.path.display().to_string())
+                .collect();
+            notes.push(format!(
+                "made room: evicted {} ({bytes} bytes): {}",
+                o.removed.len(),
+                paths.join(", ")
+            ));
         }
         Some(format!(
             "{:<16} {:<12} {}  ({})",
@@ -125,51 +152,28 @@ pub fn report_notes(report: &ConversionReport) -> Vec<String> {
 }
 
 /// Converts `source` to each target in order, as `request` says; a failed target does not stop
-/// the others.
-pub fn convert_all(
-    ui: &Ui,
-    request: &smart::Options<'_>,
-    source: &Path,
-    targets: &[Precision],
-) -> Vec<Row> {
+/// the others, and an output answered for one target is never evicted to make room for the
+/// next.
+pub fn convert_all(request: &smart::Options<'_>, source: &Path, targets: &[Precision]) -> Vec<Row> {
     // The source's digest, once a target has computed or found it, spares the next targets a
     // pass over the source (each call checks that the source is unchanged before using it).
     let mut known_digest = None;
+    let mut spare = request.spare.clone();
     targets
         .iter()
         .map(|&target| {
-            let label = format!(
-                "{} -> {}",
-                source
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                target.canonical_name()
-            );
-            let bar = Bar::new(label, ui.progress_enabled());
-            let on_progress = |p: smart::Progress| {
-                let phase = match p.phase {
-                    smart::Phase::Hashing => "hashing",
-                    smart::Phase::Converting => "converting",
-                };
-                bar.update(
-                    phase,
-                    p.bytes_done,
-                    p.bytes_total,
-                    p.tensors_done,
-                    p.tensors_total,
-                )
-            };
             let options = smart::Options {
-                progress: Some(&on_progress),
                 known_digest: known_digest.clone(),
+                spare: spare.clone(),
                 ..request.clone()
             };
             let started = Instant::now();
             let result = smart::smart_convert(source, target, &options);
-            bar.finish();
-            if let Some(k) = result.as_ref().ok().and_then(|o| o.known_digest.clone()) {
-                known_digest = Some(k);
+            if let Ok(o) = &result {
+                spare.push(o.path.clone());
+                if let Some(k) = &o.known_digest {
+                    known_digest = Some(k.clone());
+                }
             }
             Row {
                 source: source.to_path_buf(),
@@ -227,18 +231,43 @@ pub fn request<'a>(ui: &Ui, conversion: &ConversionArgs, models: ModelsDir) -> s
 }
 
 /// `convcache convert`.
-pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Exit {
+pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failure> {
     let conversion = &args.conversion;
     let mut request = request(ui, conversion, models);
     request.sync_output = !args.no_fsync;
+    request.make_room = args.make_room;
+    request.max_cache_size = match (args.max_cache_size, std::env::var_os(MAX_SIZE_ENV)) {
+        (Some(size), _) => Some(size),
+        (None, Some(v)) if !v.is_empty() => {
+            let v = v.to_string_lossy();
+            Some(parse_size(&v).map_err(|e| Failure::input(format!("{MAX_SIZE_ENV}={v}: {e}")))?)
+        }
+        (None, _) => None,
+    };
+    let (bars, lines);
+    let how = args.progress.unwrap_or(match ui.progress_enabled() {
+        true => ProgressArg::Bars,
+        false => ProgressArg::None,
+    });
+    request.observer = match how {
+        ProgressArg::Bars => {
+            bars = Bars::default();
+            Some(&bars)
+        }
+        ProgressArg::Jsonl => {
+            lines = JsonLines::default();
+            Some(&lines)
+        }
+        ProgressArg::None => None,
+    };
     request.cancel = crate::interrupt::install();
-    let rows = convert_all(ui, &request, &conversion.source, &conversion.targets);
+    let rows = convert_all(&request, &conversion.source, &conversion.targets);
     let exit = present(ui, &rows);
     // Interrupted, even if the conversion under way had passed its last check and published.
-    match crate::interrupt::arrived(request.cancel.as_deref()) {
+    Ok(match crate::interrupt::arrived(request.cancel.as_deref()) {
         true => Exit::Interrupted,
         false => exit,
-    }
+    })
 }
 
 #[cfg(test)]

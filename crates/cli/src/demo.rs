@@ -50,6 +50,10 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
     let mut request = smart::Options::new(models.clone());
     // An interrupt stops the conversion; the temporary models dir is removed on the way out.
     request.cancel = crate::interrupt::install();
+    let bars = crate::progress::Bars::default();
+    if ui.progress_enabled() {
+        request.observer = Some(&bars);
+    }
     // Text and -q output of the conversions comes from `present`, as for `convert`.
     let text_ui = Ui { json: false, ..*ui };
     let quiet_json = Ui {
@@ -71,13 +75,13 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
 
     ui.print("\n== convert to bf16, fp8, nf4 and Q4_K_M (converts)");
     let interrupted = || crate::interrupt::arrived(request.cancel.as_deref());
-    let first = convert_all(ui, &request, &source, &TARGETS);
+    let first = convert_all(&request, &source, &TARGETS);
     show(&first);
     if interrupted() {
         return Ok(Exit::Interrupted);
     }
     ui.print("\n== the same again (answered from the cache)");
-    let second = convert_all(ui, &request, &source, &TARGETS);
+    let second = convert_all(&request, &source, &TARGETS);
     show(&second);
     if interrupted() {
         return Ok(Exit::Interrupted);

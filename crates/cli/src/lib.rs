@@ -8,7 +8,7 @@
 //! - [`size`]: the strict `--max-size` parser (`20G`, `512MiB`, `1.5GB`).
 //! - [`sample`]: the deterministic flux-like sample model.
 //! - [`output`]: exit codes, one-line errors, JSON and text on stdout.
-//! - [`progress`]: progress bars with ETA on stderr.
+//! - [`progress`]: progress on stderr: bars with ETA, or JSON-lines events.
 //! - [`interrupt`]: Ctrl-C and SIGTERM stop a conversion cleanly.
 //! - [`detect_cmd`], [`convert_cmd`], [`cache_cmds`], [`demo`]: one module per command family,
 //!   turning library results into text or the JSON documented in `docs/cli.md`.
@@ -54,7 +54,7 @@ fn dispatch(ui: &Ui, cli: &Cli) -> Result<Exit, Failure> {
     match &cli.command {
         Command::Detect(a) => Ok(detect_cmd::run(ui, a)),
         Command::Demo => demo::run(ui),
-        Command::Convert(a) => Ok(convert_cmd::run(ui, models_dir(cli)?, a)),
+        Command::Convert(a) => convert_cmd::run(ui, models_dir(cli)?, a),
         Command::Check(a) => cache_cmds::check(ui, models_dir(cli)?, a),
         Command::List(a) => cache_cmds::list(ui, &Cache::new(models_dir(cli)?), a),
         Command::Stats(a) => cache_cmds::stats(ui, &Cache::new(models_dir(cli)?), a),

@@ -31,6 +31,14 @@
 //!
 //! Converters plug in through [`Backend`] (see [`backends`]).
 //!
+//! A caller follows a conversion through an [`Observer`] ([`Options::observer`]): the
+//! [`Stage`]s of each (source, target) [`Pair`], bytes done of bytes total, each tensor
+//! finished, and the answer.
+//!
+//! When the output will not fit (free space, or [`Options::max_cache_size`]), the error says
+//! how much evicting least recently used outputs would free; with [`Options::make_room`] they
+//! are evicted ([`cache::Cache::make_room`]) and listed in [`Outcome::removed`].
+//!
 //! [`Options`] is the one description of a request besides its source and target: the CLI
 //! builds it once; the converters' [`BackendOptions`] and the cache's [`LookupOptions`] are
 //! derived from it, each in one place ([`Options::backend_options`],
@@ -78,7 +86,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cache::{Cache, CacheError, KnownDigest, LookupOptions, LookupStatus, ModelsDir};
+use cache::{
+    Cache, CacheError, KnownDigest, LookupOptions, LookupStatus, ModelsDir, Removed, Room,
+};
 use detect::{DetectError, Detection, Precision};
 
 pub use backend::{
@@ -100,8 +110,8 @@ pub struct Options<'a> {
     pub verify_digest: bool,
     /// bitsandbytes 4-bit targets: double-quantize absmax.
     pub double_quant: bool,
-    /// Called with progress while hashing and converting.
-    pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Told of stages, bytes, tensors and the answer, as the conversion goes.
+    pub observer: Option<&'a dyn Observer>,
     /// Set to stop (an interrupt): a conversion, a hashing pass or a wait for another
     /// process's lock fails with [`SmartError::Cancelled`] soon after, nothing is published
     /// and the temporary is removed. A call made once it is set does nothing.
@@ -121,21 +131,34 @@ pub struct Options<'a> {
     /// right after a power loss could still see a torn file. Where the boot cannot be
     /// identified (not Linux), outputs are always synced.
     pub sync_output: bool,
+    /// The cache's size budget: an output that would take the listed outputs (itself included)
+    /// over it does not fit, like one the disk has no room for.
+    pub max_cache_size: Option<u64>,
+    /// When the output does not fit, evict least recently used outputs until it does
+    /// ([`cache::Cache::make_room`]) instead of failing.
+    pub make_room: bool,
+    /// Files never evicted to make room: the outputs this request's caller already answered
+    /// with (earlier targets of the same command). The source is always spared.
+    pub spare: Vec<PathBuf>,
 }
 
 impl<'a> Options<'a> {
-    /// Defaults: not strict, no digest on every lookup, no double quantization, no progress.
+    /// Defaults: not strict, no digest on every lookup, no double quantization, no observer,
+    /// no size budget, no eviction.
     pub fn new(models_dir: ModelsDir) -> Options<'a> {
         Options {
             models_dir,
             strict: false,
             verify_digest: false,
             double_quant: false,
-            progress: None,
+            observer: None,
             cancel: None,
             known_digest: None,
             gguf_arch: None,
             sync_output: true,
+            max_cache_size: None,
+            make_room: false,
+            spare: Vec::new(),
         }
     }
 
@@ -178,11 +201,14 @@ impl std::fmt::Debug for Options<'_> {
             .field("strict", &self.strict)
             .field("verify_digest", &self.verify_digest)
             .field("double_quant", &self.double_quant)
-            .field("progress", &self.progress.is_some())
+            .field("observer", &self.observer.is_some())
             .field("cancel", &self.cancel)
             .field("known_digest", &self.known_digest)
             .field("gguf_arch", &self.gguf_arch)
             .field("sync_output", &self.sync_output)
+            .field("max_cache_size", &self.max_cache_size)
+            .field("make_room", &self.make_room)
+            .field("spare", &self.spare)
             .finish()
     }
 }
@@ -223,6 +249,9 @@ pub struct Outcome {
     /// What a cached answer could not verify (an output without an output record).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Outputs evicted to make room for this one ([`Options::make_room`]), least recently used
+    /// first.
+    pub removed: Vec<Removed>,
     /// The source's digest and the facts it holds for, when this call knew it: pass it as
     /// [`Options::known_digest`] to the next call on the same source (another target) so that
     /// the source is not hashed again.
@@ -241,29 +270,76 @@ fn ser_opt_precision<S: serde::Serializer>(p: &Option<Precision>, s: S) -> Resul
     }
 }
 
-/// What is being done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// A stage of one conversion, in the order they come (a stage may repeat: a conversion planned
+/// again converts again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Computing the source's content digest (bytes of the source).
+pub enum Stage {
+    /// Detecting the source, looking in the cache, taking the output's lock (header work).
+    Planning,
+    /// Computing the source's content digest in a pass of its own (bytes of the source).
     Hashing,
-    /// Converting (source bytes and tensors read).
+    /// Writing the output (bytes of the source read, tensors finished).
     Converting,
+    /// Re-detecting the written temporary.
+    Verifying,
+    /// Syncing, recording and renaming the output into place.
+    Publishing,
 }
 
-/// A progress report: `done` of `total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Progress {
-    /// What is being done.
-    pub phase: Phase,
-    /// Bytes processed so far.
-    pub bytes_done: u64,
-    /// Bytes this phase processes in all.
-    pub bytes_total: u64,
-    /// Tensors done so far (0 while hashing).
-    pub tensors_done: u64,
-    /// Tensors in all (0 while hashing).
-    pub tensors_total: u64,
+impl Stage {
+    /// The stage's name (`planning`, `hashing`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Planning => "planning",
+            Stage::Hashing => "hashing",
+            Stage::Converting => "converting",
+            Stage::Verifying => "verifying",
+            Stage::Publishing => "publishing",
+        }
+    }
+}
+
+/// The (source, target) pair an [`Observer`] event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pair<'a> {
+    /// The source, as given.
+    pub source: &'a Path,
+    /// The requested precision.
+    pub target: Precision,
+}
+
+/// Follows conversions as they go ([`Options::observer`]). Every method has a default that
+/// does nothing. Calls come from the converting thread, in order for one pair; they should
+/// return quickly (they are made per tensor and per chunk).
+pub trait Observer: Send + Sync {
+    /// `pair` enters `stage`.
+    fn stage(&self, pair: Pair<'_>, stage: Stage) {
+        let _ = (pair, stage);
+    }
+
+    /// The conversion is planned, before [`Stage::Converting`]: it writes an output of
+    /// `output_bytes`, reading `source_bytes` of the source and `tensors` tensors.
+    fn planned(&self, pair: Pair<'_>, output_bytes: u64, source_bytes: u64, tensors: u64) {
+        let _ = (pair, output_bytes, source_bytes, tensors);
+    }
+
+    /// `done` of `total` bytes of `stage` ([`Stage::Hashing`]: source bytes hashed;
+    /// [`Stage::Converting`]: source bytes converted). Within a stage `done` never decreases,
+    /// and a stage that completes reports `done == total` last.
+    fn bytes(&self, pair: Pair<'_>, stage: Stage, done: u64, total: u64) {
+        let _ = (pair, stage, done, total);
+    }
+
+    /// Tensor `index` (from 0, in the order the converter writes them) of `count` is converted.
+    fn tensor(&self, pair: Pair<'_>, index: u64, count: u64) {
+        let _ = (pair, index, count);
+    }
+
+    /// `pair` is answered or failed; no more events for it follow.
+    fn finished(&self, pair: Pair<'_>, result: Result<&Outcome, &SmartError>) {
+        let _ = (pair, result);
+    }
 }
 
 /// Why a conversion failed. Every message names the file concerned.
@@ -301,7 +377,8 @@ pub enum SmartError {
     SourceIsOutput(PathBuf),
     /// Not enough free space for the output, found before writing.
     #[error(
-        "{path}: not enough free space: the output needs {needed} bytes, {available} are available"
+        "{path}: not enough free space: the output needs {needed} bytes, {available} are available; {}",
+        room_advice(room, *evicted)
     )]
     NoSpace {
         /// The output's path.
@@ -310,6 +387,29 @@ pub enum SmartError {
         needed: u64,
         /// Bytes free on its filesystem.
         available: u64,
+        /// What evicting least recently used outputs frees (or, with `evicted`, freed).
+        room: Room,
+        /// Whether those outputs were evicted ([`Options::make_room`]).
+        evicted: bool,
+    },
+    /// The output would take the cache over [`Options::max_cache_size`], found before writing.
+    #[error(
+        "{path}: the output ({needed} bytes) would take the cache {over} bytes over its size limit of {max} bytes; {}",
+        room_advice(room, *evicted)
+    )]
+    OverBudget {
+        /// The output's path.
+        path: PathBuf,
+        /// The output's exact size in bytes.
+        needed: u64,
+        /// The budget in bytes.
+        max: u64,
+        /// Bytes over the budget before anything was evicted.
+        over: u64,
+        /// What evicting least recently used outputs frees (or, with `evicted`, freed).
+        room: Room,
+        /// Whether those outputs were evicted ([`Options::make_room`]).
+        evicted: bool,
     },
     /// The output would exceed the process's file-size limit (`ulimit -f`).
     #[error("{path}: the output needs {needed} bytes, over the file-size limit of {limit} bytes")]
@@ -358,6 +458,28 @@ pub enum SmartError {
     /// [`Options::cancel`] was set.
     #[error("{0}: conversion cancelled; nothing was published")]
     Cancelled(PathBuf),
+}
+
+/// The end of a no-room message: what evicting least recently used outputs would free (or
+/// freed, when `evicted`).
+fn room_advice(room: &Room, evicted: bool) -> String {
+    let (n, bytes) = (room.removed.len(), room.removed_bytes());
+    match (evicted, room.enough) {
+        (false, true) => format!(
+            "--make-room would free {bytes} bytes by evicting the {n} least recently used output(s)"
+        ),
+        (false, false) => format!(
+            "--make-room could not free enough: the evictable outputs hold only {bytes} bytes"
+        ),
+        (true, true) => {
+            format!(
+                "{n} least recently used output(s) ({bytes} bytes) were evicted, still not enough"
+            )
+        }
+        (true, false) => {
+            format!("evicting every evictable output ({n}, {bytes} bytes) was not enough")
+        }
+    }
 }
 
 impl SmartError {
@@ -420,20 +542,39 @@ pub fn smart_convert_with(
     options: &Options<'_>,
     backends: &[&dyn Backend],
 ) -> Result<Outcome, SmartError> {
+    let pair = Pair { source, target };
+    if let Some(o) = options.observer {
+        o.stage(pair, Stage::Planning);
+    }
+    let result = answer(source, target, options, backends);
+    if let Some(o) = options.observer {
+        o.finished(pair, result.as_ref());
+    }
+    result
+}
+
+/// [`smart_convert_with`] without the observer's first and last events.
+fn answer(
+    source: &Path,
+    target: Precision,
+    options: &Options<'_>,
+    backends: &[&dyn Backend],
+) -> Result<Outcome, SmartError> {
     if options.cancelled() {
         return Err(SmartError::Cancelled(source.to_path_buf()));
     }
     let detection = detect::detect(source)?;
     let source_precision = detection.precision;
-    let outcome = |status, path: PathBuf, report, replaced, note, known_digest| Outcome {
+    let outcome = |status, path: PathBuf, note, known_digest| Outcome {
         status,
         path,
         source: source.to_path_buf(),
         target,
         source_precision,
-        report,
-        replaced,
+        report: None,
+        replaced: None,
         note,
+        removed: Vec::new(),
         known_digest,
     };
     let Some(sp) = source_precision else {
@@ -445,8 +586,6 @@ pub fn smart_convert_with(
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
-            None,
-            None,
             None,
             None,
         ));
@@ -469,7 +608,7 @@ pub fn smart_convert_with(
         // A read-only models dir must not turn a hit into a failure: the stamp is best effort.
         cache.record_hit(&lookup);
         let known = publish::known_digest(&lookup);
-        return Ok(outcome(status, lookup.path, None, None, lookup.note, known));
+        return Ok(outcome(status, lookup.path, lookup.note, known));
     }
 
     // Stage 3: convert.
@@ -497,14 +636,12 @@ pub fn smart_convert_with(
         options,
     };
     let done = job.run(lookup)?;
-    Ok(outcome(
-        done.status,
-        done.path,
-        done.report,
-        done.replaced,
-        done.note,
-        done.known_digest,
-    ))
+    Ok(Outcome {
+        report: done.report,
+        replaced: done.replaced,
+        removed: done.removed,
+        ..outcome(done.status, done.path, done.note, done.known_digest)
+    })
 }
 
 /// The verdict of [`check`] for one target.

@@ -4,8 +4,10 @@
 //! The output's digest is computed from the bytes as they are written (no second read) and
 //! handed to the slot, which records it in the output record ([`cache::record`]) before the
 //! rename; see [`cache::OutputSlot`] for why no crash can serve a file against a record of other
-//! bytes. This module owns what is written and when to stop: free space and the file-size
-//! limit, the placeholder source digest, cancellation while writing, writeback, verification.
+//! bytes. This module owns what is written and when to stop: room for the output (free space,
+//! the size budget, eviction to make room) and the file-size limit, the placeholder source
+//! digest, cancellation while writing, writeback, verification; and the observer's events from
+//! planning to publishing.
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -15,13 +17,13 @@ use std::time::SystemTime;
 
 use cache::{
     Cache, CacheError, KnownDigest, Lookup, LookupOptions, LookupStatus, OutputSlot, Provenance,
-    digest,
+    Removed, Room, RoomRequest, digest,
 };
 use detect::{Detection, Precision};
 
 use crate::{
-    Backend, BackendOptions, ConversionReport, Job, Options, Phase, PlannedConversion, Progress,
-    SmartError, Status,
+    Backend, BackendOptions, ConversionReport, Job, Options, Pair, PlannedConversion, SmartError,
+    Stage, Status,
 };
 
 /// How many times the lock is re-taken when the output path moves under us (another source
@@ -48,6 +50,7 @@ pub(crate) struct Done {
     pub report: Option<ConversionReport>,
     pub replaced: Option<String>,
     pub note: Option<String>,
+    pub removed: Vec<Removed>,
     pub known_digest: Option<KnownDigest>,
 }
 
@@ -164,9 +167,28 @@ fn slot_error(e: CacheError, out: &Path) -> SmartError {
 }
 
 impl Convert<'_> {
-    fn report(&self, p: Progress) {
-        if let Some(cb) = self.options.progress {
-            cb(p);
+    fn pair(&self) -> Pair<'_> {
+        Pair {
+            source: self.source,
+            target: self.target,
+        }
+    }
+
+    fn stage(&self, stage: Stage) {
+        if let Some(o) = self.options.observer {
+            o.stage(self.pair(), stage);
+        }
+    }
+
+    fn bytes(&self, stage: Stage, done: u64, total: u64) {
+        if let Some(o) = self.options.observer {
+            o.bytes(self.pair(), stage, done, total);
+        }
+    }
+
+    fn tensor(&self, index: u64, count: u64) {
+        if let Some(o) = self.options.observer {
+            o.tensor(self.pair(), index, count);
         }
     }
 
@@ -198,6 +220,7 @@ impl Convert<'_> {
                         path: out,
                         report: None,
                         replaced: None,
+                        removed: Vec::new(),
                         known_digest: known_digest(&again),
                         note: again.note,
                     });
@@ -225,13 +248,15 @@ impl Convert<'_> {
         let _ = self.cache.sweep_temporaries();
 
         let mut digest = lookup.source_digest.clone();
+        let mut removed = Vec::new();
         // At most twice: the second time with the digest the first pass computed, when its
         // placeholder could not be patched (see `write_temporary`).
         for _ in 0..2 {
             let planned = self.plan(&lookup, digest.as_deref())?;
-            match self.write_temporary(slot, &lookup, planned)? {
+            match self.write_temporary(slot, &lookup, planned, &mut removed)? {
                 Written::Published(report, digest) => {
-                    return Ok(self.published(slot, &lookup, out, report, digest));
+                    let done = self.published(slot, &lookup, out, report, digest);
+                    return Ok(Done { removed, ..done });
                 }
                 Written::Retry(computed) => digest = Some(computed),
             }
@@ -274,19 +299,20 @@ impl Convert<'_> {
             let plan = plan_with(placeholder.clone())?;
             return Ok(planned(plan, Some(placeholder)));
         }
-        let total = lookup.source.size;
-        let p = |done| Progress {
-            phase: Phase::Hashing,
-            bytes_done: done,
-            bytes_total: total,
-            tensors_done: 0,
-            tensors_total: 0,
-        };
+        self.stage(Stage::Hashing);
+        let mut hashed = 0;
         let digest = digest::digest_file_cancellable(
             self.source,
-            &mut |done, _| self.report(p(done)),
+            &mut |done, total| {
+                hashed = done;
+                self.bytes(Stage::Hashing, done, total)
+            },
             self.options.cancel.as_deref(),
         )?;
+        let total = lookup.source.size;
+        if hashed != total {
+            self.bytes(Stage::Hashing, total, total);
+        }
         Ok(planned(plan_with(digest)?, None))
     }
 
@@ -294,12 +320,14 @@ impl Convert<'_> {
     /// placeholder digest in its header, the source is hashed as the converter reads it and the
     /// placeholder is overwritten in place; if the placeholder is not found exactly once in the
     /// output's first chunk, the temporary is dropped (which removes it) and [`Written::Retry`]
-    /// carries the computed digest for a conversion planned with it.
+    /// carries the computed digest for a conversion planned with it. Outputs evicted to make
+    /// room are added to `removed`.
     fn write_temporary(
         &self,
         slot: &OutputSlot,
         lookup: &Lookup,
         planned: Planned,
+        removed: &mut Vec<Removed>,
     ) -> Result<Written, SmartError> {
         let out = slot.output();
         let dir = out.parent().unwrap_or(Path::new("."));
@@ -309,7 +337,7 @@ impl Convert<'_> {
             placeholder: digest_in_pass,
         } = planned;
         let needed = planned.output_len();
-        check_space(dir, out, needed)?;
+        removed.extend(self.fit(dir, out, needed)?);
         let temporary = slot
             .create_temporary(self.options.sync_output)
             .map_err(|e| slot_error(e, out))?;
@@ -333,22 +361,22 @@ impl Convert<'_> {
             },
         );
         let (bytes_total, tensors_total) = planned.totals();
-        let mut progress = |bytes_done, tensors_done| {
-            self.report(Progress {
-                phase: Phase::Converting,
-                bytes_done,
-                bytes_total,
-                tensors_done,
-                tensors_total,
-            })
+        if let Some(o) = self.options.observer {
+            o.planned(self.pair(), needed, bytes_total, tensors_total);
+        }
+        self.stage(Stage::Converting);
+        self.bytes(Stage::Converting, 0, bytes_total);
+        // Converters report (bytes done, tensors done); each newly finished tensor is an event
+        // of its own, before the bytes that finished it.
+        let (mut tensors_reported, mut bytes_reported) = (0, 0);
+        let mut progress = |bytes_done: u64, tensors_done: u64| {
+            for index in tensors_reported..tensors_done.min(tensors_total) {
+                self.tensor(index, tensors_total);
+            }
+            tensors_reported = tensors_reported.max(tensors_done.min(tensors_total));
+            bytes_reported = bytes_reported.max(bytes_done);
+            self.bytes(Stage::Converting, bytes_reported, bytes_total);
         };
-        self.report(Progress {
-            phase: Phase::Converting,
-            bytes_done: 0,
-            bytes_total,
-            tensors_done: 0,
-            tensors_total,
-        });
         let mut source_hasher = digest::StreamDigest::new();
         let result = match &digest_in_pass {
             Some(_) => {
@@ -367,7 +395,11 @@ impl Convert<'_> {
         let sink = writer.get_ref();
         let (cancelled, first_error, written) = (sink.cancelled, sink.error, sink.written);
         let report = match result {
-            Ok(r) => r,
+            Ok(r) => {
+                // Written completely: whatever the converter's last report said.
+                progress(bytes_total, tensors_total);
+                r
+            }
             Err(e) => {
                 if cancelled {
                     return Err(SmartError::Cancelled(out.to_path_buf()));
@@ -420,10 +452,77 @@ impl Convert<'_> {
         let output_digest = std::mem::take(&mut sink.hasher).finish();
         drop(sink);
 
+        self.stage(Stage::Verifying);
         verify(&tmp, out, self.target, &provenance, needed, written)?;
+        self.stage(Stage::Publishing);
         slot.publish(temporary, output_digest, self.options.cancel.as_deref())
             .map_err(|e| slot_error(e, out))?;
         Ok(Written::Published(report, provenance.source_digest))
+    }
+
+    /// Fails early, before writing anything, when the output cannot fit: free space in `dir`
+    /// and [`Options::max_cache_size`] (with [`Options::make_room`], evicting least recently
+    /// used outputs first when that makes it fit; they are returned), and the file-size limit.
+    fn fit(&self, dir: &Path, out: &Path, needed: u64) -> Result<Vec<Removed>, SmartError> {
+        let available_space =
+            || fs4::available_space(dir).map_err(io_err(dir, "read the free space of"));
+        let available = available_space()?;
+        let mut spare = self.options.spare.clone();
+        spare.push(self.source.to_path_buf());
+        let request = RoomRequest {
+            output: out,
+            output_bytes: needed,
+            disk_available: available,
+            max_cache_bytes: self.options.max_cache_size,
+            spare: &spare,
+        };
+        let would = self.cache.make_room(&request, true)?;
+        let mut removed = Vec::new();
+        if !would.shortfall.is_none() {
+            if !(self.options.make_room && would.enough) {
+                return Err(self.no_room(out, needed, available, would, false));
+            }
+            let room = self.cache.make_room(&request, false)?;
+            let available = available_space()?;
+            if !room.enough || available < needed {
+                return Err(self.no_room(out, needed, available, room, true));
+            }
+            removed = room.removed;
+        }
+        check_file_size_limit(out, needed)?;
+        Ok(removed)
+    }
+
+    /// The error for an output that does not fit: no space on the disk, else over the budget.
+    fn no_room(
+        &self,
+        out: &Path,
+        needed: u64,
+        available: u64,
+        room: Room,
+        evicted: bool,
+    ) -> SmartError {
+        let path = out.to_path_buf();
+        match (
+            room.shortfall.disk > 0 || available < needed,
+            self.options.max_cache_size,
+        ) {
+            (false, Some(max)) => SmartError::OverBudget {
+                path,
+                needed,
+                max,
+                over: room.shortfall.budget,
+                room,
+                evicted,
+            },
+            _ => SmartError::NoSpace {
+                path,
+                needed,
+                available,
+                room,
+                evicted,
+            },
+        }
     }
 
     /// After a publish: the use stamp, older outputs of this source removed, the answer.
@@ -452,6 +551,7 @@ impl Convert<'_> {
             report: Some(report),
             replaced,
             note: lookup.note.clone(),
+            removed: Vec::new(),
             // The digest recorded in the provenance, of the source as the lookup found it.
             known_digest: Some(KnownDigest {
                 source: lookup.source.clone(),
@@ -527,27 +627,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Fails early, before writing anything, when the output cannot fit: free space in `dir`, and
-/// the process's file-size limit (exceeding it would raise SIGXFSZ, which kills by default).
-fn check_space(dir: &Path, out: &Path, needed: u64) -> Result<(), SmartError> {
-    let available = fs4::available_space(dir).map_err(io_err(dir, "read the free space of"))?;
-    if available < needed {
-        return Err(SmartError::NoSpace {
-            path: out.to_path_buf(),
-            needed,
-            available,
-        });
-    }
-    if let Some(limit) = file_size_limit()
-        && needed > limit
-    {
-        return Err(SmartError::FileSizeLimit {
+/// The soft file-size limit, when `needed` exceeds it: exceeding it would raise SIGXFSZ, which
+/// kills by default, so it fails early, before writing anything.
+fn check_file_size_limit(out: &Path, needed: u64) -> Result<(), SmartError> {
+    match file_size_limit() {
+        Some(limit) if needed > limit => Err(SmartError::FileSizeLimit {
             path: out.to_path_buf(),
             needed,
             limit,
-        });
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Reserves the output's blocks before anything is written (`fallocate` with

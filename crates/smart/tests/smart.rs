@@ -13,8 +13,8 @@ use cache::{ModelsDir, Provenance, digest};
 use detect::{Detection, Precision};
 use smart::backends::PrecisionBackend;
 use smart::{
-    Backend, BackendOptions, ConversionReport, Job, Options, Phase, PlannedConversion, Progress,
-    SmartError, Status, smart_convert, smart_convert_with,
+    Backend, BackendOptions, ConversionReport, Job, Observer, Options, Outcome, Pair,
+    PlannedConversion, SmartError, Stage, Status, smart_convert, smart_convert_with,
 };
 use tensorfile::safetensors::Dtype;
 use tensorfile::{SafetensorsWriter, TensorSpec};
@@ -162,19 +162,67 @@ fn converts_then_serves_from_the_cache() {
     assert_eq!(hash(&src), before);
 }
 
+/// A bytes event as an [`Observer`] saw it, with the tensors finished before it.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    phase: Stage,
+    bytes_done: u64,
+    bytes_total: u64,
+    tensors_done: u64,
+    tensors_total: u64,
+}
+
+/// Records every event of one pair.
+#[derive(Default)]
+struct Recorder {
+    stages: Mutex<Vec<Stage>>,
+    progress: Mutex<Vec<Progress>>,
+    /// Tensor events: (index, count).
+    tensors: Mutex<Vec<(u64, u64)>>,
+    finished: Mutex<Vec<Result<Status, String>>>,
+}
+
+impl Observer for Recorder {
+    fn stage(&self, _: Pair<'_>, stage: Stage) {
+        self.stages.lock().unwrap().push(stage);
+    }
+
+    fn bytes(&self, _: Pair<'_>, stage: Stage, done: u64, total: u64) {
+        let (tensors_done, tensors_total) = match self.tensors.lock().unwrap().last() {
+            Some(&(i, n)) if stage == Stage::Converting => (i + 1, n),
+            _ => (0, 0),
+        };
+        self.progress.lock().unwrap().push(Progress {
+            phase: stage,
+            bytes_done: done,
+            bytes_total: total,
+            tensors_done,
+            tensors_total,
+        });
+    }
+
+    fn tensor(&self, _: Pair<'_>, index: u64, count: u64) {
+        self.tensors.lock().unwrap().push((index, count));
+    }
+
+    fn finished(&self, _: Pair<'_>, result: Result<&Outcome, &SmartError>) {
+        let r = result.map(|o| o.status).map_err(|e| e.to_string());
+        self.finished.lock().unwrap().push(r);
+    }
+}
+
 #[test]
 fn progress_reaches_the_totals() {
     let e = Env::new();
     let src = e.source("flux.safetensors", 1);
-    let seen: Mutex<Vec<Progress>> = Mutex::new(Vec::new());
-    let cb = |p: Progress| seen.lock().unwrap().push(p);
+    let recorder = Recorder::default();
     let mut options = e.options();
-    options.progress = Some(&cb);
+    options.observer = Some(&recorder);
     smart_convert(&src, Precision::Fp16, &options).unwrap();
-    let seen = seen.into_inner().unwrap();
+    let seen = recorder.progress.into_inner().unwrap();
     let conv: Vec<_> = seen
         .iter()
-        .filter(|p| p.phase == Phase::Converting)
+        .filter(|p| p.phase == Stage::Converting)
         .collect();
     let last = conv.last().unwrap();
     assert_eq!(last.bytes_done, last.bytes_total);
@@ -184,7 +232,76 @@ fn progress_reaches_the_totals() {
     assert!(conv.windows(2).all(|w| w[0].bytes_done <= w[1].bytes_done));
     // The precision converter reads the source once: its digest is computed in that pass, with
     // no hashing phase before it.
-    assert!(!seen.iter().any(|p| p.phase == Phase::Hashing));
+    assert!(!seen.iter().any(|p| p.phase == Stage::Hashing));
+}
+
+#[test]
+fn the_observer_sees_every_stage_and_tensor_in_order_then_the_answer() {
+    let e = Env::new();
+    let src = e.source("flux.safetensors", 1);
+    for (target, stages) in [
+        (
+            Precision::Fp16,
+            &[
+                Stage::Planning,
+                Stage::Converting,
+                Stage::Verifying,
+                Stage::Publishing,
+            ][..],
+        ),
+        // bitsandbytes hashes the source in a pass of its own.
+        (
+            Precision::Nf4,
+            &[
+                Stage::Planning,
+                Stage::Hashing,
+                Stage::Converting,
+                Stage::Verifying,
+                Stage::Publishing,
+            ],
+        ),
+    ] {
+        let recorder = Recorder::default();
+        let mut options = e.options();
+        options.observer = Some(&recorder);
+        smart_convert(&src, target, &options).unwrap();
+        assert_eq!(*recorder.stages.lock().unwrap(), stages, "{target}");
+        assert_eq!(
+            *recorder.tensors.lock().unwrap(),
+            [(0, 2), (1, 2)],
+            "each tensor once, in order"
+        );
+        let progress = recorder.progress.into_inner().unwrap();
+        for stage in [Stage::Hashing, Stage::Converting] {
+            let of_stage: Vec<_> = progress.iter().filter(|p| p.phase == stage).collect();
+            assert!(
+                of_stage
+                    .windows(2)
+                    .all(|w| w[0].bytes_done <= w[1].bytes_done),
+                "{target} {stage:?}: bytes went back"
+            );
+            if let Some(last) = of_stage.last() {
+                assert_eq!(last.bytes_done, last.bytes_total, "{target} {stage:?}");
+            }
+        }
+        assert_eq!(
+            *recorder.finished.lock().unwrap(),
+            [Ok(Status::Converted)],
+            "{target}"
+        );
+
+        // A hit: planning, then the answer.
+        let recorder = Recorder::default();
+        let mut options = e.options();
+        options.observer = Some(&recorder);
+        smart_convert(&src, target, &options).unwrap();
+        assert_eq!(*recorder.stages.lock().unwrap(), [Stage::Planning]);
+        assert_eq!(
+            *recorder.finished.lock().unwrap(),
+            [Ok(Status::Cached)],
+            "{target}"
+        );
+    }
 }
 
 /// The provenance digest computed during the conversion (a placeholder in the header, patched
@@ -603,17 +720,21 @@ fn a_call_made_after_cancelling_does_nothing() {
 
 /// Converts `src` to `target` with a cancel flag that the progress callback sets at the first
 /// report of `phase` (an interrupt arriving then); returns the error.
-fn cancel_during(e: &Env, src: &Path, target: Precision, phase: Phase) -> SmartError {
-    let cancel = Arc::new(AtomicBool::new(false));
-    let flag = cancel.clone();
-    let on_progress = move |p: Progress| {
-        if p.phase == phase {
-            flag.store(true, Ordering::SeqCst);
+fn cancel_during(e: &Env, src: &Path, target: Precision, phase: Stage) -> SmartError {
+    /// Sets the flag at the first bytes event of its stage.
+    struct CancelAt(Stage, Arc<AtomicBool>);
+    impl Observer for CancelAt {
+        fn bytes(&self, _: Pair<'_>, stage: Stage, _: u64, _: u64) {
+            if stage == self.0 {
+                self.1.store(true, Ordering::SeqCst);
+            }
         }
-    };
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    let on_progress = CancelAt(phase, cancel.clone());
     let mut options = Options::new(e.models.clone());
     options.cancel = Some(cancel.clone());
-    options.progress = Some(&on_progress);
+    options.observer = Some(&on_progress);
     let err = smart_convert(src, target, &options).unwrap_err();
     assert!(
         cancel.load(Ordering::SeqCst),
@@ -627,7 +748,7 @@ fn cancelling_mid_conversion_removes_the_temporary_and_publishes_nothing() {
     let e = Env::new();
     let src = e.source("flux.safetensors", 1);
     let before = hash(&src);
-    let err = cancel_during(&e, &src, Precision::Fp16, Phase::Converting);
+    let err = cancel_during(&e, &src, Precision::Fp16, Stage::Converting);
     assert!(matches!(err, SmartError::Cancelled(_)), "{err}");
     assert!(err.to_string().contains("nothing was published"), "{err}");
     assert_nothing_published(&e, &src, &before);
@@ -642,7 +763,7 @@ fn cancelling_while_hashing_the_source_stops_before_converting() {
     let src = e.source("flux.safetensors", 1);
     let before = hash(&src);
     // bitsandbytes conversions hash the source in a pass of their own, before converting.
-    let err = cancel_during(&e, &src, Precision::Nf4, Phase::Hashing);
+    let err = cancel_during(&e, &src, Precision::Nf4, Stage::Hashing);
     // Stopped by the hashing pass itself, not by the first write after it.
     assert!(
         matches!(&err, SmartError::Cache(cache::CacheError::Cancelled(p)) if *p == src),
