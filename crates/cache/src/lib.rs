@@ -53,7 +53,7 @@ pub use record::{
     OutputRecord, SourceSeen, current_boot_id, output_record_path, read_output_record,
     write_output_record,
 };
-pub use room::{Room, RoomRequest, Shortfall};
+pub use room::{Room, RoomRequest, Shortfall, same_file};
 pub use slot::{OutputSlot, STATE_DIR, Temporary, temp_path, use_stamp_path};
 pub use store::{
     Cache, Entry, Eviction, Kind, KnownDigest, Lookup, LookupOptions, LookupStatus,

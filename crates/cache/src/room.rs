@@ -131,7 +131,7 @@ impl Cache {
 }
 
 /// Whether `a` and `b` are the same file (both exist and share device and inode).
-fn same_file(a: &Path, b: &Path) -> bool {
+pub fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::metadata(a), fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
         _ => false,

@@ -118,7 +118,6 @@ fn fp8_scaled_converts_is_cached_and_is_its_own_target() {
 }
 
 #[test]
-#[ignore = "needs the nvfp4/mxfp8 reader of tensorfile::scaled (issue 12, reading side): outputs are verified by detection"]
 fn nvfp4_and_mxfp8_convert_are_cached_and_are_their_own_target() {
     converts_is_cached_and_is_its_own_target(&[
         ("nvfp4", "NVFP4", "nvfp4"),

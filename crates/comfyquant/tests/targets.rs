@@ -421,7 +421,6 @@ fn fp8_scaled_outputs_are_detected_as_fp8_scaled() {
 }
 
 #[test]
-#[ignore = "needs the nvfp4/mxfp8 reader of tensorfile::scaled (issue 12, reading side)"]
 fn nvfp4_and_mxfp8_outputs_are_detected_as_their_target() {
     assert_detected_as(Precision::Nvfp4);
     assert_detected_as(Precision::Mxfp8);

@@ -9,7 +9,7 @@
 //! digest, cancellation while writing, writeback, verification; and the observer's events from
 //! planning to publishing.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -241,7 +241,7 @@ impl Convert<'_> {
     /// Converts into `lookup.path`, whose slot the caller holds.
     fn convert_locked(&self, slot: &OutputSlot, lookup: Lookup) -> Result<Done, SmartError> {
         let out = lookup.path.clone();
-        if same_file(&out, self.source) {
+        if cache::same_file(&out, self.source) {
             return Err(SmartError::SourceIsOutput(self.source.to_path_buf()));
         }
         // Other outputs' leftovers: best effort, a failure here is not this conversion's.
@@ -616,15 +616,6 @@ fn only_occurrence(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// A positioned write of all of `bytes` at `offset`.
 fn write_at(file: &File, bytes: &[u8], offset: u64) -> io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
-}
-
-/// Whether `a` and `b` are the same file (both exist and share device and inode).
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
 }
 
 /// The soft file-size limit, when `needed` exceeds it: exceeding it would raise SIGXFSZ, which
