@@ -8,7 +8,12 @@
 //!    `h_i` is the chunk hash as 16 little-endian bytes.
 //!
 //! Written as 32 lowercase hex digits. Fixed chunk boundaries make the result independent of the
-//! number of threads. XXH3 is not cryptographic: the digest tells a changed source from an
+//! number of threads.
+//!
+//! A sharded source (a shard index, or a folder holding one: [`tensorfile::sharded`]) is
+//! digested as XXH3-128 of `"convcache-sharded-1" || d_index || d_1 || ... || d_n`, where
+//! `d_index` is the digest above of the index file and `d_i` of shard `i` in serving order,
+//! each as its 32 hex digits: any changed byte of the index or of a shard changes it. XXH3 is not cryptographic: the digest tells a changed source from an
 //! unchanged one, it does not defend against someone crafting collisions.
 
 use std::fs::File;
@@ -100,6 +105,46 @@ pub fn digest_file_cancellable(
 ) -> Result<String, CacheError> {
     #[cfg(feature = "test-counters")]
     hashed_counter::count_one();
+    if let Some(index) = tensorfile::sharded::locate_index(path)? {
+        return digest_sharded(&index, progress, cancel);
+    }
+    digest_one_file(path, progress, cancel)
+}
+
+/// The digest of a sharded source (see the module documentation), reporting progress over all
+/// its files.
+fn digest_sharded(
+    index: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    cancel: Option<&AtomicBool>,
+) -> Result<String, CacheError> {
+    let index = tensorfile::sharded::ShardIndex::read(index)?;
+    let mut sizes = Vec::with_capacity(index.shards.len() + 1);
+    for file in index.files() {
+        let len = std::fs::metadata(file).map_err(|source| CacheError::Io {
+            path: file.to_path_buf(),
+            op: "stat the file to hash",
+            source,
+        })?;
+        sizes.push(len.len());
+    }
+    let total = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
+    let mut combined = b"convcache-sharded-1".to_vec();
+    let mut before = 0u64;
+    for (file, size) in index.files().zip(sizes) {
+        let d = digest_one_file(file, &mut |done, _| progress(before + done, total), cancel)?;
+        combined.extend_from_slice(d.as_bytes());
+        before = before.saturating_add(size);
+    }
+    Ok(format!("{:032x}", xxh3_128(&combined)))
+}
+
+/// [`digest_file_cancellable`] for one regular file.
+fn digest_one_file(
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    cancel: Option<&AtomicBool>,
+) -> Result<String, CacheError> {
     let io = |op, source| CacheError::Io {
         path: path.to_path_buf(),
         op,

@@ -75,19 +75,32 @@ fn strip_one(stem: &str, suffixes: &[String]) -> Option<usize> {
     None
 }
 
+/// Folders a diffusers repository keeps a model in: a sharded source there is named after the
+/// repository folder above (`FLUX.1-dev/transformer/` -> `FLUX.1-dev`).
+const DIFFUSERS_MODEL_FOLDERS: &[&str] = &["transformer", "unet"];
+
 /// The basename outputs of `source` are named after: the file stem without any trailing
 /// precision suffix (repeatedly: `a_fp16_bf16` -> `a`).
+///
+/// A sharded source (a shard index, or a folder holding one) is named after its model folder:
+/// the index's folder, or the folder above it when that is a diffusers `transformer` or `unet`
+/// folder (`FLUX.1-dev/transformer/` and `FLUX.1-dev/transformer/*.index.json` both give
+/// `FLUX.1-dev`; `my-model/` gives `my-model`), with no extension cut off. In a Hugging Face
+/// hub cache, where that folder is a revision (`models--org--NAME/snapshots/<revision>`), the
+/// repository's `NAME`.
 ///
 /// A stem that would become empty is kept as it is. Non-UTF-8 bytes are replaced (lossy): the
 /// name is only a label, source identity is checked through the provenance.
 pub fn basename_of(source: &Path) -> String {
-    let name = source
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut stem = match name.rfind('.') {
-        Some(i) if i > 0 => name[..i].to_string(),
-        _ => name,
+    let mut stem = match sharded_model_folder(source) {
+        Some(folder) => folder,
+        None => {
+            let name = file_name(source);
+            match name.rfind('.') {
+                Some(i) if i > 0 => name[..i].to_string(),
+                _ => name,
+            }
+        }
     };
     let suffixes = stem_suffixes();
     while let Some(cut) = strip_one(&stem, &suffixes) {
@@ -97,6 +110,41 @@ pub fn basename_of(source: &Path) -> String {
         stem.push_str("model");
     }
     stem
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The model folder's name when `source` is a sharded source (see [`basename_of`]).
+fn sharded_model_folder(source: &Path) -> Option<String> {
+    let index = tensorfile::sharded::locate_index(source).ok().flatten()?;
+    // The folder canonical (so that `.` or `transformer/..` still has a name), the index not
+    // resolved: in a model hub's cache it is a link into a folder of blobs.
+    let folder = match index.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let folder = std::fs::canonicalize(folder).ok()?;
+    let model = match folder.file_name()?.to_str() {
+        Some(name) if DIFFUSERS_MODEL_FOLDERS.contains(&name) => folder.parent()?,
+        _ => &folder,
+    };
+    Some(hub_repository_name(model).unwrap_or_else(|| file_name(model))).filter(|n| !n.is_empty())
+}
+
+/// The repository's name when `folder` is a revision in a Hugging Face hub cache
+/// (`models--black-forest-labs--FLUX.1-dev/snapshots/<revision>` -> `FLUX.1-dev`).
+fn hub_repository_name(folder: &Path) -> Option<String> {
+    let snapshots = folder.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let repo = snapshots.parent()?.file_name()?.to_str()?;
+    let name = repo.strip_prefix("models--")?.rsplit("--").next()?;
+    Some(name.to_owned())
 }
 
 /// The output file name for `basename` in `target`: `{basename}_{canonical}.{ext}`.
