@@ -335,6 +335,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_sharded_source_digest_covers_the_index_and_every_shard_in_order() {
+        use tensorfile::Dtype;
+        use tensorfile::safetensors::writer::write_file;
+        let t = tempfile::tempdir().unwrap();
+        let shard = |name: &str, v: f32| {
+            let bytes = v.to_le_bytes().to_vec();
+            let path = t.path().join(name);
+            write_file(
+                &path,
+                &[(name, Dtype::F32, vec![1], bytes)],
+                &Default::default(),
+            )
+            .unwrap();
+            path
+        };
+        let (a, b) = (shard("m-1.safetensors", 1.0), shard("m-2.safetensors", 2.0));
+        let index = t.path().join("m.safetensors.index.json");
+        let map = r#"{"weight_map": {"m-1.safetensors": "m-1.safetensors", "m-2.safetensors": "m-2.safetensors"}}"#;
+        std::fs::write(&index, map).unwrap();
+        let d = digest_file(t.path()).unwrap();
+        assert_eq!(digest_file(&index).unwrap(), d);
+        // (The index's own digest: `digest_file` of the index is the whole source's.)
+        let mut expected = b"convcache-sharded-1".to_vec();
+        expected.extend_from_slice(digest_bytes(&std::fs::read(&index).unwrap()).as_bytes());
+        for f in [&a, &b] {
+            expected.extend_from_slice(digest_file(f).unwrap().as_bytes());
+        }
+        assert_eq!(d, format!("{:032x}", xxh3_128(&expected)));
+        let mut last = (0, 0);
+        digest_file_cancellable(t.path(), &mut |done, total| last = (done, total), None).unwrap();
+        let total = [&index, &a, &b]
+            .iter()
+            .map(|f| f.metadata().unwrap().len())
+            .sum();
+        assert_eq!(last, (total, total));
+        shard("m-2.safetensors", 3.0);
+        assert_ne!(digest_file(t.path()).unwrap(), d);
+    }
+
+    #[test]
     fn file_and_bytes_agree_and_content_matters() {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("f");

@@ -195,6 +195,42 @@ mod tests {
     use proptest::prelude::*;
     use tensorfile::gguf::FileType;
 
+    /// An index (the shards need not exist for naming) at `rel` under `root`.
+    fn index_at(root: &Path, rel: &str) -> std::path::PathBuf {
+        let index = root.join(rel);
+        std::fs::create_dir_all(index.parent().unwrap()).unwrap();
+        std::fs::write(&index, b"{}").unwrap();
+        index
+    }
+
+    #[test]
+    fn a_sharded_source_is_named_after_its_model_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let index = "diffusion_pytorch_model.safetensors.index.json";
+        let flux = index_at(root, &format!("FLUX.1-dev/transformer/{index}"));
+        assert_eq!(basename_of(&flux), "FLUX.1-dev");
+        assert_eq!(basename_of(flux.parent().unwrap()), "FLUX.1-dev");
+        let trailing = format!("{}/", flux.parent().unwrap().display());
+        assert_eq!(basename_of(Path::new(&trailing)), "FLUX.1-dev");
+        let sdxl = index_at(root, &format!("sdxl-base/unet/{index}"));
+        assert_eq!(basename_of(sdxl.parent().unwrap()), "sdxl-base");
+        // A plain folder: its own name, precision suffix stripped, no extension cut.
+        let plain = index_at(root, "my.model_fp16/model.safetensors.index.json");
+        assert_eq!(basename_of(plain.parent().unwrap()), "my.model");
+        assert_eq!(basename_of(&plain), "my.model");
+        // A hub cache revision: the repository's name.
+        let hub = index_at(
+            root,
+            &format!(
+                "models--black-forest-labs--FLUX.1-schnell/snapshots/0123abc/transformer/{index}"
+            ),
+        );
+        assert_eq!(basename_of(&hub), "FLUX.1-schnell");
+        // A folder without an index is not a sharded source: named like a file.
+        assert_eq!(basename_of(&root.join("FLUX.1-dev")), "FLUX");
+    }
+
     #[test]
     fn examples_from_the_issue() {
         assert_eq!(basename_of(Path::new("m/flux_fp16.safetensors")), "flux");

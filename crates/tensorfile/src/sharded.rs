@@ -504,3 +504,172 @@ impl TensorSource for ShardedSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Dtype;
+    use crate::safetensors::writer::write_file;
+
+    /// Two shards in `dir`: `b` holds `b.0` and `b.1`, `a` holds `a.0`; values are the
+    /// element's position plus 10 per tensor.
+    fn two_shards(dir: &Path) -> BTreeMap<String, String> {
+        let f32s = |base: f32, n: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| (base + i as f32).to_le_bytes())
+                .collect()
+        };
+        write_file(
+            &dir.join("m-2.safetensors"),
+            &[
+                ("b.0", Dtype::F32, vec![2], f32s(10.0, 2)),
+                ("b.1", Dtype::F32, vec![3], f32s(20.0, 3)),
+            ],
+            &[("config".to_owned(), "{}".to_owned())].into(),
+        )
+        .unwrap();
+        write_file(
+            &dir.join("m-1.safetensors"),
+            &[("a.0", Dtype::F32, vec![1], f32s(0.0, 1))],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let map: BTreeMap<String, String> = [
+            ("a.0", "m-1.safetensors"),
+            ("b.0", "m-2.safetensors"),
+            ("b.1", "m-2.safetensors"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        write_map(dir, &map);
+        map
+    }
+
+    fn write_map(dir: &Path, map: &BTreeMap<String, String>) {
+        let json = serde_json::json!({ "metadata": {"total_size": 24}, "weight_map": map });
+        fs::write(dir.join("m.safetensors.index.json"), json.to_string()).unwrap();
+    }
+
+    #[test]
+    fn tensors_are_served_in_shard_order_then_offset_order() {
+        let dir = tempfile::tempdir().unwrap();
+        two_shards(dir.path());
+        let source = ShardedSource::open(dir.path()).unwrap();
+        let names: Vec<&str> = source.tensors().iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a.0", "b.0", "b.1"]);
+        assert_eq!(source.path(), dir.path().join("m.safetensors.index.json"));
+        assert_eq!(
+            source.metadata().get("config").map(String::as_str),
+            Some("{}")
+        );
+        let mut v = [0f32; 2];
+        source.read_f32(2, 1, &mut v).unwrap();
+        assert_eq!(v, [21.0, 22.0]);
+        assert!(source.read_f32(2, 2, &mut v).is_err(), "past the tensor");
+        source.check_unchanged().unwrap();
+        assert_eq!(source.scaled_shard(), None);
+
+        // Opened by its index: the same source.
+        let by_index = ShardedSource::open(&source.path().to_owned()).unwrap();
+        assert_eq!(by_index.tensors(), source.tensors());
+
+        // A rewritten index is a changed source.
+        let mut map = BTreeMap::new();
+        map.insert("a.0".to_owned(), "m-1.safetensors".to_owned());
+        write_map(dir.path(), &map);
+        assert!(matches!(
+            source.check_unchanged(),
+            Err(SourceError::Changed { .. })
+        ));
+    }
+
+    #[test]
+    fn only_an_index_or_a_folder_with_one_index_is_a_sharded_source() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(locate_index(dir.path()).unwrap(), None);
+        assert_eq!(locate_index(&dir.path().join("absent")).unwrap(), None);
+        let plain = dir.path().join("x.safetensors");
+        assert_eq!(locate_index(&plain).unwrap(), None);
+        two_shards(dir.path());
+        let index = dir.path().join("m.safetensors.index.json");
+        assert_eq!(locate_index(dir.path()).unwrap(), Some(index.clone()));
+        assert_eq!(locate_index(&index).unwrap(), Some(index.clone()));
+        fs::copy(&index, dir.path().join("n.safetensors.index.json")).unwrap();
+        let err = locate_index(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), "several_indexes", "{err}");
+    }
+
+    #[test]
+    fn shard_names_outside_the_folder_and_too_many_shards_are_refused_before_any_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut map = two_shards(dir.path());
+        for bad in [
+            "../m-1.safetensors",
+            "/etc/passwd",
+            "sub/m-1.safetensors",
+            "..",
+            "",
+        ] {
+            map.insert("a.0".into(), bad.into());
+            write_map(dir.path(), &map);
+            let err = ShardedSource::open(dir.path()).unwrap_err();
+            assert_eq!(err.kind(), "shard_outside_folder", "{bad}: {err}");
+            assert!(
+                err.to_string().contains("m.safetensors.index.json"),
+                "{err}"
+            );
+        }
+        let many: BTreeMap<String, String> = (0..=MAX_SHARDS)
+            .map(|i| (format!("t{i}"), format!("s{i}.safetensors")))
+            .collect();
+        write_map(dir.path(), &many);
+        let err = ShardedSource::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), "too_many_shards", "{err}");
+        write_map(dir.path(), &BTreeMap::new());
+        let err = ShardedSource::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), "bad_index", "{err}");
+    }
+
+    #[test]
+    fn shards_inconsistent_with_the_index_are_refused_naming_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = two_shards(dir.path());
+        let shard = |n: &str| dir.path().join(n);
+        let check = |kind: &str, file: &Path| {
+            let err = ShardedSource::open(dir.path()).unwrap_err();
+            assert_eq!(err.kind(), kind, "{err}");
+            assert_eq!(err.path(), file, "{err}");
+            assert!(
+                err.to_string().starts_with(&file.display().to_string()),
+                "{err}"
+            );
+            assert!(SourceError::from(err).is_input_fault());
+        };
+        // Listed for the wrong shard.
+        let mut wrong = map.clone();
+        wrong.insert("b.1".into(), "m-1.safetensors".into());
+        write_map(dir.path(), &wrong);
+        check("not_in_shard", &shard("m-1.safetensors"));
+        // Not listed at all.
+        let mut unlisted = map.clone();
+        unlisted.remove("b.1");
+        write_map(dir.path(), &unlisted);
+        check("unlisted_tensor", &shard("m-2.safetensors"));
+        // An unreferenced shard next to the index.
+        write_map(dir.path(), &map);
+        fs::copy(shard("m-1.safetensors"), shard("m-3.safetensors")).unwrap();
+        check("unreferenced_shard", &shard("m-3.safetensors"));
+        fs::remove_file(shard("m-3.safetensors")).unwrap();
+        // Missing and truncated shards.
+        fs::rename(shard("m-1.safetensors"), dir.path().join("elsewhere")).unwrap();
+        check("missing_shard", &shard("m-1.safetensors"));
+        fs::rename(dir.path().join("elsewhere"), shard("m-1.safetensors")).unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(shard("m-2.safetensors"))
+            .unwrap();
+        f.set_len(f.metadata().unwrap().len() - 4).unwrap();
+        check("bad_shard", &shard("m-2.safetensors"));
+    }
+}
