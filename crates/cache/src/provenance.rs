@@ -130,6 +130,15 @@ impl SourceStat {
     }
 }
 
+/// The path the provenance records for `source` ([`absolute`]); for a sharded source (a folder
+/// holding a shard index), its index's, as [`SourceStat::of`] records it.
+pub fn identity_path(source: &Path) -> PathBuf {
+    match tensorfile::sharded::locate_index(source) {
+        Ok(Some(index)) => absolute(&index),
+        _ => absolute(source),
+    }
+}
+
 /// `path` made absolute: canonical if it exists, else joined to the current dir. Non-UTF-8
 /// bytes are replaced (lossy), exactly as the provenance stores the path, so that comparisons
 /// with a stored path hold for every path.

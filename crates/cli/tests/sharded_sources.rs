@@ -216,6 +216,10 @@ fn a_sharded_folder_is_cached_under_the_model_folders_name_until_a_shard_changes
     assert!(std::fs::read(&q8).expect("read") != q8_bytes);
     let again = convert(arg);
     assert_eq!(statuses(&again), ["cached", "cached"], "{again}");
+
+    // `cleanup` finds the outputs by the folder as well.
+    s.run(&["cleanup", arg, "--keep", "0"]).ok();
+    assert!(!bf16.exists() && !q8.exists());
 }
 
 /// Runs `convert DIR --to bf16` and `--to q8_0`: exit 2, one error line naming `names` and
