@@ -571,7 +571,7 @@ mod tests {
         assert_eq!(source.scaled_shard(), None);
 
         // Opened by its index: the same source.
-        let by_index = ShardedSource::open(&source.path().to_owned()).unwrap();
+        let by_index = ShardedSource::open(source.path()).unwrap();
         assert_eq!(by_index.tensors(), source.tensors());
 
         // A rewritten index is a changed source.
