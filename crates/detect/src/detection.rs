@@ -73,7 +73,9 @@ pub struct Detection {
     /// Size of the file in bytes; for a sharded source, of the index and every shard.
     pub file_size: u64,
     /// For a sharded source (a `*.safetensors.index.json`, or a folder holding one), the
-    /// number of shards; `null` for a single file.
+    /// number of shards. Absent from the JSON for a single file (whose fields stay as they
+    /// were).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<u64>,
     /// Number of tensors.
     pub tensor_count: u64,
