@@ -8,7 +8,12 @@
 //!    `h_i` is the chunk hash as 16 little-endian bytes.
 //!
 //! Written as 32 lowercase hex digits. Fixed chunk boundaries make the result independent of the
-//! number of threads. XXH3 is not cryptographic: the digest tells a changed source from an
+//! number of threads.
+//!
+//! A sharded source (a shard index, or a folder holding one: [`tensorfile::sharded`]) is
+//! digested as XXH3-128 of `"convcache-sharded-1" || d_index || d_1 || ... || d_n`, where
+//! `d_index` is the digest above of the index file and `d_i` of shard `i` in serving order,
+//! each as its 32 hex digits: any changed byte of the index or of a shard changes it. XXH3 is not cryptographic: the digest tells a changed source from an
 //! unchanged one, it does not defend against someone crafting collisions.
 
 use std::fs::File;
@@ -100,6 +105,46 @@ pub fn digest_file_cancellable(
 ) -> Result<String, CacheError> {
     #[cfg(feature = "test-counters")]
     hashed_counter::count_one();
+    if let Some(index) = tensorfile::sharded::locate_index(path)? {
+        return digest_sharded(&index, progress, cancel);
+    }
+    digest_one_file(path, progress, cancel)
+}
+
+/// The digest of a sharded source (see the module documentation), reporting progress over all
+/// its files.
+fn digest_sharded(
+    index: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    cancel: Option<&AtomicBool>,
+) -> Result<String, CacheError> {
+    let index = tensorfile::sharded::ShardIndex::read(index)?;
+    let mut sizes = Vec::with_capacity(index.shards.len() + 1);
+    for file in index.files() {
+        let len = std::fs::metadata(file).map_err(|source| CacheError::Io {
+            path: file.to_path_buf(),
+            op: "stat the file to hash",
+            source,
+        })?;
+        sizes.push(len.len());
+    }
+    let total = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
+    let mut combined = b"convcache-sharded-1".to_vec();
+    let mut before = 0u64;
+    for (file, size) in index.files().zip(sizes) {
+        let d = digest_one_file(file, &mut |done, _| progress(before + done, total), cancel)?;
+        combined.extend_from_slice(d.as_bytes());
+        before = before.saturating_add(size);
+    }
+    Ok(format!("{:032x}", xxh3_128(&combined)))
+}
+
+/// [`digest_file_cancellable`] for one regular file.
+fn digest_one_file(
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    cancel: Option<&AtomicBool>,
+) -> Result<String, CacheError> {
     let io = |op, source| CacheError::Io {
         path: path.to_path_buf(),
         op,
@@ -288,6 +333,46 @@ pub fn short(digest: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sharded_source_digest_covers_the_index_and_every_shard_in_order() {
+        use tensorfile::Dtype;
+        use tensorfile::safetensors::writer::write_file;
+        let t = tempfile::tempdir().unwrap();
+        let shard = |name: &str, v: f32| {
+            let bytes = v.to_le_bytes().to_vec();
+            let path = t.path().join(name);
+            write_file(
+                &path,
+                &[(name, Dtype::F32, vec![1], bytes)],
+                &Default::default(),
+            )
+            .unwrap();
+            path
+        };
+        let (a, b) = (shard("m-1.safetensors", 1.0), shard("m-2.safetensors", 2.0));
+        let index = t.path().join("m.safetensors.index.json");
+        let map = r#"{"weight_map": {"m-1.safetensors": "m-1.safetensors", "m-2.safetensors": "m-2.safetensors"}}"#;
+        std::fs::write(&index, map).unwrap();
+        let d = digest_file(t.path()).unwrap();
+        assert_eq!(digest_file(&index).unwrap(), d);
+        // (The index's own digest: `digest_file` of the index is the whole source's.)
+        let mut expected = b"convcache-sharded-1".to_vec();
+        expected.extend_from_slice(digest_bytes(&std::fs::read(&index).unwrap()).as_bytes());
+        for f in [&a, &b] {
+            expected.extend_from_slice(digest_file(f).unwrap().as_bytes());
+        }
+        assert_eq!(d, format!("{:032x}", xxh3_128(&expected)));
+        let mut last = (0, 0);
+        digest_file_cancellable(t.path(), &mut |done, total| last = (done, total), None).unwrap();
+        let total = [&index, &a, &b]
+            .iter()
+            .map(|f| f.metadata().unwrap().len())
+            .sum();
+        assert_eq!(last, (total, total));
+        shard("m-2.safetensors", 3.0);
+        assert_ne!(digest_file(t.path()).unwrap(), d);
+    }
 
     #[test]
     fn file_and_bytes_agree_and_content_matters() {

@@ -81,4 +81,7 @@ pub enum CacheError {
     /// publishing it ([`OutputSlot`]).
     #[error("{0}: cancelled")]
     Cancelled(PathBuf),
+    /// A sharded source's index or shards are invalid or unreadable.
+    #[error(transparent)]
+    Sharded(#[from] tensorfile::sharded::ShardError),
 }

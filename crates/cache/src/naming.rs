@@ -78,19 +78,32 @@ fn strip_one(stem: &str, suffixes: &[String]) -> Option<usize> {
     None
 }
 
+/// Folders a diffusers repository keeps a model in: a sharded source there is named after the
+/// repository folder above (`FLUX.1-dev/transformer/` -> `FLUX.1-dev`).
+const DIFFUSERS_MODEL_FOLDERS: &[&str] = &["transformer", "unet"];
+
 /// The basename outputs of `source` are named after: the file stem without any trailing
 /// precision suffix (repeatedly: `a_fp16_bf16` -> `a`).
+///
+/// A sharded source (a shard index, or a folder holding one) is named after its model folder:
+/// the index's folder, or the folder above it when that is a diffusers `transformer` or `unet`
+/// folder (`FLUX.1-dev/transformer/` and `FLUX.1-dev/transformer/*.index.json` both give
+/// `FLUX.1-dev`; `my-model/` gives `my-model`), with no extension cut off. In a Hugging Face
+/// hub cache, where that folder is a revision (`models--org--NAME/snapshots/<revision>`), the
+/// repository's `NAME`.
 ///
 /// A stem that would become empty is kept as it is. Non-UTF-8 bytes are replaced (lossy): the
 /// name is only a label, source identity is checked through the provenance.
 pub fn basename_of(source: &Path) -> String {
-    let name = source
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut stem = match name.rfind('.') {
-        Some(i) if i > 0 => name[..i].to_string(),
-        _ => name,
+    let mut stem = match sharded_model_folder(source) {
+        Some(folder) => folder,
+        None => {
+            let name = file_name(source);
+            match name.rfind('.') {
+                Some(i) if i > 0 => name[..i].to_string(),
+                _ => name,
+            }
+        }
     };
     let suffixes = stem_suffixes();
     while let Some(cut) = strip_one(&stem, &suffixes) {
@@ -100,6 +113,41 @@ pub fn basename_of(source: &Path) -> String {
         stem.push_str("model");
     }
     stem
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The model folder's name when `source` is a sharded source (see [`basename_of`]).
+fn sharded_model_folder(source: &Path) -> Option<String> {
+    let index = tensorfile::sharded::locate_index(source).ok().flatten()?;
+    // The folder canonical (so that `.` or `transformer/..` still has a name), the index not
+    // resolved: in a model hub's cache it is a link into a folder of blobs.
+    let folder = match index.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let folder = std::fs::canonicalize(folder).ok()?;
+    let model = match folder.file_name()?.to_str() {
+        Some(name) if DIFFUSERS_MODEL_FOLDERS.contains(&name) => folder.parent()?,
+        _ => &folder,
+    };
+    Some(hub_repository_name(model).unwrap_or_else(|| file_name(model))).filter(|n| !n.is_empty())
+}
+
+/// The repository's name when `folder` is a revision in a Hugging Face hub cache
+/// (`models--black-forest-labs--FLUX.1-dev/snapshots/<revision>` -> `FLUX.1-dev`).
+fn hub_repository_name(folder: &Path) -> Option<String> {
+    let snapshots = folder.parent()?;
+    if snapshots.file_name()? != "snapshots" {
+        return None;
+    }
+    let repo = snapshots.parent()?.file_name()?.to_str()?;
+    let name = repo.strip_prefix("models--")?.rsplit("--").next()?;
+    Some(name.to_owned())
 }
 
 /// The output file name for `basename` in `target`: `{basename}_{canonical}.{ext}`.
@@ -149,6 +197,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use tensorfile::gguf::FileType;
+
+    /// An index (the shards need not exist for naming) at `rel` under `root`.
+    fn index_at(root: &Path, rel: &str) -> std::path::PathBuf {
+        let index = root.join(rel);
+        std::fs::create_dir_all(index.parent().unwrap()).unwrap();
+        std::fs::write(&index, b"{}").unwrap();
+        index
+    }
+
+    #[test]
+    fn a_sharded_source_is_named_after_its_model_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let index = "diffusion_pytorch_model.safetensors.index.json";
+        let flux = index_at(root, &format!("FLUX.1-dev/transformer/{index}"));
+        assert_eq!(basename_of(&flux), "FLUX.1-dev");
+        assert_eq!(basename_of(flux.parent().unwrap()), "FLUX.1-dev");
+        let trailing = format!("{}/", flux.parent().unwrap().display());
+        assert_eq!(basename_of(Path::new(&trailing)), "FLUX.1-dev");
+        let sdxl = index_at(root, &format!("sdxl-base/unet/{index}"));
+        assert_eq!(basename_of(sdxl.parent().unwrap()), "sdxl-base");
+        // A plain folder: its own name, precision suffix stripped, no extension cut.
+        let plain = index_at(root, "my.model_fp16/model.safetensors.index.json");
+        assert_eq!(basename_of(plain.parent().unwrap()), "my.model");
+        assert_eq!(basename_of(&plain), "my.model");
+        // A hub cache revision: the repository's name.
+        let hub = index_at(
+            root,
+            &format!(
+                "models--black-forest-labs--FLUX.1-schnell/snapshots/0123abc/transformer/{index}"
+            ),
+        );
+        assert_eq!(basename_of(&hub), "FLUX.1-schnell");
+        // A folder without an index is not a sharded source: named like a file.
+        assert_eq!(basename_of(&root.join("FLUX.1-dev")), "FLUX");
+    }
 
     #[test]
     fn examples_from_the_issue() {

@@ -83,7 +83,27 @@ pub struct SourceStat {
 
 impl SourceStat {
     /// Stats `source` (following symlinks: a linked model is identified by its target's content).
+    ///
+    /// A sharded source (a shard index, or a folder holding one) is identified by its index:
+    /// `path` and `name` are the index's, `size` is the index's and every shard's sizes added,
+    /// `mtime_ns` the latest of their modification times (so rewriting or touching any one of
+    /// them changes the fast identity, and the content digest then decides).
     pub fn of(source: &Path) -> Result<SourceStat, CacheError> {
+        if let Some(index) = tensorfile::sharded::locate_index(source)? {
+            let index = tensorfile::sharded::ShardIndex::read(&index)?;
+            let mut stat = SourceStat::of_file(&index.path)?;
+            for shard in &index.shards {
+                let s = SourceStat::of_file(shard)?;
+                stat.size = stat.size.saturating_add(s.size);
+                stat.mtime_ns = stat.mtime_ns.max(s.mtime_ns);
+            }
+            return Ok(stat);
+        }
+        SourceStat::of_file(source)
+    }
+
+    /// [`SourceStat::of`] for one regular file.
+    fn of_file(source: &Path) -> Result<SourceStat, CacheError> {
         let meta = std::fs::metadata(source).map_err(|e| CacheError::Io {
             path: source.to_path_buf(),
             op: "stat the source",
@@ -107,6 +127,15 @@ impl SourceStat {
             size: meta.len(),
             mtime_ns: system_time_ns(mtime),
         })
+    }
+}
+
+/// The path the provenance records for `source` ([`absolute`]); for a sharded source (a folder
+/// holding a shard index), its index's, as [`SourceStat::of`] records it.
+pub fn identity_path(source: &Path) -> PathBuf {
+    match tensorfile::sharded::locate_index(source) {
+        Ok(Some(index)) => absolute(&index),
+        _ => absolute(source),
     }
 }
 

@@ -12,7 +12,7 @@ use detect::precision::Container;
 
 use crate::examine::{Examined, examine};
 use crate::naming::{basename_of, disambiguated_basename, output_file_name, parse_output_name};
-use crate::provenance::{Provenance, SourceStat, absolute};
+use crate::provenance::{Provenance, SourceStat, identity_path};
 use crate::record::{
     DataCheck, SourceSeen, check_output_data, read_output_record, remove_output_record,
 };
@@ -618,7 +618,7 @@ impl Cache {
         keep: usize,
         dry_run: bool,
     ) -> Result<Vec<Removed>, CacheError> {
-        let source = absolute(source);
+        let source = identity_path(source);
         let mine: Vec<Entry> = self
             .list(Kind::All)?
             .into_iter()

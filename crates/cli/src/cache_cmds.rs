@@ -27,10 +27,12 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A source argument must be a readable regular file; say so in the one-line form.
+/// A source argument must be a readable regular file (or a folder holding a shard index);
+/// say so in the one-line form.
 pub fn check_source(source: &Path) -> Result<(), Failure> {
+    let sharded = || tensorfile::sharded::locate_index(source).is_ok_and(|i| i.is_some());
     match std::fs::metadata(source) {
-        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_file() || sharded() => Ok(()),
         Ok(_) => Err(Failure::input(format!(
             "{}: not a regular file",
             source.display()

@@ -35,6 +35,7 @@ use tensorfile::gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
 use crate::precision::{Container, Precision};
 use tensorfile::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError, TensorEntry};
 use tensorfile::scaled::{LayoutError, ScaledLayout};
+use tensorfile::sharded::{ShardError, ShardedSource};
 
 /// What [`detect`] found. This struct, serialized, is the stable JSON of
 /// `convcache detect --json`; every field is documented with its JSON spelling.
@@ -71,8 +72,13 @@ pub struct Detection {
     /// safetensors `__metadata__`; for GGUF, the string, number and boolean metadata values
     /// rendered as strings (arrays are left out).
     pub metadata: BTreeMap<String, String>,
-    /// Size of the file in bytes.
+    /// Size of the file in bytes; for a sharded source, of the index and every shard.
     pub file_size: u64,
+    /// For a sharded source (a `*.safetensors.index.json`, or a folder holding one), the
+    /// number of shards. Absent from the JSON for a single file (whose fields stay as they
+    /// were).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u64>,
     /// Number of tensors.
     pub tensor_count: u64,
     /// GGUF only: the `general.file_type` name (`"Q4_K_M"`), or `"unknown (N)"` for an id
@@ -366,6 +372,15 @@ pub enum DetectError {
         /// The error.
         source: io::Error,
     },
+    /// A sharded source whose index or shards are invalid, missing or unreadable (the error
+    /// names the file at fault).
+    #[error("{}", one_line(&source.to_string()))]
+    Sharded {
+        /// The path as given.
+        path: PathBuf,
+        /// What is wrong.
+        source: ShardError,
+    },
 }
 
 impl DetectError {
@@ -381,13 +396,15 @@ impl DetectError {
             | DetectError::Header { path, .. }
             | DetectError::Gguf { path, .. }
             | DetectError::UnknownFormat { path, .. }
-            | DetectError::Io { path, .. } => path,
+            | DetectError::Io { path, .. }
+            | DetectError::Sharded { path, .. } => path,
         }
     }
 
     /// A stable snake_case name of the error kind: `not_found`, `is_directory`, `not_a_file`,
     /// `permission_denied`, `empty`, `truncated`, `gguf`, `unknown_format`, `io`, or for header
-    /// errors the [`HeaderError::kind`] (`overlap`, `unknown_dtype`, ...).
+    /// errors the [`HeaderError::kind`] (`overlap`, `unknown_dtype`, ...), for sharded sources
+    /// the [`ShardError::kind`] (`missing_shard`, `not_in_shard`, ...).
     pub fn kind(&self) -> &'static str {
         match self {
             DetectError::NotFound { .. } => "not_found",
@@ -400,6 +417,7 @@ impl DetectError {
             DetectError::Gguf { .. } => "gguf",
             DetectError::UnknownFormat { .. } => "unknown_format",
             DetectError::Io { .. } => "io",
+            DetectError::Sharded { source, .. } => source.kind(),
         }
     }
 
@@ -448,7 +466,23 @@ fn one_line(message: &str) -> String {
 const SNIFF_LEN: usize = 16;
 
 /// Detects `path`'s format and precision from its header, reading only the header bytes.
+///
+/// A shard index (`*.safetensors.index.json`), or a folder holding exactly one, is one source:
+/// every shard's header is read and checked against the index, and the detection covers all
+/// shards (see [`tensorfile::sharded`]).
 pub fn detect(path: &Path) -> Result<Detection, DetectError> {
+    let sharded = |source| DetectError::Sharded {
+        path: path.to_owned(),
+        source,
+    };
+    if tensorfile::sharded::locate_index(path)
+        .map_err(sharded)?
+        .is_some()
+    {
+        return ShardedSource::open(path)
+            .map(|source| detect_sharded(path, &source))
+            .map_err(sharded);
+    }
     let meta = std::fs::metadata(path).map_err(|e| DetectError::from_io(path, e))?;
     if meta.is_dir() {
         return Err(DetectError::IsDirectory {
@@ -519,6 +553,7 @@ pub fn detect(path: &Path) -> Result<Detection, DetectError> {
             bitsandbytes: None,
             metadata: BTreeMap::new(),
             file_size: file_len,
+            shards: None,
             tensor_count: 0,
             gguf_file_type: None,
             notes: vec![
@@ -782,9 +817,40 @@ fn detect_safetensors(
         bitsandbytes,
         metadata: header.metadata.clone(),
         file_size: file_len,
+        shards: None,
         tensor_count: header.tensors.len() as u64,
         gguf_file_type: None,
         notes,
+    }
+}
+
+/// The detection of a sharded source: as one safetensors file holding every shard's tensors,
+/// with the shards' merged metadata. A shard with a scaled-fp8 layout makes it unsupported.
+fn detect_sharded(path: &Path, source: &ShardedSource) -> Detection {
+    let header = Header {
+        metadata: tensorfile::TensorSource::metadata(source).clone(),
+        tensors: source
+            .shards()
+            .iter()
+            .flat_map(|s| s.header.tensors.iter().cloned())
+            .collect(),
+        data_start: 0,
+    };
+    let scaled = match source.scaled_shard() {
+        None => Ok(None),
+        Some(shard) => Err(LayoutError {
+            tensor: shard.display().to_string(),
+            problem: "a scaled-fp8 layout in a sharded source is not supported".into(),
+        }),
+    };
+    let size = source
+        .shards()
+        .iter()
+        .map(|s| s.file_len())
+        .fold(source.index().bytes.len() as u64, u64::saturating_add);
+    Detection {
+        shards: Some(source.shards().len() as u64),
+        ..detect_safetensors(path, &header, size, scaled)
     }
 }
 
@@ -916,6 +982,7 @@ fn detect_gguf(path: &Path, gguf: &GgufFile, file_len: u64) -> Detection {
         bitsandbytes: None,
         metadata,
         file_size: file_len,
+        shards: None,
         tensor_count: gguf.tensors.len() as u64,
         gguf_file_type,
         notes,

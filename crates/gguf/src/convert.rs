@@ -148,15 +148,33 @@ fn full_metadata(
     plan.metadata.iter().chain(extra).cloned().collect()
 }
 
-/// Provenance keys as STRING KVs for [`write_gguf`]'s `extra_metadata`: after the policy's
-/// keys, and never shadowing one of them.
-fn provenance_metadata(
+/// Key prefixes of the source's metadata that are not carried into a GGUF output: the policy's
+/// own namespaces (`general.*`, ComfyUI-GGUF's `comfy.gguf.*`) and convcache's provenance,
+/// which describes this output, not the source's origin.
+const NOT_CARRIED_PREFIXES: &[&str] = &["general.", "comfy.gguf.", "convcache."];
+
+/// Source metadata keys about the safetensors container rather than the model, not carried:
+/// `format` (`"pt"`, the framework `save_file` was called from) says nothing about GGUF tensors.
+const CONTAINER_KEYS: &[&str] = &["format"];
+
+/// [`write_gguf`]'s `extra_metadata`, as STRING KVs after the policy's keys and never shadowing
+/// one of them: the source's own string metadata (safetensors `__metadata__`, such as LTX-2's
+/// `config`, which ComfyUI-GGUF hands back to ComfyUI as the model's metadata under the same
+/// key), in key order, then the provenance keys.
+fn extra_metadata(
     plan: &GgufPlan,
+    source: &BTreeMap<String, String>,
     provenance: &BTreeMap<String, String>,
 ) -> Vec<(String, MetadataValue)> {
-    provenance
-        .iter()
-        .filter(|(k, _)| !plan.metadata.iter().any(|(pk, _)| pk == *k))
+    let in_plan = |k: &str| plan.metadata.iter().any(|(pk, _)| pk == k);
+    let carried = source.iter().filter(|(k, _)| {
+        !NOT_CARRIED_PREFIXES.iter().any(|p| k.starts_with(p))
+            && !CONTAINER_KEYS.contains(&k.as_str())
+            && !provenance.contains_key(*k)
+    });
+    carried
+        .chain(provenance)
+        .filter(|(k, _)| !in_plan(k))
         .map(|(k, v)| (k.clone(), MetadataValue::String(v.clone())))
         .collect()
 }
@@ -422,8 +440,8 @@ pub struct GgufConversion {
 }
 
 impl GgufConversion {
-    /// Plans converting `source` to `target` ([`mix::plan_source`]), with `provenance` written
-    /// as STRING KVs after the policy's keys.
+    /// Plans converting `source` to `target` ([`mix::plan_source`]), with the source's string
+    /// metadata and then `provenance` written as STRING KVs after the policy's keys.
     pub fn plan(
         source: Box<dyn TensorSource>,
         forced_arch: Option<Arch>,
@@ -431,7 +449,7 @@ impl GgufConversion {
         provenance: &BTreeMap<String, String>,
     ) -> Result<GgufConversion, ConversionPlanError> {
         let plan = mix::plan_source(source.as_ref(), forced_arch, target)?;
-        let extra = provenance_metadata(&plan, provenance);
+        let extra = extra_metadata(&plan, source.metadata(), provenance);
         let output_len = output_len(&plan, &extra).map_err(|e| ConversionPlanError::Layout {
             path: source.path().to_owned(),
             source: e,
@@ -920,5 +938,50 @@ mod tests {
             matches!(&err, GgufSourceError::BadOrigShape { name, .. } if name == "input_blocks.3.0.op.weight"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn source_string_metadata_is_carried_as_kvs_and_provenance_wins() {
+        let (_, mut src) = model(SourceDtype::F32);
+        for (k, v) in [
+            ("config", "{\"transformer\": {\"num_layers\": 48}}"),
+            ("modelspec.title", "x"),
+            ("format", "pt"),
+            ("general.architecture", "sd1"),
+            ("general.name", "not ours to set"),
+            ("comfy.gguf.orig_shape.img_in.weight", "[1]"),
+            ("convcache.target", "fp16"),
+            ("convcache.old_key", "from the source's own conversion"),
+        ] {
+            src.metadata.insert(k.to_owned(), v.to_owned());
+        }
+        let provenance: BTreeMap<String, String> =
+            [("convcache.target".to_owned(), "Q8_0".to_owned())].into();
+        let conv =
+            GgufConversion::plan(Box::new(src), Some(Arch::Flux), FileType::Q8_0, &provenance)
+                .unwrap();
+        let mut out = Vec::new();
+        conv.write(&mut out, &mut |_, _| {}).unwrap();
+        assert_eq!(conv.output_len(), out.len() as u64);
+        let file = GgufFile::from_bytes(out, Path::new("mem.gguf")).unwrap();
+        let keys: Vec<&str> = file.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "general.architecture",
+                "general.quantization_version",
+                "general.file_type",
+                "config",
+                "modelspec.title",
+                "convcache.target",
+            ]
+        );
+        let string = |k: &str| file.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+        assert_eq!(
+            string("config").as_deref(),
+            Some("{\"transformer\": {\"num_layers\": 48}}")
+        );
+        assert_eq!(string("general.architecture").as_deref(), Some("flux"));
+        assert_eq!(string("convcache.target").as_deref(), Some("Q8_0"));
     }
 }

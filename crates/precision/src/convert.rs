@@ -225,6 +225,12 @@ impl From<SourceError> for ConvertError {
                 tensor,
                 problem,
             },
+            // Only opening a sharded source fails this way, never a converter's read.
+            SourceError::Sharded(e) => ConvertError::InvalidSource {
+                path: e.path().to_owned(),
+                tensor: String::new(),
+                problem: e.to_string(),
+            },
         }
     }
 }

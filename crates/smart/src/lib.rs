@@ -510,6 +510,7 @@ impl SmartError {
             | SmartError::UnreadableSource { .. }
             | SmartError::SourceIsOutput(_)
             | SmartError::Cache(CacheError::NotAFile(_)) => true,
+            SmartError::Cache(CacheError::Sharded(e)) => e.is_input_fault(),
             SmartError::Backend { input_fault, .. } => *input_fault,
             _ => false,
         }
@@ -581,8 +582,9 @@ fn answer(
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
     };
 
-    // Stage 1: nothing to do.
-    if detect::should_skip(sp, target).is_some() {
+    // Stage 1: nothing to do (a sharded source in the target precision is still merged into
+    // one file: ComfyUI's loaders read single files).
+    if detection.shards.is_none() && detect::should_skip(sp, target).is_some() {
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
@@ -709,7 +711,7 @@ pub fn check_with(
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());
     for &target in targets {
-        if detect::should_skip(sp, target).is_some() {
+        if detection.shards.is_none() && detect::should_skip(sp, target).is_some() {
             out.push(Check {
                 target,
                 status: CheckStatus::SourceIsTarget,

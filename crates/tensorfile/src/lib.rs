@@ -64,6 +64,7 @@ pub mod gguf;
 pub mod pipeline;
 pub mod safetensors;
 pub mod scaled;
+pub mod sharded;
 pub mod source;
 
 pub use cast::{CastError, CastStats, cast_slice, widen_to_f32};

@@ -98,6 +98,9 @@ pub enum SourceError {
         /// What is wrong with it.
         problem: String,
     },
+    /// A sharded source whose index or shards are invalid, missing or unreadable.
+    #[error(transparent)]
+    Sharded(#[from] crate::sharded::ShardError),
 }
 
 impl SourceError {
@@ -107,12 +110,17 @@ impl SourceError {
             SourceError::Io { path, .. }
             | SourceError::Changed { path }
             | SourceError::Invalid { path, .. } => path,
+            SourceError::Sharded(e) => e.path(),
         }
     }
 
     /// Whether the fault is in the input (bad or changed file) rather than in reading it.
     pub fn is_input_fault(&self) -> bool {
-        !matches!(self, SourceError::Io { .. })
+        match self {
+            SourceError::Io { .. } => false,
+            SourceError::Sharded(e) => e.is_input_fault(),
+            _ => true,
+        }
     }
 
     /// [`SourceError::Invalid`] for `tensor` of `path`.
@@ -334,7 +342,18 @@ impl TensorSource for SafetensorsFile {
 /// dequantized, scales and markers hidden) when it has a ComfyUI scaled-fp8, nvfp4 or mxfp8
 /// layout, as stored otherwise.
 /// A layout that cannot be served correctly is refused ([`SourceError::Invalid`]).
+///
+/// A shard index, or a folder holding one, opens as one [`crate::sharded::ShardedSource`]
+/// (refused when a shard has a scaled-fp8 layout: the de-scaling view reads one file).
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
+    if crate::sharded::locate_index(path)?.is_some() {
+        let sharded = crate::sharded::ShardedSource::open(path)?;
+        if let Some(shard) = sharded.scaled_shard() {
+            let path = shard.to_owned();
+            return Err(crate::sharded::ShardError::ScaledShard { path }.into());
+        }
+        return Ok(Box::new(sharded));
+    }
     let file = SafetensorsFile::open(path)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
         Ok(None) => Ok(Box::new(file)),

@@ -22,7 +22,7 @@ use crate::{Backend, BackendOptions, ConversionReport, Job, PlannedConversion, S
 pub struct GgufBackend;
 
 /// Bump when the bytes written for some target change.
-const VERSION: &str = "gguf-1";
+const VERSION: &str = "gguf-2";
 
 impl Backend for GgufBackend {
     fn supports(&self, source: &Detection, target: Precision) -> bool {
