@@ -24,7 +24,7 @@
 //!   F32 `[256]`, and `P.weight.quant_state.bitsandbytes__nf4|fp4` U8: the JSON bytes exactly as
 //!   `json.dumps` writes bnb's dict. Nothing else under `P.weight.`.
 //! - int8: `P.weight` I8 `[out, in]`, `P.SCB` F32 `[out]`, `P.weight_format` U8 scalar 0.
-//! - Everything else float is written in the compute dtype ([`compute_dtype`]: the source's
+//! - Everything else float is written in the compute dtype ([`tensorfile::source::compute_dtype`]: the source's
 //!   16-bit dtype, bf16 for f32 sources), which is also the 4-bit quant states' `dtype`.
 //!
 //! # Fidelity to bitsandbytes 0.50.2 (CPU), checked against goldens from pip bitsandbytes
@@ -64,7 +64,5 @@ pub mod quant_state;
 pub use convert::{Report, convert, resolve_nested_offsets};
 pub use error::BnbError;
 pub use kernels::QuantType;
-pub use plan::{
-    Options, Plan, compute_dtype, is_quantized_weight, plan, plan_dequantize, plan_dequantize_file,
-};
+pub use plan::{Options, Plan, is_quantized_weight, plan, plan_dequantize, plan_dequantize_file};
 pub use quant_state::{QuantStateJson, parse_quant_state};

@@ -174,27 +174,6 @@ pub fn is_quantized_weight(t: &SourceTensor) -> bool {
         && !is_embedding_module(module)
 }
 
-/// The 16-bit dtype of a quantized file: the source's dominant 16-bit float dtype, bf16 when the
-/// source has no 16-bit floats (f32).
-///
-/// The dtypes counted are the ones the source serves. A scaled-fp8 weight, served de-scaled as
-/// F32, counts for neither, so such a model gets the dtype its unquantized floats are in (bf16
-/// for the fp8_scaled Flux releases), which is also what its loaders compute in.
-pub fn compute_dtype(tensors: &[SourceTensor]) -> Dtype {
-    let count = |d: Dtype| -> u64 {
-        tensors
-            .iter()
-            .filter(|t| t.dtype == d)
-            .map(SourceTensor::n_elements)
-            .fold(0u64, u64::saturating_add)
-    };
-    if count(Dtype::F16) > count(Dtype::BF16) {
-        Dtype::F16
-    } else {
-        Dtype::BF16
-    }
-}
-
 /// The bitsandbytes keys among `tensors`, as `detect` reads them.
 fn bnb_keys(tensors: &[SourceTensor]) -> BnbKeys {
     BnbKeys::parse(tensors.iter().map(|t| (t.name.as_str(), t.dtype)))
@@ -233,7 +212,7 @@ fn takes_float_dtype(d: Dtype) -> bool {
 /// marker, which the output thus drops).
 ///
 /// Quantized: every [`is_quantized_weight`] tensor. Everything else float is written in
-/// [`compute_dtype`] (so an f32 model gets bf16 biases and norms), F8 and integer tensors are
+/// [`tensorfile::source::compute_dtype`] (so an f32 model gets bf16 biases and norms), F8 and integer tensors are
 /// copied. 4-bit weights are first cast to the compute dtype (as Forge loads them) and their
 /// quant state records it; int8 weights are cast to fp16 (as bnb's `Int8Params` does).
 pub fn plan(
@@ -273,7 +252,7 @@ fn plan_quantize(
             "the source is already bitsandbytes-quantized; dequantize it first",
         ));
     }
-    let cdt = compute_dtype(tensors);
+    let cdt = tensorfile::source::compute_dtype(tensors);
     let mut specs = Vec::new();
     let mut steps = Vec::new();
     for (i, t) in tensors.iter().enumerate() {

@@ -150,7 +150,7 @@ pub struct Plan {
     /// The layer rule applied.
     pub rule: LayerRule,
     /// The 16-bit dtype F32/F64/fp8 tensors that are not quantized are written in: the
-    /// source's dominant 16-bit dtype, BF16 when it has none (`bnb::compute_dtype`).
+    /// source's dominant 16-bit dtype, BF16 when it has none (`tensorfile::source::compute_dtype`).
     pub float_dtype: Dtype,
     /// Every output tensor, in file order.
     pub specs: Vec<TensorSpec>,
@@ -198,7 +198,7 @@ pub fn plan(source: &dyn TensorSource, target: Precision) -> Result<Plan, ComfyQ
         })?;
     let tensors = source.tensors();
     let rule = LayerRule::for_tensors(tensors);
-    let float_dtype = bnb::compute_dtype(tensors);
+    let float_dtype = tensorfile::source::compute_dtype(tensors);
     let mut plan = Plan {
         target,
         format,

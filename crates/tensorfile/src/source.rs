@@ -264,6 +264,27 @@ pub fn read_raw_via_f32<S: TensorSource + ?Sized>(
     Ok(())
 }
 
+/// The 16-bit float dtype a quantized output keeps its unquantized floats in: the source's
+/// dominant 16-bit float dtype (by elements), BF16 when it has no 16-bit floats (an f32 model).
+///
+/// The dtypes counted are the ones the source serves. A scaled-fp8 weight, served de-scaled as
+/// F32, counts for neither, so such a model gets the dtype its unquantized floats are in (bf16
+/// for the fp8_scaled Flux releases), which is also what its loaders compute in.
+pub fn compute_dtype(tensors: &[SourceTensor]) -> Dtype {
+    let count = |d: Dtype| -> u64 {
+        tensors
+            .iter()
+            .filter(|t| t.dtype == d)
+            .map(SourceTensor::n_elements)
+            .fold(0u64, u64::saturating_add)
+    };
+    if count(Dtype::F16) > count(Dtype::BF16) {
+        Dtype::F16
+    } else {
+        Dtype::BF16
+    }
+}
+
 /// Tensor `index` of `source`, or an error naming the file.
 pub fn tensor<S: TensorSource + ?Sized>(
     source: &S,
