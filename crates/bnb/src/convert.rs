@@ -744,18 +744,9 @@ impl Converter<'_> {
                 len,
             } => {
                 let t = &self.tensors[src];
-                let (ss, ds) = (elem_size(t.dtype), elem_size(dtype));
                 let bytes = read_window(source, src, t, start, len, read)?;
-                *stats += dst
-                    .par_chunks_mut(SUB * ds)
-                    .enumerate()
-                    .map(|(i, o)| {
-                        let a = i * SUB;
-                        let b = a + o.len() / ds;
-                        cast_slice(t.dtype, &bytes[a * ss..b * ss], dtype, o)
-                            .map_err(|err| cast_err(&t.name, err))
-                    })
-                    .try_reduce(CastStats::default, |a, b| Ok(a + b))?;
+                *stats += tensorfile::cast::cast_slice_par(t.dtype, bytes, dtype, dst)
+                    .map_err(|err| cast_err(&t.name, err))?;
             }
             Work::Copy { src, offset } => source.read_raw(src, offset, dst)?,
             Work::Dequant4 {

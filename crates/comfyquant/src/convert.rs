@@ -14,7 +14,6 @@ use std::sync::{Mutex, PoisonError};
 use rayon::prelude::*;
 use serde::Serialize;
 use tensorfile::blockfp;
-use tensorfile::cast::cast_slice;
 use tensorfile::pipeline::{self, StreamError};
 use tensorfile::safetensors::writer::encode_header;
 use tensorfile::{Dtype, ReadBuffer, TensorSource};
@@ -386,16 +385,9 @@ impl Producer<'_> {
                 let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
                 let bytes = read.get(len * es, CHUNK_BYTES);
                 source.read_raw(src, (start * es) as u64, bytes)?;
-                let bytes = &*bytes;
-                let cast = |(s, d): (&[u8], &mut [u8])| {
-                    cast_slice(t.dtype, s, to, d)
-                        .map(|_| ())
-                        .map_err(|e| ComfyQuantError::tensor(source.path(), &t.name, e.to_string()))
-                };
-                bytes
-                    .par_chunks(TASK * es)
-                    .zip(dst.par_chunks_mut(TASK * elem_size(to)))
-                    .try_for_each(cast)
+                tensorfile::cast::cast_slice_par(t.dtype, bytes, to, dst)
+                    .map(|_| ())
+                    .map_err(|e| ComfyQuantError::tensor(source.path(), &t.name, e.to_string()))
             }
             Work::Copy { src, offset } => Ok(source.read_raw(src, offset, dst)?),
             Work::Nothing => Ok(()),

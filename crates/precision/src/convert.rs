@@ -29,9 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use detect::Precision;
-use rayon::prelude::*;
 use serde::Serialize;
-use tensorfile::cast::{CastError, CastStats, cast_slice, count_non_finite, is_cast_source};
+use tensorfile::cast::{CastError, CastStats, cast_slice_par, count_non_finite, is_cast_source};
 use tensorfile::pipeline::{self, StreamError};
 use tensorfile::safetensors::writer::{self, SafetensorsWriter, TensorSpec};
 use tensorfile::safetensors::{Dtype, ReadBuffer, SafetensorsFile};
@@ -39,10 +38,6 @@ use tensorfile::{SourceError, SourceTensor, TensorSource};
 
 /// Bytes per chunk by default (one source and two output buffers of this size are alive at once).
 pub const DEFAULT_CHUNK_BYTES: usize = 2 << 20;
-
-/// Elements one rayon task casts: large enough to amortise scheduling, small enough to spread a
-/// chunk over every core.
-const TASK_ELEMS: usize = 1 << 16;
 
 /// How one output tensor is produced from the source tensor of the same index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -507,7 +502,7 @@ fn convert_source<S: TensorSource + ?Sized, W: Write>(
                 let src = &*src;
                 let dst_dtype = plan.specs[piece.tensor].dtype;
                 let mut cast = || {
-                    cast_par(t.dtype, src, dst_dtype, dst).map_err(|e| ConvertError::Cast {
+                    cast_slice_par(t.dtype, src, dst_dtype, dst).map_err(|e| ConvertError::Cast {
                         path: path.to_owned(),
                         tensor: t.name.clone(),
                         source: e,
@@ -555,24 +550,6 @@ fn convert_source<S: TensorSource + ?Sized, W: Write>(
     report.bytes_in = bytes_done;
     report.bytes_out = counting.written;
     Ok(report)
-}
-
-/// Casts a chunk with every core.
-fn cast_par(
-    src: Dtype,
-    src_bytes: &[u8],
-    dst: Dtype,
-    dst_bytes: &mut [u8],
-) -> Result<CastStats, CastError> {
-    let (ss, ds) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
-    if src_bytes.len() <= TASK_ELEMS * ss {
-        return cast_slice(src, src_bytes, dst, dst_bytes);
-    }
-    src_bytes
-        .par_chunks(TASK_ELEMS * ss)
-        .zip(dst_bytes.par_chunks_mut(TASK_ELEMS * ds))
-        .map(|(s, d)| cast_slice(src, s, dst, d))
-        .try_reduce(CastStats::default, |a, b| Ok(a + b))
 }
 
 /// The pieces of the output in order: each tensor whole, or in chunks of at most `budget` output

@@ -111,6 +111,30 @@ const fn elem_size(d: Dtype) -> usize {
     (d.bits() / 8) as usize
 }
 
+/// Elements one task of [`cast_slice_par`] casts: large enough to amortise scheduling, small
+/// enough to spread a chunk over every core.
+const PAR_TASK_ELEMS: usize = 1 << 16;
+
+/// [`cast_slice`] spread over the rayon pool in tasks of 64K elements (casts are elementwise,
+/// so the split never changes the bytes); the statistics are summed.
+pub fn cast_slice_par(
+    src: Dtype,
+    src_bytes: &[u8],
+    dst: Dtype,
+    dst_bytes: &mut [u8],
+) -> Result<CastStats, CastError> {
+    use rayon::prelude::*;
+    let (ss, ds) = ((src.bits() / 8) as usize, (dst.bits() / 8) as usize);
+    if ss == 0 || ds == 0 || src_bytes.len() <= PAR_TASK_ELEMS * ss {
+        return cast_slice(src, src_bytes, dst, dst_bytes);
+    }
+    src_bytes
+        .par_chunks(PAR_TASK_ELEMS * ss)
+        .zip(dst_bytes.par_chunks_mut(PAR_TASK_ELEMS * ds))
+        .map(|(s, d)| cast_slice(src, s, dst, d))
+        .try_reduce(CastStats::default, |a, b| Ok(a + b))
+}
+
 /// Casts the little-endian elements in `src_bytes` (dtype `src`) into `dst_bytes` (dtype `dst`),
 /// exactly as `torch.Tensor.to` does on CPU (see the module docs for the rules).
 ///
