@@ -310,6 +310,18 @@ fn cases() -> Vec<Case> {
             max_ms: None,
             rss_limit: true,
         },
+        comfy_case(
+            "comfy-fp8_scaled",
+            "ComfyUI fp8_scaled (per-tensor float8_e4m3fn) of the ~1 GB bf16 Flux-like model",
+            &["fp8_scaled"],
+            &["fp8_scaled", "--fsync"],
+        ),
+        comfy_case(
+            "comfy-nvfp4",
+            "ComfyUI nvfp4 (E2M1, block-16 scales, blocked layout) of the ~1 GB bf16 Flux-like model",
+            &["nvfp4"],
+            &["nvfp4", "--fsync"],
+        ),
         Case {
             id: KERNELS,
             what: "single-thread K-quant kernels against ggml's reference quantizer",
@@ -357,6 +369,57 @@ fn bnb_case(id: &'static str, what: &'static str, quant: &'static [&'static str;
         durable_rows: &[],
         wired: true,
         goal: ">= 5x faster than bitsandbytes' CPU quantize_4bit, peak RSS < 512 MiB",
+        min_speedup: Some(5.0),
+        max_vs_cp: None,
+        max_ms: None,
+        rss_limit: true,
+    }
+}
+
+/// A ComfyUI quantized target: convcache against the same quantization done in Python with
+/// comfy-kitchen's eager functions tensor by tensor (`comfy_quantize.py`, the way a conversion
+/// script such as comfy-quants does it). `target` is the peer's argument list (the target, which
+/// is also convcache's) and `target_fsync` the same with `--fsync`. As in `f32-to-bf16`, each
+/// convcache row is held to the peer of its own durability: the default (fsynced) row to the
+/// peer with `--fsync`, the `--no-fsync` row to the plain peer.
+fn comfy_case(
+    id: &'static str,
+    what: &'static str,
+    target: &'static [&'static str; 1],
+    target_fsync: &'static [&'static str; 2],
+) -> Case {
+    Case {
+        id,
+        what,
+        model: Model::FluxBf16,
+        tools: vec![
+            Tool::Convert {
+                to: target[0],
+                extra: &[],
+            },
+            Tool::Convert {
+                to: target[0],
+                extra: &["--no-fsync"],
+            },
+            Tool::Python {
+                script: "comfy_quantize.py",
+                args: target,
+            },
+            Tool::Python {
+                script: "comfy_quantize.py",
+                args: target_fsync,
+            },
+        ],
+        checked: &[0, 1],
+        peer: Some(2),
+        baseline: None,
+        baseline_fsync: None,
+        durable_peer: Some(3),
+        durable_rows: &[0, 3],
+        wired: true,
+        goal: ">= 5x faster than comfy-kitchen's eager quantizers called tensor by tensor from \
+               Python, peak RSS < 512 MiB (each convcache row against the peer of its own \
+               durability)",
         min_speedup: Some(5.0),
         max_vs_cp: None,
         max_ms: None,
@@ -783,7 +846,10 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
 fn ensure_python(root: &Path, explicit: Option<&Path>) -> Result<PathBuf, String> {
     let probe = |py: &Path| {
         Command::new(py)
-            .args(["-c", "import torch, safetensors, gguf, bitsandbytes, numpy"])
+            .args([
+                "-c",
+                "import torch, safetensors, gguf, bitsandbytes, numpy, comfy_kitchen",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -878,7 +944,7 @@ fn machine_description(python: Option<&Path>) -> String {
                 "-c",
                 "import sys; from importlib.metadata import version as v; \
                  print(f'Python {sys.version.split()[0]}, ' + ', '.join(f'{p} {v(p)}' for p in \
-                 ('torch', 'safetensors', 'gguf', 'bitsandbytes', 'numpy')))",
+                 ('torch', 'safetensors', 'gguf', 'bitsandbytes', 'numpy', 'comfy-kitchen')))",
             ],
         )
         .unwrap_or_else(|| "unknown".into());
@@ -1282,6 +1348,14 @@ convcache uses, one tensor in memory at a time). Its time is the sum of the two,
 the larger (the second step's includes the pages of the base GGUF it maps, as \
 llama-quantize maps its input). On the small Flux fixture its Q8_0 and Q4_K_M outputs have the sha256 recorded in \
 `crates/gguf/tests/golden/convert/expected.json`.
+- ComfyUI quantized peer (`comfy-fp8_scaled`, `comfy-nvfp4`): `xtask/peers/comfy_quantize.py` \
+reads the source tensor by tensor (`safe_open`), quantizes the layers convcache's Flux rule \
+selects with comfy-kitchen's eager `quantize_per_tensor_fp8` / `quantize_nvfp4` and \
+comfy-quants' per-tensor scale, and writes the collected dict with `save_file`, the way a \
+conversion script does; torch uses all CPUs. As in `f32-to-bf16`, convcache's default row is \
+held to the peer run with `--fsync` (output and directory fsynced), its `--no-fsync` row to the \
+plain peer. `comfy_check.py` checks that convcache's output is \
+the peer's, tensor for tensor, and that comfy-kitchen dequantizes it to what convcache reads.
 - The machine may be shared with other work; the load average at the start is recorded \
 above.
 ";
