@@ -409,16 +409,19 @@ impl Producer<'_> {
         let out_row = format.row_bytes(sc);
         let task = |k: usize, out: &mut [u8], scales: &mut [u8]| {
             let first = row + k * task_rows;
-            let mut values = vec![0f32; out.len() / out_row * sc];
-            self.read_rows(w, first, &mut values)?;
-            match format {
-                QuantFormat::Fp8 => blockfp::quantize_fp8(&values, w.compute, w.tensor_scale, out),
-                QuantFormat::Nvfp4 => {
-                    blockfp::quantize_nvfp4_rows(&values, sc, w.tensor_scale, out, scales)
+            crate::scratch::with_zeroed(out.len() / out_row * sc, |values| {
+                self.read_rows(w, first, values)?;
+                match format {
+                    QuantFormat::Fp8 => {
+                        blockfp::quantize_fp8(values, w.compute, w.tensor_scale, out)
+                    }
+                    QuantFormat::Nvfp4 => {
+                        blockfp::quantize_nvfp4_rows(values, sc, w.tensor_scale, out, scales)
+                    }
+                    QuantFormat::Mxfp8 => blockfp::quantize_mxfp8_rows(values, sc, out, scales),
                 }
-                QuantFormat::Mxfp8 => blockfp::quantize_mxfp8_rows(&values, sc, out, scales),
-            }
-            Ok(())
+                Ok(())
+            })
         };
         let outs = dst.par_chunks_mut(task_rows * out_row);
         match format.row_blocks(sc) {

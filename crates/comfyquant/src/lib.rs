@@ -68,6 +68,7 @@ mod convert;
 mod error;
 pub mod layers;
 mod plan;
+mod scratch;
 
 pub use convert::{KEPT_NAMES_LIMIT, Report, convert};
 pub use error::ComfyQuantError;

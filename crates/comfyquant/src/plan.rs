@@ -445,9 +445,10 @@ fn scan_weight(
     segments
         .par_iter()
         .map(|&(start, len)| {
-            let mut values = vec![0f32; len];
-            source.read_f32(index, start as u64, &mut values)?;
-            Ok(Scan::of(&values, cols.min(len)))
+            crate::scratch::with_zeroed(len, |values| {
+                source.read_f32(index, start as u64, values)?;
+                Ok(Scan::of(values, cols.min(len)))
+            })
         })
         .try_reduce(Scan::default, |a, b| Ok(a.merge(b)))
 }
