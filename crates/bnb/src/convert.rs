@@ -117,21 +117,7 @@ enum Work<'p> {
 }
 
 /// A unit of the stream: its work, its exact output size, and the progress it makes.
-#[derive(Debug)]
-struct Piece<'p> {
-    work: Work<'p>,
-    out_len: usize,
-    /// Source bytes read for this piece.
-    source_bytes: u64,
-    /// Source tensors finished with this piece.
-    tensors_done: u64,
-}
-
-impl pipeline::Piece for Piece<'_> {
-    fn out_len(&self) -> usize {
-        self.out_len
-    }
-}
+type Piece<'p> = pipeline::Unit<Work<'p>>;
 
 /// What a weight's pieces hand to the next piece of the same weight. Pieces are produced one
 /// at a time, in order, so the lock is never contended.

@@ -84,19 +84,7 @@ enum Work<'p> {
 }
 
 /// A unit of the stream: its work, its exact output size, and the progress it makes.
-#[derive(Debug)]
-struct Piece<'p> {
-    work: Work<'p>,
-    out_len: usize,
-    source_bytes: u64,
-    tensors_done: u64,
-}
-
-impl pipeline::Piece for Piece<'_> {
-    fn out_len(&self) -> usize {
-        self.out_len
-    }
-}
+type Piece<'p> = pipeline::Unit<Work<'p>>;
 
 /// Converts `source` as `plan` says, writing a safetensors file with `metadata` to `out`.
 /// `progress(source bytes done, source tensors done)` is called after each piece written.

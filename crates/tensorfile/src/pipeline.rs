@@ -24,6 +24,26 @@ pub trait Piece: Sync {
     fn out_len(&self) -> usize;
 }
 
+/// A piece as most converters describe one: what to do, its exact output size, and the progress
+/// it stands for once written.
+#[derive(Debug)]
+pub struct Unit<W> {
+    /// The converter's description of the work.
+    pub work: W,
+    /// Output bytes.
+    pub out_len: usize,
+    /// Source bytes the piece reads (progress).
+    pub source_bytes: u64,
+    /// Source tensors finished with this piece (progress).
+    pub tensors_done: u64,
+}
+
+impl<W: Sync> Piece for Unit<W> {
+    fn out_len(&self) -> usize {
+        self.out_len
+    }
+}
+
 /// A converter's work for one piece: fill the slice (exactly [`Piece::out_len`] bytes).
 pub type Produce<'a, P, E> = dyn Fn(&P, &mut [u8]) -> Result<(), E> + Sync + 'a;
 
