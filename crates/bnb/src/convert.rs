@@ -3,7 +3,7 @@
 //! whole blocks or rows while the previous piece is written.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::Write;
 use std::sync::{Mutex, PoisonError};
 
 use rayon::prelude::*;
@@ -214,13 +214,11 @@ fn run<W: Write>(
             done.1 += piece.tensors_done;
             progress(done.0, done.1);
         },
-        None,
     )
     .map_err(|e| match e {
         StreamError::Produce(e) => e,
         StreamError::Write(e) => BnbError::Io(e),
         // No cancel flag is passed: a caller cancels through the writer it hands over.
-        StreamError::Cancelled => BnbError::Io(io::ErrorKind::Interrupted.into()),
     })?;
     out.flush()?;
     let stats = converter

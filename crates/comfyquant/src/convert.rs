@@ -131,13 +131,11 @@ pub fn convert<W: Write>(
             done.1 += piece.tensors_done;
             progress(done.0, done.1);
         },
-        None,
     )
     .map_err(|e| match e {
         StreamError::Produce(e) => e,
         StreamError::Write(e) => write_err(e),
         // No cancel flag is passed: a caller cancels through the writer it hands over.
-        StreamError::Cancelled => write_err(io::ErrorKind::Interrupted.into()),
     })?;
     out.flush().map_err(write_err)?;
     Ok(report(plan, done.0, bytes_out))

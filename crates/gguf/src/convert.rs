@@ -236,7 +236,6 @@ fn write_gguf_chunked<W: Write>(
         &mut ChunkSink(|bytes: &[u8]| writer.write_chunk(bytes)),
         &|chunk: &Chunk<'_>, dst: &mut [u8]| convert_chunk(chunk, source, dst, &scratch),
         &mut |chunk| progress(chunk.index, chunk.start + chunk.len),
-        None,
     )
     .map_err(|e| from_stream(e, ConvertError::Io))?;
     writer.finish()?;
@@ -250,7 +249,6 @@ pub(crate) fn from_stream<E>(e: StreamError<E>, write: impl FnOnce(io::Error) ->
         StreamError::Write(e) => write(e),
         // No cancel flag is given to the stream: a cancelled conversion is the output
         // refusing bytes, which arrives as a write error.
-        StreamError::Cancelled => write(io::Error::new(io::ErrorKind::Interrupted, "cancelled")),
     }
 }
 

@@ -213,7 +213,6 @@ impl Dequantization {
                     piece.index as u64 + u64::from(done == t.n_elements()),
                 );
             },
-            None,
         )
         .map_err(|e| from_stream(e, write_err))?;
         writer.finish().map_err(write_err)?;

@@ -530,18 +530,11 @@ fn convert_source<S: TensorSource + ?Sized, W: Write>(
             tensors_done += u64::from(piece.last_of_tensor);
             progress(bytes_done, tensors_done);
         },
-        None,
     );
     match streamed {
         Ok(()) => {}
         Err(StreamError::Produce(e)) => return Err(e),
         Err(StreamError::Write(e)) => return Err(write_err(e)),
-        Err(StreamError::Cancelled) => {
-            return Err(write_err(io::Error::new(
-                io::ErrorKind::Interrupted,
-                "cancelled",
-            )));
-        }
     }
     let counting = w.finish().map_err(write_err)?;
     let stats = stats.into_inner().unwrap_or_else(|e| e.into_inner());

@@ -10,11 +10,11 @@
 //! `produce` calls happen one at a time, in piece order (a piece is produced only after the
 //! previous one was), so a converter may carry state from piece to piece (a weight's absmax
 //! values, finished by its tail piece) behind a lock that is never contended. `written` is
-//! called, in order, once a piece's bytes have gone to the output (progress). A set `cancel`
-//! flag stops the stream before the next piece.
+//! called, in order, once a piece's bytes have gone to the output (progress). Cancelling is the
+//! output's business: a writer that refuses a write (smart's, once its cancel flag is set)
+//! stops the stream at the next piece, with nothing produced after it.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::safetensors::ReadBuffer;
 
@@ -53,12 +53,9 @@ pub enum StreamError<E> {
     /// The converter failed on a piece.
     #[error(transparent)]
     Produce(E),
-    /// Writing the output failed.
+    /// Writing the output failed (or the output refused the write: cancelled).
     #[error("writing the output: {0}")]
     Write(#[source] io::Error),
-    /// The cancel flag was set.
-    #[error("cancelled")]
-    Cancelled,
 }
 
 /// Streams `pieces` into `out`: see the module documentation.
@@ -67,22 +64,17 @@ pub fn stream<P, W, E>(
     out: &mut W,
     produce: &Produce<'_, P, E>,
     written: &mut dyn FnMut(&P),
-    cancel: Option<&AtomicBool>,
 ) -> Result<(), StreamError<E>>
 where
     P: Piece,
     W: Write + ?Sized,
     E: Send,
 {
-    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     // `front` holds a produced piece being written while the next is produced into `back`.
     let mut front = ReadBuffer::new();
     let mut back = ReadBuffer::new();
     let mut pending: Option<P> = None;
     for piece in pieces {
-        if cancelled() {
-            return Err(StreamError::Cancelled);
-        }
         let len = piece.out_len();
         let dst = back.get(len, len);
         let mut produced = Ok(());
@@ -102,9 +94,6 @@ where
         pending = Some(piece);
     }
     if let Some(p) = pending.take() {
-        if cancelled() {
-            return Err(StreamError::Cancelled);
-        }
         write_all(out, front.get(p.out_len(), 0)).map_err(StreamError::Write)?;
         written(&p);
     }
@@ -148,7 +137,6 @@ mod tests {
                 Ok::<(), ()>(())
             },
             &mut |p| seen.push(p.0),
-            None,
         )
         .unwrap();
         let expected: Vec<u8> = (0..50)
@@ -170,31 +158,52 @@ mod tests {
                 if p.0 == 3 { Err(p.0) } else { Ok(()) }
             },
             &mut |_| {},
-            None,
         )
         .unwrap_err();
         assert!(matches!(err, StreamError::Produce(3)));
         assert_eq!(out.len(), 12, "pieces 0..3 were written, nothing after");
     }
 
+    /// A writer that refuses writes once a flag is set, as smart's cancelling writer does.
+    struct Refusing<'a>(&'a std::sync::atomic::AtomicBool, Vec<u8>);
+
+    impl std::io::Write for Refusing<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.0.load(std::sync::atomic::Ordering::Relaxed) {
+                // Not `Interrupted`: `write_all` retries those.
+                return Err(io::Error::other("cancelled"));
+            }
+            self.1.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
-    fn a_set_cancel_flag_stops_before_the_next_piece() {
-        let cancel = AtomicBool::new(false);
-        let mut out = Vec::new();
+    fn a_refused_write_stops_the_stream_soon_after() {
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        let mut out = Refusing(&cancel, Vec::new());
+        let produced = Mutex::new(0);
         let err = stream(
             (0..10).map(|i| Ranged(i, 2)),
             &mut out,
             &|p: &Ranged, _dst: &mut [u8]| {
+                *produced.lock().unwrap() += 1;
                 if p.0 == 4 {
-                    cancel.store(true, Ordering::Relaxed);
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok::<(), ()>(())
             },
             &mut |_| {},
-            Some(&cancel),
         )
         .unwrap_err();
-        assert!(matches!(err, StreamError::Cancelled));
-        assert!(out.len() <= 8);
+        assert!(matches!(err, StreamError::Write(_)));
+        assert!(out.1.len() <= 8, "nothing after the flag is written");
+        assert!(
+            *produced.lock().unwrap() <= 6,
+            "production stops a piece later"
+        );
     }
 }
