@@ -105,6 +105,12 @@ pub struct ConvertArgs {
     /// written, the source, or an output of this command.
     #[arg(long)]
     pub make_room: bool,
+    /// Convert from the start even when an interrupted conversion of the same output left a
+    /// temporary and its journal (which are then removed). By default such a conversion
+    /// continues from its last durable checkpoint, after checking that the source is unchanged
+    /// and the temporary's bytes match the journal.
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// How `convert` shows progress.

@@ -72,6 +72,7 @@ impl Row {
                 "replaced": o.replaced,
                 "note": o.note,
                 "removed": removed_json(&o.removed),
+                "resumed_from": o.resumed_from,
                 "error": null,
             }),
             Err(e) => json!({
@@ -83,6 +84,7 @@ impl Row {
                 "replaced": null,
                 "note": null,
                 "removed": [],
+                "resumed_from": null,
                 "error": one_line(&e.to_string()),
             }),
         }
@@ -101,6 +103,9 @@ impl Row {
         }
         if let Some(why) = &o.replaced {
             notes.push(format!("replaced: {why}"));
+        }
+        if let Some(from) = o.resumed_from {
+            notes.push(format!("resumed from byte {from}"));
         }
         if let Some(note) = &o.note {
             notes.push(note.clone());
@@ -236,6 +241,7 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failu
     let mut request = request(ui, conversion, models);
     request.sync_output = !args.no_fsync;
     request.make_room = args.make_room;
+    request.resume = !args.no_resume;
     request.max_cache_size = match (args.max_cache_size, std::env::var_os(MAX_SIZE_ENV)) {
         (Some(size), _) => Some(size),
         (None, Some(v)) if !v.is_empty() => {

@@ -140,6 +140,14 @@ pub struct Options<'a> {
     /// Files never evicted to make room: the outputs this request's caller already answered
     /// with (earlier targets of the same command). The source is always spared.
     pub spare: Vec<PathBuf>,
+    /// Continue an interrupted conversion of the same output from its last durable checkpoint
+    /// when its journal and temporary check out ([`cache::journal`]; the default). `false`
+    /// removes them and starts over.
+    pub resume: bool,
+    /// The least time between two checkpoints of a conversion's resume journal (each one
+    /// syncs the data written so far, unless unsynced): an interruption loses about this much
+    /// work. Default 1 s; tests use zero (a checkpoint at every boundary).
+    pub checkpoint_every: std::time::Duration,
 }
 
 impl<'a> Options<'a> {
@@ -159,6 +167,8 @@ impl<'a> Options<'a> {
             max_cache_size: None,
             make_room: false,
             spare: Vec::new(),
+            resume: true,
+            checkpoint_every: std::time::Duration::from_secs(1),
         }
     }
 
@@ -257,6 +267,11 @@ pub struct Outcome {
     /// the source is not hashed again.
     #[serde(skip)]
     pub known_digest: Option<KnownDigest>,
+    /// The byte of the output from which this conversion continued an interrupted one
+    /// ([`Options::resume`]); the bytes before it were checked against the interrupted one's
+    /// journal, not converted again (so the report's counts cover the part converted now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
@@ -577,6 +592,7 @@ fn answer(
         note,
         removed: Vec::new(),
         known_digest,
+        resumed_from: None,
     };
     let Some(sp) = source_precision else {
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
@@ -642,6 +658,7 @@ fn answer(
         report: done.report,
         replaced: done.replaced,
         removed: done.removed,
+        resumed_from: done.resumed_from,
         ..outcome(done.status, done.path, done.note, done.known_digest)
     })
 }
