@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::{DynResult, fixtures, repo_root};
 
+#[path = "bench_resume.rs"]
+mod resume;
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -340,6 +343,7 @@ fn cases() -> Vec<Case> {
             max_ms: None,
             rss_limit: false,
         },
+        resume::case(),
     ]
 }
 
@@ -1215,6 +1219,11 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
     for case in &selected {
         if case.id == KERNELS {
             sections.push_str(&kernels_section(&env, case, &mut verdicts));
+            continue;
+        }
+        if case.id == resume::ID {
+            warm(&env.model(case.model))?;
+            sections.push_str(&resume::section(&env, case, args.reps, &mut verdicts));
             continue;
         }
         env.notes.borrow_mut().clear();

@@ -282,3 +282,117 @@ impl OutputSlot {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cache;
+    use crate::ModelsDir;
+
+    /// A models dir with an interrupted conversion of `src`: a temporary of 1000 bytes and a
+    /// journal checkpointed at 600. Returns (cache, output, temporary).
+    fn interrupted(t: &Path) -> (Cache, PathBuf, PathBuf, PathBuf) {
+        let src = t.join("src/m.safetensors");
+        fs::create_dir_all(src.parent().unwrap()).unwrap();
+        fs::write(&src, b"a source").unwrap();
+        let models = ModelsDir::at(t.join("models"));
+        let out = models.converted_dir().join("m_bf16.safetensors");
+        let slot = OutputSlot::acquire(&out, None).unwrap();
+        let mut tmp = slot.create_temporary(false).unwrap();
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        std::io::Write::write_all(&mut tmp.file(), &bytes).unwrap();
+        let stat = SourceStat::of(&src).unwrap();
+        let identity = ConversionIdentity {
+            source_path: stat.path,
+            source_size: stat.size,
+            source_mtime_ns: stat.mtime_ns,
+            source_digest: "1".repeat(32),
+            placeholder: false,
+            target: "bf16".into(),
+            converter_version: "v".into(),
+            output_len: 1000,
+        };
+        let checkpoint = Checkpoint {
+            pieces: 3,
+            offset: 600,
+            digest: crate::digest::digest_bytes(&bytes[..600]),
+        };
+        write_journal(&out, &Journal::new(tmp.path(), identity, checkpoint), false).unwrap();
+        assert!(tmp.keep_for_resume());
+        let tmp_path = tmp.path().to_path_buf();
+        drop(tmp);
+        drop(slot);
+        (Cache::new(models), out, tmp_path, src)
+    }
+
+    #[test]
+    fn a_resumable_temporary_survives_sweeps_and_resumes_at_its_checkpoint() {
+        let t = tempfile::tempdir().unwrap();
+        let (cache, out, tmp, _src) = interrupted(t.path());
+        assert!(cache.sweep_temporaries().unwrap().is_empty());
+        assert!(tmp.is_file() && journal_path(&out).is_file());
+
+        let journal = read_journal(&out).unwrap();
+        let slot = OutputSlot::acquire(&out, None).unwrap();
+        let mut other = journal.identity.clone();
+        other.target = "fp16".into();
+        // A journal of another conversion: refused, and both files go.
+        let refused = slot.resume(&other, false, false).unwrap();
+        assert!(refused.is_err());
+        assert!(!tmp.exists() && !journal_path(&out).exists());
+    }
+
+    #[test]
+    fn resume_adopts_the_temporary_cut_to_its_checkpoint() {
+        let t = tempfile::tempdir().unwrap();
+        let (_cache, out, tmp, _src) = interrupted(t.path());
+        let identity = read_journal(&out).unwrap().identity;
+        let slot = OutputSlot::acquire(&out, None).unwrap();
+        let resumed = slot.resume(&identity, false, false).unwrap().unwrap();
+        assert_eq!(resumed.checkpoint.offset, 600);
+        assert_eq!(resumed.temporary.path(), tmp);
+        assert_eq!(fs::metadata(&tmp).unwrap().len(), 600);
+        assert_eq!(resumed.digest.len(), 600);
+        assert_eq!(resumed.digest.digest_so_far(), resumed.checkpoint.digest);
+    }
+
+    #[test]
+    fn sweeps_remove_journals_a_week_old_or_whose_source_is_gone_or_changed() {
+        type Spoil = fn(&Path, &Path);
+        let spoils: [(&str, Spoil); 4] = [
+            ("old", |out, _| {
+                let week_ago = SystemTime::now() - RESUME_KEEP - Duration::from_secs(60);
+                File::options()
+                    .write(true)
+                    .open(journal_path(out))
+                    .unwrap()
+                    .set_modified(week_ago)
+                    .unwrap();
+            }),
+            ("source gone", |_, src| fs::remove_file(src).unwrap()),
+            ("source changed", |_, src| fs::write(src, b"another source").unwrap()),
+            ("temporary gone", |out, _| {
+                let j = read_journal(out).unwrap();
+                fs::remove_file(out.with_file_name(j.temporary)).unwrap();
+            }),
+        ];
+        for (what, spoil) in spoils {
+            let t = tempfile::tempdir().unwrap();
+            let (cache, out, tmp, src) = interrupted(t.path());
+            spoil(&out, &src);
+            cache.sweep_temporaries().unwrap();
+            assert!(!tmp.exists(), "{what}: the temporary is swept");
+            assert!(!journal_path(&out).exists(), "{what}: the journal is swept");
+        }
+    }
+
+    #[test]
+    fn a_locked_outputs_journal_and_temporary_are_not_swept() {
+        let t = tempfile::tempdir().unwrap();
+        let (cache, out, tmp, src) = interrupted(t.path());
+        fs::remove_file(src).unwrap();
+        let _writer = OutputSlot::acquire(&out, None).unwrap();
+        cache.sweep_temporaries().unwrap();
+        assert!(tmp.is_file() && journal_path(&out).is_file());
+    }
+}

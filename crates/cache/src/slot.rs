@@ -400,6 +400,12 @@ impl Temporary {
         }
     }
 
+    /// Removes the resume journal: the temporary is about to change before its last
+    /// checkpoint (a header value patched), so it can no longer be resumed.
+    pub fn forget_journal(&self) {
+        remove_journal(&self.output);
+    }
+
     /// Keeps the temporary and its resume journal when it is dropped unpublished (a cancelled
     /// conversion, to be resumed), if there is a journal naming it. Returns whether it is kept.
     pub fn keep_for_resume(&mut self) -> bool {

@@ -25,9 +25,11 @@
 //! reconverted. An output without a record is served with [`Outcome::note`] saying so (and
 //! reconverted when [`Options::strict`]).
 //!
-//! On any error the temporary is removed and nothing appears at the cache path; a temporary
-//! left by a killed process is removed by the next conversion of that output (or any
-//! conversion into that dir, through [`cache::Cache::sweep_temporaries`]).
+//! On any error the temporary is removed and nothing appears at the cache path. A cancelled or
+//! killed conversion leaves its temporary with a resume journal ([`cache::journal`]): the next
+//! conversion of that output continues it when everything checks out ([`Options::resume`]),
+//! else removes it; sweeps ([`cache::Cache::sweep_temporaries`]) remove those that can no
+//! longer be resumed.
 //!
 //! Converters plug in through [`Backend`] (see [`backends`]).
 //!
@@ -113,8 +115,10 @@ pub struct Options<'a> {
     /// Told of stages, bytes, tensors and the answer, as the conversion goes.
     pub observer: Option<&'a dyn Observer>,
     /// Set to stop (an interrupt): a conversion, a hashing pass or a wait for another
-    /// process's lock fails with [`SmartError::Cancelled`] soon after, nothing is published
-    /// and the temporary is removed. A call made once it is set does nothing.
+    /// process's lock fails with [`SmartError::Cancelled`] soon after and nothing is
+    /// published; the temporary is kept with its resume journal once a checkpoint was
+    /// journaled (see [`Options::resume`]), else removed. A call made once it is set does
+    /// nothing.
     pub cancel: Option<Arc<AtomicBool>>,
     /// The source's digest from an earlier call ([`Outcome::known_digest`]): used instead of
     /// hashing the source while its path, size and mtime are unchanged (not with

@@ -327,6 +327,10 @@ impl Convert<'_> {
         if self.options.resume
             && let Some(planned) = self.plan_resumed(slot, &lookup)?
         {
+            // A digest hashed for the resume serves a start over too.
+            if planned.hashed.is_some() {
+                digest.clone_from(&planned.hashed);
+            }
             match self.write_temporary(slot, &lookup, planned, &mut removed, true)? {
                 Written::Published(report, digest, resumed_from) => {
                     let done = self.published(slot, &lookup, out, report, digest);
@@ -655,6 +659,8 @@ impl Convert<'_> {
             if !sink.hasher.patch_head(at, digest.as_bytes()) {
                 return Ok(Written::Retry(digest));
             }
+            // Bytes before the last checkpoint change: no longer resumable.
+            temporary.forget_journal();
             write_at(sink.file, digest.as_bytes(), at as u64).map_err(io_err(
                 &tmp,
                 "write the source digest into the temporary output",
