@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{Case, Env, DynResult, fmt_time, measure, median, met};
+use super::{Case, DynResult, Env, fmt_time, measure, median, met};
 
 /// The case id.
 pub(super) const ID: &str = "resume";
@@ -74,7 +74,10 @@ fn output_in(models: &Path) -> DynResult<PathBuf> {
 /// (checkpoint offset, planned size) from the journal of `output`.
 fn journal_progress(output: &Path) -> Option<(u64, u64)> {
     let name = output.file_name()?.to_str()?;
-    let path = output.parent()?.join(".convcache").join(format!("{name}.journal"));
+    let path = output
+        .parent()?
+        .join(".convcache")
+        .join(format!("{name}.journal"));
     let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
     Some((
         v.get("checkpoint")?.get("offset")?.as_u64()?,

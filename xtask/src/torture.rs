@@ -569,7 +569,10 @@ impl Torture {
     /// temporary name), if there is one that parses.
     fn journal(output: &Path) -> Option<(u64, String)> {
         let name = output.file_name()?.to_str()?;
-        let path = output.parent()?.join(".convcache").join(format!("{name}.journal"));
+        let path = output
+            .parent()?
+            .join(".convcache")
+            .join(format!("{name}.journal"));
         let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
         let offset = v.get("checkpoint")?.get("offset")?.as_u64()?;
         let temporary = v.get("temporary")?.as_str()?.to_owned();
@@ -611,7 +614,11 @@ impl Torture {
                 if let Some((_, tmp)) = Self::journal(&output)
                     && !models.join(&r.rel).with_file_name(&tmp).is_file()
                 {
-                    self.violation("resume", &r.target, "a journal without its temporary".into());
+                    self.violation(
+                        "resume",
+                        &r.target,
+                        "a journal without its temporary".into(),
+                    );
                 }
             }
             let journal = Self::journal(&output);
@@ -624,7 +631,9 @@ impl Torture {
                 (Some((offset, _)), from) => self.violation(
                     "resume",
                     &r.target,
-                    format!("a journal at byte {offset} was not resumed from (resumed_from {from:?})"),
+                    format!(
+                        "a journal at byte {offset} was not resumed from (resumed_from {from:?})"
+                    ),
                 ),
                 (None, Some(from)) => self.violation(
                     "resume",
@@ -636,7 +645,11 @@ impl Torture {
             self.expect_reference("resume", r, &models, &call, &["converted", "cached"]);
             let journal_left = Self::journal(&output).is_some();
             if journal_left {
-                self.violation("resume", &r.target, "a journal left after publishing".into());
+                self.violation(
+                    "resume",
+                    &r.target,
+                    "a journal left after publishing".into(),
+                );
             }
         }
         Ok(())

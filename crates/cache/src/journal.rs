@@ -129,8 +129,8 @@ pub fn read_journal(output: &Path) -> Option<Journal> {
         .ok()?;
     let journal: Journal = serde_json::from_slice(&bytes).ok()?;
     let out_name = output.file_name()?.to_str()?;
-    let names_ours = crate::slot::parse_temp_name(&journal.temporary)
-        .is_some_and(|(o, _)| o == out_name);
+    let names_ours =
+        crate::slot::parse_temp_name(&journal.temporary).is_some_and(|(o, _)| o == out_name);
     (journal.format == FORMAT && names_ours).then_some(journal)
 }
 
@@ -170,12 +170,7 @@ pub(crate) fn keepable_temporary(output: &Path) -> Option<String> {
     let keep = read_journal(output).filter(|j| {
         let young = fs::metadata(journal_path(output))
             .and_then(|m| m.modified())
-            .is_ok_and(|t| {
-                SystemTime::now()
-                    .duration_since(t)
-                    .unwrap_or_default()
-                    < RESUME_KEEP
-            });
+            .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() < RESUME_KEEP);
         let id = &j.identity;
         let source_there = SourceStat::of(&id.source_path)
             .is_ok_and(|s| (s.size, s.mtime_ns) == (id.source_size, id.source_mtime_ns));
@@ -221,7 +216,9 @@ impl OutputSlot {
             Ok(Err(why.to_string()))
         };
         if journal.identity != *identity {
-            return refused("the journal is of another conversion (the source, target or converter changed)");
+            return refused(
+                "the journal is of another conversion (the source, target or converter changed)",
+            );
         }
         let Checkpoint { pieces, offset, .. } = journal.checkpoint;
         if pieces == 0 || offset == 0 || offset > identity.output_len {
@@ -232,7 +229,9 @@ impl OutputSlot {
         let Ok(mut file) = opened else {
             return refused("the journaled temporary is missing");
         };
-        let len = file.metadata().map_err(io_err(&path, "stat the temporary"))?;
+        let len = file
+            .metadata()
+            .map_err(io_err(&path, "stat the temporary"))?;
         if !len.is_file() || len.len() < offset {
             return refused("the temporary is shorter than the journal says");
         }
@@ -370,7 +369,9 @@ mod tests {
                     .unwrap();
             }),
             ("source gone", |_, src| fs::remove_file(src).unwrap()),
-            ("source changed", |_, src| fs::write(src, b"another source").unwrap()),
+            ("source changed", |_, src| {
+                fs::write(src, b"another source").unwrap()
+            }),
             ("temporary gone", |out, _| {
                 let j = read_journal(out).unwrap();
                 fs::remove_file(out.with_file_name(j.temporary)).unwrap();

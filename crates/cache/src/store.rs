@@ -762,7 +762,8 @@ impl Cache {
             if let Ok(rd) = fs::read_dir(dir.join(STATE_DIR)) {
                 for ent in rd.flatten() {
                     let name = ent.file_name();
-                    if let Some(output_name) = name.to_str().and_then(|n| n.strip_suffix(".journal"))
+                    if let Some(output_name) =
+                        name.to_str().and_then(|n| n.strip_suffix(".journal"))
                         && parse_output_name(output_name).is_some()
                     {
                         outputs.insert(output_name.to_owned());

@@ -247,7 +247,10 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failu
     request.make_room = args.make_room;
     request.resume = !args.no_resume;
     // For tests and benchmarks (docs/cli.md): journal resume checkpoints this often.
-    if let Some(ms) = std::env::var(CHECKPOINT_MS_ENV).ok().and_then(|v| v.parse().ok()) {
+    if let Some(ms) = std::env::var(CHECKPOINT_MS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         request.checkpoint_every = std::time::Duration::from_millis(ms);
     }
     request.max_cache_size = match (args.max_cache_size, std::env::var_os(MAX_SIZE_ENV)) {

@@ -37,7 +37,10 @@ fn start_until_checkpoint(
         if cache::journal::read_journal(out).is_some_and(|j| j.checkpoint.offset > min_offset) {
             return child;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -84,7 +87,9 @@ fn interrupted_then_resumed(signal: libc::c_int) {
         .json();
     let row = only(&v);
     assert_eq!(row["status"], "converted", "{row}");
-    let from = row["resumed_from"].as_u64().expect("the row says it resumed");
+    let from = row["resumed_from"]
+        .as_u64()
+        .expect("the row says it resumed");
     assert!(from >= journal.checkpoint.offset, "{row}");
     assert_is_f16_of(&out, &LARGE);
     assert!(
@@ -118,7 +123,10 @@ fn no_resume_starts_over_and_text_output_says_when_it_resumed() {
     let out = s.converted_dir().join("big_fp16.safetensors");
     let child = start_until_checkpoint(&s, &src.path, "fp16", &out, 1 << 20);
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
     child.wait_with_output().expect("wait");
     let text = s
         .run(&["convert", src.arg(), "--to", "fp16", "--no-resume"])
@@ -129,7 +137,10 @@ fn no_resume_starts_over_and_text_output_says_when_it_resumed() {
     std::fs::remove_file(&out).expect("remove the output");
     let child = start_until_checkpoint(&s, &src.path, "fp16", &out, 1 << 20);
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
     child.wait_with_output().expect("wait");
     let text = s.run(&["convert", src.arg(), "--to", "fp16"]).ok();
     assert!(text.stdout.contains("resumed from byte"), "{}", text.stdout);

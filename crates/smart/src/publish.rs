@@ -807,7 +807,6 @@ enum Written {
     StartOver,
 }
 
-
 /// A stand-in for the source digest in a header written before the source has been read:
 /// 32 hex digits like a real digest (so the header keeps its planned size), unpredictable
 /// so that no source metadata contains it by accident.

@@ -42,8 +42,8 @@ fn write_model(path: &Path) {
         dtype: Dtype::F32,
         shape: vec![1536, 4096],
     });
-    let mut w = SafetensorsWriter::new(File::create(path).unwrap(), &specs, &BTreeMap::new())
-        .unwrap();
+    let mut w =
+        SafetensorsWriter::new(File::create(path).unwrap(), &specs, &BTreeMap::new()).unwrap();
     let mut x = 0x9e37_79b9u32;
     for spec in &specs {
         let n: u64 = spec.shape.iter().product();
@@ -146,9 +146,9 @@ fn a_cancelled_conversion_resumes_to_the_bytes_of_a_clean_one() {
             kept_temporary(&out);
             let resumed = env.convert(&models, target);
             assert_eq!(resumed.status, Status::Converted);
-            let from = resumed.resumed_from.unwrap_or_else(|| {
-                panic!("{target:?} at {fraction}: the rerun did not resume")
-            });
+            let from = resumed
+                .resumed_from
+                .unwrap_or_else(|| panic!("{target:?} at {fraction}: the rerun did not resume"));
             assert!(from > 0 && from < clean_bytes.len() as u64);
             assert!(
                 fs::read(&resumed.path).unwrap() == clean_bytes,
@@ -184,7 +184,10 @@ fn lie_is_not_trusted(target: &str, lie: impl Fn(&Path, &Path)) {
     lie(&out, &tmp);
     let rerun = env.convert("m", target);
     assert_eq!(rerun.status, Status::Converted);
-    assert_eq!(rerun.resumed_from, None, "a journal that lies is never trusted");
+    assert_eq!(
+        rerun.resumed_from, None,
+        "a journal that lies is never trusted"
+    );
     assert!(fs::read(&rerun.path).unwrap() == clean);
     assert_only_the_output(&out);
 }
