@@ -611,7 +611,10 @@ impl Convert<'_> {
                     temporary.keep_for_resume();
                     return Err(SmartError::Cancelled(out.to_path_buf()));
                 }
-                if resume_mismatch {
+                if resume_mismatch || (resumed.is_some() && first_error.is_none()) {
+                    // The resumed stream did not line up with its journal, or the converter
+                    // failed after a resume: convert from the start (a real fault recurs there
+                    // and is reported then).
                     return Ok(Written::StartOver);
                 }
                 if let Some((kind, raw)) = first_error

@@ -269,6 +269,106 @@ mod tests {
         assert_eq!(out.len(), 12, "pieces 0..3 were written, nothing after");
     }
 
+    /// Piece `.0` of `.1` bytes; carries state to the next piece when `.2`.
+    struct Stateful(usize, usize, bool);
+
+    impl Piece for Stateful {
+        fn out_len(&self) -> usize {
+            self.1
+        }
+        fn resumable_after(&self) -> bool {
+            !self.2
+        }
+    }
+
+    /// A writer that records, at each flush during a boundary, (pieces, bytes so far).
+    #[derive(Default)]
+    struct Boundaries(Vec<u8>, Vec<(u64, usize)>);
+
+    impl std::io::Write for Boundaries {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            if let Some(p) = at_boundary() {
+                self.1.push((p, self.0.len()));
+            }
+            Ok(())
+        }
+    }
+
+    /// Pieces 0..8 of 3 bytes each; 2, 3 and 6 carry state.
+    fn stateful() -> Vec<Stateful> {
+        (0..8)
+            .map(|i| Stateful(i, 3, matches!(i, 2 | 3 | 6)))
+            .collect()
+    }
+
+    fn fill(p: &Stateful, dst: &mut [u8]) -> Result<(), ()> {
+        dst.fill(p.0 as u8 + 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_resumable_stream_flushes_at_stateless_boundaries_only() {
+        let mut out = Boundaries::default();
+        let mut seen = 0;
+        resumable(0, || {
+            stream(stateful(), &mut out, &fill, &mut |_| seen += 1)
+        })
+        .unwrap();
+        assert_eq!(seen, 8);
+        // After pieces 0, 1, 4, 5 (the last piece is not followed by a boundary flush).
+        assert_eq!(out.1, vec![(1, 3), (2, 6), (5, 15), (6, 18)]);
+        // Outside `resumable`, no boundary flushes.
+        let mut plain = Boundaries::default();
+        stream(stateful(), &mut plain, &fill, &mut |_| {}).unwrap();
+        assert!(plain.1.is_empty());
+        assert_eq!(plain.0, out.0);
+    }
+
+    #[test]
+    fn a_resumed_stream_skips_without_producing_and_writes_the_same_bytes_after() {
+        let clean: Vec<u8> = (0..8u8).flat_map(|i| [i + 1; 3]).collect();
+        let produced = Mutex::new(Vec::new());
+        let mut out = Boundaries::default();
+        let mut seen = 0;
+        resumable(5, || {
+            stream(
+                stateful(),
+                &mut out,
+                &|p: &Stateful, dst: &mut [u8]| {
+                    produced.lock().unwrap().push(p.0);
+                    fill(p, dst)
+                },
+                &mut |_| seen += 1,
+            )
+        })
+        .unwrap();
+        assert_eq!(
+            *produced.lock().unwrap(),
+            vec![5, 6, 7],
+            "skipped pieces are not produced"
+        );
+        assert_eq!(seen, 8, "skipped pieces count as written (progress)");
+        assert_eq!(&out.0[..15], &[0; 15], "zeros in the skipped pieces' place");
+        assert_eq!(&out.0[15..], &clean[15..]);
+        assert_eq!(
+            out.1[0],
+            (5, 15),
+            "the resume point is a boundary the writer sees"
+        );
+
+        // Not a boundary (piece 3 carries state into 4), or past the end: refused.
+        for skip in [4, 9] {
+            let err = resumable(skip, || {
+                stream(stateful(), &mut Boundaries::default(), &fill, &mut |_| {})
+            });
+            assert!(matches!(err, Err(StreamError::Write(_))), "skip {skip}");
+        }
+    }
+
     /// A writer that refuses writes once a flag is set, as smart's cancelling writer does.
     struct Refusing<'a>(&'a std::sync::atomic::AtomicBool, Vec<u8>);
 
