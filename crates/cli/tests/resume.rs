@@ -146,3 +146,31 @@ fn no_resume_starts_over_and_text_output_says_when_it_resumed() {
     assert!(text.stdout.contains("resumed from byte"), "{}", text.stdout);
     assert_is_f16_of(&out, &LARGE);
 }
+
+#[test]
+fn cleanup_keeps_a_resumable_temporary_and_removes_it_once_its_source_is_gone() {
+    let s = Scratch::new();
+    let src = s.source("big.safetensors", LARGE);
+    let out = s.converted_dir().join("big_fp16.safetensors");
+    let child = start_until_checkpoint(&s, &src.path, "fp16", &out, 1 << 20);
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    child.wait_with_output().expect("wait");
+    let journal = cache::journal::read_journal(&out).expect("a journal");
+    let tmp = s.converted_dir().join(&journal.temporary);
+
+    s.run(&["cleanup", "--max-size", "1T"]).ok();
+    assert!(tmp.is_file(), "a resumable temporary survives cleanup");
+    assert!(cache::journal::journal_path(&out).is_file());
+
+    std::fs::remove_file(&src.path).expect("remove the source");
+    s.run(&["cleanup", "--max-size", "1T"]).ok();
+    assert!(
+        !tmp.exists(),
+        "cleanup removes a temporary whose source is gone"
+    );
+    assert!(!cache::journal::journal_path(&out).exists());
+}
