@@ -225,6 +225,10 @@ impl OutputSlot {
             return refused("the journal's checkpoint is out of range");
         }
         let path = output.with_file_name(&journal.temporary);
+        // Only a regular file is continued (and cut back): never what a link points to.
+        if !fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
+            return refused("the journaled temporary is missing or not a regular file");
+        }
         let opened = File::options().read(true).write(true).open(&path);
         let Ok(mut file) = opened else {
             return refused("the journaled temporary is missing");
@@ -353,6 +357,24 @@ mod tests {
         assert_eq!(fs::metadata(&tmp).unwrap().len(), 600);
         assert_eq!(resumed.digest.len(), 600);
         assert_eq!(resumed.digest.digest_so_far(), resumed.checkpoint.digest);
+    }
+
+    #[test]
+    fn a_journaled_temporary_that_is_a_link_is_never_continued() {
+        let t = tempfile::tempdir().unwrap();
+        let (_cache, out, tmp, _src) = interrupted(t.path());
+        let outside = t.path().join("outside.bin");
+        fs::copy(&tmp, &outside).unwrap();
+        fs::remove_file(&tmp).unwrap();
+        std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+        let identity = read_journal(&out).unwrap().identity;
+        let slot = OutputSlot::acquire(&out, None).unwrap();
+        assert!(slot.resume(&identity, false, false).unwrap().is_err());
+        assert_eq!(
+            fs::metadata(&outside).unwrap().len(),
+            1000,
+            "the link's target is untouched"
+        );
     }
 
     #[test]
