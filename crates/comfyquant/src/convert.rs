@@ -120,6 +120,7 @@ pub fn convert<W: Write>(
         format: plan.format,
         read: Mutex::new(ReadBuffer::new()),
         grid: Mutex::new(Vec::new()),
+        fp8_table: Mutex::new(None),
     };
     let mut done = (0u64, 0u64);
     pipeline::stream(
@@ -318,6 +319,8 @@ struct Producer<'a> {
     read: Mutex<ReadBuffer>,
     /// The block-scale grid (row-major, not swizzled) of the weight being quantized.
     grid: Mutex<Vec<u8>>,
+    /// fp8 of a 16-bit weight: the code of every input value, for the weight being quantized.
+    fp8_table: Mutex<Option<blockfp::Fp8Table>>,
 }
 
 impl Producer<'_> {
@@ -333,7 +336,22 @@ impl Producer<'_> {
                 let scales = grid
                     .get_mut(row * grid_row..(row + rows) * grid_row)
                     .ok_or_else(|| ComfyQuantError::mismatch(source.path(), "rows out of order"))?;
-                self.quantize_rows(weight, row, dst, scales)
+                let mut table = self
+                    .fp8_table
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if row == 0 {
+                    *table = match self.format {
+                        // fp8 stores no padding, so a task's values are exactly the source's.
+                        QuantFormat::Fp8
+                            if source.tensors()[weight.src].dtype == weight.compute =>
+                        {
+                            blockfp::Fp8Table::new(weight.compute, weight.tensor_scale)
+                        }
+                        _ => None,
+                    };
+                }
+                self.quantize_rows(weight, row, dst, scales, table.as_ref())
             }
             Work::Tail { weight } => {
                 let grid =
@@ -388,6 +406,7 @@ impl Producer<'_> {
         row: usize,
         dst: &mut [u8],
         grid: &mut [u8],
+        fp8_table: Option<&blockfp::Fp8Table>,
     ) -> Result<(), ComfyQuantError> {
         let format = self.format;
         let sc = w.stored_cols;
@@ -395,6 +414,15 @@ impl Producer<'_> {
         let out_row = format.row_bytes(sc);
         let task = |k: usize, out: &mut [u8], scales: &mut [u8]| {
             let first = row + k * task_rows;
+            if let Some(table) = fp8_table {
+                // The weight's raw 16-bit values, one code each.
+                return crate::scratch::with_bytes(2 * out.len(), |raw| {
+                    self.source
+                        .read_raw(w.src, 2 * (first * w.cols) as u64, raw)?;
+                    table.quantize(raw, out);
+                    Ok(())
+                });
+            }
             crate::scratch::with_zeroed(out.len() / out_row * sc, |values| {
                 self.read_rows(w, first, values)?;
                 match format {

@@ -103,6 +103,51 @@ pub fn quantize_fp8(values: &[f32], source: Dtype, scale: f32, out: &mut [u8]) {
     }
 }
 
+/// [`quantize_fp8`] of a 16-bit (BF16 or F16) weight as a table of all 65,536 inputs: each
+/// entry is computed by [`quantize_fp8`] itself, so the table's codes are its codes by
+/// construction, and quantizing becomes one lookup per value straight from the source's raw
+/// bytes (no widening to f32). Building it costs 65,536 quantizations, paid back by any weight
+/// larger than that; measured on the ~1 GB bf16 Flux-like model (BENCHMARKS.md,
+/// `comfy-fp8_scaled`), the per-value kernel was a quarter of the conversion's CPU time.
+pub struct Fp8Table {
+    codes: Box<[u8]>,
+}
+
+impl std::fmt::Debug for Fp8Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fp8Table").finish_non_exhaustive()
+    }
+}
+
+impl Fp8Table {
+    /// The table for weights of `source` (BF16 or F16; `None` for any other dtype) quantized
+    /// with `scale`.
+    pub fn new(source: Dtype, scale: f32) -> Option<Fp8Table> {
+        let widen: fn(u16) -> f32 = match source {
+            Dtype::BF16 => |b| f32::from_bits(u32::from(b) << 16),
+            Dtype::F16 => |b| half::f16::from_bits(b).to_f32(),
+            _ => return None,
+        };
+        let values: Vec<f32> = (0..=u16::MAX).map(widen).collect();
+        let mut codes = vec![0u8; values.len()].into_boxed_slice();
+        quantize_fp8(&values, source, scale, &mut codes);
+        Some(Fp8Table { codes })
+    }
+
+    /// Quantizes `raw` (little-endian 16-bit values of the table's dtype) into `out`, one
+    /// code per value.
+    pub fn quantize(&self, raw: &[u8], out: &mut [u8]) {
+        assert_eq!(
+            raw.len(),
+            2 * out.len(),
+            "Fp8Table::quantize: one code per value"
+        );
+        for (q, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+            *q = self.codes[usize::from(u16::from_le_bytes([b[0], b[1]]))];
+        }
+    }
+}
+
 /// The nvfp4 per-tensor scale stored as `weight_scale_2` (comfy-quants): `amax / 2688` in f32.
 pub fn nvfp4_tensor_scale(amax: f32) -> f32 {
     amax / NVFP4_TENSOR_DIVISOR
@@ -441,6 +486,30 @@ fn round_to_f16(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp8_table_gives_quantize_fp8_codes_for_every_16_bit_input() {
+        for source in [Dtype::BF16, Dtype::F16] {
+            for amax in [1.0e-30f32, 0.013, 1.0, 3.7, 448.0, 60000.0, 3.0e38] {
+                let scale = fp8_tensor_scale(amax, source);
+                let table = Fp8Table::new(source, scale).expect("16-bit table");
+                let raw: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+                let values: Vec<f32> = (0..=u16::MAX)
+                    .map(|b| match source {
+                        Dtype::BF16 => f32::from_bits(u32::from(b) << 16),
+                        _ => half::f16::from_bits(b).to_f32(),
+                    })
+                    .collect();
+                let (mut direct, mut looked_up) = (vec![0u8; 65536], vec![0u8; 65536]);
+                quantize_fp8(&values, source, scale, &mut direct);
+                table.quantize(&raw, &mut looked_up);
+                assert!(direct == looked_up, "{source:?} amax {amax}");
+                // Not a constant table: the scale is in it.
+                assert!(looked_up.iter().any(|&c| c != looked_up[0]));
+            }
+        }
+        assert!(Fp8Table::new(Dtype::F32, 1.0).is_none());
+    }
 
     #[test]
     fn e2m1_rounds_ties_to_even_codes_and_keeps_the_sign() {
