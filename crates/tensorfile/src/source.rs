@@ -101,6 +101,9 @@ pub enum SourceError {
     /// A sharded source whose index or shards are invalid, missing or unreadable.
     #[error(transparent)]
     Sharded(#[from] crate::sharded::ShardError),
+    /// A diffusers-layout source whose keys cannot all be served in ComfyUI's layout.
+    #[error(transparent)]
+    Diffusers(#[from] crate::diffusers::DiffusersError),
 }
 
 impl SourceError {
@@ -111,6 +114,7 @@ impl SourceError {
             | SourceError::Changed { path }
             | SourceError::Invalid { path, .. } => path,
             SourceError::Sharded(e) => e.path(),
+            SourceError::Diffusers(e) => e.path(),
         }
     }
 
@@ -317,7 +321,7 @@ pub fn check_range<S: TensorSource + ?Sized>(
 }
 
 /// The tensors of a validated safetensors header, as a source serves them unchanged.
-pub(crate) fn safetensors_tensors(header: &Header) -> Vec<SourceTensor> {
+pub fn safetensors_tensors(header: &Header) -> Vec<SourceTensor> {
     header
         .tensors
         .iter()
@@ -366,18 +370,31 @@ impl TensorSource for SafetensorsFile {
 ///
 /// A shard index, or a folder holding one, opens as one [`crate::sharded::ShardedSource`]
 /// (refused when a shard has a scaled-fp8 layout: the de-scaling view reads one file).
+///
+/// A model in a diffusers layout (one file or sharded) is served in ComfyUI's layout through
+/// [`crate::diffusers::DiffusersView`]; a diffusers repository folder stands for its model
+/// ([`crate::diffusers::resolve_source`]).
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
+    use crate::diffusers::DiffusersView;
+    let resolved = crate::diffusers::resolve_source(path);
+    let path = resolved.as_path();
     if crate::sharded::locate_index(path)?.is_some() {
         let sharded = crate::sharded::ShardedSource::open(path)?;
         if let Some(shard) = sharded.scaled_shard() {
             let path = shard.to_owned();
             return Err(crate::sharded::ShardError::ScaledShard { path }.into());
         }
-        return Ok(Box::new(sharded));
+        return Ok(match DiffusersView::wrap(sharded)? {
+            Ok(view) => Box::new(view),
+            Err(sharded) => Box::new(sharded),
+        });
     }
     let file = SafetensorsFile::open(path)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
-        Ok(None) => Ok(Box::new(file)),
+        Ok(None) => Ok(match DiffusersView::wrap(file)? {
+            Ok(view) => Box::new(view),
+            Err(file) => Box::new(file),
+        }),
         Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledView::new(file, layout)?)),
         Err(e) => Err(SourceError::Invalid {
             path: path.to_owned(),

@@ -38,7 +38,7 @@ impl Backend for PrecisionBackend {
 
     fn observes_source(&self, source: &Detection, _target: Precision) -> bool {
         // The hasher is handed one file's bytes in order: not a view, not several shards.
-        source.fp8_scaling.is_none() && source.shards.is_none()
+        source.fp8_scaling.is_none() && source.shards.is_none() && source.diffusers.is_none()
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
