@@ -836,7 +836,7 @@ fn detect_safetensors(
         Some(m) => {
             diffusers = Some(m.layout().name().to_owned());
             notes.push(format!(
-                "diffusers {} layout: converted in ComfyUI's layout (keys renamed, q/k/v fused)",
+                "diffusers {} layout: read in ComfyUI's key layout (renamed, q/k/v fused, modulation halves swapped as ComfyUI does)",
                 m.layout().name()
             ));
             architecture_from_tensor_names(m.tensors().iter().map(|t| t.name.as_str()), &mut notes)
