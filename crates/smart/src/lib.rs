@@ -587,7 +587,7 @@ fn answer(
 
     // Stage 1: nothing to do (a sharded source in the target precision is still merged into
     // one file: ComfyUI's loaders read single files).
-    if is_one_plain_file(&detection) && detect::should_skip(sp, target).is_some() {
+    if can_be_its_own_answer(&detection) && detect::should_skip(sp, target).is_some() {
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
@@ -688,10 +688,11 @@ pub struct Check {
     pub reason: Option<String>,
 }
 
-/// Whether the source is one file in ComfyUI's layout, which can be its own answer (shards
-/// and a diffusers layout always convert: the output is one ComfyUI-layout file).
-fn is_one_plain_file(detection: &Detection) -> bool {
-    detection.shards.is_none() && detection.diffusers.is_none()
+/// Whether the source can be its own answer: one readable file in ComfyUI's layout (shards
+/// and a diffusers layout always convert, the output being one ComfyUI-layout file; a source
+/// convcache cannot read is refused, never handed back).
+fn can_be_its_own_answer(detection: &Detection) -> bool {
+    detection.supported_as_source && detection.shards.is_none() && detection.diffusers.is_none()
 }
 
 /// What [`smart_convert`] would do for each target, without converting or recording a use:
@@ -722,7 +723,7 @@ pub fn check_with(
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());
     for &target in targets {
-        if is_one_plain_file(&detection) && detect::should_skip(sp, target).is_some() {
+        if can_be_its_own_answer(&detection) && detect::should_skip(sp, target).is_some() {
             out.push(Check {
                 target,
                 status: CheckStatus::SourceIsTarget,
