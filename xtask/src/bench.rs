@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::{DynResult, fixtures, repo_root};
 
+#[path = "bench_sharded.rs"]
+mod sharded;
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -53,6 +56,8 @@ enum Model {
     FluxF32,
     /// ~1 GB bf16 Flux-like, same tensors (`flux_large_bf16.safetensors`).
     FluxBf16,
+    /// The bf16 model as a three-shard diffusers repository folder.
+    FluxBf16Diffusers,
 }
 
 impl Model {
@@ -60,6 +65,7 @@ impl Model {
         match self {
             Model::FluxF32 => "flux_large_f32.safetensors",
             Model::FluxBf16 => "flux_large_bf16.safetensors",
+            Model::FluxBf16Diffusers => fixtures::diffusers::LARGE_SHARDED,
         }
     }
 }
@@ -77,6 +83,8 @@ enum Tool {
         to: &'static str,
         extra: &'static [&'static str],
     },
+    /// `convcache convert MODEL --to T` of another model than the case's (a comparison row).
+    ConvertModel { model: Model, to: &'static str },
     /// `convcache convert SRC --to T` when the output already exists (after one untimed run).
     CacheHit { to: &'static str },
     /// A script of `xtask/peers/` run with the bench Python: `SCRIPT SRC OUT ARGS...`.
@@ -111,6 +119,9 @@ impl Tool {
                     s.push_str(a);
                 }
                 s
+            }
+            Tool::ConvertModel { model, to } => {
+                format!("convcache convert {} --to {to}", model.file())
             }
             Tool::CacheHit { to } => format!("convcache convert --to {to} (cache hit)"),
             Tool::Python { script, args } => {
@@ -322,6 +333,7 @@ fn cases() -> Vec<Case> {
             &["nvfp4"],
             &["nvfp4", "--fsync"],
         ),
+        sharded::case(),
         Case {
             id: KERNELS,
             what: "single-thread K-quant kernels against ggml's reference quantizer",
@@ -497,6 +509,13 @@ fn measure(cmd: &mut Command, stderr_path: &Path) -> DynResult<Sample> {
 
 /// Reads a file once so every tool starts from the same warm page cache.
 fn warm(path: &Path) -> DynResult<()> {
+    if path.is_dir() {
+        // A repository folder: every file in it.
+        for e in fs::read_dir(path)? {
+            warm(&e?.path())?;
+        }
+        return Ok(());
+    }
     let mut f = fs::File::open(path)?;
     let mut buf = vec![0u8; 8 << 20];
     while f.read(&mut buf)? > 0 {}
@@ -788,14 +807,23 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
                 steps.join("; ")
             ));
         }
-        Tool::Convert { to, extra } => {
+        Tool::Convert { .. } | Tool::ConvertModel { .. } => {
             if !env.convcache.is_file() {
                 return Err(format!("missing: {} not built", env.convcache.display()).into());
             }
+            let (src, to, extra) = match tool {
+                Tool::ConvertModel { model, to } => {
+                    let other = env.model(*model);
+                    warm(&other)?;
+                    (other, *to, &[][..])
+                }
+                Tool::Convert { to, extra } => (src, *to, *extra),
+                _ => unreachable!("matched above"),
+            };
             for _ in 0..reps {
                 let dir = env.fresh_models_dir()?;
                 let mut c = env.convert_cmd(&src, to, &dir);
-                c.args(*extra);
+                c.args(extra);
                 samples.push(measure(&mut c, &err_log)?);
             }
             let _ = fs::remove_dir_all(env.scratch.join("models"));

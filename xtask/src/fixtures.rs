@@ -561,7 +561,8 @@ fn write_gguf<W: Write>(out: W, layout: &Layout) -> DynResult<()> {
     Ok(())
 }
 
-/// Writes the benchmark models into `dir`, skipping files already there at the right size.
+/// Writes the benchmark models into `dir`, skipping files already there at the right size, and
+/// the bf16 one as a three-shard diffusers folder ([`diffusers::write_large_sharded`]).
 pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     let mut paths = Vec::new();
@@ -579,6 +580,7 @@ pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
         }
         paths.push(path);
     }
+    paths.push(diffusers::write_large_sharded(dir, force)?);
     Ok(paths)
 }
 

@@ -582,6 +582,32 @@ pub fn split_flux(src: &Path, dir: &Path, shards: usize) -> DynResult<()> {
     Ok(())
 }
 
+/// The bench's sharded model: `flux_large_bf16.safetensors` in `dir` written as the diffusers
+/// repository `flux_large_bf16_diffusers/` (three shards under `transformer/`), unless its
+/// index is already there (and `force` is off). Written into a temporary folder and renamed,
+/// so an interrupted run leaves no half folder behind.
+pub fn write_large_sharded(dir: &Path, force: bool) -> DynResult<std::path::PathBuf> {
+    let repo = dir.join(LARGE_SHARDED);
+    if !force && repo.join("transformer").join(INDEX).is_file() {
+        eprintln!("up to date: {}", repo.display());
+        return Ok(repo);
+    }
+    let tmp = dir.join(format!("{LARGE_SHARDED}.partial"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp)?;
+    }
+    eprintln!("writing {} (3 shards)", repo.display());
+    split_flux(&dir.join("flux_large_bf16.safetensors"), &tmp.join("transformer"), 3)?;
+    if repo.exists() {
+        fs::remove_dir_all(&repo)?;
+    }
+    fs::rename(&tmp, &repo)?;
+    Ok(repo)
+}
+
+/// The folder [`write_large_sharded`] writes in the bench models dir.
+pub const LARGE_SHARDED: &str = "flux_large_bf16_diffusers";
+
 #[cfg(test)]
 mod tests {
     use super::*;
