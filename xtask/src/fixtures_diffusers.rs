@@ -31,7 +31,11 @@ const SINGLE: &str = "diffusion_pytorch_model.safetensors";
 
 /// The name of shard `i` (0-based) of `n`.
 fn shard_name(i: usize, n: usize) -> String {
-    format!("diffusion_pytorch_model-{:05}-of-{:05}.safetensors", i + 1, n)
+    format!(
+        "diffusion_pytorch_model-{:05}-of-{:05}.safetensors",
+        i + 1,
+        n
+    )
 }
 
 /// Flux.1 in diffusers' `FluxTransformer2DModel` names.
@@ -50,7 +54,14 @@ pub fn flux(d: FluxDims) -> Layout {
         let p = format!("transformer_blocks.{i}");
         l.linear(&format!("{p}.norm1.linear"), 6 * h, h, true);
         l.linear(&format!("{p}.norm1_context.linear"), 6 * h, h, true);
-        for m in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"] {
+        for m in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+        ] {
             l.linear(&format!("{p}.attn.{m}"), h, h, true);
         }
         for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
@@ -111,14 +122,26 @@ pub fn sd3() -> Layout {
         let p = format!("transformer_blocks.{i}");
         let pre_only = i == depth - 1;
         let dual = i == 0;
-        l.linear(&format!("{p}.norm1.linear"), if dual { 9 } else { 6 } * h, k, true);
+        l.linear(
+            &format!("{p}.norm1.linear"),
+            if dual { 9 } else { 6 } * h,
+            k,
+            true,
+        );
         l.linear(
             &format!("{p}.norm1_context.linear"),
             if pre_only { 2 } else { 6 } * h,
             k,
             true,
         );
-        for m in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"] {
+        for m in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+        ] {
             l.linear(&format!("{p}.attn.{m}"), h, k, true);
         }
         for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
@@ -194,14 +217,31 @@ pub fn sdxl_unet() -> Layout {
     let mut c_in = ch[0];
     for x in 0..3 {
         for i in 0..2 {
-            resnet(&mut l, &format!("down_blocks.{x}.resnets.{i}"), c_in, ch[x], temb);
+            resnet(
+                &mut l,
+                &format!("down_blocks.{x}.resnets.{i}"),
+                c_in,
+                ch[x],
+                temb,
+            );
             c_in = ch[x];
             if depth[x] > 0 {
-                attention(&mut l, &format!("down_blocks.{x}.attentions.{i}"), ch[x], depth[x], ctx);
+                attention(
+                    &mut l,
+                    &format!("down_blocks.{x}.attentions.{i}"),
+                    ch[x],
+                    depth[x],
+                    ctx,
+                );
             }
         }
         if x < 2 {
-            l.conv2d(&format!("down_blocks.{x}.downsamplers.0.conv"), ch[x], ch[x], 3);
+            l.conv2d(
+                &format!("down_blocks.{x}.downsamplers.0.conv"),
+                ch[x],
+                ch[x],
+                3,
+            );
         }
     }
     resnet(&mut l, "mid_block.resnets.0", ch[2], ch[2], temb);
@@ -211,13 +251,30 @@ pub fn sdxl_unet() -> Layout {
         let level = 2 - x;
         for i in 0..3 {
             // The skip connection widens the input (its width does not matter here).
-            resnet(&mut l, &format!("up_blocks.{x}.resnets.{i}"), 2 * ch[level], ch[level], temb);
+            resnet(
+                &mut l,
+                &format!("up_blocks.{x}.resnets.{i}"),
+                2 * ch[level],
+                ch[level],
+                temb,
+            );
             if depth[level] > 0 {
-                attention(&mut l, &format!("up_blocks.{x}.attentions.{i}"), ch[level], depth[level], ctx);
+                attention(
+                    &mut l,
+                    &format!("up_blocks.{x}.attentions.{i}"),
+                    ch[level],
+                    depth[level],
+                    ctx,
+                );
             }
         }
         if x < 2 {
-            l.conv2d(&format!("up_blocks.{x}.upsamplers.0.conv"), ch[level], ch[level], 3);
+            l.conv2d(
+                &format!("up_blocks.{x}.upsamplers.0.conv"),
+                ch[level],
+                ch[level],
+                3,
+            );
         }
     }
     l.norm("conv_norm_out", ch[0]);
@@ -237,7 +294,12 @@ pub fn wan() -> Layout {
     l.linear("condition_embedder.text_embedder.linear_1", dim, 256, true);
     l.linear("condition_embedder.text_embedder.linear_2", dim, dim, true);
     l.norm("condition_embedder.image_embedder.norm1", img);
-    l.linear("condition_embedder.image_embedder.ff.net.0.proj", img, img, true);
+    l.linear(
+        "condition_embedder.image_embedder.ff.net.0.proj",
+        img,
+        img,
+        true,
+    );
     l.linear("condition_embedder.image_embedder.ff.net.2", dim, img, true);
     l.norm("condition_embedder.image_embedder.norm2", dim);
     for i in 0..2 {
@@ -287,7 +349,12 @@ pub fn z_image() -> Layout {
         }
         l.param(format!("{p}.attention.norm_q.weight"), &[hd], Init::Norm);
         l.param(format!("{p}.attention.norm_k.weight"), &[hd], Init::Norm);
-        for n in ["attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"] {
+        for n in [
+            "attention_norm1",
+            "attention_norm2",
+            "ffn_norm1",
+            "ffn_norm2",
+        ] {
             l.param(format!("{p}.{n}.weight"), &[dim], Init::Norm);
         }
         l.linear(&format!("{p}.feed_forward.w1"), hidden, dim, false);
@@ -368,7 +435,12 @@ pub fn write(out: &Path, manifest: &mut BTreeMap<String, serde_json::Value>) -> 
             let rel = format!("{}/{SINGLE}", m.dir);
             manifest.insert(
                 rel,
-                manifest_entry(&dir.join(SINGLE), Some(m.layout.arch), Some("bf16"), "diffusers")?,
+                manifest_entry(
+                    &dir.join(SINGLE),
+                    Some(m.layout.arch),
+                    Some("bf16"),
+                    "diffusers",
+                )?,
             );
             continue;
         }
@@ -405,7 +477,12 @@ pub fn write(out: &Path, manifest: &mut BTreeMap<String, serde_json::Value>) -> 
         write_index(&dir.join(INDEX), &weight_map, total)?;
         manifest.insert(
             format!("{}/{INDEX}", m.dir),
-            manifest_entry(&dir.join(INDEX), Some(m.layout.arch), Some("bf16"), "diffusers")?,
+            manifest_entry(
+                &dir.join(INDEX),
+                Some(m.layout.arch),
+                Some("bf16"),
+                "diffusers",
+            )?,
         );
     }
     Ok(())
@@ -444,7 +521,12 @@ fn flux_cuts(name: &str, rows: u64, hidden: u64) -> Option<Vec<Cut>> {
                 names
                     .iter()
                     .enumerate()
-                    .map(|(k, n)| cut(format!("{p}.attn.{n}.{end}"), vec![(k as u64 * hidden, hidden)]))
+                    .map(|(k, n)| {
+                        cut(
+                            format!("{p}.attn.{n}.{end}"),
+                            vec![(k as u64 * hidden, hidden)],
+                        )
+                    })
                     .collect(),
             )
         };
@@ -474,7 +556,10 @@ fn flux_cuts(name: &str, rows: u64, hidden: u64) -> Option<Vec<Cut>> {
                 cut(format!("{p}.attn.to_q.{end}"), vec![(0, hidden)]),
                 cut(format!("{p}.attn.to_k.{end}"), vec![(hidden, hidden)]),
                 cut(format!("{p}.attn.to_v.{end}"), vec![(2 * hidden, hidden)]),
-                cut(format!("{p}.proj_mlp.{end}"), vec![(3 * hidden, rows - 3 * hidden)]),
+                cut(
+                    format!("{p}.proj_mlp.{end}"),
+                    vec![(3 * hidden, rows - 3 * hidden)],
+                ),
             ]),
             "linear2" => all(format!("{p}.proj_out.{end}")),
             "modulation.lin" => all(format!("{p}.norm.linear.{end}")),
@@ -597,7 +682,11 @@ pub fn write_large_sharded(dir: &Path, force: bool) -> DynResult<std::path::Path
         fs::remove_dir_all(&tmp)?;
     }
     eprintln!("writing {} (3 shards)", repo.display());
-    split_flux(&dir.join("flux_large_bf16.safetensors"), &tmp.join("transformer"), 3)?;
+    split_flux(
+        &dir.join("flux_large_bf16.safetensors"),
+        &tmp.join("transformer"),
+        3,
+    )?;
     if repo.exists() {
         fs::remove_dir_all(&repo)?;
     }
@@ -612,7 +701,6 @@ pub const LARGE_SHARDED: &str = "flux_large_bf16_diffusers";
 mod tests {
     use super::*;
     use crate::layouts;
-    use tensorfile::TensorSource;
 
     #[test]
     fn split_points_cover_everything_in_order() {
@@ -649,9 +737,15 @@ mod tests {
     fn split_flux_writes_a_sharded_folder() {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("flux.safetensors");
-        FileSpec::from_layout(String::new(), &layouts::flux(FLUX_SMALL), "bf16", |_| Dtype::BF16, "")
-            .write(&src)
-            .unwrap();
+        FileSpec::from_layout(
+            String::new(),
+            &layouts::flux(FLUX_SMALL),
+            "bf16",
+            |_| Dtype::BF16,
+            "",
+        )
+        .write(&src)
+        .unwrap();
         let dir = tmp.path().join("m/transformer");
         split_flux(&src, &dir, 3).unwrap();
         let source = tensorfile::open_safetensors(&dir).unwrap();

@@ -125,9 +125,10 @@ fn file_name(path: &Path) -> String {
 /// The model folder's name when `source` is a sharded source (see [`basename_of`]).
 fn sharded_model_folder(source: &Path) -> Option<String> {
     // A diffusers model kept in one file is named like a sharded one: by its folders.
-    let single = source.file_name() == Some(std::ffi::OsStr::new(
-        tensorfile::diffusers::SINGLE_FILE_NAME,
-    ));
+    let single = source.file_name()
+        == Some(std::ffi::OsStr::new(
+            tensorfile::diffusers::SINGLE_FILE_NAME,
+        ));
     let index = if single {
         source.to_owned()
     } else {

@@ -44,7 +44,10 @@ fn golden(model: &str) -> (serde_json::Map<String, serde_json::Value>, Safetenso
         &std::fs::read_to_string(dir.join(format!("{model}.json"))).expect("golden table"),
     )
     .expect("golden JSON");
-    (table, Safetensors::read(&dir.join(format!("{model}.safetensors"))))
+    (
+        table,
+        Safetensors::read(&dir.join(format!("{model}.safetensors"))),
+    )
 }
 
 fn gguf_dir(s: &Scratch) -> PathBuf {
@@ -52,7 +55,9 @@ fn gguf_dir(s: &Scratch) -> PathBuf {
 }
 
 fn detect_json(s: &Scratch, path: &Path) -> serde_json::Value {
-    let run = s.run(&["--json", "detect", path.to_str().expect("utf-8")]).ok();
+    let run = s
+        .run(&["--json", "detect", path.to_str().expect("utf-8")])
+        .ok();
     run.json()[0].clone()
 }
 
@@ -75,7 +80,12 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
     let bf16 = s.converted_dir().join("FLUX.1-tiny_bf16.safetensors");
     let q4 = gguf_dir(&s).join("FLUX.1-tiny_Q4_K_M.gguf");
     let nf4 = s.converted_dir().join("FLUX.1-tiny_nf4.safetensors");
-    for (row, path) in rows.as_array().expect("rows").iter().zip([&bf16, &q4, &nf4]) {
+    for (row, path) in rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .zip([&bf16, &q4, &nf4])
+    {
         assert_eq!(PathBuf::from(row["path"].as_str().expect("path")), *path);
     }
 
@@ -107,18 +117,35 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
     for k in &comfy_keys {
         assert!(out.header.contains_key(*k), "nf4 lacks {k}");
     }
-    assert!(!out.header.keys().any(|k| k.contains("to_q") || k.contains("proj_mlp")));
+    assert!(
+        !out.header
+            .keys()
+            .any(|k| k.contains("to_q") || k.contains("proj_mlp"))
+    );
 
     for path in [&bf16, &q4, &nf4] {
-        assert_eq!(detect_json(&s, path)["architecture"], "flux", "{}", path.display());
+        assert_eq!(
+            detect_json(&s, path)["architecture"],
+            "flux",
+            "{}",
+            path.display()
+        );
     }
 
     // The same model named by its transformer folder or its index: cache hits.
-    for again in [repo.join("transformer"), repo.join("transformer").join(
-        "diffusion_pytorch_model.safetensors.index.json",
-    )] {
+    for again in [
+        repo.join("transformer"),
+        repo.join("transformer")
+            .join("diffusion_pytorch_model.safetensors.index.json"),
+    ] {
         let run = s
-            .run(&["--json", "convert", again.to_str().expect("utf-8"), "--to", "bf16"])
+            .run(&[
+                "--json",
+                "convert",
+                again.to_str().expect("utf-8"),
+                "--to",
+                "bf16",
+            ])
             .ok();
         assert_eq!(run.json()[0]["status"], "cached", "{}", again.display());
     }
@@ -157,10 +184,20 @@ fn single_file_diffusers_folders_convert_and_are_named_after_the_repository() {
         assert_eq!(detect_json(&s, &out)["architecture"], arch, "{repo}");
         // The file itself is the same source: a hit under the same name.
         let file = dir
-            .join(if repo == "sdxl-tiny" { "unet" } else { "transformer" })
+            .join(if repo == "sdxl-tiny" {
+                "unet"
+            } else {
+                "transformer"
+            })
             .join("diffusion_pytorch_model.safetensors");
         let run = s
-            .run(&["--json", "convert", file.to_str().expect("utf-8"), "--to", "bf16"])
+            .run(&[
+                "--json",
+                "convert",
+                file.to_str().expect("utf-8"),
+                "--to",
+                "bf16",
+            ])
             .ok();
         assert_eq!(run.json()[0]["status"], "cached", "{repo}");
         assert_eq!(
@@ -176,8 +213,19 @@ fn write_broken(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<u64>)
         ("x_embedder.weight".into(), Dtype::BF16, vec![8, 4]),
         ("x_embedder.bias".into(), Dtype::BF16, vec![8]),
     ];
-    for m in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"] {
-        tensors.push((format!("transformer_blocks.0.attn.{m}.weight"), Dtype::BF16, vec![8, 8]));
+    for m in [
+        "to_q",
+        "to_k",
+        "to_v",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+    ] {
+        tensors.push((
+            format!("transformer_blocks.0.attn.{m}.weight"),
+            Dtype::BF16,
+            vec![8, 8],
+        ));
     }
     edit(&mut tensors);
     let dir = dir.join("transformer");
@@ -210,7 +258,13 @@ fn a_diffusers_folder_comfyuis_map_cannot_serve_is_a_one_line_input_fault() {
         ),
         (
             "unknown-key",
-            |t| t.push(("transformer_blocks.0.attn.to_gate.weight".into(), Dtype::BF16, vec![8])),
+            |t| {
+                t.push((
+                    "transformer_blocks.0.attn.to_gate.weight".into(),
+                    Dtype::BF16,
+                    vec![8],
+                ))
+            },
             "`transformer_blocks.0.attn.to_gate.weight` has no name in ComfyUI's layout",
         ),
         (

@@ -33,9 +33,9 @@ use serde::Serialize;
 use tensorfile::gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
 
 use crate::precision::{Container, Precision};
+use tensorfile::diffusers::Mapping;
 use tensorfile::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError, TensorEntry};
 use tensorfile::scaled::{LayoutError, ScaledLayout};
-use tensorfile::diffusers::Mapping;
 use tensorfile::sharded::{ShardError, ShardedSource};
 
 /// What [`detect`] found. This struct, serialized, is the stable JSON of

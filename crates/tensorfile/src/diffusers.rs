@@ -429,12 +429,21 @@ fn flux_target(key: &str) -> Option<Target> {
 
 /// SD3 joint-block renames (`MMDIT_MAP_BLOCK`, diffusers → ComfyUI).
 const SD3_BLOCK: &[(&str, &str)] = &[
-    ("norm1_context.linear.bias", "context_block.adaLN_modulation.1.bias"),
-    ("norm1_context.linear.weight", "context_block.adaLN_modulation.1.weight"),
+    (
+        "norm1_context.linear.bias",
+        "context_block.adaLN_modulation.1.bias",
+    ),
+    (
+        "norm1_context.linear.weight",
+        "context_block.adaLN_modulation.1.weight",
+    ),
     ("attn.to_add_out.bias", "context_block.attn.proj.bias"),
     ("attn.to_add_out.weight", "context_block.attn.proj.weight"),
     ("ff_context.net.0.proj.bias", "context_block.mlp.fc1.bias"),
-    ("ff_context.net.0.proj.weight", "context_block.mlp.fc1.weight"),
+    (
+        "ff_context.net.0.proj.weight",
+        "context_block.mlp.fc1.weight",
+    ),
     ("ff_context.net.2.bias", "context_block.mlp.fc2.bias"),
     ("ff_context.net.2.weight", "context_block.mlp.fc2.weight"),
     ("attn.norm_added_q.weight", "context_block.attn.ln_q.weight"),
@@ -705,17 +714,32 @@ const WAN_BLOCK: &[(&str, &str)] = &[
 
 /// Wan top-level module renames, diffusers → reference.
 const WAN_BASIC: &[(&str, &str)] = &[
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    (
+        "condition_embedder.time_embedder.linear_1",
+        "time_embedding.0",
+    ),
+    (
+        "condition_embedder.time_embedder.linear_2",
+        "time_embedding.2",
+    ),
+    (
+        "condition_embedder.text_embedder.linear_1",
+        "text_embedding.0",
+    ),
+    (
+        "condition_embedder.text_embedder.linear_2",
+        "text_embedding.2",
+    ),
     ("condition_embedder.time_proj", "time_projection.1"),
     ("condition_embedder.image_embedder.norm1", "img_emb.proj.0"),
     (
         "condition_embedder.image_embedder.ff.net.0.proj",
         "img_emb.proj.1",
     ),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    (
+        "condition_embedder.image_embedder.ff.net.2",
+        "img_emb.proj.3",
+    ),
     ("condition_embedder.image_embedder.norm2", "img_emb.proj.4"),
     ("proj_out", "head.head"),
     ("patch_embedding", "patch_embedding"),
@@ -749,7 +773,10 @@ const Z_IMAGE_BLOCK: &[(&str, &str)] = &[
 
 /// `z_image_to_diffusers`' `MAP_BASIC` entries whose names differ.
 const Z_IMAGE_BASIC: &[(&str, &str)] = &[
-    ("all_final_layer.2-1.linear.weight", "final_layer.linear.weight"),
+    (
+        "all_final_layer.2-1.linear.weight",
+        "final_layer.linear.weight",
+    ),
     ("all_final_layer.2-1.linear.bias", "final_layer.linear.bias"),
     (
         "all_final_layer.2-1.adaLN_modulation.1.weight",
@@ -863,7 +890,13 @@ impl Mapping {
             match group.parts.get(slot) {
                 Some(None) if same_kind => group.parts[slot] = Some(index),
                 _ => {
-                    let other = group.parts.iter().flatten().next().copied().unwrap_or(index);
+                    let other = group
+                        .parts
+                        .iter()
+                        .flatten()
+                        .next()
+                        .copied()
+                        .unwrap_or(index);
                     return Err(DiffusersError::Collision {
                         path: path.to_owned(),
                         layout: lname,
@@ -1132,7 +1165,7 @@ impl<S: TensorSource> TensorSource for DiffusersView<S> {
             return self.inner.read_f32(p.index, start, out);
         }
         // Multi-piece tensors are of a whole-byte dtype (checked by the plan).
-        let es = u64::from(t.dtype.bits() / 8);
+        let es = t.dtype.bits() / 8;
         let mut at = start;
         let mut out = out;
         let mut first = 0u64;
@@ -1208,10 +1241,22 @@ mod tests {
 
     #[test]
     fn block_parsing_is_strict() {
-        assert_eq!(block("transformer_blocks.12.attn", "transformer_blocks"), Some((12, "attn")));
-        assert_eq!(block("transformer_blocks.012.attn", "transformer_blocks"), None);
-        assert_eq!(block("transformer_blocks.+1.attn", "transformer_blocks"), None);
-        assert_eq!(block("single_transformer_blocks.1.a", "transformer_blocks"), None);
+        assert_eq!(
+            block("transformer_blocks.12.attn", "transformer_blocks"),
+            Some((12, "attn"))
+        );
+        assert_eq!(
+            block("transformer_blocks.012.attn", "transformer_blocks"),
+            None
+        );
+        assert_eq!(
+            block("transformer_blocks.+1.attn", "transformer_blocks"),
+            None
+        );
+        assert_eq!(
+            block("single_transformer_blocks.1.a", "transformer_blocks"),
+            None
+        );
     }
 
     #[test]
@@ -1224,7 +1269,7 @@ mod tests {
             t("transformer_blocks.0.attn.to_q.weight", &[4, 4]),
             t("transformer_blocks.0.attn.to_v.weight", &[4, 4]),
         ];
-        let err = Mapping::plan(Path::new("m"), &ts).unwrap_err();
+        let err = Mapping::plan(Path::new("m"), &ts).expect_err("refused");
         assert!(
             matches!(&err, DiffusersError::MissingPart { part, .. }
                 if part == "transformer_blocks.0.attn.to_k.weight"),

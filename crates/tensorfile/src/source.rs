@@ -101,9 +101,16 @@ pub enum SourceError {
     /// A sharded source whose index or shards are invalid, missing or unreadable.
     #[error(transparent)]
     Sharded(#[from] crate::sharded::ShardError),
-    /// A diffusers-layout source whose keys cannot all be served in ComfyUI's layout.
+    /// A diffusers-layout source whose keys cannot all be served in ComfyUI's layout (boxed:
+    /// it is rare and large, and every read returns this type).
     #[error(transparent)]
-    Diffusers(#[from] crate::diffusers::DiffusersError),
+    Diffusers(Box<crate::diffusers::DiffusersError>),
+}
+
+impl From<crate::diffusers::DiffusersError> for SourceError {
+    fn from(e: crate::diffusers::DiffusersError) -> SourceError {
+        SourceError::Diffusers(Box::new(e))
+    }
 }
 
 impl SourceError {
