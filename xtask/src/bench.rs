@@ -1344,7 +1344,9 @@ const METHOD: &str = "\
 - Models: `cargo xtask fixtures --large` writes a Flux-like model (real Flux key names and \
 shape patterns, hidden size 1536, 4 double and 4 single blocks, ~500 M parameters) as \
 `flux_large_f32.safetensors` (~2 GB) and `flux_large_bf16.safetensors` (~1 GB) into \
-`target/bench-models/`.
+`target/bench-models/`, and the bf16 one again as a three-shard diffusers repository \
+(`flux_large_bf16_diffusers/transformer/`, diffusers key names, q/k/v split as ComfyUI's \
+`flux_to_diffusers` names them).
 - Each row is one tool run as a child process, several times; time is wall-clock from spawn \
 to exit, peak RSS is the child's `ru_maxrss` from `wait4(2)` (the largest over the \
 repetitions). The source is read once before each case, so every tool starts from a warm \

@@ -149,6 +149,9 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
             .ok();
         assert_eq!(run.json()[0]["status"], "cached", "{}", again.display());
     }
+    // `cleanup` finds the outputs by the repository folder too.
+    s.run(&["cleanup", arg, "--keep", "0"]).ok();
+    assert!(!bf16.exists() && !q4.exists() && !nf4.exists());
 }
 
 #[test]
@@ -204,6 +207,9 @@ fn single_file_diffusers_folders_convert_and_are_named_after_the_repository() {
             PathBuf::from(run.json()[0]["path"].as_str().expect("path")),
             out
         );
+        s.run(&["cleanup", dir.to_str().expect("utf-8"), "--keep", "0"])
+            .ok();
+        assert!(!out.exists(), "{repo}: cleanup by the repository folder");
     }
 }
 

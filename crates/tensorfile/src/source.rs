@@ -5,8 +5,10 @@
 //! ([`TensorSource::read_raw`]) or widened exactly to f32 ([`TensorSource::read_f32`]).
 //! Implementations: a validated [`SafetensorsFile`] (every tensor as stored), the view of ComfyUI
 //! quantized files ([`crate::scaled::ScaledView`]: scaled-fp8, nvfp4 and mxfp8 weights
-//! dequantized, scale and marker tensors hidden) and a GGUF file (dequantizing; in the `gguf`
-//! crate, which has the block kernels).
+//! dequantized, scale and marker tensors hidden), a shard index and its shards
+//! ([`crate::sharded::ShardedSource`]), a diffusers-layout model served in ComfyUI's layout
+//! ([`crate::diffusers::DiffusersView`]) and a GGUF file (dequantizing; in the `gguf` crate,
+//! which has the block kernels).
 //!
 //! Reads are positioned reads into the caller's buffers (never a long-lived map: its touched
 //! pages would count against the process's memory, see [`crate::safetensors::ReadBuffer`]), so
