@@ -149,9 +149,31 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
             .ok();
         assert_eq!(run.json()[0]["status"], "cached", "{}", again.display());
     }
+    // ComfyUI's quantized formats too.
+    s.run(&["convert", arg, "--to", "fp8_scaled,nvfp4"]).ok();
+    for name in ["FLUX.1-tiny_fp8_scaled", "FLUX.1-tiny_nvfp4"] {
+        let path = s.converted_dir().join(format!("{name}.safetensors"));
+        assert_eq!(detect_json(&s, &path)["architecture"], "flux", "{name}");
+        let out = Safetensors::read(&path);
+        assert!(
+            out.header
+                .contains_key("double_blocks.1.img_attn.qkv.weight"),
+            "{name}"
+        );
+        assert!(
+            out.header.contains_key("single_blocks.1.linear1.weight"),
+            "{name}"
+        );
+    }
+
     // `cleanup` finds the outputs by the repository folder too.
     s.run(&["cleanup", arg, "--keep", "0"]).ok();
     assert!(!bf16.exists() && !q4.exists() && !nf4.exists());
+    assert!(
+        !s.converted_dir()
+            .join("FLUX.1-tiny_nvfp4.safetensors")
+            .exists()
+    );
 }
 
 #[test]

@@ -1259,6 +1259,58 @@ mod tests {
         );
     }
 
+    fn flux_block(dtype_k: Dtype, rows_k: u64) -> Vec<SourceTensor> {
+        let mut ts = vec![t("x_embedder.weight", &[4, 4])];
+        for m in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+        ] {
+            let rows = if m == "to_k" { rows_k } else { 4 };
+            ts.push(t(
+                &format!("transformer_blocks.0.attn.{m}.weight"),
+                &[rows, 4],
+            ));
+        }
+        ts[2].dtype = dtype_k;
+        ts
+    }
+
+    #[test]
+    fn fused_parts_must_agree() {
+        let path = Path::new("m");
+        let ok = Mapping::plan(path, &flux_block(Dtype::BF16, 4))
+            .expect("plan")
+            .expect("flux");
+        let qkv = ok
+            .tensors()
+            .iter()
+            .find(|t| t.name == "double_blocks.0.img_attn.qkv.weight")
+            .expect("fused");
+        assert_eq!(qkv.shape, [12, 4]);
+        for (ts, needle) in [
+            (flux_block(Dtype::F16, 4), "is BF16 but"),
+            (flux_block(Dtype::BF16, 8), "different sizes"),
+        ] {
+            let err = Mapping::plan(path, &ts).expect_err("refused").to_string();
+            assert!(err.contains(needle), "{err}");
+            assert!(err.starts_with("m: "), "{err}");
+        }
+        let mut odd = flux_block(Dtype::BF16, 4);
+        odd.push(t("norm_out.linear.weight", &[3, 4]));
+        let err = Mapping::plan(path, &odd).expect_err("refused").to_string();
+        assert!(err.contains("no two halves"), "{err}");
+        let mut twice = flux_block(Dtype::BF16, 4);
+        twice.push(t("double_blocks.0.img_attn.qkv.weight", &[12, 4]));
+        let err = Mapping::plan(path, &twice)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("has no name"), "{err}");
+    }
+
     #[test]
     fn missing_part_is_named() {
         let ts = [
