@@ -564,6 +564,9 @@ fn answer(
     if options.cancelled() {
         return Err(SmartError::Cancelled(source.to_path_buf()));
     }
+    // A diffusers repository folder is converted as the model it holds.
+    let resolved = tensorfile::diffusers::resolve_source(source);
+    let source = resolved.as_path();
     let detection = detect::detect(source)?;
     let source_precision = detection.precision;
     let outcome = |status, path: PathBuf, note, known_digest| Outcome {
@@ -584,7 +587,7 @@ fn answer(
 
     // Stage 1: nothing to do (a sharded source in the target precision is still merged into
     // one file: ComfyUI's loaders read single files).
-    if detection.shards.is_none() && detect::should_skip(sp, target).is_some() {
+    if can_be_its_own_answer(&detection) && detect::should_skip(sp, target).is_some() {
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
@@ -685,6 +688,13 @@ pub struct Check {
     pub reason: Option<String>,
 }
 
+/// Whether the source can be its own answer: one readable file in ComfyUI's layout (shards
+/// and a diffusers layout always convert, the output being one ComfyUI-layout file; a source
+/// convcache cannot read is refused, never handed back).
+fn can_be_its_own_answer(detection: &Detection) -> bool {
+    detection.supported_as_source && detection.shards.is_none() && detection.diffusers.is_none()
+}
+
 /// What [`smart_convert`] would do for each target, without converting or recording a use:
 /// the same detection, skip rule, backend choice (its converter version) and lookup.
 pub fn check(
@@ -702,6 +712,8 @@ pub fn check_with(
     options: &Options<'_>,
     backends: &[&dyn Backend],
 ) -> Result<Vec<Check>, SmartError> {
+    let resolved = tensorfile::diffusers::resolve_source(source);
+    let source = resolved.as_path();
     let detection = detect::detect(source)?;
     let sp = detection
         .precision
@@ -711,7 +723,7 @@ pub fn check_with(
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());
     for &target in targets {
-        if detection.shards.is_none() && detect::should_skip(sp, target).is_some() {
+        if can_be_its_own_answer(&detection) && detect::should_skip(sp, target).is_some() {
             out.push(Check {
                 target,
                 status: CheckStatus::SourceIsTarget,

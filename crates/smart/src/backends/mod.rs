@@ -29,10 +29,10 @@ pub const DEFAULT: &[&dyn Backend] = &[
 ];
 
 /// Whether `source` is served as the one file's stored bytes (not a scaled view, not several
-/// shards), so a converter that reads every tensor in order can hand the file to the hasher in
-/// order (`Backend::observes_source`).
+/// shards, not a diffusers layout served renamed and fused), so a converter that reads every
+/// tensor in order can hand the file to the hasher in order (`Backend::observes_source`).
 pub(crate) fn served_as_stored(source: &detect::Detection) -> bool {
-    source.fp8_scaling.is_none() && source.shards.is_none()
+    source.fp8_scaling.is_none() && source.shards.is_none() && source.diffusers.is_none()
 }
 
 /// The source as the converters of a job read it: the file itself when the conversion hands
