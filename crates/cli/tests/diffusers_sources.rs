@@ -207,6 +207,27 @@ fn single_file_diffusers_folders_convert_and_are_named_after_the_repository() {
             }
         }
         assert_eq!(detect_json(&s, &out)["architecture"], arch, "{repo}");
+        // A target hashed in its conversion pass reads the renamed, fused layout too (one
+        // file is not a source served as stored).
+        s.run(&[
+            "convert",
+            dir.to_str().expect("utf-8"),
+            "--to",
+            "fp8_scaled",
+        ])
+        .ok();
+        let fp8 = Safetensors::read(
+            &s.converted_dir()
+                .join(format!("{repo}_fp8_scaled.safetensors")),
+        );
+        let fp8_keys: BTreeSet<&str> = fp8
+            .header
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "__metadata__")
+            .filter(|k| !k.ends_with(".comfy_quant") && !k.ends_with(".weight_scale"))
+            .collect();
+        assert_eq!(fp8_keys, keys, "{repo}: fp8_scaled keys");
         // The file itself is the same source: a hit under the same name.
         let file = dir
             .join(if repo == "sdxl-tiny" {
