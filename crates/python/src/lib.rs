@@ -407,6 +407,22 @@ impl ConversionType {
     }
 }
 
+/// The `conversion_type` a target's outputs belong to: `'precision'`, `'bitsandbytes'` or
+/// `'gguf'`.
+#[pyfunction]
+fn conversion_type_of(target: &str) -> PyResult<&'static str> {
+    let target = parse_target(target)?;
+    Ok(
+        if ConversionType::Bitsandbytes.includes(target) {
+            "bitsandbytes"
+        } else if ConversionType::Gguf.includes(target) {
+            "gguf"
+        } else {
+            "precision"
+        },
+    )
+}
+
 /// The listed outputs of a conversion type (`convcache list`'s entries, filtered).
 fn entries(conversion_type: &str, models_dir: Option<PathBuf>) -> PyResult<Vec<Entry>> {
     let kind = ConversionType::parse(conversion_type)?;
@@ -632,5 +648,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_converted_model_path, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_models_dir, m)?)?;
     m.add_function(wrap_pyfunction!(supported_targets, m)?)?;
+    m.add_function(wrap_pyfunction!(conversion_type_of, m)?)?;
     Ok(())
 }

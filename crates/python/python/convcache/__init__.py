@@ -46,6 +46,7 @@ __all__ = [
     "models_dir",
     "resolve_source",
     "supported_targets",
+    "conversion_type_of",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -250,3 +251,9 @@ def detect(path: PathLike) -> dict:
 def supported_targets() -> List[str]:
     """Every target name ``smart_convert`` accepts, in its canonical spelling."""
     return _native.supported_targets()
+
+
+def conversion_type_of(target: str) -> str:
+    """The ``conversion_type`` the outputs of ``target`` belong to: ``'precision'``,
+    ``'bitsandbytes'`` or ``'gguf'`` (an unknown target is a :class:`ValueError`)."""
+    return _native.conversion_type_of(target)
