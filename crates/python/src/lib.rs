@@ -27,9 +27,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use cache::{Cache, Entry, Kind, ModelsDir, Stats};
 use ::detect::Precision;
 use ::detect::precision::Container;
+use cache::{Cache, Entry, Kind, ModelsDir, Stats};
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList};
@@ -412,15 +412,13 @@ impl ConversionType {
 #[pyfunction]
 fn conversion_type_of(target: &str) -> PyResult<&'static str> {
     let target = parse_target(target)?;
-    Ok(
-        if ConversionType::Bitsandbytes.includes(target) {
-            "bitsandbytes"
-        } else if ConversionType::Gguf.includes(target) {
-            "gguf"
-        } else {
-            "precision"
-        },
-    )
+    Ok(if ConversionType::Bitsandbytes.includes(target) {
+        "bitsandbytes"
+    } else if ConversionType::Gguf.includes(target) {
+        "gguf"
+    } else {
+        "precision"
+    })
 }
 
 /// The listed outputs of a conversion type (`convcache list`'s entries, filtered).
@@ -545,7 +543,9 @@ fn should_skip_conversion(
         .detach(|| ::detect::detect(&source_path))
         .map_err(|e| SourceError::new_err(one_line(&e.to_string())))?;
     let Some(source) = detection.precision else {
-        return Err(error_to_py(&SmartError::UnknownSourcePrecision(source_path)));
+        return Err(error_to_py(&SmartError::UnknownSourcePrecision(
+            source_path,
+        )));
     };
     Ok(match smart::skips(&detection, target) {
         Some(reason) => (true, reason.to_string()),
