@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 use crate::{DynResult, fixtures, repo_root};
 
+#[path = "bench_python.rs"]
+mod bench_python;
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -77,6 +80,8 @@ enum Tool {
         to: &'static str,
         extra: &'static [&'static str],
     },
+    /// The Python package (`convcache.smart_convert`), see [`bench_python`].
+    Package(bench_python::PackageTool),
     /// `convcache convert SRC --to T` when the output already exists (after one untimed run).
     CacheHit { to: &'static str },
     /// A script of `xtask/peers/` run with the bench Python: `SCRIPT SRC OUT ARGS...`.
@@ -113,6 +118,7 @@ impl Tool {
                 s
             }
             Tool::CacheHit { to } => format!("convcache convert --to {to} (cache hit)"),
+            Tool::Package(t) => t.label(),
             Tool::Python { script, args } => {
                 let mut s = format!("python peers/{script}");
                 for a in *args {
@@ -341,6 +347,9 @@ fn cases() -> Vec<Case> {
             rss_limit: false,
         },
     ]
+    .into_iter()
+    .chain(bench_python::cases())
+    .collect()
 }
 
 /// A bitsandbytes 4-bit case: convcache against bitsandbytes' own CPU `quantize_4bit`.
@@ -826,6 +835,7 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
             }
             let _ = fs::remove_file(&out_file);
         }
+        Tool::Package(t) => samples = bench_python::run(env, &src, *t, reps)?,
         Tool::PythonImports { modules } => {
             let py = env
                 .python
@@ -1219,9 +1229,9 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
         }
         env.notes.borrow_mut().clear();
         warm(&env.model(case.model))?;
-        let reps = if case.id == "cache-hit" {
+        let reps = if case.id == "cache-hit" || case.id == bench_python::HIT {
             args.hit_reps
-        } else if case.id == "f32-to-bf16" {
+        } else if case.id == "f32-to-bf16" || case.id == bench_python::CONVERT {
             // Sub-second rows compared at a 1.3x bound: more repetitions, a steadier median.
             args.reps.max(5)
         } else {
