@@ -1404,7 +1404,10 @@ mod tests {
             // Targets are checked on convcache's own rows.
             for &i in c.checked {
                 assert!(
-                    matches!(c.tools[i], Tool::Convert { .. } | Tool::CacheHit { .. }),
+                    matches!(
+                        c.tools[i],
+                        Tool::Convert { .. } | Tool::CacheHit { .. } | Tool::Package(_)
+                    ),
                     "{}",
                     c.id
                 );
