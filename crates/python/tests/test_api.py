@@ -197,3 +197,15 @@ def test_a_big_gguf_target_roundtrip(models):
     path, new = convcache.smart_convert(src, "Q8_0", models_dir=models)
     assert new and path.endswith("flux_b_Q8_0.gguf")
     assert convcache.smart_convert(src, "bf16", models_dir=models) == (str(src), False)
+
+
+def test_strict_skips_a_file_convcache_did_not_make(models, small_model):
+    # A bf16 file at the cache path without provenance (another tool made it).
+    converted = models / "diffusion_models" / "converted"
+    converted.mkdir(parents=True)
+    foreign = write_safetensors(converted / "flux_small_bf16.safetensors", flux_tensors(96, 2), "BF16")
+    assert convcache.smart_convert(small_model, "bf16", models_dir=models) == (str(foreign), False)
+    _, rows, _ = cli("check", str(small_model), "--to", "bf16", "--strict", models_dir=models)
+    path, new = convcache.smart_convert(small_model, "bf16", models_dir=models, strict=True)
+    assert new is True and path != str(foreign) and path == rows[0]["path"]
+    assert foreign.is_file()  # never replaced
