@@ -61,7 +61,10 @@ def test_progress_is_called_throttled_and_in_order(models, big_model):
     # Throttled: after the stage's first call, calls before completion are ~0.1 s apart.
     middle = [c for c in conv[1:] if c[1] < c[2]]
     gaps = [b[0] - a[0] for a, b in zip(middle, middle[1:])]
-    assert len(middle) >= 2, conv
+    # The converter reports every 2 MiB chunk (~100 here); the callback sees about one call
+    # per 0.1 s, plus the stage's first and its completion.
+    span = conv[-1][0] - conv[0][0]
+    assert len(conv) <= span / 0.1 + 4, (len(conv), span)
     assert min(gaps, default=1) >= 0.09, gaps
 
 
