@@ -269,14 +269,15 @@ fn run_conversion<T: Send>(
                 }
             }
         };
-        // The worker has sent its result (or died); joining does not wait on Python.
-        let joined = py.detach(|| worker.join());
+        // The worker has sent its result (or panicked, which the join absorbs, so the scope
+        // does not panic again); joining does not wait on Python.
+        let _ = py.detach(|| worker.join());
         if let Some(e) = interrupted {
             return Err(e);
         }
-        match (result, joined) {
-            (Some(r), _) => Ok(r),
-            (None, _) => Err(ConversionError::new_err(
+        match result {
+            Some(r) => Ok(r),
+            None => Err(ConversionError::new_err(
                 "the conversion thread stopped without an answer (a panic); nothing was published",
             )),
         }
