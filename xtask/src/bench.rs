@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::{DynResult, fixtures, repo_root};
 
+#[path = "bench_python.rs"]
+mod bench_python;
 #[path = "bench_sharded.rs"]
 mod sharded;
 
@@ -85,6 +87,8 @@ enum Tool {
     },
     /// `convcache convert MODEL --to T` of another model than the case's (a comparison row).
     ConvertModel { model: Model, to: &'static str },
+    /// The Python package (`convcache.smart_convert`), see [`bench_python`].
+    Package(bench_python::PackageTool),
     /// `convcache convert SRC --to T` when the output already exists (after one untimed run).
     CacheHit { to: &'static str },
     /// A script of `xtask/peers/` run with the bench Python: `SCRIPT SRC OUT ARGS...`.
@@ -124,6 +128,7 @@ impl Tool {
                 format!("convcache convert {} --to {to}", model.file())
             }
             Tool::CacheHit { to } => format!("convcache convert --to {to} (cache hit)"),
+            Tool::Package(t) => t.label(),
             Tool::Python { script, args } => {
                 let mut s = format!("python peers/{script}");
                 for a in *args {
@@ -353,6 +358,9 @@ fn cases() -> Vec<Case> {
             rss_limit: false,
         },
     ]
+    .into_iter()
+    .chain(bench_python::cases())
+    .collect()
 }
 
 /// A bitsandbytes 4-bit case: convcache against bitsandbytes' own CPU `quantize_4bit`.
@@ -854,6 +862,7 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
             }
             let _ = fs::remove_file(&out_file);
         }
+        Tool::Package(t) => samples = bench_python::run(env, &src, *t, reps)?,
         Tool::PythonImports { modules } => {
             let py = env
                 .python
@@ -1247,9 +1256,9 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
         }
         env.notes.borrow_mut().clear();
         warm(&env.model(case.model))?;
-        let reps = if case.id == "cache-hit" {
+        let reps = if case.id == "cache-hit" || case.id == bench_python::HIT {
             args.hit_reps
-        } else if case.id == "f32-to-bf16" {
+        } else if case.id == "f32-to-bf16" || case.id == bench_python::CONVERT {
             // Sub-second rows compared at a 1.3x bound: more repetitions, a steadier median.
             args.reps.max(5)
         } else {
@@ -1424,7 +1433,10 @@ mod tests {
             // Targets are checked on convcache's own rows.
             for &i in c.checked {
                 assert!(
-                    matches!(c.tools[i], Tool::Convert { .. } | Tool::CacheHit { .. }),
+                    matches!(
+                        c.tools[i],
+                        Tool::Convert { .. } | Tool::CacheHit { .. } | Tool::Package(_)
+                    ),
                     "{}",
                     c.id
                 );

@@ -525,6 +525,19 @@ impl SmartError {
     }
 }
 
+/// Whether the source `detection` describes is its own answer for `target` (stage 1 of
+/// [`smart_convert`]), and why: [`detect::should_skip`] on its precision, for a source that can
+/// be its own answer at all (one readable file in ComfyUI's layout: a sharded or diffusers
+/// source in the target precision is still converted into one ComfyUI-layout file, which
+/// ComfyUI's loaders read).
+pub fn skips(detection: &Detection, target: Precision) -> Option<detect::SkipReason> {
+    let source = detection.precision?;
+    if !can_be_its_own_answer(detection) {
+        return None;
+    }
+    detect::should_skip(source, target)
+}
+
 /// Converts `source` to `target` with the default backends, or answers from the source itself
 /// or the cache. See the crate docs for the stages.
 pub fn smart_convert(
@@ -585,9 +598,8 @@ fn answer(
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
     };
 
-    // Stage 1: nothing to do (a sharded source in the target precision is still merged into
-    // one file: ComfyUI's loaders read single files).
-    if can_be_its_own_answer(&detection) && detect::should_skip(sp, target).is_some() {
+    // Stage 1: nothing to do.
+    if skips(&detection, target).is_some() {
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
@@ -715,15 +727,15 @@ pub fn check_with(
     let resolved = tensorfile::diffusers::resolve_source(source);
     let source = resolved.as_path();
     let detection = detect::detect(source)?;
-    let sp = detection
-        .precision
-        .ok_or_else(|| SmartError::UnknownSourcePrecision(source.to_path_buf()))?;
+    if detection.precision.is_none() {
+        return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
+    }
     let cache = Cache::new(options.models_dir.clone());
     let backend_options = options.backend_options(&detection);
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());
     for &target in targets {
-        if can_be_its_own_answer(&detection) && detect::should_skip(sp, target).is_some() {
+        if skips(&detection, target).is_some() {
             out.push(Check {
                 target,
                 status: CheckStatus::SourceIsTarget,
