@@ -18,8 +18,12 @@ use std::time::{Duration, Instant};
 
 use crate::{DynResult, fixtures, repo_root};
 
+#[path = "bench_python.rs"]
+mod bench_python;
 #[path = "bench_resume.rs"]
 mod resume;
+#[path = "bench_sharded.rs"]
+mod sharded;
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
@@ -56,6 +60,8 @@ enum Model {
     FluxF32,
     /// ~1 GB bf16 Flux-like, same tensors (`flux_large_bf16.safetensors`).
     FluxBf16,
+    /// The bf16 model as a three-shard diffusers repository folder.
+    FluxBf16Diffusers,
 }
 
 impl Model {
@@ -63,6 +69,7 @@ impl Model {
         match self {
             Model::FluxF32 => "flux_large_f32.safetensors",
             Model::FluxBf16 => "flux_large_bf16.safetensors",
+            Model::FluxBf16Diffusers => fixtures::diffusers::LARGE_SHARDED,
         }
     }
 }
@@ -80,6 +87,10 @@ enum Tool {
         to: &'static str,
         extra: &'static [&'static str],
     },
+    /// `convcache convert MODEL --to T` of another model than the case's (a comparison row).
+    ConvertModel { model: Model, to: &'static str },
+    /// The Python package (`convcache.smart_convert`), see [`bench_python`].
+    Package(bench_python::PackageTool),
     /// `convcache convert SRC --to T` when the output already exists (after one untimed run).
     CacheHit { to: &'static str },
     /// A script of `xtask/peers/` run with the bench Python: `SCRIPT SRC OUT ARGS...`.
@@ -115,7 +126,11 @@ impl Tool {
                 }
                 s
             }
+            Tool::ConvertModel { model, to } => {
+                format!("convcache convert {} --to {to}", model.file())
+            }
             Tool::CacheHit { to } => format!("convcache convert --to {to} (cache hit)"),
+            Tool::Package(t) => t.label(),
             Tool::Python { script, args } => {
                 let mut s = format!("python peers/{script}");
                 for a in *args {
@@ -325,6 +340,7 @@ fn cases() -> Vec<Case> {
             &["nvfp4"],
             &["nvfp4", "--fsync"],
         ),
+        sharded::case(),
         Case {
             id: KERNELS,
             what: "single-thread K-quant kernels against ggml's reference quantizer",
@@ -345,6 +361,9 @@ fn cases() -> Vec<Case> {
         },
         resume::case(),
     ]
+    .into_iter()
+    .chain(bench_python::cases())
+    .collect()
 }
 
 /// A bitsandbytes 4-bit case: convcache against bitsandbytes' own CPU `quantize_4bit`.
@@ -501,6 +520,13 @@ fn measure(cmd: &mut Command, stderr_path: &Path) -> DynResult<Sample> {
 
 /// Reads a file once so every tool starts from the same warm page cache.
 fn warm(path: &Path) -> DynResult<()> {
+    if path.is_dir() {
+        // A repository folder: every file in it.
+        for e in fs::read_dir(path)? {
+            warm(&e?.path())?;
+        }
+        return Ok(());
+    }
     let mut f = fs::File::open(path)?;
     let mut buf = vec![0u8; 8 << 20];
     while f.read(&mut buf)? > 0 {}
@@ -792,14 +818,23 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
                 steps.join("; ")
             ));
         }
-        Tool::Convert { to, extra } => {
+        Tool::Convert { .. } | Tool::ConvertModel { .. } => {
             if !env.convcache.is_file() {
                 return Err(format!("missing: {} not built", env.convcache.display()).into());
             }
+            let (src, to, extra) = match tool {
+                Tool::ConvertModel { model, to } => {
+                    let other = env.model(*model);
+                    warm(&other)?;
+                    (other, *to, &[][..])
+                }
+                Tool::Convert { to, extra } => (src, *to, *extra),
+                _ => unreachable!("matched above"),
+            };
             for _ in 0..reps {
                 let dir = env.fresh_models_dir()?;
                 let mut c = env.convert_cmd(&src, to, &dir);
-                c.args(*extra);
+                c.args(extra);
                 samples.push(measure(&mut c, &err_log)?);
             }
             let _ = fs::remove_dir_all(env.scratch.join("models"));
@@ -830,6 +865,7 @@ fn run_tool_inner(env: &Env, case: &Case, tool: &Tool, reps: usize) -> DynResult
             }
             let _ = fs::remove_file(&out_file);
         }
+        Tool::Package(t) => samples = bench_python::run(env, &src, *t, reps)?,
         Tool::PythonImports { modules } => {
             let py = env
                 .python
@@ -1228,9 +1264,9 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
         }
         env.notes.borrow_mut().clear();
         warm(&env.model(case.model))?;
-        let reps = if case.id == "cache-hit" {
+        let reps = if case.id == "cache-hit" || case.id == bench_python::HIT {
             args.hit_reps
-        } else if case.id == "f32-to-bf16" {
+        } else if case.id == "f32-to-bf16" || case.id == bench_python::CONVERT {
             // Sub-second rows compared at a 1.3x bound: more repetitions, a steadier median.
             args.reps.max(5)
         } else {
@@ -1325,7 +1361,9 @@ const METHOD: &str = "\
 - Models: `cargo xtask fixtures --large` writes a Flux-like model (real Flux key names and \
 shape patterns, hidden size 1536, 4 double and 4 single blocks, ~500 M parameters) as \
 `flux_large_f32.safetensors` (~2 GB) and `flux_large_bf16.safetensors` (~1 GB) into \
-`target/bench-models/`.
+`target/bench-models/`, and the bf16 one again as a three-shard diffusers repository \
+(`flux_large_bf16_diffusers/transformer/`, diffusers key names, q/k/v split as ComfyUI's \
+`flux_to_diffusers` names them).
 - Each row is one tool run as a child process, several times; time is wall-clock from spawn \
 to exit, peak RSS is the child's `ru_maxrss` from `wait4(2)` (the largest over the \
 repetitions). The source is read once before each case, so every tool starts from a warm \
@@ -1403,7 +1441,10 @@ mod tests {
             // Targets are checked on convcache's own rows.
             for &i in c.checked {
                 assert!(
-                    matches!(c.tools[i], Tool::Convert { .. } | Tool::CacheHit { .. }),
+                    matches!(
+                        c.tools[i],
+                        Tool::Convert { .. } | Tool::CacheHit { .. } | Tool::Package(_)
+                    ),
                     "{}",
                     c.id
                 );

@@ -16,6 +16,9 @@ use crate::layouts::{self, FluxDims, Init, Layout};
 use crate::rng::{SplitMix64, name_seed};
 use crate::{DynResult, adversarial};
 
+#[path = "fixtures_diffusers.rs"]
+pub mod diffusers;
+
 /// Elements generated per write, so a large tensor never sits in memory whole.
 const CHUNK_ELEMS: usize = 1 << 20;
 
@@ -404,6 +407,7 @@ pub fn write_small(out: &Path) -> DynResult<Vec<String>> {
         gguf_name.to_string(),
         manifest_entry(&out.join(gguf_name), Some("flux"), Some("gguf_f16"), "gguf")?,
     );
+    diffusers::write(out, &mut manifest)?;
     for rel in adversarial::write_corpus(&out.join("adversarial"))? {
         let rel = format!("adversarial/{rel}");
         let entry = manifest_entry(&out.join(&rel), None, None, "adversarial")?;
@@ -459,6 +463,11 @@ do not edit. `cargo xtask fixtures --check` fails when these files differ from a
   1-D and <= 1024-element tensors in F32; `general.architecture` = flux, file type F16).
 - `adversarial/`: hostile files `detect` must refuse, written from `detect::corpus` (the
   same cases detect's tests check); `adversarial/expected.json` gives each one's error kind.
+- `diffusers/`: models in diffusers' layout and repository folders (source:
+  `xtask/src/fixtures_diffusers.rs`): `FLUX.1-tiny/transformer/` as three shards and a
+  `diffusion_pytorch_model.safetensors.index.json`; `sd3-tiny/transformer/`, `sdxl-tiny/unet/`,
+  `wan-tiny/transformer/` and `z-image-tiny/transformer/` as one
+  `diffusion_pytorch_model.safetensors` each. BF16, diffusers key names and shape patterns.
 - `sd3_mixed.safetensors`: F32 norms and biases first, BF16 for the bulk (dominant by bytes), an
   I64 tensor, a BOOL tensor, a 0-d F32 scalar (`logit_scale`) and a 1-element tensor.
 ";
@@ -552,7 +561,8 @@ fn write_gguf<W: Write>(out: W, layout: &Layout) -> DynResult<()> {
     Ok(())
 }
 
-/// Writes the benchmark models into `dir`, skipping files already there at the right size.
+/// Writes the benchmark models into `dir`, skipping files already there at the right size, and
+/// the bf16 one as a three-shard diffusers folder ([`diffusers::write_large_sharded`]).
 pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     let mut paths = Vec::new();
@@ -570,6 +580,7 @@ pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
         }
         paths.push(path);
     }
+    paths.push(diffusers::write_large_sharded(dir, force)?);
     Ok(paths)
 }
 

@@ -85,7 +85,8 @@ const DIFFUSERS_MODEL_FOLDERS: &[&str] = &["transformer", "unet"];
 /// The basename outputs of `source` are named after: the file stem without any trailing
 /// precision suffix (repeatedly: `a_fp16_bf16` -> `a`).
 ///
-/// A sharded source (a shard index, or a folder holding one) is named after its model folder:
+/// A sharded source (a shard index, or a folder holding one), and a diffusers model kept in one
+/// `diffusion_pytorch_model.safetensors`, is named after its model folder:
 /// the index's folder, or the folder above it when that is a diffusers `transformer` or `unet`
 /// folder (`FLUX.1-dev/transformer/` and `FLUX.1-dev/transformer/*.index.json` both give
 /// `FLUX.1-dev`; `my-model/` gives `my-model`), with no extension cut off. In a Hugging Face
@@ -123,7 +124,16 @@ fn file_name(path: &Path) -> String {
 
 /// The model folder's name when `source` is a sharded source (see [`basename_of`]).
 fn sharded_model_folder(source: &Path) -> Option<String> {
-    let index = tensorfile::sharded::locate_index(source).ok().flatten()?;
+    // A diffusers model kept in one file is named like a sharded one: by its folders.
+    let single = source.file_name()
+        == Some(std::ffi::OsStr::new(
+            tensorfile::diffusers::SINGLE_FILE_NAME,
+        ));
+    let index = if single {
+        source.to_owned()
+    } else {
+        tensorfile::sharded::locate_index(source).ok().flatten()?
+    };
     // The folder canonical (so that `.` or `transformer/..` still has a name), the index not
     // resolved: in a model hub's cache it is a link into a folder of blobs.
     let folder = match index.parent() {

@@ -133,6 +133,9 @@ impl SourceStat {
 /// The path the provenance records for `source` ([`absolute`]); for a sharded source (a folder
 /// holding a shard index), its index's, as [`SourceStat::of`] records it.
 pub fn identity_path(source: &Path) -> PathBuf {
+    // A diffusers repository folder is the model it holds (as `convert` reads it).
+    let source = tensorfile::diffusers::resolve_source(source);
+    let source = source.as_path();
     match tensorfile::sharded::locate_index(source) {
         Ok(Some(index)) => absolute(&index),
         _ => absolute(source),

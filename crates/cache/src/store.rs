@@ -168,6 +168,30 @@ pub struct Stats {
     pub unusable: PrecisionTotals,
 }
 
+impl Stats {
+    /// The totals of listed entries ([`Cache::list`], or a caller's selection of them): usable
+    /// ones by precision, the others as `unusable`.
+    pub fn from_entries<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Stats {
+        let mut s = Stats::default();
+        for e in entries {
+            if e.problem.is_some() {
+                s.unusable.count += 1;
+                s.unusable.bytes += e.size;
+                continue;
+            }
+            s.count += 1;
+            s.total_bytes += e.size;
+            let t = s
+                .by_precision
+                .entry(e.precision.canonical_name().to_string())
+                .or_default();
+            t.count += 1;
+            t.bytes += e.size;
+        }
+        s
+    }
+}
+
 /// Count and bytes of one precision.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PrecisionTotals {
@@ -591,23 +615,7 @@ impl Cache {
 
     /// Count, bytes and the split by precision of what [`Cache::list`] lists.
     pub fn stats(&self, kind: Kind) -> Result<Stats, CacheError> {
-        let mut s = Stats::default();
-        for e in self.list(kind)? {
-            if e.problem.is_some() {
-                s.unusable.count += 1;
-                s.unusable.bytes += e.size;
-                continue;
-            }
-            s.count += 1;
-            s.total_bytes += e.size;
-            let t = s
-                .by_precision
-                .entry(e.precision.canonical_name().to_string())
-                .or_default();
-            t.count += 1;
-            t.bytes += e.size;
-        }
-        Ok(s)
+        Ok(Stats::from_entries(&self.list(kind)?))
     }
 
     /// Keeps the `keep` most recently used outputs of `source` (any target; matched by the
@@ -618,11 +626,24 @@ impl Cache {
         keep: usize,
         dry_run: bool,
     ) -> Result<Vec<Removed>, CacheError> {
+        self.cleanup_matching(source, keep, dry_run, |_| true)
+    }
+
+    /// [`Cache::cleanup`] among the outputs of `source` that `include` accepts (a caller's
+    /// selection by precision, as the Python package's `conversion_type`): the others are
+    /// neither kept nor removed.
+    pub fn cleanup_matching(
+        &self,
+        source: &Path,
+        keep: usize,
+        dry_run: bool,
+        include: impl Fn(&Entry) -> bool,
+    ) -> Result<Vec<Removed>, CacheError> {
         let source = identity_path(source);
         let mine: Vec<Entry> = self
             .list(Kind::All)?
             .into_iter()
-            .filter(|e| e.source.as_deref() == Some(source.as_path()))
+            .filter(|e| e.source.as_deref() == Some(source.as_path()) && include(e))
             .collect();
         let mut removed = Vec::new();
         self.keep_most_recent(mine, keep, dry_run, &mut removed)?;

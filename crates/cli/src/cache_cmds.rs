@@ -27,9 +27,11 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A source argument must be a readable regular file (or a folder holding a shard index);
-/// say so in the one-line form.
+/// A source argument must be a readable regular file (or a folder holding a shard index, or a
+/// diffusers repository folder standing for one of those); say so in the one-line form.
 pub fn check_source(source: &Path) -> Result<(), Failure> {
+    let resolved = tensorfile::diffusers::resolve_source(source);
+    let source = resolved.as_path();
     let sharded = || tensorfile::sharded::locate_index(source).is_ok_and(|i| i.is_some());
     match std::fs::metadata(source) {
         Ok(m) if m.is_file() || sharded() => Ok(()),

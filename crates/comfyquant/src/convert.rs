@@ -16,7 +16,7 @@ use serde::Serialize;
 use tensorfile::blockfp;
 use tensorfile::pipeline::{self, StreamError};
 use tensorfile::safetensors::writer::encode_header;
-use tensorfile::{Dtype, ReadBuffer, TensorSource};
+use tensorfile::{Dtype, ReadBuffer, SafetensorsFile, TensorSource};
 
 use crate::error::ComfyQuantError;
 use crate::plan::{KeptLayer, Plan, QuantFormat, QuantizedWeight, Step};
@@ -93,17 +93,59 @@ pub fn convert<W: Write>(
     source: &dyn TensorSource,
     plan: &Plan,
     metadata: &BTreeMap<String, String>,
-    mut out: W,
+    out: W,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Report, ComfyQuantError> {
-    let path = source.path();
+    check_plan(source, plan)?;
+    source.check_unchanged()?;
+    convert_source(source, plan, metadata, out, progress, None)
+}
+
+/// Receives every byte of the source file exactly once, in file order, as the conversion reads
+/// it (see [`convert_observing_source`]).
+pub type SourceObserver<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
+
+/// [`convert`] of a safetensors file served as stored, also handing the whole file to
+/// `observer` in order: the length prefix and header first, then every tensor's bytes as the
+/// conversion reads them (a validated header's tensors cover the data section exactly, in
+/// offset order, and the plan's steps follow them). The caller hashes the source in this pass
+/// instead of reading it once more (the content digest of an output's provenance).
+pub fn convert_observing_source<W: Write>(
+    file: &SafetensorsFile,
+    plan: &Plan,
+    metadata: &BTreeMap<String, String>,
+    out: W,
+    progress: &mut dyn FnMut(u64, u64),
+    observer: SourceObserver<'_>,
+) -> Result<Report, ComfyQuantError> {
+    check_plan(file, plan)?;
+    let prefix = file
+        .unchanged_prefix()
+        .map_err(|e| ComfyQuantError::from(tensorfile::SourceError::from(e)))?;
+    observer(&prefix);
+    convert_source(file, plan, metadata, out, progress, Some(observer))
+}
+
+fn check_plan(source: &dyn TensorSource, plan: &Plan) -> Result<(), ComfyQuantError> {
     if source.tensors() != plan.tensors.as_slice() {
         return Err(ComfyQuantError::mismatch(
-            path,
+            source.path(),
             "the source serves other tensors than the plan was made from",
         ));
     }
-    source.check_unchanged()?;
+    Ok(())
+}
+
+/// The conversion: the header, then every piece through the pipeline.
+fn convert_source<W: Write>(
+    source: &dyn TensorSource,
+    plan: &Plan,
+    metadata: &BTreeMap<String, String>,
+    mut out: W,
+    progress: &mut dyn FnMut(u64, u64),
+    observer: Option<SourceObserver<'_>>,
+) -> Result<Report, ComfyQuantError> {
+    let path = source.path();
     let write_err = |e: io::Error| ComfyQuantError::Write {
         path: path.to_owned(),
         source: e,
@@ -120,6 +162,8 @@ pub fn convert<W: Write>(
         format: plan.format,
         read: Mutex::new(ReadBuffer::new()),
         grid: Mutex::new(Vec::new()),
+        fp8_table: Mutex::new(None),
+        observer: observer.map(Mutex::new),
     };
     let mut done = (0u64, 0u64);
     pipeline::stream(
@@ -316,16 +360,36 @@ fn elem_size(d: Dtype) -> usize {
 
 /// Produces the pieces of a conversion. Pieces are produced one at a time, in order, so the
 /// locks are never contended.
-struct Producer<'a> {
+struct Producer<'a, 'o> {
     source: &'a dyn TensorSource,
     format: QuantFormat,
     /// The source bytes of a cast chunk (page-aligned, reused).
     read: Mutex<ReadBuffer>,
     /// The block-scale grid (row-major, not swizzled) of the weight being quantized.
     grid: Mutex<Vec<u8>>,
+    /// fp8 of a 16-bit weight: the code of every input value, for the weight being quantized.
+    fp8_table: Mutex<Option<blockfp::Fp8Table>>,
+    /// Who is handed every source byte read, in order ([`convert_observing_source`]).
+    observer: Option<Mutex<SourceObserver<'o>>>,
 }
 
-impl Producer<'_> {
+/// Where a task's source rows come from.
+#[derive(Clone, Copy)]
+enum Rows<'r> {
+    /// Read by the task itself (in parallel).
+    Source,
+    /// The raw stored bytes of the piece's real rows, read once for the observer.
+    Raw(&'r [u8]),
+}
+
+impl Producer<'_, '_> {
+    /// Hands `bytes` (the next source bytes in file order) to the observer, if there is one.
+    fn observe(&self, bytes: &[u8]) {
+        if let Some(o) = &self.observer {
+            (o.lock().unwrap_or_else(PoisonError::into_inner))(bytes);
+        }
+    }
+
     fn produce(&self, piece: &Piece<'_>, dst: &mut [u8]) -> Result<(), ComfyQuantError> {
         let source = self.source;
         match piece.work {
@@ -338,7 +402,42 @@ impl Producer<'_> {
                 let scales = grid
                     .get_mut(row * grid_row..(row + rows) * grid_row)
                     .ok_or_else(|| ComfyQuantError::mismatch(source.path(), "rows out of order"))?;
-                self.quantize_rows(weight, row, dst, scales)
+                let mut table = self
+                    .fp8_table
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if row == 0 {
+                    *table = match self.format {
+                        // fp8 stores no padding, so a task's values are exactly the source's.
+                        QuantFormat::Fp8
+                            if source.tensors()[weight.src].dtype == weight.compute =>
+                        {
+                            blockfp::Fp8Table::new(weight.compute, weight.tensor_scale)
+                        }
+                        _ => None,
+                    };
+                }
+                if self.observer.is_none() {
+                    return self.quantize_rows(
+                        weight,
+                        row,
+                        dst,
+                        scales,
+                        table.as_ref(),
+                        Rows::Source,
+                    );
+                }
+                // The piece's real rows read once, hashed beside their quantization.
+                let t = &source.tensors()[weight.src];
+                let es = elem_size(t.dtype);
+                let real = rows.min(weight.rows.saturating_sub(row)) * weight.cols;
+                let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+                let raw = read.get(real * es, WINDOW * es);
+                source.read_raw(weight.src, (row * weight.cols * es) as u64, raw)?;
+                let raw = &*raw;
+                let quantize =
+                    || self.quantize_rows(weight, row, dst, scales, table.as_ref(), Rows::Raw(raw));
+                rayon::join(|| self.observe(raw), quantize).1
             }
             Work::Tail { weight } => {
                 let grid =
@@ -376,11 +475,19 @@ impl Producer<'_> {
                 let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
                 let bytes = read.get(len * es, CHUNK_BYTES);
                 source.read_raw(src, (start * es) as u64, bytes)?;
-                tensorfile::cast::cast_slice_par(t.dtype, bytes, to, dst)
-                    .map(|_| ())
-                    .map_err(|e| ComfyQuantError::tensor(source.path(), &t.name, e.to_string()))
+                let bytes = &*bytes;
+                let cast = || {
+                    tensorfile::cast::cast_slice_par(t.dtype, bytes, to, dst)
+                        .map(|_| ())
+                        .map_err(|e| ComfyQuantError::tensor(source.path(), &t.name, e.to_string()))
+                };
+                rayon::join(|| self.observe(bytes), cast).1
             }
-            Work::Copy { src, offset } => Ok(source.read_raw(src, offset, dst)?),
+            Work::Copy { src, offset } => {
+                source.read_raw(src, offset, dst)?;
+                self.observe(dst);
+                Ok(())
+            }
             Work::Nothing => Ok(()),
         }
     }
@@ -393,6 +500,8 @@ impl Producer<'_> {
         row: usize,
         dst: &mut [u8],
         grid: &mut [u8],
+        fp8_table: Option<&blockfp::Fp8Table>,
+        from: Rows<'_>,
     ) -> Result<(), ComfyQuantError> {
         let format = self.format;
         let sc = w.stored_cols;
@@ -400,8 +509,30 @@ impl Producer<'_> {
         let out_row = format.row_bytes(sc);
         let task = |k: usize, out: &mut [u8], scales: &mut [u8]| {
             let first = row + k * task_rows;
+            if let Some(table) = fp8_table {
+                // The weight's raw 16-bit values, one code each (fp8 stores no padding).
+                return match from {
+                    Rows::Raw(raw) => {
+                        let at = 2 * (first - row) * w.cols;
+                        let raw = raw.get(at..at + 2 * out.len()).ok_or_else(|| {
+                            ComfyQuantError::mismatch(self.source.path(), "rows out of range")
+                        })?;
+                        table.quantize(raw, out);
+                        Ok(())
+                    }
+                    Rows::Source => crate::scratch::with_bytes(2 * out.len(), |raw| {
+                        self.source
+                            .read_raw(w.src, 2 * (first * w.cols) as u64, raw)?;
+                        table.quantize(raw, out);
+                        Ok(())
+                    }),
+                };
+            }
             crate::scratch::with_zeroed(out.len() / out_row * sc, |values| {
-                self.read_rows(w, first, values)?;
+                match from {
+                    Rows::Source => self.read_rows(w, first, values)?,
+                    Rows::Raw(raw) => self.widen_rows(w, first - row, raw, values)?,
+                }
                 match format {
                     QuantFormat::Fp8 => {
                         blockfp::quantize_fp8(values, w.compute, w.tensor_scale, out)
@@ -425,6 +556,26 @@ impl Producer<'_> {
                 .enumerate()
                 .try_for_each(|(k, (out, scales))| task(k, out, scales)),
         }
+    }
+
+    /// [`Producer::read_rows`] from `raw`, the stored bytes of real rows starting `skip` rows
+    /// before `values`' first row.
+    fn widen_rows(
+        &self,
+        w: &QuantizedWeight,
+        skip: usize,
+        raw: &[u8],
+        values: &mut [f32],
+    ) -> Result<(), ComfyQuantError> {
+        let t = &self.source.tensors()[w.src];
+        let es = elem_size(t.dtype);
+        let row_bytes = w.cols * es;
+        let raw = raw.get(skip * row_bytes..).unwrap_or_default();
+        for (row, bytes) in values.chunks_mut(w.stored_cols).zip(raw.chunks(row_bytes)) {
+            tensorfile::cast::widen_to_f32(t.dtype, bytes, &mut row[..w.cols])
+                .map_err(|e| ComfyQuantError::tensor(self.source.path(), &t.name, e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Fills `values` (whole stored rows from `first`, zeroed) with the source's values: rows

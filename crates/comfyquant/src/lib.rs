@@ -70,7 +70,7 @@ pub mod layers;
 mod plan;
 mod scratch;
 
-pub use convert::{KEPT_NAMES_LIMIT, Report, convert};
+pub use convert::{KEPT_NAMES_LIMIT, Report, SourceObserver, convert, convert_observing_source};
 pub use error::ComfyQuantError;
 pub use layers::LayerRule;
 pub use plan::{KeptLayer, Plan, QuantFormat, plan};

@@ -215,7 +215,7 @@ pub fn plan(source: &dyn TensorSource, target: Precision) -> Result<Plan, ComfyQ
             Verdict::Unfit(reason) => Some(reason),
             Verdict::Quantize => {
                 let (rows, cols) = dims(path, t)?;
-                let scan = scan_weight(source, i, rows, cols)?;
+                let scan = scan_weight(source, i, rows, cols, format)?;
                 match scan.unfit(format) {
                     Some(reason) => Some(reason),
                     None => {
@@ -399,24 +399,89 @@ impl Scan {
     }
 
     /// The scan of `values`, rows of `row_len` values each (mxfp8 blocks start at each row).
+    /// Works on the bits: for finite floats, `|x|` orders as its bits with the sign cleared,
+    /// which keeps the loops free of branches (vectorized).
     fn of(values: &[f32], row_len: usize) -> Scan {
         let mut scan = Scan::default();
         for row in values.chunks(row_len.max(1)) {
             for block in row.chunks(blockfp::MXFP8_GROUP) {
-                let mut block_max = 0f32;
-                for &x in block {
-                    if x.is_finite() {
-                        block_max = block_max.max(x.abs());
-                    } else {
-                        scan.non_finite = true;
-                    }
-                }
-                scan.amax = scan.amax.max(block_max);
-                scan.tiny_block |= block_max > 0.0 && block_max < MXFP8_MIN_BLOCK_MAX;
+                let (max, non_finite) =
+                    block_max(block.iter().map(|x| x.to_bits()), 0x7fff_ffff, 0x7f80_0000);
+                scan.add_block(f32::from_bits(max), non_finite);
             }
         }
         scan
     }
+
+    /// The scan of raw little-endian 16-bit values of `dtype` (BF16 or F16), rows of `row_len`
+    /// values each: the same answer as [`Scan::of`] of their exact widening to f32, without
+    /// widening them. Without `blocks` (a format with no E8M0 block scales), `tiny_block` is
+    /// not looked for, and the values are scanned in lanes reduced once at the end.
+    fn of_16_bit(raw: &[u8], dtype: Dtype, row_len: usize, blocks: bool) -> Scan {
+        let (infinity, widen): (i16, fn(u32) -> f32) = match dtype {
+            Dtype::BF16 => (0x7f80, |b| f32::from_bits(b << 16)),
+            _ => (0x7c00, |b| half::f16::from_bits(b as u16).to_f32()),
+        };
+        let mut scan = Scan::default();
+        if !blocks {
+            let (max, non_finite) = lanes_max_16(raw, infinity);
+            scan.add_block(widen(u32::from(max)), non_finite);
+            scan.tiny_block = false;
+            return scan;
+        }
+        for row in raw.chunks(2 * row_len.max(1)) {
+            for block in row.chunks(2 * blockfp::MXFP8_GROUP) {
+                let (max, non_finite) = lanes_max_16(block, infinity);
+                scan.add_block(widen(u32::from(max)), non_finite);
+            }
+        }
+        scan
+    }
+
+    /// Adds a block whose largest finite magnitude is `max`.
+    fn add_block(&mut self, max: f32, non_finite: bool) {
+        self.non_finite |= non_finite;
+        self.amax = self.amax.max(max);
+        self.tiny_block |= max > 0.0 && max < MXFP8_MIN_BLOCK_MAX;
+    }
+}
+
+/// The largest magnitude (bits with the sign cleared) below `infinity` among the raw
+/// little-endian 16-bit values `raw`, and whether any reached it (a NaN or an infinity).
+/// Magnitudes fit in `i16`, whose lane-wise max SSE2 has; 32 lanes are reduced once.
+fn lanes_max_16(raw: &[u8], infinity: i16) -> (u16, bool) {
+    const LANES: usize = 32;
+    let (mut max, mut over) = ([0i16; LANES], [0i16; LANES]);
+    let mut fold = |lane: usize, pair: &[u8]| {
+        let m = (u16::from_le_bytes([pair[0], pair[1]]) & 0x7fff) as i16;
+        let finite = m < infinity;
+        max[lane] = max[lane].max(if finite { m } else { 0 });
+        over[lane] |= i16::from(!finite);
+    };
+    let chunks = raw.chunks_exact(2 * LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        let chunk: &[u8; 2 * LANES] = chunk.try_into().expect("chunks_exact");
+        for lane in 0..LANES {
+            fold(lane, &chunk[2 * lane..2 * lane + 2]);
+        }
+    }
+    for (lane, pair) in rest.chunks_exact(2).enumerate() {
+        fold(lane, pair);
+    }
+    let m = max.iter().copied().max().unwrap_or(0);
+    (m as u16, over.iter().any(|&o| o != 0))
+}
+
+/// The largest magnitude bits (`bits & magnitude`) below `infinity` among `bits`, and whether
+/// any reached it (a NaN or an infinity).
+#[inline(always)]
+fn block_max(bits: impl Iterator<Item = u32>, magnitude: u32, infinity: u32) -> (u32, bool) {
+    bits.fold((0, false), |(max, non_finite), b| {
+        let m = b & magnitude;
+        let finite = m < infinity;
+        (max.max(if finite { m } else { 0 }), non_finite | !finite)
+    })
 }
 
 /// Reads weight `index` (`rows` x `cols`) once, in parallel chunks of whole rows (or, for rows
@@ -426,7 +491,10 @@ fn scan_weight(
     index: usize,
     rows: usize,
     cols: usize,
+    format: QuantFormat,
 ) -> Result<Scan, ComfyQuantError> {
+    let blocks = format == QuantFormat::Mxfp8;
+    let dtype = source.tensors()[index].dtype;
     let segments: Vec<(usize, usize)> = if cols <= SCAN_ELEMS {
         let per = SCAN_ELEMS / cols;
         (0..rows)
@@ -445,10 +513,17 @@ fn scan_weight(
     segments
         .par_iter()
         .map(|&(start, len)| {
-            crate::scratch::with_zeroed(len, |values| {
-                source.read_f32(index, start as u64, values)?;
-                Ok(Scan::of(values, cols.min(len)))
-            })
+            match dtype {
+                // 16-bit weights are scanned as they are stored (half the bytes, no widening).
+                Dtype::BF16 | Dtype::F16 => crate::scratch::with_bytes(2 * len, |raw| {
+                    source.read_raw(index, 2 * start as u64, raw)?;
+                    Ok(Scan::of_16_bit(raw, dtype, cols.min(len), blocks))
+                }),
+                _ => crate::scratch::with_zeroed(len, |values| {
+                    source.read_f32(index, start as u64, values)?;
+                    Ok(Scan::of(values, cols.min(len)))
+                }),
+            }
         })
         .try_reduce(Scan::default, |a, b| Ok(a.merge(b)))
 }
@@ -472,6 +547,38 @@ mod tests {
             j(QuantFormat::Mxfp8, (130, 96), (160, 96)),
             r#"{"format": "mxfp8", "orig_shape": [130, 96]}"#
         );
+    }
+
+    #[test]
+    fn scans_of_16_bit_weights_equal_scans_of_their_widening() {
+        // Every 16-bit pattern (NaN, infinities, subnormals, both zeros) in rows of 96 values
+        // (3 mxfp8 blocks), and runs of tiny values that make a tiny block.
+        for dtype in [Dtype::BF16, Dtype::F16] {
+            let widen = |b: u16| match dtype {
+                Dtype::BF16 => f32::from_bits(u32::from(b) << 16),
+                _ => half::f16::from_bits(b).to_f32(),
+            };
+            let mut bits: Vec<u16> = (0..=u16::MAX).collect();
+            bits.extend(std::iter::repeat_n(1u16, 96));
+            for chunk in bits.chunks(96 * 8) {
+                let raw: Vec<u8> = chunk.iter().flat_map(|b| b.to_le_bytes()).collect();
+                let values: Vec<f32> = chunk.iter().map(|&b| widen(b)).collect();
+                let (a, b) = (
+                    Scan::of_16_bit(&raw, dtype, 96, true),
+                    Scan::of(&values, 96),
+                );
+                assert_eq!(a, b, "{dtype:?} at {:#06x}", chunk[0]);
+                let lanes = Scan::of_16_bit(&raw, dtype, 96, false);
+                assert_eq!((lanes.amax, lanes.non_finite), (b.amax, b.non_finite));
+            }
+            let finite: Vec<u8> = [0x0001u16, 0x3c00, 0x8002]
+                .iter()
+                .flat_map(|b| b.to_le_bytes())
+                .collect();
+            let s = Scan::of_16_bit(&finite, dtype, 3, false);
+            assert_eq!(s.amax, widen(0x3c00));
+            assert!(!s.non_finite);
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ use serde::Serialize;
 use tensorfile::gguf::{FileType, GgmlType, GgufError, GgufFile, MetadataValue};
 
 use crate::precision::{Container, Precision};
+use tensorfile::diffusers::Mapping;
 use tensorfile::safetensors::{self, Dtype, Header, HeaderError, SafetensorsError, TensorEntry};
 use tensorfile::scaled::{LayoutError, ScaledLayout};
 use tensorfile::sharded::{ShardError, ShardedSource};
@@ -79,6 +80,11 @@ pub struct Detection {
     /// were).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<u64>,
+    /// For a model in a diffusers layout, which one (`"flux"`, `"sd3"`, `"unet"`, `"wan"`,
+    /// `"z_image"`): converters read it in ComfyUI's layout ([`tensorfile::diffusers`]), and
+    /// `architecture` is detected from those names. Absent from the JSON otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diffusers: Option<String>,
     /// Number of tensors.
     pub tensor_count: u64,
     /// GGUF only: the `general.file_type` name (`"Q4_K_M"`), or `"unknown (N)"` for an id
@@ -470,7 +476,13 @@ const SNIFF_LEN: usize = 16;
 /// A shard index (`*.safetensors.index.json`), or a folder holding exactly one, is one source:
 /// every shard's header is read and checked against the index, and the detection covers all
 /// shards (see [`tensorfile::sharded`]).
+///
+/// A diffusers repository folder stands for its model ([`tensorfile::diffusers::resolve_source`]:
+/// the root for `transformer/` or `unet/`, a folder without an index for its
+/// `diffusion_pytorch_model.safetensors`); the detection's `path` is what it stands for.
 pub fn detect(path: &Path) -> Result<Detection, DetectError> {
+    let resolved = tensorfile::diffusers::resolve_source(path);
+    let path = resolved.as_path();
     let sharded = |source| DetectError::Sharded {
         path: path.to_owned(),
         source,
@@ -554,6 +566,7 @@ pub fn detect(path: &Path) -> Result<Detection, DetectError> {
             metadata: BTreeMap::new(),
             file_size: file_len,
             shards: None,
+            diffusers: None,
             tensor_count: 0,
             gguf_file_type: None,
             notes: vec![
@@ -802,8 +815,37 @@ fn detect_safetensors(
         ));
     }
 
-    let architecture =
-        architecture_from_tensor_names(header.tensors.iter().map(|t| t.name.as_str()), &mut notes);
+    // A diffusers layout is read in ComfyUI's layout (what every converter receives), so the
+    // architecture is the one of the mapped names.
+    let mut diffusers = None;
+    let mapped = match (&fp8_scaling, &scaled) {
+        (None, Ok(_)) => {
+            let tensors = tensorfile::source::safetensors_tensors(header);
+            match Mapping::plan(path, &tensors) {
+                Ok(m) => m,
+                Err(e) => {
+                    supported_as_source = false;
+                    notes.push(e.to_string());
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let architecture = match &mapped {
+        Some(m) => {
+            diffusers = Some(m.layout().name().to_owned());
+            notes.push(format!(
+                "diffusers {} layout: read in ComfyUI's key layout (renamed, q/k/v fused, modulation halves swapped as ComfyUI does)",
+                m.layout().name()
+            ));
+            architecture_from_tensor_names(m.tensors().iter().map(|t| t.name.as_str()), &mut notes)
+        }
+        None => architecture_from_tensor_names(
+            header.tensors.iter().map(|t| t.name.as_str()),
+            &mut notes,
+        ),
+    };
 
     Detection {
         path: path.to_owned(),
@@ -818,6 +860,7 @@ fn detect_safetensors(
         metadata: header.metadata.clone(),
         file_size: file_len,
         shards: None,
+        diffusers,
         tensor_count: header.tensors.len() as u64,
         gguf_file_type: None,
         notes,
@@ -983,6 +1026,7 @@ fn detect_gguf(path: &Path, gguf: &GgufFile, file_len: u64) -> Detection {
         metadata,
         file_size: file_len,
         shards: None,
+        diffusers: None,
         tensor_count: gguf.tensors.len() as u64,
         gguf_file_type,
         notes,

@@ -226,6 +226,12 @@ impl From<SourceError> for ConvertError {
                 tensor: String::new(),
                 problem: e.to_string(),
             },
+            // Only opening a diffusers-layout source fails this way.
+            SourceError::Diffusers(e) => ConvertError::InvalidSource {
+                path: e.path().to_owned(),
+                tensor: String::new(),
+                problem: e.to_string(),
+            },
         }
     }
 }

@@ -544,6 +544,19 @@ impl SmartError {
     }
 }
 
+/// Whether the source `detection` describes is its own answer for `target` (stage 1 of
+/// [`smart_convert`]), and why: [`detect::should_skip`] on its precision, for a source that can
+/// be its own answer at all (one readable file in ComfyUI's layout: a sharded or diffusers
+/// source in the target precision is still converted into one ComfyUI-layout file, which
+/// ComfyUI's loaders read).
+pub fn skips(detection: &Detection, target: Precision) -> Option<detect::SkipReason> {
+    let source = detection.precision?;
+    if !can_be_its_own_answer(detection) {
+        return None;
+    }
+    detect::should_skip(source, target)
+}
+
 /// Converts `source` to `target` with the default backends, or answers from the source itself
 /// or the cache. See the crate docs for the stages.
 pub fn smart_convert(
@@ -583,6 +596,9 @@ fn answer(
     if options.cancelled() {
         return Err(SmartError::Cancelled(source.to_path_buf()));
     }
+    // A diffusers repository folder is converted as the model it holds.
+    let resolved = tensorfile::diffusers::resolve_source(source);
+    let source = resolved.as_path();
     let detection = detect::detect(source)?;
     let source_precision = detection.precision;
     let outcome = |status, path: PathBuf, note, known_digest| Outcome {
@@ -602,9 +618,8 @@ fn answer(
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
     };
 
-    // Stage 1: nothing to do (a sharded source in the target precision is still merged into
-    // one file: ComfyUI's loaders read single files).
-    if detection.shards.is_none() && detect::should_skip(sp, target).is_some() {
+    // Stage 1: nothing to do.
+    if skips(&detection, target).is_some() {
         return Ok(outcome(
             Status::SourceIsTarget,
             source.to_path_buf(),
@@ -706,6 +721,13 @@ pub struct Check {
     pub reason: Option<String>,
 }
 
+/// Whether the source can be its own answer: one readable file in ComfyUI's layout (shards
+/// and a diffusers layout always convert, the output being one ComfyUI-layout file; a source
+/// convcache cannot read is refused, never handed back).
+fn can_be_its_own_answer(detection: &Detection) -> bool {
+    detection.supported_as_source && detection.shards.is_none() && detection.diffusers.is_none()
+}
+
 /// What [`smart_convert`] would do for each target, without converting or recording a use:
 /// the same detection, skip rule, backend choice (its converter version) and lookup.
 pub fn check(
@@ -723,16 +745,18 @@ pub fn check_with(
     options: &Options<'_>,
     backends: &[&dyn Backend],
 ) -> Result<Vec<Check>, SmartError> {
+    let resolved = tensorfile::diffusers::resolve_source(source);
+    let source = resolved.as_path();
     let detection = detect::detect(source)?;
-    let sp = detection
-        .precision
-        .ok_or_else(|| SmartError::UnknownSourcePrecision(source.to_path_buf()))?;
+    if detection.precision.is_none() {
+        return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
+    }
     let cache = Cache::new(options.models_dir.clone());
     let backend_options = options.backend_options(&detection);
     let mut earlier: Option<cache::Lookup> = None;
     let mut out = Vec::with_capacity(targets.len());
     for &target in targets {
-        if detection.shards.is_none() && detect::should_skip(sp, target).is_some() {
+        if skips(&detection, target).is_some() {
             out.push(Check {
                 target,
                 status: CheckStatus::SourceIsTarget,

@@ -338,6 +338,51 @@ fn the_digest_computed_in_the_conversion_pass_is_the_source_digest() {
     assert_eq!(again.status, Status::Cached);
 }
 
+/// ComfyUI's quantized targets hash a plain source while converting it, too: the provenance
+/// digest is the source's, and the tensors are those of the same conversion without a hasher
+/// (16-bit and f32 weights, padded and unpadded rows).
+#[test]
+fn comfy_targets_hash_the_source_in_the_conversion_pass() {
+    let e = Env::new();
+    for (dtype, rows) in [(Dtype::BF16, 64), (Dtype::F16, 40), (Dtype::F32, 40)] {
+        let src = e.root.join(format!("flux_{dtype}_{rows}.safetensors"));
+        write_model(&src, dtype, 7, rows);
+        for target in [Precision::Fp8Scaled, Precision::Nvfp4, Precision::Mxfp8] {
+            let o = smart_convert(&src, target, &e.options()).unwrap();
+            assert_eq!(o.status, Status::Converted);
+            let prov = cache::examine(&o.path)
+                .unwrap()
+                .provenance
+                .expect("provenance");
+            assert_eq!(
+                prov.source_digest,
+                digest::digest_file(&src).unwrap(),
+                "{dtype} {target}"
+            );
+            let file = tensorfile::SafetensorsFile::open(&src).unwrap();
+            let plan = comfyquant::plan(&file, target).unwrap();
+            let mut plain = Vec::new();
+            comfyquant::convert(&file, &plan, &BTreeMap::new(), &mut plain, &mut |_, _| {})
+                .unwrap();
+            let plain_path = e.root.join("plain.safetensors");
+            fs::write(&plain_path, &plain).unwrap();
+            let (a, b) = (
+                tensorfile::SafetensorsFile::open(&o.path).unwrap(),
+                tensorfile::SafetensorsFile::open(&plain_path).unwrap(),
+            );
+            assert!(plan.quantized() > 0, "{dtype} {target}: nothing quantized");
+            assert_eq!(a.header.tensors.len(), b.header.tensors.len());
+            for t in &b.header.tensors {
+                assert!(
+                    a.tensor(&t.name).unwrap().1 == b.tensor(&t.name).unwrap().1,
+                    "{dtype} {target} {}",
+                    t.name
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn modified_source_is_reconverted_in_place() {
     let e = Env::new();

@@ -103,6 +103,51 @@ pub fn quantize_fp8(values: &[f32], source: Dtype, scale: f32, out: &mut [u8]) {
     }
 }
 
+/// [`quantize_fp8`] of a 16-bit (BF16 or F16) weight as a table of all 65,536 inputs: each
+/// entry is computed by [`quantize_fp8`] itself, so the table's codes are its codes by
+/// construction, and quantizing becomes one lookup per value straight from the source's raw
+/// bytes (no widening to f32). Building it costs 65,536 quantizations, paid back by any weight
+/// larger than that; measured on the ~1 GB bf16 Flux-like model (BENCHMARKS.md,
+/// `comfy-fp8_scaled`), the per-value kernel was a quarter of the conversion's CPU time.
+pub struct Fp8Table {
+    codes: Box<[u8]>,
+}
+
+impl std::fmt::Debug for Fp8Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fp8Table").finish_non_exhaustive()
+    }
+}
+
+impl Fp8Table {
+    /// The table for weights of `source` (BF16 or F16; `None` for any other dtype) quantized
+    /// with `scale`.
+    pub fn new(source: Dtype, scale: f32) -> Option<Fp8Table> {
+        let widen: fn(u16) -> f32 = match source {
+            Dtype::BF16 => |b| f32::from_bits(u32::from(b) << 16),
+            Dtype::F16 => |b| half::f16::from_bits(b).to_f32(),
+            _ => return None,
+        };
+        let values: Vec<f32> = (0..=u16::MAX).map(widen).collect();
+        let mut codes = vec![0u8; values.len()].into_boxed_slice();
+        quantize_fp8(&values, source, scale, &mut codes);
+        Some(Fp8Table { codes })
+    }
+
+    /// Quantizes `raw` (little-endian 16-bit values of the table's dtype) into `out`, one
+    /// code per value.
+    pub fn quantize(&self, raw: &[u8], out: &mut [u8]) {
+        assert_eq!(
+            raw.len(),
+            2 * out.len(),
+            "Fp8Table::quantize: one code per value"
+        );
+        for (q, b) in out.iter_mut().zip(raw.chunks_exact(2)) {
+            *q = self.codes[usize::from(u16::from_le_bytes([b[0], b[1]]))];
+        }
+    }
+}
+
 /// The nvfp4 per-tensor scale stored as `weight_scale_2` (comfy-quants): `amax / 2688` in f32.
 pub fn nvfp4_tensor_scale(amax: f32) -> f32 {
     amax / NVFP4_TENSOR_DIVISOR
@@ -153,24 +198,65 @@ pub fn quantize_nvfp4_rows(
         values.len(),
         "nvfp4: one scale per 16"
     );
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { nvfp4_rows_avx2(values, tensor_scale, packed, block_scales) };
+    }
+    nvfp4_rows(values, tensor_scale, packed, block_scales)
+}
+
+/// [`nvfp4_rows`] compiled for AVX2: IEEE arithmetic only (no fused operations), so it gives
+/// the same bits as the baseline build with twice the lanes (the per-value division dominates).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn nvfp4_rows_avx2(values: &[f32], tensor_scale: f32, packed: &mut [u8], block_scales: &mut [u8]) {
+    nvfp4_rows(values, tensor_scale, packed, block_scales)
+}
+
+/// The loop of [`quantize_nvfp4_rows`] on checked slices.
+#[inline(always)]
+fn nvfp4_rows(values: &[f32], tensor_scale: f32, packed: &mut [u8], block_scales: &mut [u8]) {
     let divisor = tensor_scale.max(NVFP4_SCALE_FLOOR);
     for ((block, packed), code) in values
         .chunks_exact(NVFP4_GROUP)
         .zip(packed.chunks_exact_mut(NVFP4_GROUP / 2))
         .zip(block_scales.iter_mut())
     {
+        // Fixed-size arrays: loops of known length over lanes vectorize (the division too,
+        // which stays an exact IEEE division per value).
+        let block: &[f32; NVFP4_GROUP] = block.try_into().expect("chunks_exact");
+        let packed: &mut [u8; NVFP4_GROUP / 2] = packed.try_into().expect("chunks_exact");
         // Two divisions in this order, as comfy-kitchen does (not amax / (6 * s)).
-        let scaled = (abs_max(block) / E2M1_MAX / divisor).min(E4M3_MAX);
+        let scaled = (abs_max_16(block) / E2M1_MAX / divisor).min(E4M3_MAX);
         *code = f32_bits_to_e4m3fn(scaled.to_bits());
         let total = divisor * e4m3_to_f32(*code);
         if total == 0.0 {
             packed.fill(0);
             continue;
         }
-        for (pair, byte) in block.chunks_exact(2).zip(packed.iter_mut()) {
-            *byte = (e2m1_code(pair[0] / total) << 4) | e2m1_code(pair[1] / total);
+        let mut codes = [0u8; NVFP4_GROUP];
+        for (c, &x) in codes.iter_mut().zip(block) {
+            *c = e2m1_code(x / total);
+        }
+        for (byte, pair) in packed.iter_mut().zip(codes.chunks_exact(2)) {
+            *byte = (pair[0] << 4) | pair[1];
         }
     }
+}
+
+/// [`abs_max`] of one nvfp4 block, on the bits: a finite or infinite `|x|` orders as its bits
+/// with the sign cleared, and NaN (bits above infinity's) is skipped as `f32::max` skips it.
+/// Compared as `i32` (non-negative here), whose lane-wise compare SSE2 has.
+#[inline(always)]
+fn abs_max_16(block: &[f32; NVFP4_GROUP]) -> f32 {
+    const INFINITY: i32 = 0x7f80_0000;
+    let mut max = 0i32;
+    for &x in block {
+        let m = (x.to_bits() & 0x7fff_ffff) as i32;
+        max = max.max(if m > INFINITY { 0 } else { m });
+    }
+    f32::from_bits(max as u32)
 }
 
 /// comfy-kitchen's `quantize_mxfp8` on whole rows of a (zero-padded) weight:
@@ -441,6 +527,58 @@ fn round_to_f16(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nvfp4_block_max_on_bits_is_abs_max() {
+        let specials = [
+            0.0f32,
+            -0.0,
+            1.0e-45,
+            -3.5,
+            448.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            6.0e37,
+        ];
+        for i in 0..specials.len() {
+            for j in 0..specials.len() {
+                let mut block = [0.25f32; NVFP4_GROUP];
+                block[3] = specials[i];
+                block[11] = specials[j];
+                assert_eq!(
+                    abs_max_16(&block).to_bits(),
+                    abs_max(&block).to_bits(),
+                    "{i} {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_table_gives_quantize_fp8_codes_for_every_16_bit_input() {
+        for source in [Dtype::BF16, Dtype::F16] {
+            for amax in [1.0e-30f32, 0.013, 1.0, 3.7, 448.0, 60000.0, 3.0e38] {
+                let scale = fp8_tensor_scale(amax, source);
+                let table = Fp8Table::new(source, scale).expect("16-bit table");
+                let raw: Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+                let values: Vec<f32> = (0..=u16::MAX)
+                    .map(|b| match source {
+                        Dtype::BF16 => f32::from_bits(u32::from(b) << 16),
+                        _ => half::f16::from_bits(b).to_f32(),
+                    })
+                    .collect();
+                let (mut direct, mut looked_up) = (vec![0u8; 65536], vec![0u8; 65536]);
+                quantize_fp8(&values, source, scale, &mut direct);
+                table.quantize(&raw, &mut looked_up);
+                assert!(direct == looked_up, "{source:?} amax {amax}");
+                // Not a constant table: the scale is in it.
+                assert!(looked_up.iter().any(|&c| c != looked_up[0]));
+            }
+        }
+        assert!(Fp8Table::new(Dtype::F32, 1.0).is_none());
+    }
 
     #[test]
     fn e2m1_rounds_ties_to_even_codes_and_keeps_the_sign() {

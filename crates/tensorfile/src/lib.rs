@@ -13,6 +13,8 @@
 //!   fp8, nvfp4 and mxfp8), parsed once, and the view that serves their weights dequantized.
 //! - [`blockfp`]: the fp8, nvfp4 and mxfp8 kernels (quantize, dequantize, the blocked scale
 //!   layout), byte for byte as comfy-kitchen's eager ones.
+//! - [`diffusers`]: diffusers-layout models (Flux, SD3, the SDXL/SD1 UNet, Wan, Z-Image)
+//!   served in ComfyUI's key layout (renames, fused q/k/v, swapped modulation halves).
 //! - [`pipeline`]: the streaming pipeline every converter writes through (produce the next
 //!   piece on the thread pool while the previous one is written).
 //!
@@ -60,6 +62,7 @@ compile_error!("convcache builds on unix only (positioned reads, device and inod
 
 pub mod blockfp;
 pub mod cast;
+pub mod diffusers;
 pub mod gguf;
 pub mod pipeline;
 pub mod safetensors;

@@ -5,8 +5,10 @@
 //! ([`TensorSource::read_raw`]) or widened exactly to f32 ([`TensorSource::read_f32`]).
 //! Implementations: a validated [`SafetensorsFile`] (every tensor as stored), the view of ComfyUI
 //! quantized files ([`crate::scaled::ScaledView`]: scaled-fp8, nvfp4 and mxfp8 weights
-//! dequantized, scale and marker tensors hidden) and a GGUF file (dequantizing; in the `gguf`
-//! crate, which has the block kernels).
+//! dequantized, scale and marker tensors hidden), a shard index and its shards
+//! ([`crate::sharded::ShardedSource`]), a diffusers-layout model served in ComfyUI's layout
+//! ([`crate::diffusers::DiffusersView`]) and a GGUF file (dequantizing; in the `gguf` crate,
+//! which has the block kernels).
 //!
 //! Reads are positioned reads into the caller's buffers (never a long-lived map: its touched
 //! pages would count against the process's memory, see [`crate::safetensors::ReadBuffer`]), so
@@ -101,6 +103,16 @@ pub enum SourceError {
     /// A sharded source whose index or shards are invalid, missing or unreadable.
     #[error(transparent)]
     Sharded(#[from] crate::sharded::ShardError),
+    /// A diffusers-layout source whose keys cannot all be served in ComfyUI's layout (boxed:
+    /// it is rare and large, and every read returns this type).
+    #[error(transparent)]
+    Diffusers(Box<crate::diffusers::DiffusersError>),
+}
+
+impl From<crate::diffusers::DiffusersError> for SourceError {
+    fn from(e: crate::diffusers::DiffusersError) -> SourceError {
+        SourceError::Diffusers(Box::new(e))
+    }
 }
 
 impl SourceError {
@@ -111,6 +123,7 @@ impl SourceError {
             | SourceError::Changed { path }
             | SourceError::Invalid { path, .. } => path,
             SourceError::Sharded(e) => e.path(),
+            SourceError::Diffusers(e) => e.path(),
         }
     }
 
@@ -317,7 +330,7 @@ pub fn check_range<S: TensorSource + ?Sized>(
 }
 
 /// The tensors of a validated safetensors header, as a source serves them unchanged.
-pub(crate) fn safetensors_tensors(header: &Header) -> Vec<SourceTensor> {
+pub fn safetensors_tensors(header: &Header) -> Vec<SourceTensor> {
     header
         .tensors
         .iter()
@@ -366,18 +379,31 @@ impl TensorSource for SafetensorsFile {
 ///
 /// A shard index, or a folder holding one, opens as one [`crate::sharded::ShardedSource`]
 /// (refused when a shard has a scaled-fp8 layout: the de-scaling view reads one file).
+///
+/// A model in a diffusers layout (one file or sharded) is served in ComfyUI's layout through
+/// [`crate::diffusers::DiffusersView`]; a diffusers repository folder stands for its model
+/// ([`crate::diffusers::resolve_source`]).
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
+    use crate::diffusers::DiffusersView;
+    let resolved = crate::diffusers::resolve_source(path);
+    let path = resolved.as_path();
     if crate::sharded::locate_index(path)?.is_some() {
         let sharded = crate::sharded::ShardedSource::open(path)?;
         if let Some(shard) = sharded.scaled_shard() {
             let path = shard.to_owned();
             return Err(crate::sharded::ShardError::ScaledShard { path }.into());
         }
-        return Ok(Box::new(sharded));
+        return Ok(match DiffusersView::wrap(sharded)? {
+            Ok(view) => Box::new(view),
+            Err(sharded) => Box::new(sharded),
+        });
     }
     let file = SafetensorsFile::open(path)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
-        Ok(None) => Ok(Box::new(file)),
+        Ok(None) => Ok(match DiffusersView::wrap(file)? {
+            Ok(view) => Box::new(view),
+            Err(file) => Box::new(file),
+        }),
         Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledView::new(file, layout)?)),
         Err(e) => Err(SourceError::Invalid {
             path: path.to_owned(),

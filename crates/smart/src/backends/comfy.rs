@@ -3,14 +3,15 @@
 //!
 //! The source is opened with `tensorfile::open_safetensors`, so a ComfyUI quantized source is
 //! read dequantized (its scales and markers not written again). Planning reads the selected
-//! weights once (their per-tensor scales), so the source is hashed in its own pass.
+//! weights once (their per-tensor scales); a plain file is hashed while it is converted, as the
+//! precision converter does (a view in its own pass).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
+use super::Source;
 use detect::detection::Format;
 use detect::{Detection, Precision};
-use tensorfile::TensorSource;
 
 use crate::{
     Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
@@ -35,10 +36,18 @@ impl Backend for ComfyQuantBackend {
         VERSION.to_string()
     }
 
+    fn observes_source(&self, source: &Detection, _target: Precision) -> bool {
+        super::served_as_stored(source)
+    }
+
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let source = tensorfile::open_safetensors(job.source_path).map_err(SmartError::backend)?;
-        let plan = comfyquant::plan(&*source, job.target).map_err(SmartError::backend)?;
-        let metadata = precision::convert::merged_metadata(source.metadata(), job.extra_metadata);
+        let source = Source::open(
+            job.source_path,
+            self.observes_source(job.source, job.target),
+        )?;
+        let plan = comfyquant::plan(source.get(), job.target).map_err(SmartError::backend)?;
+        let metadata =
+            precision::convert::merged_metadata(source.get().metadata(), job.extra_metadata);
         let output_len = plan
             .output_len(&metadata)
             .map_err(|e| SmartError::backend_in(job.source_path, Unencodable(e)))?;
@@ -52,7 +61,7 @@ impl Backend for ComfyQuantBackend {
 }
 
 struct Planned {
-    source: Box<dyn TensorSource>,
+    source: Source,
     plan: comfyquant::Plan,
     metadata: BTreeMap<String, String>,
     output_len: u64,
@@ -72,8 +81,31 @@ impl PlannedConversion for Planned {
         out: &mut dyn Write,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<ConversionReport, SmartError> {
-        let report = comfyquant::convert(&*self.source, &self.plan, &self.metadata, out, progress)
-            .map_err(SmartError::backend)?;
+        let report =
+            comfyquant::convert(self.source.get(), &self.plan, &self.metadata, out, progress)
+                .map_err(SmartError::backend)?;
+        Ok(ConversionReport::ComfyQuant(report))
+    }
+
+    fn write_observing_source(
+        &self,
+        out: &mut dyn Write,
+        progress: &mut dyn FnMut(u64, u64),
+        observer: &mut (dyn FnMut(&[u8]) + Send),
+    ) -> Result<ConversionReport, SmartError> {
+        // Only called when `observes_source` said so, which it does not for a view.
+        let Source::File(file) = &self.source else {
+            return Err(SmartError::backend(crate::backend::CannotObserve));
+        };
+        let report = comfyquant::convert_observing_source(
+            file,
+            &self.plan,
+            &self.metadata,
+            out,
+            progress,
+            observer,
+        )
+        .map_err(SmartError::backend)?;
         Ok(ConversionReport::ComfyQuant(report))
     }
 }

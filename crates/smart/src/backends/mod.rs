@@ -27,3 +27,43 @@ pub const DEFAULT: &[&dyn Backend] = &[
     &gguf::GgufBackend,
     &ComfyQuantBackend,
 ];
+
+/// Whether `source` is served as the one file's stored bytes (not a scaled view, not several
+/// shards, not a diffusers layout served renamed and fused), so a converter that reads every
+/// tensor in order can hand the file to the hasher in order (`Backend::observes_source`).
+pub(crate) fn served_as_stored(source: &detect::Detection) -> bool {
+    source.fp8_scaling.is_none() && source.shards.is_none() && source.diffusers.is_none()
+}
+
+/// The source as the converters of a job read it: the file itself when the conversion hands
+/// it to the hasher in order, else `tensorfile`'s view of it.
+pub(crate) enum Source {
+    /// The file, served as stored.
+    File(tensorfile::SafetensorsFile),
+    /// Any layout `tensorfile::open_safetensors` serves.
+    View(Box<dyn tensorfile::TensorSource>),
+}
+
+impl Source {
+    /// Opens `path` as [`Source::File`] when `as_stored`, else as a view.
+    pub(crate) fn open(
+        path: &std::path::Path,
+        as_stored: bool,
+    ) -> Result<Source, crate::SmartError> {
+        Ok(if as_stored {
+            Source::File(
+                tensorfile::SafetensorsFile::open(path).map_err(crate::SmartError::backend)?,
+            )
+        } else {
+            Source::View(tensorfile::open_safetensors(path).map_err(crate::SmartError::backend)?)
+        })
+    }
+
+    /// The source to read.
+    pub(crate) fn get(&self) -> &dyn tensorfile::TensorSource {
+        match self {
+            Source::File(f) => f,
+            Source::View(v) => v.as_ref(),
+        }
+    }
+}

@@ -7,15 +7,13 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use detect::detection::Format;
-use detect::{Detection, Precision};
-use precision::convert::{self as conv, Plan};
-use tensorfile::safetensors::SafetensorsFile;
-use tensorfile::{TensorSource, open_safetensors};
-
+use super::Source;
 use crate::{
     Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
 };
+use detect::detection::Format;
+use detect::{Detection, Precision};
+use precision::convert::{self as conv, Plan};
 
 /// The `precision` crate's converter.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,16 +35,14 @@ impl Backend for PrecisionBackend {
     }
 
     fn observes_source(&self, source: &Detection, _target: Precision) -> bool {
-        // The hasher is handed one file's bytes in order: not a view, not several shards.
-        source.fp8_scaling.is_none() && source.shards.is_none()
+        super::served_as_stored(source)
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let src = if self.observes_source(job.source, job.target) {
-            Source::File(SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?)
-        } else {
-            Source::View(open_safetensors(job.source_path).map_err(SmartError::backend)?)
-        };
+        let src = Source::open(
+            job.source_path,
+            self.observes_source(job.source, job.target),
+        )?;
         let plan = conv::plan(src.get(), job.target).map_err(SmartError::backend)?;
         let metadata = conv::merged_metadata(src.get().metadata(), job.extra_metadata);
         let output_len = plan
@@ -58,21 +54,6 @@ impl Backend for PrecisionBackend {
             metadata,
             output_len,
         }))
-    }
-}
-
-/// The file itself when the conversion hands it to the hasher in order, else the view.
-enum Source {
-    File(SafetensorsFile),
-    View(Box<dyn TensorSource>),
-}
-
-impl Source {
-    fn get(&self) -> &dyn TensorSource {
-        match self {
-            Source::File(f) => f,
-            Source::View(v) => v.as_ref(),
-        }
     }
 }
 
