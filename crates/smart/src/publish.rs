@@ -117,6 +117,9 @@ struct Sink<'a> {
     checkpoints: Checkpoints,
     /// The resumed stream did not line up with its journal's checkpoint.
     resume_mismatch: bool,
+    /// Resuming, until the stream's boundary 0: compare the bytes discarded (the header the
+    /// converter writes before its stream) with the temporary's.
+    check_head: bool,
 }
 
 impl Sink<'_> {
@@ -152,6 +155,10 @@ impl Sink<'_> {
     /// At a boundary the stream can be resumed from, with `pieces` pieces written: checks a
     /// resumed stream lines up with its checkpoint, and journals a checkpoint when one is due.
     fn boundary(&mut self, pieces: u64) -> io::Result<()> {
+        if pieces == 0 {
+            self.check_head = false;
+            return Ok(());
+        }
         let cp = &mut self.checkpoints;
         if let Some(resumed) = &cp.resumed
             && pieces <= resumed.pieces
@@ -193,6 +200,20 @@ impl Write for Sink<'_> {
         }
         if self.discard > 0 {
             let n = self.discard.min(buf.len() as u64);
+            if self.check_head {
+                // The header depends on more than the journal's identity (the source's
+                // metadata, the converter's code): it must be the temporary's, byte for byte.
+                let mut on_disk = vec![0u8; n as usize];
+                let at = self.written - self.discard;
+                let same = std::os::unix::fs::FileExt::read_exact_at(self.file, &mut on_disk, at)
+                    .is_ok_and(|()| on_disk == buf[..n as usize]);
+                if !same {
+                    self.resume_mismatch = true;
+                    return Err(io::Error::other(
+                        "the resumed conversion's header differs from its temporary's",
+                    ));
+                }
+            }
             self.discard -= n;
             return Ok(n as usize);
         }
@@ -559,6 +580,7 @@ impl Convert<'_> {
                     failed: false,
                 },
                 resume_mismatch: false,
+                check_head: resumed.is_some(),
             },
         );
         let (bytes_total, tensors_total) = planned.totals();

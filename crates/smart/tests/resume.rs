@@ -236,6 +236,23 @@ fn a_journal_with_a_wrong_digest_or_another_identity_is_not_trusted() {
 }
 
 #[test]
+fn a_header_other_than_the_conversion_would_write_is_not_trusted_even_with_a_matching_digest() {
+    for target in ["fp16", "Q4_K_M"] {
+        lie_is_not_trusted(target, |out, tmp| {
+            // A consistent lie: a header byte changed and the journal's digest made to match,
+            // as a converter whose header changed without a version bump would leave it.
+            let mut j = read_journal(out).unwrap();
+            let mut bytes = fs::read(tmp).unwrap();
+            bytes[24] ^= 0x20;
+            fs::write(tmp, &bytes).unwrap();
+            j.checkpoint.digest =
+                cache::digest::digest_bytes(&bytes[..j.checkpoint.offset as usize]);
+            write_journal(out, &j, false).unwrap();
+        });
+    }
+}
+
+#[test]
 fn a_changed_source_is_converted_from_the_start() {
     let env = Env::new();
     let target: Precision = "Q4_K_M".parse().unwrap();

@@ -19,7 +19,9 @@
 //! producing them, so container writers downstream keep their count and the output's own
 //! writer discards those bytes), and after each piece past which the converter carries no
 //! state ([`Piece::resumable_after`]) it flushes the output with [`at_boundary`] telling how
-//! many pieces the output then holds: the output's writer may journal a checkpoint there.
+//! many pieces the output then holds: the output's writer may journal a checkpoint there. It
+//! also flushes at boundary 0, before the first piece, when what the converter wrote before
+//! the stream (a container's header) is complete.
 
 use std::cell::Cell;
 use std::io::{self, Write};
@@ -153,6 +155,9 @@ where
     // Pieces 0..index are in `out` (or pending).
     let mut index = 0u64;
     if let Some(skip) = resume {
+        // What the converter wrote before the stream (a container's header) is complete here:
+        // a resumed output's writer checks it against the temporary it continues.
+        flush_at_boundary(out, 0).map_err(StreamError::Write)?;
         let mut last_resumable = true;
         while index < skip {
             let Some(piece) = pieces.next() else { break };
@@ -319,8 +324,9 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, 8);
-        // After pieces 0, 1, 4, 5 (the last piece is not followed by a boundary flush).
-        assert_eq!(out.1, vec![(1, 3), (2, 6), (5, 15), (6, 18)]);
+        // Before the stream, then after pieces 0, 1, 4, 5 (the last piece is not followed by a
+        // boundary flush).
+        assert_eq!(out.1, vec![(0, 0), (1, 3), (2, 6), (5, 15), (6, 18)]);
         // Outside `resumable`, no boundary flushes.
         let mut plain = Boundaries::default();
         stream(stateful(), &mut plain, &fill, &mut |_| {}).unwrap();
@@ -355,8 +361,8 @@ mod tests {
         assert_eq!(&out.0[..15], &[0; 15], "zeros in the skipped pieces' place");
         assert_eq!(&out.0[15..], &clean[15..]);
         assert_eq!(
-            out.1[0],
-            (5, 15),
+            out.1[..2],
+            [(0, 0), (5, 15)],
             "the resume point is a boundary the writer sees"
         );
 
