@@ -13,6 +13,8 @@
 //!   fp8, nvfp4 and mxfp8), parsed once, and the view that serves their weights dequantized.
 //! - [`blockfp`]: the fp8, nvfp4 and mxfp8 kernels (quantize, dequantize, the blocked scale
 //!   layout), byte for byte as comfy-kitchen's eager ones.
+//! - [`shared_read`]: one read of a source for several conversions at once (a bounded window
+//!   of chunks the conversions read through); [`read_count`]: bytes of model files read.
 //! - [`pipeline`]: the streaming pipeline every converter writes through (produce the next
 //!   piece on the thread pool while the previous one is written).
 //!
@@ -62,11 +64,15 @@ pub mod blockfp;
 pub mod cast;
 pub mod gguf;
 pub mod pipeline;
+pub mod read_count;
 pub mod safetensors;
 pub mod scaled;
+pub mod shared_read;
 pub mod sharded;
 pub mod source;
 
 pub use cast::{CastError, CastStats, cast_slice, widen_to_f32};
 pub use safetensors::{Dtype, ReadBuffer, SafetensorsFile, SafetensorsWriter, TensorSpec};
-pub use source::{SourceError, SourceTensor, TensorSource, open_safetensors};
+pub use source::{
+    SourceError, SourceTensor, TensorSource, open_safetensors, open_safetensors_shared,
+};

@@ -367,6 +367,15 @@ impl TensorSource for SafetensorsFile {
 /// A shard index, or a folder holding one, opens as one [`crate::sharded::ShardedSource`]
 /// (refused when a shard has a scaled-fp8 layout: the de-scaling view reads one file).
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
+    open_safetensors_shared(path, None)
+}
+
+/// [`open_safetensors`], a single file reading its tensor data through `seat`'s window
+/// ([`crate::shared_read`]) when `seat` reads that file. A sharded source reads on its own.
+pub fn open_safetensors_shared(
+    path: &Path,
+    seat: Option<&crate::shared_read::Seat>,
+) -> Result<Box<dyn TensorSource>, SourceError> {
     if crate::sharded::locate_index(path)?.is_some() {
         let sharded = crate::sharded::ShardedSource::open(path)?;
         if let Some(shard) = sharded.scaled_shard() {
@@ -375,7 +384,7 @@ pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceErro
         }
         return Ok(Box::new(sharded));
     }
-    let file = SafetensorsFile::open(path)?;
+    let file = SafetensorsFile::open_shared(path, seat)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
         Ok(None) => Ok(Box::new(file)),
         Ok(Some(layout)) => Ok(Box::new(crate::scaled::ScaledView::new(file, layout)?)),
