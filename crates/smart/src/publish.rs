@@ -283,6 +283,7 @@ impl Convert<'_> {
                 target: self.target,
                 extra_metadata: &provenance.to_metadata(),
                 options: self.backend_options,
+                shared_read: self.options.shared_read.as_ref().map(|s| s.seat()),
             })?;
             Ok((provenance, planned))
         };
@@ -294,7 +295,10 @@ impl Convert<'_> {
         if let Some(d) = known_digest {
             return Ok(planned(plan_with(d.to_owned())?, None));
         }
-        if self.backend.observes_source(self.detection, self.target) {
+        // A shared read hashes the source as it reads it, for every converter.
+        if self.backend.observes_source(self.detection, self.target)
+            || self.options.shared_read.is_some()
+        {
             let placeholder = placeholder_digest();
             let plan = plan_with(placeholder.clone())?;
             return Ok(planned(plan, Some(placeholder)));
@@ -378,13 +382,14 @@ impl Convert<'_> {
             self.bytes(Stage::Converting, bytes_reported, bytes_total);
         };
         let mut source_hasher = digest::StreamDigest::new();
+        let shared = self.options.shared_read.as_ref();
         let result = match &digest_in_pass {
-            Some(_) => {
+            Some(_) if shared.is_none() => {
                 planned.write_observing_source(&mut writer, &mut progress, &mut |bytes: &[u8]| {
                     source_hasher.update(bytes)
                 })
             }
-            None => planned.write(&mut writer, &mut progress),
+            _ => planned.write(&mut writer, &mut progress),
         }
         .and_then(|report| {
             writer
@@ -421,22 +426,26 @@ impl Convert<'_> {
         let mut sink = writer
             .into_inner()
             .map_err(|e| io_err(&tmp, "write the temporary output")(e.into_error()))?;
+        // Done reading: a shared read no longer waits for this conversion.
+        drop(planned);
         if let Some(placeholder) = digest_in_pass {
-            if source_hasher.len() != lookup.source.size {
+            let (hashed_len, digest) = match shared {
+                Some(s) => s.source_digest().map_err(io_err(self.source, "read the source"))?,
+                None => (source_hasher.len(), source_hasher.finish()),
+            };
+            if hashed_len != lookup.source.size {
                 return Err(SmartError::Io {
                     path: self.source.to_path_buf(),
                     op: "read the source",
                     source: io::Error::other(format!(
                         "it changed during the conversion ({} bytes read, {} expected)",
-                        source_hasher.len(),
-                        lookup.source.size
+                        hashed_len, lookup.source.size
                     )),
                 });
             }
             // The digest covers the bytes as they were read. A source rewritten in place during
             // the read (same size) gives a digest of no real state of the file, but also a new
             // mtime, so the output is stale at its next lookup, never a wrong hit.
-            let digest = source_hasher.finish();
             let Some(at) = only_occurrence(sink.hasher.head(), placeholder.as_bytes()) else {
                 return Ok(Written::Retry(digest));
             };

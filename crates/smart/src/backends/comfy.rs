@@ -36,7 +36,7 @@ impl Backend for ComfyQuantBackend {
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let source = tensorfile::open_safetensors(job.source_path).map_err(SmartError::backend)?;
+        let source = job.open_safetensors().map_err(SmartError::backend)?;
         let plan = comfyquant::plan(&*source, job.target).map_err(SmartError::backend)?;
         let metadata = precision::convert::merged_metadata(source.metadata(), job.extra_metadata);
         let output_len = plan

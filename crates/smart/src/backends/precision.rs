@@ -11,7 +11,7 @@ use detect::detection::Format;
 use detect::{Detection, Precision};
 use precision::convert::{self as conv, Plan};
 use tensorfile::safetensors::SafetensorsFile;
-use tensorfile::{TensorSource, open_safetensors};
+use tensorfile::TensorSource;
 
 use crate::{
     Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
@@ -43,9 +43,9 @@ impl Backend for PrecisionBackend {
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let src = if self.observes_source(job.source, job.target) {
-            Source::File(SafetensorsFile::open(job.source_path).map_err(SmartError::backend)?)
+            Source::File(SafetensorsFile::open_shared(job.source_path, job.shared_read).map_err(SmartError::backend)?)
         } else {
-            Source::View(open_safetensors(job.source_path).map_err(SmartError::backend)?)
+            Source::View(job.open_safetensors().map_err(SmartError::backend)?)
         };
         let plan = conv::plan(src.get(), job.target).map_err(SmartError::backend)?;
         let metadata = conv::merged_metadata(src.get().metadata(), job.extra_metadata);
