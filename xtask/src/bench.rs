@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 use crate::{DynResult, fixtures, repo_root};
 
+/// The cases of one command with several targets or sources.
+#[path = "bench_multi.rs"]
+mod multi;
+
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -341,6 +345,9 @@ fn cases() -> Vec<Case> {
             rss_limit: false,
         },
     ]
+    .into_iter()
+    .chain(multi::cases())
+    .collect()
 }
 
 /// A bitsandbytes 4-bit case: convcache against bitsandbytes' own CPU `quantize_4bit`.
@@ -1215,6 +1222,10 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
     for case in &selected {
         if case.id == KERNELS {
             sections.push_str(&kernels_section(&env, case, &mut verdicts));
+            continue;
+        }
+        if multi::handles(case.id) {
+            sections.push_str(&multi::section(&env, case, args.reps, &mut verdicts));
             continue;
         }
         env.notes.borrow_mut().clear();
