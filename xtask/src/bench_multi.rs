@@ -206,17 +206,23 @@ fn table(s: &mut String, runs: &Runs, what: [&str; 2], source_bytes: u64) {
     }
 }
 
-fn one_read(
-    env: &Env,
-    reps: usize,
-    s: &mut String,
-    verdicts: &mut Vec<String>,
-) -> DynResult<()> {
+fn one_read(env: &Env, reps: usize, s: &mut String, verdicts: &mut Vec<String>) -> DynResult<()> {
     let src = env.model(Model::FluxBf16);
     let size = fs::metadata(&src)?.len();
-    let runs = run_both(env, std::slice::from_ref(&src), ONE_READ_TARGETS, reps, ONE_READ)?;
+    let runs = run_both(
+        env,
+        std::slice::from_ref(&src),
+        ONE_READ_TARGETS,
+        reps,
+        ONE_READ,
+    )?;
     let label = format!("convcache convert --to {}", ONE_READ_TARGETS.join(","));
-    table(s, &runs, [&label, "the four targets one after another"], size);
+    table(
+        s,
+        &runs,
+        [&label, "the four targets one after another"],
+        size,
+    );
     let read_ratio = runs.together.2 as f64 / size as f64;
     let speedup = runs.apart.0.as_secs_f64() / runs.together.0.as_secs_f64().max(1e-9);
     let _ = writeln!(s, "\nSpeed-up over one after another: {speedup:.2}x.\n");

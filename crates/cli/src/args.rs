@@ -205,7 +205,13 @@ mod tests {
     #[test]
     fn several_sources_and_jobs() {
         let cli = Cli::try_parse_from([
-            "convcache", "convert", "a.safetensors", "b.safetensors", "--to", "Q8_0", "--jobs",
+            "convcache",
+            "convert",
+            "a.safetensors",
+            "b.safetensors",
+            "--to",
+            "Q8_0",
+            "--jobs",
             "3",
         ])
         .unwrap();
@@ -214,7 +220,10 @@ mod tests {
         };
         assert_eq!(
             c.conversion.sources,
-            [PathBuf::from("a.safetensors"), PathBuf::from("b.safetensors")]
+            [
+                PathBuf::from("a.safetensors"),
+                PathBuf::from("b.safetensors")
+            ]
         );
         assert_eq!(c.jobs, Some(3));
         let err = Cli::try_parse_from(["convcache", "convert", "a", "--to", "Q8_0", "-j", "0"])

@@ -15,7 +15,11 @@ use serde_json::Value;
 const TARGETS: &str = "fp16,fp8,Q8_0,nf4";
 
 fn path_of(v: &Value) -> PathBuf {
-    PathBuf::from(v["path"].as_str().unwrap_or_else(|| panic!("no path in {v}")))
+    PathBuf::from(
+        v["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no path in {v}")),
+    )
 }
 
 /// The `CONVCACHE_READ_STATS` count of a run.

@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use cache::digest::StreamDigest;
 use cache::KnownDigest;
+use cache::digest::StreamDigest;
 use detect::Precision;
 use detect::detection::Format;
 use tensorfile::shared_read::{Seat, SharedRead, WindowConfig};

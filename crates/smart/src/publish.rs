@@ -430,7 +430,9 @@ impl Convert<'_> {
         drop(planned);
         if let Some(placeholder) = digest_in_pass {
             let (hashed_len, digest) = match shared {
-                Some(s) => s.source_digest().map_err(io_err(self.source, "read the source"))?,
+                Some(s) => s
+                    .source_digest()
+                    .map_err(io_err(self.source, "read the source"))?,
                 None => (source_hasher.len(), source_hasher.finish()),
             };
             if hashed_len != lookup.source.size {

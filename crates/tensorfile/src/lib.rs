@@ -67,8 +67,8 @@ pub mod pipeline;
 pub mod read_count;
 pub mod safetensors;
 pub mod scaled;
-pub mod shared_read;
 pub mod sharded;
+pub mod shared_read;
 pub mod source;
 
 pub use cast::{CastError, CastStats, cast_slice, widen_to_f32};

@@ -562,6 +562,11 @@ mod tests {
         let (f, _) = file_of(10);
         let (g, _) = file_of(10);
         let shared = SharedRead::open(f.path(), 1, small(), |_: &[u8]| {}).unwrap();
-        assert!(shared.seat(0).join(&File::open(g.path()).unwrap()).is_none());
+        assert!(
+            shared
+                .seat(0)
+                .join(&File::open(g.path()).unwrap())
+                .is_none()
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::io::Write;
 use detect::detection::Format;
 use detect::{Detection, Precision};
 use precision::convert::{self as conv, Plan};
-use tensorfile::safetensors::SafetensorsFile;
 use tensorfile::TensorSource;
+use tensorfile::safetensors::SafetensorsFile;
 
 use crate::{
     Backend, BackendOptions, ConversionReport, Job, PlannedConversion, SmartError, Unencodable,
@@ -43,7 +43,10 @@ impl Backend for PrecisionBackend {
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let src = if self.observes_source(job.source, job.target) {
-            Source::File(SafetensorsFile::open_shared(job.source_path, job.shared_read).map_err(SmartError::backend)?)
+            Source::File(
+                SafetensorsFile::open_shared(job.source_path, job.shared_read)
+                    .map_err(SmartError::backend)?,
+            )
         } else {
             Source::View(job.open_safetensors().map_err(SmartError::backend)?)
         };
