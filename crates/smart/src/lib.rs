@@ -145,6 +145,10 @@ pub struct Options<'a> {
     /// at once ([`many::convert_many`] sets it): the converter reads through it, and the
     /// source digest is the shared read's.
     pub shared_read: Option<many::SharedSeat>,
+    /// The outputs other conversions of the same request are writing at once
+    /// ([`many::convert_many`] sets it): they count against the size budget, and conversions
+    /// check for room one at a time.
+    pub room_in_flight: Option<Arc<many::RoomInFlight>>,
 }
 
 impl<'a> Options<'a> {
@@ -165,6 +169,7 @@ impl<'a> Options<'a> {
             make_room: false,
             spare: Vec::new(),
             shared_read: None,
+            room_in_flight: None,
         }
     }
 
@@ -216,6 +221,7 @@ impl std::fmt::Debug for Options<'_> {
             .field("make_room", &self.make_room)
             .field("spare", &self.spare)
             .field("shared_read", &self.shared_read.is_some())
+            .field("room_in_flight", &self.room_in_flight)
             .finish()
     }
 }

@@ -25,7 +25,7 @@
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use cache::KnownDigest;
@@ -128,6 +128,10 @@ pub fn convert_many(
     jobs: usize,
 ) -> Vec<PairResult> {
     let jobs = jobs.max(1);
+    let options = &Options {
+        room_in_flight: Some(options.room_in_flight.clone().unwrap_or_default()),
+        ..options.clone()
+    };
     let mut rows: Vec<Option<PairResult>> = Vec::new();
     rows.resize_with(sources.len() * targets.len(), || None);
     let mut spare = options.spare.clone();
@@ -298,6 +302,60 @@ fn convert_shared(
         }
     });
     out.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The outputs the conversions of one request are writing at once (planned bytes, reserved on
+/// the disk, not yet listed in the cache) ([`Options::room_in_flight`]).
+#[derive(Debug, Default)]
+pub struct RoomInFlight {
+    bytes: Mutex<u64>,
+}
+
+impl RoomInFlight {
+    /// One conversion's turn to check for room: the others wait until it has reserved its
+    /// output (or failed).
+    pub(crate) fn enter(&self) -> RoomTurn<'_> {
+        RoomTurn {
+            owner: self,
+            bytes: self.bytes.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+}
+
+/// A conversion's turn at [`RoomInFlight`].
+pub(crate) struct RoomTurn<'a> {
+    owner: &'a RoomInFlight,
+    bytes: MutexGuard<'a, u64>,
+}
+
+impl<'a> RoomTurn<'a> {
+    /// Bytes the other conversions are writing.
+    pub(crate) fn others(&self) -> u64 {
+        *self.bytes
+    }
+
+    /// Counts `needed` bytes as being written until the returned guard is dropped, and ends
+    /// the turn.
+    pub(crate) fn hold(mut self, needed: u64) -> InFlightOutput<'a> {
+        *self.bytes += needed;
+        InFlightOutput {
+            owner: self.owner,
+            bytes: needed,
+        }
+    }
+}
+
+/// An output being written, counted in its [`RoomInFlight`] until dropped.
+pub(crate) struct InFlightOutput<'a> {
+    owner: &'a RoomInFlight,
+    bytes: u64,
+}
+
+impl Drop for InFlightOutput<'_> {
+    fn drop(&mut self) {
+        let mut bytes = self.owner.bytes.lock().unwrap_or_else(|p| p.into_inner());
+        *bytes = bytes.saturating_sub(self.bytes);
+    }
 }
 
 /// Counts conversions running at once.

@@ -341,12 +341,21 @@ impl Convert<'_> {
             placeholder: digest_in_pass,
         } = planned;
         let needed = planned.output_len();
-        removed.extend(self.fit(dir, out, needed)?);
+        // Conversions of one request running at once check for room one at a time, each
+        // counting the outputs the others are writing.
+        let turn = self
+            .options
+            .room_in_flight
+            .as_deref()
+            .map(crate::many::RoomInFlight::enter);
+        let others = turn.as_ref().map_or(0, |t| t.others());
+        removed.extend(self.fit(dir, out, needed, others)?);
         let temporary = slot
             .create_temporary(self.options.sync_output)
             .map_err(|e| slot_error(e, out))?;
         let tmp = temporary.path().to_path_buf();
         reserve_space(temporary.file(), out, needed)?;
+        let _in_flight = turn.map(|t| t.hold(needed));
         let mut writer = BufWriter::with_capacity(
             WRITE_BUFFER,
             Sink {
@@ -474,7 +483,15 @@ impl Convert<'_> {
     /// Fails early, before writing anything, when the output cannot fit: free space in `dir`
     /// and [`Options::max_cache_size`] (with [`Options::make_room`], evicting least recently
     /// used outputs first when that makes it fit; they are returned), and the file-size limit.
-    fn fit(&self, dir: &Path, out: &Path, needed: u64) -> Result<Vec<Removed>, SmartError> {
+    /// `others`: bytes of outputs other conversions of the request are writing (already
+    /// reserved on the disk, not yet listed in the cache), which count against the budget.
+    fn fit(
+        &self,
+        dir: &Path,
+        out: &Path,
+        needed: u64,
+        others: u64,
+    ) -> Result<Vec<Removed>, SmartError> {
         let available_space =
             || fs4::available_space(dir).map_err(io_err(dir, "read the free space of"));
         let available = available_space()?;
@@ -482,8 +499,9 @@ impl Convert<'_> {
         spare.push(self.source.to_path_buf());
         let request = RoomRequest {
             output: out,
-            output_bytes: needed,
-            disk_available: available,
+            output_bytes: needed + others,
+            // Their blocks are reserved already: not missing from the disk a second time.
+            disk_available: available + others,
             max_cache_bytes: self.options.max_cache_size,
             spare: &spare,
         };
