@@ -99,6 +99,38 @@ fn several_sources_and_targets_read_each_source_once_and_match_separate_commands
     }
 }
 
+/// Targets whose converters read the source out of file order or twice (ComfyUI's layouts
+/// read their weights once to plan the scales, then again): outputs still equal separate
+/// commands' (bytes the shared window has dropped are read from the disk again).
+#[test]
+fn targets_that_read_the_source_twice_still_match_separate_commands() {
+    let s = Scratch::new();
+    let src = s.source("flux_twice.safetensors", LARGE);
+    let targets = ["fp8_scaled", "bf16", "nvfp4", "Q4_K_M"];
+    let rows = s
+        .run(&["--json", "convert", src.arg(), "--to", &targets.join(",")])
+        .ok()
+        .json();
+    let rows = rows.as_array().expect("array").clone();
+    assert_eq!(rows.len(), targets.len());
+    for (r, target) in rows.iter().zip(targets) {
+        assert_eq!(r["status"], "converted", "{r}");
+        let out = path_of(r);
+        let bytes = std::fs::read(&out).expect("read output");
+        std::fs::remove_file(&out).expect("remove output");
+        let alone = s
+            .run(&["--json", "convert", src.arg(), "--to", target])
+            .ok()
+            .json();
+        assert_eq!(path_of(only(&alone)), out);
+        assert!(
+            std::fs::read(&out).expect("read output") == bytes,
+            "{target} differs from a separate command"
+        );
+    }
+    src.assert_unchanged();
+}
+
 #[test]
 fn a_bad_source_fails_its_pairs_only() {
     let s = Scratch::new();
