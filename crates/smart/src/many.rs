@@ -15,7 +15,7 @@
 //!    each in a rayon pool of its own (a converter that runs ahead waits inside its reads for
 //!    the others, which must not hold the threads they need), each reading through its
 //!    [`SharedSeat`]; the shared read also hashes the source, so no converter needs a hashing
-//!    pass of its own. Other groups (one target, a GGUF or sharded source) convert their pairs
+//!    pass of its own, and a thread reads ahead of the converters while they compute. Other groups (one target, a GGUF or sharded source) convert their pairs
 //!    one after another, as separate calls would.
 //! 3. **Jobs.** At most `jobs` conversions run at once; a shared group counts as
 //!    `min(targets, jobs)` (its targets start together, or the source would be read again).
@@ -263,6 +263,7 @@ fn convert_shared(
     let threads = default_jobs();
     let out = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
+        scope.spawn(|| shared.read.read_ahead());
         for (seat_index, &(row, target)) in group.pairs.iter().enumerate() {
             let seat = SharedSeat {
                 source: Arc::clone(&shared),

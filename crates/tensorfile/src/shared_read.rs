@@ -25,6 +25,9 @@
 //! conversions that share a window must each run in a thread pool of their own, or a reader
 //! waiting for the others could hold the very threads they need.
 //!
+//! [`SharedRead::read_ahead`], run on a thread of its own, keeps the window full ahead of the
+//! readers, so a cold source is read while the converters compute.
+//!
 //! Memory is the window (a few chunks), never the model.
 
 use std::collections::VecDeque;
@@ -199,6 +202,23 @@ impl SharedRead {
         Seat {
             shared: self.clone(),
             index,
+        }
+    }
+
+    /// Reads ahead of the readers for as long as one of them may still read: fetches the next
+    /// chunk whenever the window has room, so the disk works while the converters compute
+    /// (otherwise each chunk is read when the first converter needs it, and it waits). Returns
+    /// at the end of the file, on a read error (which the readers then get), or once every
+    /// seat is done. For a thread of its own, started with the conversions.
+    pub fn read_ahead(&self) {
+        let inner = &*self.inner;
+        let mut state = inner.lock();
+        while state.hi < inner.len && state.seats.iter().any(|s| *s != SeatState::Done) {
+            let at = state.hi;
+            state = match inner.fetch_through(state, at) {
+                Ok(state) => state,
+                Err(_) => return,
+            };
         }
     }
 
@@ -505,6 +525,39 @@ mod tests {
         assert_eq!(shared.read_to_end().unwrap(), bytes.len() as u64);
         assert_eq!(*observed.lock().unwrap(), bytes);
         assert_eq!(shared.bytes_read(), (bytes.len() as u64, 0));
+    }
+
+    /// Reading ahead on a thread of its own changes nothing the readers see, and stops once
+    /// every seat is done.
+    #[test]
+    fn reading_ahead_serves_the_same_bytes_and_stops_when_the_seats_are_done() {
+        let (f, bytes) = file_of(80_000);
+        let shared = SharedRead::open(f.path(), 2, small(), |_: &[u8]| {}).unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| shared.read_ahead());
+            for seat in 0..2 {
+                let (shared, bytes, path) = (&shared, &bytes, f.path());
+                s.spawn(move || {
+                    let seat = shared.seat(seat);
+                    let reader = seat.join(&File::open(path).unwrap()).unwrap();
+                    let half = bytes.len() / 2;
+                    for pos in (0..half).step_by(1000) {
+                        let mut buf = vec![0u8; 1000];
+                        reader.read_exact_at(&mut buf, pos as u64).unwrap();
+                        assert_eq!(buf, bytes[pos..pos + 1000]);
+                    }
+                    // Done while still a reader: nothing is fetched for nobody in between.
+                    seat.done();
+                    drop(reader);
+                });
+            }
+        });
+        let (fetched, direct) = shared.bytes_read();
+        assert_eq!(direct, 0);
+        assert!(
+            fetched < bytes.len() as u64,
+            "stopped before the end: {fetched}"
+        );
     }
 
     /// A reader going backwards gets correct bytes (from the disk when they were dropped), and
