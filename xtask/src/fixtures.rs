@@ -561,12 +561,42 @@ fn write_gguf<W: Write>(out: W, layout: &Layout) -> DynResult<()> {
     Ok(())
 }
 
+/// Three smaller Flux-like bf16 models (~340 MB each, 1 double and 2 single blocks of the
+/// large model's width) for the benchmark of several sources in one command.
+pub fn several_specs() -> Vec<FileSpec> {
+    let dims = FluxDims {
+        hidden: 1536,
+        head_dim: 128,
+        vec_in: 768,
+        context: 4096,
+        double_blocks: 1,
+        single_blocks: 2,
+    };
+    let layout = layouts::flux(dims);
+    (1..=3)
+        .map(|i| {
+            FileSpec::from_layout(
+                format!("flux_small{i}_bf16.safetensors"),
+                &layout,
+                "bf16",
+                |_| Dtype::BF16,
+                "",
+            )
+        })
+        .collect()
+}
+
 /// Writes the benchmark models into `dir`, skipping files already there at the right size, and
 /// the bf16 one as a three-shard diffusers folder ([`diffusers::write_large_sharded`]).
 pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
+    write_specs(dir, large_specs(), force)
+}
+
+/// Writes `specs` into `dir`, skipping files already there at the right size.
+pub fn write_specs(dir: &Path, specs: Vec<FileSpec>, force: bool) -> DynResult<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     let mut paths = Vec::new();
-    for spec in large_specs() {
+    for spec in specs {
         let path = dir.join(&spec.file);
         let want = spec.output_len()?;
         let have = fs::metadata(&path).map(|m| m.len()).ok();

@@ -70,20 +70,35 @@ pub fn check_json(source: &Path, c: &smart::Check) -> Value {
     })
 }
 
-/// `convcache check SRC --to T,...`: what `convert` would do, per target, converting nothing.
+/// `convcache check SRC... --to T,...`: what `convert` would do, per source and target,
+/// converting nothing. A source that cannot be checked is an error line; the others are still
+/// answered.
 pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failure> {
     let conversion = &args.conversion;
-    let source = &conversion.source;
     let request = crate::convert_cmd::request(ui, conversion, models);
-    let checks = smart::check(source, &conversion.targets, &request).map_err(|e| Failure {
-        exit: exit_for(&e),
-        message: e.to_string(),
-    })?;
+    let mut exit = Exit::Ok;
+    let mut rows = Vec::new();
+    for source in &conversion.sources {
+        match smart::check(source, &conversion.targets, &request) {
+            Ok(checks) => rows.extend(checks.into_iter().map(|c| (source, c))),
+            Err(e) => {
+                let failure = Failure {
+                    exit: exit_for(&e),
+                    message: e.to_string(),
+                };
+                if conversion.sources.len() == 1 {
+                    return Err(failure);
+                }
+                exit = exit.max(failure.exit);
+                ui.error(&failure);
+            }
+        }
+    }
     if ui.json {
-        let rows: Vec<Value> = checks.iter().map(|c| check_json(source, c)).collect();
+        let rows: Vec<Value> = rows.iter().map(|(s, c)| check_json(s, c)).collect();
         ui.print_json(&Value::Array(rows));
     } else {
-        for c in &checks {
+        for (_, c) in &rows {
             let reason = c
                 .reason
                 .as_deref()
@@ -97,7 +112,7 @@ pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failu
             ));
         }
     }
-    Ok(Exit::Ok)
+    Ok(exit)
 }
 
 /// One `list --json` entry.

@@ -80,6 +80,7 @@
 
 mod backend;
 pub mod backends;
+pub mod many;
 mod publish;
 
 use std::path::{Path, PathBuf};
@@ -140,6 +141,14 @@ pub struct Options<'a> {
     /// Files never evicted to make room: the outputs this request's caller already answered
     /// with (earlier targets of the same command). The source is always spared.
     pub spare: Vec<PathBuf>,
+    /// This conversion's seat at a read of the source shared with other conversions running
+    /// at once ([`many::convert_many`] sets it): the converter reads through it, and the
+    /// source digest is the shared read's.
+    pub shared_read: Option<many::SharedSeat>,
+    /// The outputs other conversions of the same request are writing at once
+    /// ([`many::convert_many`] sets it): they count against the size budget, and conversions
+    /// check for room one at a time.
+    pub room_in_flight: Option<Arc<many::RoomInFlight>>,
 }
 
 impl<'a> Options<'a> {
@@ -159,6 +168,8 @@ impl<'a> Options<'a> {
             max_cache_size: None,
             make_room: false,
             spare: Vec::new(),
+            shared_read: None,
+            room_in_flight: None,
         }
     }
 
@@ -209,6 +220,8 @@ impl std::fmt::Debug for Options<'_> {
             .field("max_cache_size", &self.max_cache_size)
             .field("make_room", &self.make_room)
             .field("spare", &self.spare)
+            .field("shared_read", &self.shared_read.is_some())
+            .field("room_in_flight", &self.room_in_flight)
             .finish()
     }
 }
