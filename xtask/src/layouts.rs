@@ -33,14 +33,14 @@ pub struct Layout {
 }
 
 impl Layout {
-    fn new(arch: &'static str) -> Self {
+    pub(crate) fn new(arch: &'static str) -> Self {
         Layout {
             arch,
             tensors: Vec::new(),
         }
     }
 
-    fn param(&mut self, name: impl Into<String>, shape: &[u64], init: Init) {
+    pub(crate) fn param(&mut self, name: impl Into<String>, shape: &[u64], init: Init) {
         self.tensors.push(TensorDef {
             name: name.into(),
             shape: shape.to_vec(),
@@ -49,7 +49,7 @@ impl Layout {
     }
 
     /// `nn.Linear`: `weight [out, in]`, optional `bias [out]`.
-    fn linear(&mut self, name: &str, out: u64, inp: u64, bias: bool) {
+    pub(crate) fn linear(&mut self, name: &str, out: u64, inp: u64, bias: bool) {
         self.param(format!("{name}.weight"), &[out, inp], Init::Weight);
         if bias {
             self.param(format!("{name}.bias"), &[out], Init::Bias);
@@ -63,7 +63,7 @@ impl Layout {
     }
 
     /// LayerNorm / GroupNorm with affine parameters.
-    fn norm(&mut self, name: &str, dim: u64) {
+    pub(crate) fn norm(&mut self, name: &str, dim: u64) {
         self.param(format!("{name}.weight"), &[dim], Init::Norm);
         self.param(format!("{name}.bias"), &[dim], Init::Bias);
     }
