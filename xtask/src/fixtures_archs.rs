@@ -162,8 +162,18 @@ fn flux_blocks(l: &mut Layout, bias: bool) {
 fn ltxav() -> Layout {
     let mut l = Layout::new("ltxav");
     let adaln = |l: &mut Layout, p: &str, coeff: u64| {
-        l.linear(&format!("{p}.emb.timestep_embedder.linear_1"), OUT, ROW, true);
-        l.linear(&format!("{p}.emb.timestep_embedder.linear_2"), OUT, OUT, true);
+        l.linear(
+            &format!("{p}.emb.timestep_embedder.linear_1"),
+            OUT,
+            ROW,
+            true,
+        );
+        l.linear(
+            &format!("{p}.emb.timestep_embedder.linear_2"),
+            OUT,
+            OUT,
+            true,
+        );
         l.linear(&format!("{p}.linear"), coeff * OUT, ROW, true);
     };
     l.linear("patchify_proj", ROW, 128, true);
@@ -199,7 +209,11 @@ fn ltxav() -> Layout {
         l.linear(&format!("{p}.{ff}.net.2"), ROW, OUT, true);
     }
     l.param(format!("{p}.scale_shift_table"), &[6, ROW], Init::Weight);
-    l.param(format!("{p}.audio_scale_shift_table"), &[6, ROW], Init::Weight);
+    l.param(
+        format!("{p}.audio_scale_shift_table"),
+        &[6, ROW],
+        Init::Weight,
+    );
     l.param(
         format!("{p}.scale_shift_table_a2v_ca_audio"),
         &[5, ROW],
@@ -244,7 +258,7 @@ fn hyvid15() -> Layout {
     l.linear("vision_in.proj.1", OUT, OUT, true);
     l.linear("byt5_in.fc1", OUT, ROW, true);
     l.linear("byt5_in.fc2", OUT, OUT, true);
-    l.param("cond_type_embedding.weight", &[3, ROW], Init::Weight);
+    l.param("cond_type_embedding.weight", &[3, 2 * ROW], Init::Weight);
     let p = "double_blocks.0";
     for s in ["img", "txt"] {
         l.linear(&format!("{p}.{s}_mod.linear"), 2 * OUT, ROW, true);

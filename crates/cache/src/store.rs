@@ -616,7 +616,10 @@ impl Cache {
             }
             s.count += 1;
             s.total_bytes += e.size;
-            let k = s.by_kind.entry(e.model_kind.folder().to_owned()).or_default();
+            let k = s
+                .by_kind
+                .entry(e.model_kind.folder().to_owned())
+                .or_default();
             k.count += 1;
             k.bytes += e.size;
             let t = s
@@ -723,9 +726,9 @@ impl Cache {
         let Some((_, precision)) = parse_output_name(name) else {
             return Ok(false);
         };
-        let in_output_dir = ModelKind::ALL.into_iter().any(|k| {
-            path.parent() == Some(self.models.output_dir_for(k, precision).as_path())
-        });
+        let in_output_dir = ModelKind::ALL
+            .into_iter()
+            .any(|k| path.parent() == Some(self.models.output_dir_for(k, precision).as_path()));
         if !in_output_dir {
             return Ok(false);
         }

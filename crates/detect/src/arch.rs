@@ -89,9 +89,7 @@ use KeyPattern::{Contains as C, Exact as E};
 
 /// What kind of model a file holds, which decides the models folder its outputs go to.
 /// Serialized as its folder name.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum ModelKind {
     /// A diffusion model (`models/diffusion_models/`).
     #[default]
@@ -123,7 +121,9 @@ impl ModelKind {
         const GGUF_TEXT: &[&str] = &["t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl"];
         match architecture {
             Some(a) if GGUF_TEXT.contains(&a) => ModelKind::TextEncoder,
-            Some(a) => a.parse::<Arch>().map_or(ModelKind::DiffusionModel, Arch::kind),
+            Some(a) => a
+                .parse::<Arch>()
+                .map_or(ModelKind::DiffusionModel, Arch::kind),
             None => ModelKind::DiffusionModel,
         }
     }

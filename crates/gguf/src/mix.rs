@@ -523,9 +523,7 @@ pub fn plan(
 
         let high_precision_source = matches!(src.dtype, SourceDtype::F32 | SourceDtype::BF16);
         let keep_f32 = high_precision_source
-            && (src.shape.len() == 1
-                || n <= QUANTIZATION_THRESHOLD
-                || arch.is_hiprec(&table_name));
+            && (src.shape.len() == 1 || n <= QUANTIZATION_THRESHOLD || arch.is_hiprec(&table_name));
         let base_type = match target {
             FileType::AllF32 => GgmlType::F32,
             _ if keep_f32 => GgmlType::F32,

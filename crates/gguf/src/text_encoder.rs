@@ -63,7 +63,10 @@ pub const COMFYUI_GGUF_T5_SD_MAP: &[(&str, &str)] = &[
     ("attn_v", "layer.0.SelfAttention.v"),
     ("attn_o", "layer.0.SelfAttention.o"),
     ("attn_norm", "layer.0.layer_norm"),
-    ("attn_rel_b", "layer.0.SelfAttention.relative_attention_bias"),
+    (
+        "attn_rel_b",
+        "layer.0.SelfAttention.relative_attention_bias",
+    ),
     ("ffn_up", "layer.1.DenseReluDense.wi_1"),
     ("ffn_down", "layer.1.DenseReluDense.wo"),
     ("ffn_gate", "layer.1.DenseReluDense.wi_0"),

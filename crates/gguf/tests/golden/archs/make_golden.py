@@ -1,0 +1,68 @@
+"""What gguf-py reads in convcache's Q4_K_M outputs of fixtures/archs/.
+
+Converts every fixture with the convcache CLI into a scratch models dir, checks each output
+landed in the models folder of its kind (text_encoders/gguf for T5/umt5, else
+diffusion_models/gguf), reads it with gguf-py's GGUFReader and writes gguf_py_listing.json:
+per fixture, every tensor's [name, type name, torch-order shape] and every metadata key with
+its value (convcache.* provenance keys left out: they hold paths and times). The Rust test
+crates/gguf/tests/new_archs.rs compares convcache's output with this listing.
+
+Run from the repository root, after `cargo build -p cli`:
+    /work/bench-venv/bin/python crates/gguf/tests/golden/archs/make_golden.py
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import gguf
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "../../../../.."))
+CLI = os.path.join(ROOT, "target/debug/convcache")
+FIXTURES = os.path.join(ROOT, "fixtures/archs")
+TEXT_ENCODERS = {"t5xxl", "umt5xxl"}
+# CLIP gets no GGUF (ComfyUI-GGUF cannot load one).
+SKIP = {"clip_l_fp16.safetensors", "clip_g_fp16.safetensors"}
+
+
+def value(field):
+    t = field.types[0]
+    if t == gguf.GGUFValueType.STRING:
+        return str(bytes(field.parts[field.data[-1]]), encoding="utf-8")
+    if t in (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32):
+        return int(field.parts[field.data[-1]][0])
+    raise TypeError(f"{field.name}: unexpected type {field.types}")
+
+
+def main():
+    out = {"generator": "crates/gguf/tests/golden/archs/make_golden.py", "files": {}}
+    with tempfile.TemporaryDirectory() as models:
+        for name in sorted(os.listdir(FIXTURES)):
+            if name in SKIP:
+                continue
+            src = os.path.join(FIXTURES, name)
+            res = subprocess.run(
+                [CLI, "convert", src, "--to", "Q4_K_M", "--models-dir", models, "--json", "-q"],
+                check=True, capture_output=True, text=True,
+            )
+            doc = json.loads(res.stdout)
+            path = doc["results"][0]["path"] if "results" in doc else doc[0]["path"]
+            kind = "text_encoders" if name.split("_")[0] in TEXT_ENCODERS else "diffusion_models"
+            assert os.path.dirname(path) == os.path.join(models, kind, "gguf"), path
+            r = gguf.GGUFReader(path)
+            tensors = [[t.name, t.tensor_type.name, [int(d) for d in reversed(t.shape)]] for t in r.tensors]
+            meta = {}
+            for k, f in r.fields.items():
+                if k.startswith("GGUF.") or k.startswith("convcache."):
+                    continue
+                meta[k] = value(f)
+            out["files"][name] = {"tensors": tensors, "metadata": meta}
+            print(name, r.fields["general.architecture"].parts[-1].tobytes().decode(), len(tensors), file=sys.stderr)
+    with open(os.path.join(os.path.dirname(__file__), "gguf_py_listing.json"), "w") as f:
+        json.dump(out, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
