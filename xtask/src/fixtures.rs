@@ -30,6 +30,8 @@ enum Content {
     Range,
     /// A causal-looking mask: true on even positions.
     Mask,
+    /// Fixed bytes (U8), made by this function (a serialized tokenizer).
+    Bytes(fn() -> Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +149,11 @@ impl FileSpec {
                     }
                     Content::Mask => {
                         bytes.extend((done..done + n as u64).map(|i| u8::from(i % 2 == 0)));
+                    }
+                    Content::Bytes(make) => {
+                        let all = make();
+                        let start = usize::try_from(done)?;
+                        bytes.extend_from_slice(&all[start..start + n]);
                     }
                 }
                 w.write_chunk(&bytes)?;

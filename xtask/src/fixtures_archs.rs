@@ -65,13 +65,13 @@ pub fn specs() -> Vec<FileSpec> {
     );
     v.push(ltx);
     let mut umt5 = spec("umt5xxl_bf16.safetensors", &t5(true), "bf16", bf16);
-    // Comfy-Org's umt5 files carry the sentencepiece model as a U8 tensor.
+    // Comfy-Org's umt5 files carry the SentencePiece model as a U8 tensor.
     umt5.entries.push(Entry {
         name: "spiece_model".into(),
         seed_name: "spiece_model".into(),
-        shape: vec![64],
+        shape: vec![spiece_model().len() as u64],
         dtype: Dtype::U8,
-        content: Content::Mask,
+        content: Content::Bytes(spiece_model),
     });
     umt5.sort_like_safetensors();
     v.push(umt5);
@@ -403,4 +403,58 @@ fn clip(layers: u64, projection: bool) -> Layout {
         l.param("text_projection.weight", &[d, d], Init::Weight);
     }
     l
+}
+
+/// A small serialized SentencePiece `ModelProto` with umt5's special ids (pad 0, eos 1,
+/// unk 2): pieces of every type, fractional scores, both normalizer flags set explicitly.
+fn spiece_model() -> Vec<u8> {
+    fn varint(mut v: u64, out: &mut Vec<u8>) {
+        while v >= 0x80 {
+            out.push((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn field_bytes(field: u64, bytes: &[u8], out: &mut Vec<u8>) {
+        varint(field << 3 | 2, out);
+        varint(bytes.len() as u64, out);
+        out.extend_from_slice(bytes);
+    }
+    fn field_varint(field: u64, v: u64, out: &mut Vec<u8>) {
+        varint(field << 3, out);
+        varint(v, out);
+    }
+    let pieces: &[(&str, f32, u64)] = &[
+        ("<pad>", 0.0, 3),
+        ("</s>", 0.0, 3),
+        ("<unk>", 0.0, 2),
+        ("\u{2581}", -2.5, 1),
+        ("\u{2581}a", -3.25, 1),
+        ("b", -4.0, 1),
+        ("\u{2581}\u{00e9}t\u{00e9}", -5.5, 1),
+        ("<0x0A>", 0.0, 6),
+        ("<extra_id_0>", 0.0, 4),
+        ("<unused>", 0.0, 5),
+    ];
+    let mut out = Vec::new();
+    for (text, score, kind) in pieces {
+        let mut p = Vec::new();
+        field_bytes(1, text.as_bytes(), &mut p);
+        varint(2 << 3 | 5, &mut p);
+        p.extend_from_slice(&score.to_le_bytes());
+        field_varint(3, *kind, &mut p);
+        field_bytes(1, &p, &mut out);
+    }
+    let mut trainer = Vec::new();
+    field_varint(40, 2, &mut trainer);
+    field_varint(41, u64::MAX, &mut trainer); // bos_id -1: int32 sign-extended
+    field_varint(42, 1, &mut trainer);
+    field_varint(43, 0, &mut trainer);
+    field_bytes(2, &trainer, &mut out);
+    let mut normalizer = Vec::new();
+    field_bytes(1, b"identity", &mut normalizer);
+    field_varint(3, 1, &mut normalizer);
+    field_varint(4, 0, &mut normalizer);
+    field_bytes(3, &normalizer, &mut out);
+    out
 }

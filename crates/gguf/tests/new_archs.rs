@@ -347,12 +347,7 @@ fn outputs_are_what_gguf_py_read() {
             if k.starts_with("convcache.") {
                 continue;
             }
-            let v = match v {
-                MetadataValue::String(s) => serde_json::json!(s),
-                MetadataValue::U32(n) => serde_json::json!(n),
-                other => serde_json::json!(format!("{other:?}")),
-            };
-            meta.insert(k.clone(), v);
+            meta.insert(k.clone(), json_of(v));
         }
         assert_eq!(
             &serde_json::Value::Object(meta),
@@ -360,4 +355,52 @@ fn outputs_are_what_gguf_py_read() {
             "{file}"
         );
     }
+}
+
+fn json_of(v: &MetadataValue) -> serde_json::Value {
+    match v {
+        MetadataValue::String(s) => serde_json::json!(s),
+        MetadataValue::U32(n) => serde_json::json!(n),
+        MetadataValue::I32(n) => serde_json::json!(n),
+        MetadataValue::F32(x) => serde_json::json!(f64::from(*x)),
+        MetadataValue::Bool(b) => serde_json::json!(b),
+        MetadataValue::Array(a) => serde_json::Value::Array(a.iter().map(json_of).collect()),
+        other => serde_json::json!(format!("{other:?}")),
+    }
+}
+
+#[test]
+fn umt5_gguf_carries_the_tokenizer_comfyui_gguf_rebuilds() {
+    let (planned, out) = convert("umt5xxl_bf16.safetensors", FileType::Q8_0);
+    assert!(planned.gguf_plan().metadata.len() > 3);
+    let get = |k: &str| out.metadata.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+    assert_eq!(
+        get("tokenizer.ggml.model"),
+        Some(&MetadataValue::String("t5".into()))
+    );
+    let Some(MetadataValue::Array(tokens)) = get("tokenizer.ggml.tokens") else {
+        panic!("no tokens")
+    };
+    assert_eq!(tokens.len(), 10);
+    assert_eq!(tokens[4], MetadataValue::String("\u{2581}a".into()));
+    assert_eq!(
+        get("tokenizer.ggml.eos_token_id"),
+        Some(&MetadataValue::U32(1))
+    );
+    assert_eq!(
+        get("tokenizer.ggml.padding_token_id"),
+        Some(&MetadataValue::U32(0))
+    );
+    assert_eq!(
+        get("tokenizer.ggml.remove_extra_whitespaces"),
+        Some(&MetadataValue::Bool(false))
+    );
+    // T5-XXL (no spiece_model) gets none and no warning; it is not needed there.
+    let (planned, out) = convert("t5xxl_fp16.safetensors", FileType::Q8_0);
+    assert!(
+        out.metadata
+            .iter()
+            .all(|(k, _)| !k.starts_with("tokenizer."))
+    );
+    assert!(planned.warnings().is_empty(), "{:?}", planned.warnings());
 }

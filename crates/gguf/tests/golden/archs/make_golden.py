@@ -4,7 +4,10 @@ Converts every fixture with the convcache CLI into a scratch models dir, checks 
 landed in the models folder of its kind (text_encoders/gguf for T5/umt5, else
 diffusion_models/gguf), reads it with gguf-py's GGUFReader and writes gguf_py_listing.json:
 per fixture, every tensor's [name, type name, torch-order shape] and every metadata key with
-its value (convcache.* provenance keys left out: they hold paths and times). The Rust test
+its value (convcache.* provenance keys left out: they hold paths and times). For the umt5
+fixture it also rebuilds the SentencePiece model from the GGUF's tokenizer.ggml.* keys the way
+ComfyUI-GGUF's loader does and checks it equals the source's spiece_model (needs the
+sentencepiece and protobuf packages). The Rust test
 crates/gguf/tests/new_archs.rs compares convcache's output with this listing.
 
 Run from the repository root, after `cargo build -p cli`:
@@ -26,13 +29,53 @@ TEXT_ENCODERS = {"t5xxl", "umt5xxl"}
 SKIP = {"clip_l_fp16.safetensors", "clip_g_fp16.safetensors"}
 
 
-def value(field):
-    t = field.types[0]
+def scalar(t, part):
     if t == gguf.GGUFValueType.STRING:
-        return str(bytes(field.parts[field.data[-1]]), encoding="utf-8")
+        return str(bytes(part), encoding="utf-8")
     if t in (gguf.GGUFValueType.UINT32, gguf.GGUFValueType.INT32):
-        return int(field.parts[field.data[-1]][0])
-    raise TypeError(f"{field.name}: unexpected type {field.types}")
+        return int(part[0])
+    if t == gguf.GGUFValueType.FLOAT32:
+        return float(part[0])
+    if t == gguf.GGUFValueType.BOOL:
+        return bool(part[0])
+    raise TypeError(f"unexpected type {t}")
+
+
+def value(field):
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return [scalar(field.types[1], field.parts[i]) for i in field.data]
+    return scalar(field.types[0], field.parts[field.data[-1]])
+
+
+def check_tokenizer(path, src):
+    """ComfyUI-GGUF's gguf_tokenizer_loader (loader.py), minus its umt5 size check, rebuilds
+    the source's SentencePiece model from the GGUF's keys."""
+    from safetensors import safe_open
+    from sentencepiece import sentencepiece_model_pb2 as model
+
+    orig = model.ModelProto()
+    with safe_open(src, framework="np") as f:
+        orig.ParseFromString(f.get_tensor("spiece_model").tobytes())
+    r = gguf.GGUFReader(path)
+    f = lambda k: value(r.fields[k])
+    assert f("tokenizer.ggml.model") == "t5"
+    spm = model.ModelProto()
+    spm.normalizer_spec.add_dummy_prefix = f("tokenizer.ggml.add_space_prefix")
+    spm.normalizer_spec.remove_extra_whitespaces = f("tokenizer.ggml.remove_extra_whitespaces")
+    for token, score, toktype in zip(f("tokenizer.ggml.tokens"), f("tokenizer.ggml.scores"), f("tokenizer.ggml.token_type")):
+        piece = spm.SentencePiece()
+        piece.piece = token
+        piece.score = score
+        piece.type = toktype
+        spm.pieces.append(piece)
+    spm.trainer_spec.eos_id = f("tokenizer.ggml.eos_token_id")
+    spm.trainer_spec.pad_id = f("tokenizer.ggml.padding_token_id")
+    assert list(spm.pieces) == list(orig.pieces), (spm.pieces, orig.pieces)
+    assert spm.trainer_spec.eos_id == orig.trainer_spec.eos_id
+    assert spm.trainer_spec.pad_id == orig.trainer_spec.pad_id
+    assert spm.normalizer_spec.add_dummy_prefix == orig.normalizer_spec.add_dummy_prefix
+    assert spm.normalizer_spec.remove_extra_whitespaces == orig.normalizer_spec.remove_extra_whitespaces
+    print(f"{os.path.basename(src)}: tokenizer rebuilt ({len(spm.pieces)} pieces)", file=sys.stderr)
 
 
 def main():
@@ -50,6 +93,8 @@ def main():
             path = doc["results"][0]["path"] if "results" in doc else doc[0]["path"]
             kind = "text_encoders" if name.split("_")[0] in TEXT_ENCODERS else "diffusion_models"
             assert os.path.dirname(path) == os.path.join(models, kind, "gguf"), path
+            if name.startswith("umt5"):
+                check_tokenizer(path, src)
             r = gguf.GGUFReader(path)
             tensors = [[t.name, t.tensor_type.name, [int(d) for d in reversed(t.shape)]] for t in r.tensors]
             meta = {}
