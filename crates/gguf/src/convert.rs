@@ -150,9 +150,10 @@ fn full_metadata(
 }
 
 /// Key prefixes of the source's metadata that are not carried into a GGUF output: the policy's
-/// own namespaces (`general.*`, ComfyUI-GGUF's `comfy.gguf.*`) and convcache's provenance,
-/// which describes this output, not the source's origin.
-const NOT_CARRIED_PREFIXES: &[&str] = &["general.", "comfy.gguf.", "convcache."];
+/// own namespaces (`general.*`, ComfyUI-GGUF's `comfy.gguf.*`, `tokenizer.*`, which only the
+/// source's SentencePiece model fills: a GGUF source's string keys alone would be a partial
+/// tokenizer) and convcache's provenance, which describes this output, not the source's origin.
+const NOT_CARRIED_PREFIXES: &[&str] = &["general.", "comfy.gguf.", "tokenizer.", "convcache."];
 
 /// Source metadata keys about the safetensors container rather than the model, not carried:
 /// `format` (`"pt"`, the framework `save_file` was called from) says nothing about GGUF tensors.

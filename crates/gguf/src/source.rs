@@ -77,12 +77,19 @@ impl GgufSource {
             path: path.to_owned(),
             source,
         })?;
+        // A T5 text encoder's llama.cpp names are served as ComfyUI's keys, mapped back the
+        // way ComfyUI-GGUF's CLIPLoaderGGUF does, so every target writes ComfyUI's names.
+        let t5 = matches!(file.architecture(), Some("t5" | "t5encoder"));
         let tensors = file
             .tensors
             .iter()
             .map(|t| {
                 Ok(SourceTensor {
-                    name: t.name.clone(),
+                    name: if t5 {
+                        crate::text_encoder::comfyui_gguf_t5_key(&t.name)
+                    } else {
+                        t.name.clone()
+                    },
                     shape: logical_shape(&file, t)?,
                     dtype: Dtype::F32,
                     stored: Stored::Ggml(t.ggml_type),

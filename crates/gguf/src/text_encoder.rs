@@ -200,7 +200,9 @@ pub fn parse_sentencepiece(bytes: &[u8]) -> Result<SentencePiece, SentencePieceE
                                 .map_err(|_| SentencePieceError("a piece type is out of range"))?;
                         }
                         (1..=3, _) => {
-                            return Err(SentencePieceError("a piece field has the wrong wire type"));
+                            return Err(SentencePieceError(
+                                "a piece field has the wrong wire type",
+                            ));
                         }
                         _ => {}
                     }

@@ -404,3 +404,38 @@ fn umt5_gguf_carries_the_tokenizer_comfyui_gguf_rebuilds() {
     );
     assert!(planned.warnings().is_empty(), "{:?}", planned.warnings());
 }
+
+#[test]
+fn a_t5_gguf_source_serves_comfyuis_keys_and_round_trips() {
+    let (planned, _) = convert("umt5xxl_bf16.safetensors", FileType::Q8_0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("umt5xxl_Q8_0.gguf");
+    let mut out = Vec::new();
+    planned.write(&mut out, &mut |_, _| {}).unwrap();
+    std::fs::write(&path, out).unwrap();
+    let source = gguf::source::GgufSource::open(&path).unwrap();
+    let original = tensorfile::open_safetensors(&fixture("umt5xxl_bf16.safetensors")).unwrap();
+    let mut want: Vec<&str> = original
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| *n != "spiece_model")
+        .collect();
+    want.sort();
+    use tensorfile::TensorSource;
+    let mut got: Vec<&str> = source.tensors().iter().map(|t| t.name.as_str()).collect();
+    got.sort();
+    assert_eq!(got, want);
+    assert_eq!(source.declared_arch(), Some(Arch::Umt5xxl));
+    // Requantized, the names go back to llama.cpp's.
+    let again =
+        GgufConversion::requantize(source, None, FileType::Q4KM, &BTreeMap::new(), "Q8_0").unwrap();
+    assert!(
+        again
+            .gguf_plan()
+            .tensors
+            .iter()
+            .all(|t| comfyui_gguf_t5_key(&t.name) == t.source_name)
+    );
+    assert_eq!(again.gguf_plan().arch, Arch::Umt5xxl);
+}
