@@ -96,6 +96,34 @@ fn text_encoders_convert_into_their_own_folders_and_are_listed() {
 }
 
 #[test]
+fn t5_fp8_scaled_quantizes_the_encoder_blocks_only() {
+    let s = Scratch::new();
+    let t5 = fixture(&s, "t5xxl_fp16.safetensors");
+    s.run(&["-q", "convert", t5.to_str().unwrap(), "--to", "fp8_scaled"])
+        .ok();
+    let out = Safetensors::read(
+        &s.models()
+            .join("text_encoders/converted/t5xxl_fp8_scaled.safetensors"),
+    );
+    assert_eq!(
+        out.dtype("encoder.block.0.layer.0.SelfAttention.q.weight"),
+        "F8_E4M3"
+    );
+    assert_eq!(
+        out.dtype("encoder.block.1.layer.1.DenseReluDense.wi_0.weight"),
+        "F8_E4M3"
+    );
+    for kept in [
+        "shared.weight",
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "encoder.block.0.layer.0.layer_norm.weight",
+        "encoder.final_layer_norm.weight",
+    ] {
+        assert_eq!(out.dtype(kept), "F16", "{kept}");
+    }
+}
+
+#[test]
 fn clip_gets_casts_but_no_gguf() {
     let s = Scratch::new();
     let clip = fixture(&s, "clip_l_fp16.safetensors");

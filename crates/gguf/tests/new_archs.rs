@@ -439,3 +439,66 @@ fn a_t5_gguf_source_serves_comfyuis_keys_and_round_trips() {
     );
     assert_eq!(again.gguf_plan().arch, Arch::Umt5xxl);
 }
+
+/// ComfyUI's `t5xxl_fp8_e4m3fn_scaled` layout (the legacy `scaled_fp8` marker and a
+/// `scale_weight` per fp8 weight), built from the fp8 fixture: detected as T5-XXL, its weights
+/// de-scaled, its scales and marker dropped, the rest named as for any T5.
+#[test]
+fn scaled_fp8_t5_converts_like_any_t5() {
+    use tensorfile::safetensors::Dtype;
+    use tensorfile::safetensors::writer::write_file;
+    let src = tensorfile::SafetensorsFile::open(&fixture("t5xxl_fp8_e4m3fn.safetensors")).unwrap();
+    let bytes = std::fs::read(fixture("t5xxl_fp8_e4m3fn.safetensors")).unwrap();
+    let header = &src.header;
+    let data_start =
+        bytes.len() - header.tensors.iter().map(|t| t.byte_len()).sum::<u64>() as usize;
+    let half = 0.5f32.to_le_bytes();
+    let mut tensors: Vec<(String, Dtype, Vec<u64>, Vec<u8>)> = Vec::new();
+    for t in &header.tensors {
+        let (a, b) = t.data_offsets;
+        let data = bytes[data_start + a as usize..data_start + b as usize].to_vec();
+        tensors.push((t.name.clone(), t.dtype, t.shape.clone(), data));
+        if t.dtype == Dtype::F8E4M3 {
+            let layer = t.name.strip_suffix(".weight").unwrap();
+            tensors.push((
+                format!("{layer}.scale_weight"),
+                Dtype::F32,
+                vec![],
+                half.to_vec(),
+            ));
+        }
+    }
+    tensors.push(("scaled_fp8".into(), Dtype::F8E4M3, vec![0], Vec::new()));
+    let whole: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.clone()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t5xxl_fp8_e4m3fn_scaled.safetensors");
+    write_file(&path, &whole, &BTreeMap::new()).unwrap();
+
+    let source = tensorfile::open_safetensors(&path).unwrap();
+    let planned = GgufConversion::plan(source, None, FileType::Q8_0, &BTreeMap::new()).unwrap();
+    let plan = planned.gguf_plan();
+    assert_eq!(plan.arch, Arch::T5xxl);
+    assert!(plan.dropped.iter().any(|d| d.name == "scaled_fp8"));
+    assert!(
+        plan.dropped
+            .iter()
+            .any(|d| d.name == "encoder.block.0.layer.0.SelfAttention.q.scale_weight")
+    );
+    assert!(
+        plan.tensors
+            .iter()
+            .all(|t| !t.name.contains("scale_weight"))
+    );
+    for t in &plan.tensors {
+        assert_eq!(comfyui_gguf_t5_key(&t.name), t.source_name);
+    }
+    let q = plan
+        .tensors
+        .iter()
+        .find(|t| t.name == "enc.blk.0.attn_q.weight")
+        .unwrap();
+    assert_eq!(q.ggml_type, GgmlType::Q8_0);
+}
