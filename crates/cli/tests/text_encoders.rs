@@ -24,6 +24,17 @@ fn text_encoders_convert_into_their_own_folders_and_are_listed() {
     let t5 = fixture(&s, "t5xxl_fp16.safetensors");
     let umt5 = fixture(&s, "umt5xxl_bf16.safetensors");
     let te = s.models().join("text_encoders");
+    let d = s
+        .run(&["--json", "detect", t5.to_str().unwrap()])
+        .ok()
+        .json();
+    assert_eq!(d[0]["architecture"], "t5xxl");
+    assert_eq!(d[0]["model_kind"], "text_encoders");
+    let text = s.run(&["detect", umt5.to_str().unwrap()]).ok().stdout;
+    assert!(
+        text.contains("umt5xxl") && text.contains("text encoder"),
+        "{text}"
+    );
 
     let run = s
         .run(&[

@@ -198,7 +198,7 @@ impl<'a> Options<'a> {
 /// Diffusion model or text encoder, which picks the models folder of the outputs: `--arch`
 /// does not change it (it only forces GGUF's table), the source's own keys do.
 fn model_kind(detection: &Detection) -> cache::ModelKind {
-    cache::ModelKind::of_architecture(detection.architecture.as_deref())
+    detection.model_kind()
 }
 
 impl std::fmt::Debug for Options<'_> {
