@@ -502,3 +502,58 @@ fn scaled_fp8_t5_converts_like_any_t5() {
         .unwrap();
     assert_eq!(q.ggml_type, GgmlType::Q8_0);
 }
+
+/// Q8_0 (block 32) and Q5_K_M tables of LTX-2 and T5: rows of 32 quantize at Q8_0, the
+/// excluded tensors keep their base type at every target.
+#[test]
+fn other_targets_follow_the_same_tables() {
+    let cases: &[(&str, FileType, &[(&str, GgmlType)])] = &[
+        (
+            "ltxav_bf16.safetensors",
+            FileType::Q8_0,
+            &[
+                ("transformer_blocks.0.attn1.to_out.0.weight", GgmlType::Q8_0),
+                ("transformer_blocks.0.ff.net.2.weight", GgmlType::Q8_0),
+                ("transformer_blocks.0.attn1.to_v.weight", GgmlType::Q8_0),
+                ("transformer_blocks.0.scale_shift_table", F32),
+                ("audio_adaln_single.linear.weight", BF16),
+            ],
+        ),
+        (
+            "ltxav_bf16.safetensors",
+            FileType::Q5KM,
+            &[
+                ("transformer_blocks.0.attn1.to_q.weight", GgmlType::Q5K),
+                ("transformer_blocks.0.attn1.to_v.weight", Q6K),
+                ("transformer_blocks.0.audio_ff.net.2.weight", F16),
+                ("audio_proj_out.weight", BF16),
+            ],
+        ),
+        (
+            "t5xxl_fp16.safetensors",
+            FileType::Q8_0,
+            &[
+                ("enc.blk.0.attn_o.weight", GgmlType::Q8_0),
+                ("enc.blk.1.ffn_down.weight", GgmlType::Q8_0),
+                ("enc.blk.0.attn_rel_b.weight", F16),
+                ("token_embd.weight", F16),
+            ],
+        ),
+        (
+            "t5xxl_fp16.safetensors",
+            FileType::Q5KM,
+            &[
+                ("enc.blk.0.attn_q.weight", GgmlType::Q5K),
+                ("enc.blk.1.attn_v.weight", Q6K),
+                ("token_embd.weight", F16),
+            ],
+        ),
+    ];
+    for &(file, target, table) in cases {
+        let (_, out) = convert(file, target);
+        for &(name, want) in table {
+            let t = out.tensors.iter().find(|t| t.name == name).unwrap();
+            assert_eq!(t.ggml_type, want, "{file} {target}: {name}");
+        }
+    }
+}
