@@ -12,6 +12,14 @@
 //! of any one of its [`Arch::keys_detect`] tuples is present; the first match wins. If the
 //! matching architecture has a [`Arch::keys_banned`] key, the file is in the diffusers layout
 //! and is refused: ComfyUI-GGUF only loads the reference layout (fused q/k/v, original names).
+//!
+//! Beyond convert.py's list, the table has the variants it folds into another architecture,
+//! told apart by ComfyUI's `comfy/model_detection.py` keys and tried before the row they
+//! refine (Flux.2 and Chroma before flux, LTX-2 before ltxv, HunyuanVideo 1.5 before hyvid,
+//! Z-Image before lumina2; each written under its parent's `general.architecture`, the name
+//! ComfyUI-GGUF's loader accepts), and the text encoders of ComfyUI's `detect_te_model`
+//! (T5-XXL, umt5-xxl, CLIP-L, CLIP-G), whose [`ModelKind`] sends their outputs to
+//! `text_encoders/`. Every per-architecture fact lives in this one table.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
