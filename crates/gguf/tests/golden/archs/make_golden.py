@@ -7,8 +7,9 @@ per fixture, every tensor's [name, type name, torch-order shape] and every metad
 its value (convcache.* provenance keys left out: they hold paths and times). For the umt5
 fixture it also rebuilds the SentencePiece model from the GGUF's tokenizer.ggml.* keys the way
 ComfyUI-GGUF's loader does and checks it equals the source's spiece_model (needs the
-sentencepiece and protobuf packages). The Rust test
-crates/gguf/tests/new_archs.rs compares convcache's output with this listing.
+sentencepiece and protobuf packages). For every T5/umt5 output
+it applies the loader's T5_SD_MAP to the GGUF names and checks they give back every key of the
+source. The Rust test crates/gguf/tests/new_archs.rs compares convcache's output with this listing.
 
 Run from the repository root, after `cargo build -p cli`:
     /work/bench-venv/bin/python crates/gguf/tests/golden/archs/make_golden.py
@@ -45,6 +46,41 @@ def value(field):
     if field.types[0] == gguf.GGUFValueType.ARRAY:
         return [scalar(field.types[1], field.parts[i]) for i in field.data]
     return scalar(field.types[0], field.parts[field.data[-1]])
+
+
+# ComfyUI-GGUF loader.py's T5_SD_MAP and sd_map_replace, as the loader applies them.
+T5_SD_MAP = {
+    "enc.": "encoder.",
+    ".blk.": ".block.",
+    "token_embd": "shared",
+    "output_norm": "final_layer_norm",
+    "attn_q": "layer.0.SelfAttention.q",
+    "attn_k": "layer.0.SelfAttention.k",
+    "attn_v": "layer.0.SelfAttention.v",
+    "attn_o": "layer.0.SelfAttention.o",
+    "attn_norm": "layer.0.layer_norm",
+    "attn_rel_b": "layer.0.SelfAttention.relative_attention_bias",
+    "ffn_up": "layer.1.DenseReluDense.wi_1",
+    "ffn_down": "layer.1.DenseReluDense.wo",
+    "ffn_gate": "layer.1.DenseReluDense.wi_0",
+    "ffn_norm": "layer.1.layer_norm",
+}
+
+
+def check_t5_names(reader, src):
+    """Every GGUF name maps back, through the loader's map, to a key of the source (all of
+    them but the tokenizer bytes)."""
+    from safetensors import safe_open
+
+    with safe_open(src, framework="np") as f:
+        want = sorted(k for k in f.keys() if k != "spiece_model")
+    got = []
+    for t in reader.tensors:
+        k = t.name
+        for a, b in T5_SD_MAP.items():
+            k = k.replace(a, b)
+        got.append(k)
+    assert sorted(got) == want, (sorted(got), want)
 
 
 def check_tokenizer(path, src):
@@ -96,6 +132,8 @@ def main():
             if name.startswith("umt5"):
                 check_tokenizer(path, src)
             r = gguf.GGUFReader(path)
+            if kind == "text_encoders":
+                check_t5_names(r, src)
             tensors = [[t.name, t.tensor_type.name, [int(d) for d in reversed(t.shape)]] for t in r.tensors]
             meta = {}
             for k, f in r.fields.items():
