@@ -135,6 +135,30 @@ fn t5_fp8_scaled_quantizes_the_encoder_blocks_only() {
 }
 
 #[test]
+fn umt5_casts_keep_the_tokenizer_bytes() {
+    let s = Scratch::new();
+    let umt5 = fixture(&s, "umt5xxl_bf16.safetensors");
+    let src = Safetensors::read(&umt5);
+    s.run(&[
+        "-q",
+        "convert",
+        umt5.to_str().unwrap(),
+        "--to",
+        "fp16,fp8_scaled",
+    ])
+    .ok();
+    for out in ["umt5xxl_fp16.safetensors", "umt5xxl_fp8_scaled.safetensors"] {
+        let o = Safetensors::read(&s.models().join("text_encoders/converted").join(out));
+        assert_eq!(o.dtype("spiece_model"), "U8", "{out}");
+        assert_eq!(
+            o.tensor("spiece_model"),
+            src.tensor("spiece_model"),
+            "{out}"
+        );
+    }
+}
+
+#[test]
 fn clip_gets_casts_but_no_gguf() {
     let s = Scratch::new();
     let clip = fixture(&s, "clip_l_fp16.safetensors");
