@@ -507,7 +507,8 @@ fn scaled_fp8_t5_converts_like_any_t5() {
 /// excluded tensors keep their base type at every target.
 #[test]
 fn other_targets_follow_the_same_tables() {
-    let cases: &[(&str, FileType, &[(&str, GgmlType)])] = &[
+    type Table = &'static [(&'static str, GgmlType)];
+    let cases: &[(&str, FileType, Table)] = &[
         (
             "ltxav_bf16.safetensors",
             FileType::Q8_0,
