@@ -75,7 +75,8 @@ pub struct ConversionArgs {
     #[arg(long)]
     pub double_quant: bool,
     /// GGUF targets: the architecture to assume instead of detecting it from the tensor names
-    /// (flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2).
+    /// (flux, flux2, chroma, sd3, aura, hidream, cosmos, qwen_image, ltxv, ltxav, hyvid,
+    /// hyvid15, wan, sdxl, sd1, lumina2, z_image, t5xxl, umt5xxl).
     #[arg(long, value_name = "A")]
     pub arch: Option<gguf::Arch>,
 }
@@ -134,9 +135,10 @@ pub struct CheckArgs {
 /// Which cache folder(s) a command looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KindArg {
-    /// `diffusion_models/converted/` (precision and bitsandbytes outputs).
+    /// `diffusion_models/converted/` and `text_encoders/converted/` (precision,
+    /// bitsandbytes and ComfyUI quantized outputs).
     Precision,
-    /// `diffusion_models/gguf/`.
+    /// `diffusion_models/gguf/` and `text_encoders/gguf/`.
     Gguf,
     /// Both.
     All,

@@ -124,6 +124,7 @@ pub fn entry_json(e: &Entry) -> Value {
         .unwrap_or(0);
     json!({
         "basename": e.basename,
+        "model_kind": e.model_kind.folder(),
         "precision": e.precision.canonical_name(),
         "path": path_str(&e.path),
         "size": e.size,
@@ -172,6 +173,11 @@ pub fn stats_json(s: &Stats) -> Value {
         "count": s.count,
         "total_bytes": s.total_bytes,
         "by_precision": by,
+        "by_kind": s
+            .by_kind
+            .iter()
+            .map(|(k, t)| (k.clone(), json!({"count": t.count, "bytes": t.bytes})))
+            .collect::<serde_json::Map<String, Value>>(),
         "unusable": {"count": s.unusable.count, "bytes": s.unusable.bytes},
     })
 }
@@ -185,6 +191,16 @@ pub fn stats_text(s: &Stats) -> String {
             t.count,
             HumanBytes(t.bytes).to_string()
         ));
+    }
+    // Only when there is something besides diffusion models (the usual case stays as it was).
+    if s.by_kind.keys().any(|k| k != "diffusion_models") {
+        for (kind, t) in &s.by_kind {
+            out.push_str(&format!(
+                "\n  {kind:<16} {:>4}  {:>11}",
+                t.count,
+                HumanBytes(t.bytes).to_string()
+            ));
+        }
     }
     if s.unusable.count > 0 {
         out.push_str(&format!(

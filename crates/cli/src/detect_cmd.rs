@@ -15,7 +15,8 @@ pub fn run(ui: &Ui, args: &DetectArgs) -> Exit {
     for file in &args.files {
         match detect::detect(file) {
             Ok(d) => match serde_json::to_value(&d) {
-                Ok(v) => {
+                Ok(mut v) => {
+                    v["model_kind"] = Value::from(d.model_kind().folder());
                     if !ui.json {
                         // A blank line between files.
                         let sep = if found.is_empty() { "" } else { "\n" };
@@ -67,6 +68,9 @@ pub fn describe(d: &Value) -> String {
         a => text(a),
     };
     let _ = writeln!(s, "  architecture  {arch}");
+    if d.get("model_kind").and_then(Value::as_str) == Some("text_encoders") {
+        let _ = writeln!(s, "  kind          text encoder");
+    }
     if let Some(fp8) = d.get("fp8_scaling").filter(|v| !v.is_null()) {
         let _ = writeln!(s, "  fp8 scaling   {}", text(fp8));
     }

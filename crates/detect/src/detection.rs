@@ -94,6 +94,14 @@ pub struct Detection {
     pub notes: Vec<String>,
 }
 
+impl Detection {
+    /// Diffusion model or text encoder, from [`Detection::architecture`]
+    /// ([`crate::arch::ModelKind::of_architecture`]): which models folder outputs go to.
+    pub fn model_kind(&self) -> crate::arch::ModelKind {
+        crate::arch::ModelKind::of_architecture(self.architecture.as_deref())
+    }
+}
+
 fn serialize_path_lossy<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&path.to_string_lossy())
 }

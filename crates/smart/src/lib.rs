@@ -194,6 +194,7 @@ impl<'a> Options<'a> {
             converter_version,
             cancel: self.cancel.clone(),
             known_digest: self.known_digest.clone(),
+            model_kind: cache::ModelKind::default(),
         }
     }
 
@@ -203,6 +204,12 @@ impl<'a> Options<'a> {
             .as_deref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
     }
+}
+
+/// Diffusion model or text encoder, which picks the models folder of the outputs: `--arch`
+/// does not change it (it only forces GGUF's table), the source's own keys do.
+fn model_kind(detection: &Detection) -> cache::ModelKind {
+    detection.model_kind()
 }
 
 impl std::fmt::Debug for Options<'_> {
@@ -627,8 +634,9 @@ fn answer(
         .iter()
         .copied()
         .find(|b| b.supports(&detection, target));
-    let lookup_options =
+    let mut lookup_options =
         options.lookup_options(backend.map(|b| b.converter_version(target, &backend_options)));
+    lookup_options.model_kind = model_kind(&detection);
     let cache = Cache::new(options.models_dir.clone());
     // Leftovers of killed writers go on the next run, hit or miss. Best effort: a read-only
     // models dir must still answer hits.
@@ -759,12 +767,13 @@ pub fn check_with(
             });
             continue;
         }
-        let lookup_options = options.lookup_options(
+        let mut lookup_options = options.lookup_options(
             backends
                 .iter()
                 .find(|b| b.supports(&detection, target))
                 .map(|b| b.converter_version(target, &backend_options)),
         );
+        lookup_options.model_kind = model_kind(&detection);
         // Reuse the digest across targets (it is only valid while the source is unchanged,
         // which lookup_again checks).
         let l = match &earlier {

@@ -22,7 +22,7 @@ use crate::{Backend, BackendOptions, ConversionReport, Job, PlannedConversion, S
 pub struct GgufBackend;
 
 /// Bump when the bytes written for some target change.
-const VERSION: &str = "gguf-2";
+const VERSION: &str = "gguf-3";
 
 impl Backend for GgufBackend {
     fn supports(&self, source: &Detection, target: Precision) -> bool {
