@@ -15,8 +15,7 @@ pub fn run(ui: &Ui, args: &DetectArgs) -> Exit {
     for file in &args.files {
         match detect::detect(file) {
             Ok(d) => match serde_json::to_value(&d) {
-                Ok(mut v) => {
-                    v["model_kind"] = Value::from(d.model_kind().folder());
+                Ok(v) => {
                     if !ui.json {
                         // A blank line between files.
                         let sep = if found.is_empty() { "" } else { "\n" };

@@ -209,7 +209,7 @@ impl<'a> Options<'a> {
 /// Diffusion model or text encoder, which picks the models folder of the outputs: `--arch`
 /// does not change it (it only forces GGUF's table), the source's own keys do.
 fn model_kind(detection: &Detection) -> cache::ModelKind {
-    detection.model_kind()
+    detection.model_kind
 }
 
 impl std::fmt::Debug for Options<'_> {
