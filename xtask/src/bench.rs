@@ -20,6 +20,9 @@ use crate::{DynResult, fixtures, repo_root};
 
 #[path = "bench_python.rs"]
 mod bench_python;
+/// The cases of one command with several targets or sources.
+#[path = "bench_multi.rs"]
+mod multi;
 #[path = "bench_resume.rs"]
 mod resume;
 #[path = "bench_sharded.rs"]
@@ -363,6 +366,7 @@ fn cases() -> Vec<Case> {
     ]
     .into_iter()
     .chain(bench_python::cases())
+    .chain(multi::cases())
     .collect()
 }
 
@@ -1255,6 +1259,10 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
     for case in &selected {
         if case.id == KERNELS {
             sections.push_str(&kernels_section(&env, case, &mut verdicts));
+            continue;
+        }
+        if multi::handles(case.id) {
+            sections.push_str(&multi::section(&env, case, args.reps, &mut verdicts));
             continue;
         }
         if case.id == resume::ID {

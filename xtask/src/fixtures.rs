@@ -13,6 +13,9 @@ use tensorfile::safetensors::Dtype;
 use tensorfile::safetensors::writer::{SafetensorsWriter, TensorSpec, output_len};
 
 use crate::layouts::{self, FluxDims, Init, Layout};
+
+#[path = "fixtures_archs.rs"]
+pub mod archs;
 use crate::rng::{SplitMix64, name_seed};
 use crate::{DynResult, adversarial};
 
@@ -30,6 +33,8 @@ enum Content {
     Range,
     /// A causal-looking mask: true on even positions.
     Mask,
+    /// Fixed bytes (U8), made by this function (a serialized tokenizer).
+    Bytes(fn() -> Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +152,11 @@ impl FileSpec {
                     }
                     Content::Mask => {
                         bytes.extend((done..done + n as u64).map(|i| u8::from(i % 2 == 0)));
+                    }
+                    Content::Bytes(make) => {
+                        let all = make();
+                        let start = usize::try_from(done)?;
+                        bytes.extend_from_slice(&all[start..start + n]);
                     }
                 }
                 w.write_chunk(&bytes)?;
@@ -401,6 +411,16 @@ pub fn write_small(out: &Path) -> DynResult<Vec<String>> {
             manifest_entry(&path, Some(spec.arch), Some(spec.precision), "safetensors")?,
         );
     }
+    fs::create_dir_all(out.join("archs"))?;
+    for spec in archs::specs() {
+        let rel = format!("archs/{}", spec.file);
+        let path = out.join(&rel);
+        spec.write(&path)?;
+        manifest.insert(
+            rel,
+            manifest_entry(&path, Some(spec.arch), Some(spec.precision), "safetensors")?,
+        );
+    }
     let gguf_name = "flux_f16.gguf";
     write_gguf_flux_f16(&out.join(gguf_name))?;
     manifest.insert(
@@ -470,6 +490,10 @@ do not edit. `cargo xtask fixtures --check` fails when these files differ from a
   `diffusion_pytorch_model.safetensors` each. BF16, diffusers key names and shape patterns.
 - `sd3_mixed.safetensors`: F32 norms and biases first, BF16 for the bulk (dominant by bytes), an
   I64 tensor, a BOOL tensor, a 0-d F32 scalar (`logit_scale`) and a 1-element tensor.
+- `archs/`: one file per newer architecture and text encoder (`xtask/src/fixtures_archs.rs`):
+  the key layouts of Flux.2, Chroma, LTX-2 (with its `config` metadata), HunyuanVideo 1.5,
+  Z-Image, Wan 2.2 (5B TI2V, A14B), T5-XXL (fp16 and fp8), umt5-xxl (with a `spiece_model` U8
+  tensor), CLIP-L and CLIP-G, tiny but with rows of 256 in the block linears.
 ";
 
 fn manifest_entry(
@@ -561,12 +585,42 @@ fn write_gguf<W: Write>(out: W, layout: &Layout) -> DynResult<()> {
     Ok(())
 }
 
+/// Three smaller Flux-like bf16 models (~340 MB each, 1 double and 2 single blocks of the
+/// large model's width) for the benchmark of several sources in one command.
+pub fn several_specs() -> Vec<FileSpec> {
+    let dims = FluxDims {
+        hidden: 1536,
+        head_dim: 128,
+        vec_in: 768,
+        context: 4096,
+        double_blocks: 1,
+        single_blocks: 2,
+    };
+    let layout = layouts::flux(dims);
+    (1..=3)
+        .map(|i| {
+            FileSpec::from_layout(
+                format!("flux_small{i}_bf16.safetensors"),
+                &layout,
+                "bf16",
+                |_| Dtype::BF16,
+                "",
+            )
+        })
+        .collect()
+}
+
 /// Writes the benchmark models into `dir`, skipping files already there at the right size, and
 /// the bf16 one as a three-shard diffusers folder ([`diffusers::write_large_sharded`]).
 pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
+    write_specs(dir, large_specs(), force)
+}
+
+/// Writes `specs` into `dir`, skipping files already there at the right size.
+pub fn write_specs(dir: &Path, specs: Vec<FileSpec>, force: bool) -> DynResult<Vec<PathBuf>> {
     fs::create_dir_all(dir)?;
     let mut paths = Vec::new();
-    for spec in large_specs() {
+    for spec in specs {
         let path = dir.join(&spec.file);
         let want = spec.output_len()?;
         let have = fs::metadata(&path).map(|m| m.len()).ok();
@@ -638,6 +692,15 @@ mod tests {
             .map(|s| s.output_len().unwrap_or(u64::MAX))
             .sum();
         assert!(total < 8_000_000, "{total} bytes");
+    }
+
+    #[test]
+    fn arch_fixtures_stay_small() {
+        let total: u64 = archs::specs()
+            .iter()
+            .map(|s| s.output_len().unwrap_or(u64::MAX))
+            .sum();
+        assert!(total < 6_000_000, "{total} bytes");
     }
 
     #[test]

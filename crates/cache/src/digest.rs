@@ -178,6 +178,7 @@ fn digest_one_file(
             let n = chunk.min(len - offset) as usize;
             file.read_exact_at(buf.get(n, CHUNK_SIZE), offset)
                 .map_err(|e| io("read the file to hash", e))?;
+            tensorfile::read_count::add(n as u64);
             *filled_len = n;
             offset += n as u64;
             filled += 1;

@@ -50,6 +50,7 @@ mod store;
 
 use std::path::PathBuf;
 
+pub use detect::arch::ModelKind;
 pub use examine::{Examined, examine};
 pub use models_dir::{MODELS_DIR_ENV, ModelsDir};
 pub use naming::{basename_of, output_file_name, parse_output_name};

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use detect::Precision;
+use detect::arch::ModelKind;
 use detect::precision::Container;
 
 use crate::CacheError;
@@ -18,7 +19,9 @@ const COMFYUI_MARKERS: &[&str] = &["main.py", "folder_paths.py"];
 ///
 /// Outputs go to `<models>/diffusion_models/converted/` (safetensors precisions and
 /// bitsandbytes) and `<models>/diffusion_models/gguf/`: ComfyUI lists `diffusion_models`
-/// recursively, so both are visible to its loaders (GGUF ones through ComfyUI-GGUF).
+/// recursively, so both are visible to its loaders (GGUF ones through ComfyUI-GGUF). Text
+/// encoders' outputs go to `<models>/text_encoders/converted/` and
+/// `<models>/text_encoders/gguf/`, where ComfyUI's CLIP loaders (and `CLIPLoaderGGUF`) look.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelsDir {
     root: PathBuf,
@@ -77,17 +80,23 @@ impl ModelsDir {
         self.root.join("diffusion_models").join("gguf")
     }
 
-    /// The directory outputs of `target` go to.
+    /// The directory diffusion-model outputs of `target` go to.
     pub fn output_dir(&self, target: Precision) -> PathBuf {
-        self.dir_for(target.container())
+        self.output_dir_for(ModelKind::DiffusionModel, target)
     }
 
-    /// The directory outputs in `container` go to.
-    fn dir_for(&self, container: Container) -> PathBuf {
-        match container {
-            Container::Safetensors => self.converted_dir(),
-            Container::Gguf => self.gguf_dir(),
-        }
+    /// The directory outputs of `target` made from a model of `kind` go to:
+    /// `<models>/{diffusion_models,text_encoders}/{converted,gguf}`.
+    pub fn output_dir_for(&self, kind: ModelKind, target: Precision) -> PathBuf {
+        self.dir_for(kind, target.container())
+    }
+
+    /// The directory outputs of `kind` in `container` go to.
+    pub fn dir_for(&self, kind: ModelKind, container: Container) -> PathBuf {
+        self.root.join(kind.folder()).join(match container {
+            Container::Safetensors => "converted",
+            Container::Gguf => "gguf",
+        })
     }
 }
 
@@ -134,6 +143,14 @@ mod tests {
             install.join("models/diffusion_models/converted")
         );
         assert_eq!(m.gguf_dir(), install.join("models/diffusion_models/gguf"));
+        assert_eq!(
+            m.output_dir_for(ModelKind::TextEncoder, Precision::Bf16),
+            install.join("models/text_encoders/converted")
+        );
+        assert_eq!(
+            m.output_dir_for(ModelKind::TextEncoder, "Q8_0".parse().unwrap()),
+            install.join("models/text_encoders/gguf")
+        );
 
         let elsewhere = t.path().join("elsewhere");
         std::fs::create_dir_all(&elsewhere).unwrap();

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use detect::Precision;
+use detect::arch::ModelKind;
 use detect::precision::Container;
 
 use crate::examine::{Examined, examine};
@@ -41,6 +42,9 @@ pub struct LookupOptions {
     /// The source's digest as an earlier call found it: used instead of hashing the source
     /// while the source's path, size and mtime are still those it was found under.
     pub known_digest: Option<KnownDigest>,
+    /// What the source is (from its detected architecture), which picks the models folder:
+    /// `diffusion_models/` (the default) or `text_encoders/`.
+    pub model_kind: ModelKind,
 }
 
 /// A source's content digest and the facts it was computed under (see
@@ -122,9 +126,10 @@ pub struct Lookup {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
-    /// `diffusion_models/converted`: safetensors precisions and bitsandbytes.
+    /// `diffusion_models/converted` and `text_encoders/converted`: safetensors precisions and
+    /// bitsandbytes.
     Precision,
-    /// `diffusion_models/gguf`.
+    /// `diffusion_models/gguf` and `text_encoders/gguf`.
     Gguf,
     /// Both.
     All,
@@ -133,6 +138,8 @@ pub enum Kind {
 /// One output in a listing.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Entry {
+    /// The models folder it is in (`diffusion_models` or `text_encoders` in JSON).
+    pub model_kind: ModelKind,
     /// The basename in the file name (a digest-suffixed one for a second same-named source).
     pub basename: String,
     /// The precision in the file name (see `problem` for whether the header agrees).
@@ -166,6 +173,9 @@ pub struct Stats {
     pub by_precision: BTreeMap<String, PrecisionTotals>,
     /// Files with an output's name that cannot serve ([`Entry::problem`]).
     pub unusable: PrecisionTotals,
+    /// Models folder (`diffusion_models`, `text_encoders`) -> (count, bytes), usable files
+    /// only; a folder without outputs is left out.
+    pub by_kind: BTreeMap<String, PrecisionTotals>,
 }
 
 impl Stats {
@@ -181,6 +191,12 @@ impl Stats {
             }
             s.count += 1;
             s.total_bytes += e.size;
+            let k = s
+                .by_kind
+                .entry(e.model_kind.folder().to_owned())
+                .or_default();
+            k.count += 1;
+            k.bytes += e.size;
             let t = s
                 .by_precision
                 .entry(e.precision.canonical_name().to_string())
@@ -355,7 +371,7 @@ impl Cache {
         target: Precision,
         options: &LookupOptions,
     ) -> Result<Lookup, CacheError> {
-        let dir = self.models.output_dir(target);
+        let dir = self.models.output_dir_for(options.model_kind, target);
         let base = basename_of(source);
         let plain = dir.join(output_file_name(&base, target));
         let plain_ex = examine(&plain);
@@ -567,13 +583,18 @@ impl Cache {
         })
     }
 
-    fn dirs(&self, kind: Kind) -> Vec<(PathBuf, Container)> {
+    /// The output dirs of `kind`, of every model kind (diffusion models, then text encoders).
+    fn dirs(&self, kind: Kind) -> Vec<(PathBuf, Container, ModelKind)> {
         let mut v = Vec::new();
-        if matches!(kind, Kind::Precision | Kind::All) {
-            v.push((self.models.converted_dir(), Container::Safetensors));
-        }
-        if matches!(kind, Kind::Gguf | Kind::All) {
-            v.push((self.models.gguf_dir(), Container::Gguf));
+        for model_kind in ModelKind::ALL {
+            if matches!(kind, Kind::Precision | Kind::All) {
+                let dir = self.models.dir_for(model_kind, Container::Safetensors);
+                v.push((dir, Container::Safetensors, model_kind));
+            }
+            if matches!(kind, Kind::Gguf | Kind::All) {
+                let dir = self.models.dir_for(model_kind, Container::Gguf);
+                v.push((dir, Container::Gguf, model_kind));
+            }
         }
         v
     }
@@ -583,7 +604,7 @@ impl Cache {
     /// listed). Sorted by path.
     pub fn list(&self, kind: Kind) -> Result<Vec<Entry>, CacheError> {
         let mut out = Vec::new();
-        for (dir, container) in self.dirs(kind) {
+        for (dir, container, model_kind) in self.dirs(kind) {
             for (path, size) in output_files(&dir, container)? {
                 let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                     continue;
@@ -598,6 +619,7 @@ impl Cache {
                 };
                 let provenance = examined.and_then(|e| e.provenance);
                 out.push(Entry {
+                    model_kind,
                     basename,
                     precision,
                     source: provenance.as_ref().map(|p| p.source_path.clone()),
@@ -725,7 +747,10 @@ impl Cache {
         let Some((_, precision)) = parse_output_name(name) else {
             return Ok(false);
         };
-        if path.parent() != Some(self.models.output_dir(precision).as_path()) {
+        let in_output_dir = ModelKind::ALL
+            .into_iter()
+            .any(|k| path.parent() == Some(self.models.output_dir_for(k, precision).as_path()));
+        if !in_output_dir {
             return Ok(false);
         }
         let is_regular = |p: &Path| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file());
@@ -770,7 +795,7 @@ impl Cache {
     /// alone.
     pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>, CacheError> {
         let mut removed = Vec::new();
-        for (dir, _) in self.dirs(Kind::All) {
+        for (dir, _, _) in self.dirs(Kind::All) {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
             let mut outputs = BTreeSet::new();
             for ent in rd.flatten() {

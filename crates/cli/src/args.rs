@@ -33,9 +33,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Convert SRC to each target, or answer from the cache.
+    /// Convert each SRC to each target, or answer from the cache.
     Convert(ConvertArgs),
-    /// Say, per target, whether a conversion of SRC already exists (converts nothing).
+    /// Say, per source and target, whether a conversion already exists (converts nothing).
     Check(CheckArgs),
     /// List the cached conversions.
     List(KindArgs),
@@ -54,8 +54,9 @@ pub enum Command {
 /// decide which output answers (`check` answers for a `convert` with the same flags).
 #[derive(Debug, Args)]
 pub struct ConversionArgs {
-    /// The source model file.
-    pub source: PathBuf,
+    /// The source model file(s). Several sources are each converted to every target.
+    #[arg(required = true, value_name = "SRC")]
+    pub sources: Vec<PathBuf>,
     /// Target precision(s): fp32, fp16, bf16, fp8 (= fp8_e4m3fn), fp8_e5m2, nf4, fp4, int8,
     /// fp8_scaled, nvfp4, mxfp8 (ComfyUI), Q4_0 ... Q8_0, Q2_K ... Q6_K, gguf_f16 ...;
     /// comma-separated or repeated.
@@ -74,7 +75,8 @@ pub struct ConversionArgs {
     #[arg(long)]
     pub double_quant: bool,
     /// GGUF targets: the architecture to assume instead of detecting it from the tensor names
-    /// (flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2).
+    /// (flux, flux2, chroma, sd3, aura, hidream, cosmos, qwen_image, ltxv, ltxav, hyvid,
+    /// hyvid15, wan, sdxl, sd1, lumina2, z_image, t5xxl, umt5xxl).
     #[arg(long, value_name = "A")]
     pub arch: Option<gguf::Arch>,
 }
@@ -105,6 +107,11 @@ pub struct ConvertArgs {
     /// written, the source, or an output of this command.
     #[arg(long)]
     pub make_room: bool,
+    /// How many conversions run at once (default: the number of CPUs). The targets of one
+    /// source start together and share one read of it, so a source with more targets than N
+    /// still converts them all at once.
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
     /// Convert from the start even when an interrupted conversion of the same output left a
     /// temporary and its journal (which are then removed). By default such a conversion
     /// continues from its last durable checkpoint, after checking that the source is unchanged
@@ -134,9 +141,10 @@ pub struct CheckArgs {
 /// Which cache folder(s) a command looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KindArg {
-    /// `diffusion_models/converted/` (precision and bitsandbytes outputs).
+    /// `diffusion_models/converted/` and `text_encoders/converted/` (precision,
+    /// bitsandbytes and ComfyUI quantized outputs).
     Precision,
-    /// `diffusion_models/gguf/`.
+    /// `diffusion_models/gguf/` and `text_encoders/gguf/`.
     Gguf,
     /// Both.
     All,
@@ -200,6 +208,35 @@ mod tests {
             c.conversion.targets,
             vec![Precision::Fp8E4m3fn, Precision::Bf16]
         );
+    }
+
+    #[test]
+    fn several_sources_and_jobs() {
+        let cli = Cli::try_parse_from([
+            "convcache",
+            "convert",
+            "a.safetensors",
+            "b.safetensors",
+            "--to",
+            "Q8_0",
+            "--jobs",
+            "3",
+        ])
+        .unwrap();
+        let Command::Convert(c) = cli.command else {
+            panic!("not convert")
+        };
+        assert_eq!(
+            c.conversion.sources,
+            [
+                PathBuf::from("a.safetensors"),
+                PathBuf::from("b.safetensors")
+            ]
+        );
+        assert_eq!(c.jobs, Some(3));
+        let err = Cli::try_parse_from(["convcache", "convert", "a", "--to", "Q8_0", "-j", "0"])
+            .expect_err("--jobs 0");
+        assert_eq!(err.exit_code(), 2);
     }
 
     #[test]

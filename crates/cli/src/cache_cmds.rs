@@ -70,20 +70,35 @@ pub fn check_json(source: &Path, c: &smart::Check) -> Value {
     })
 }
 
-/// `convcache check SRC --to T,...`: what `convert` would do, per target, converting nothing.
+/// `convcache check SRC... --to T,...`: what `convert` would do, per source and target,
+/// converting nothing. A source that cannot be checked is an error line; the others are still
+/// answered.
 pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failure> {
     let conversion = &args.conversion;
-    let source = &conversion.source;
     let request = crate::convert_cmd::request(ui, conversion, models);
-    let checks = smart::check(source, &conversion.targets, &request).map_err(|e| Failure {
-        exit: exit_for(&e),
-        message: e.to_string(),
-    })?;
+    let mut exit = Exit::Ok;
+    let mut rows = Vec::new();
+    for source in &conversion.sources {
+        match smart::check(source, &conversion.targets, &request) {
+            Ok(checks) => rows.extend(checks.into_iter().map(|c| (source, c))),
+            Err(e) => {
+                let failure = Failure {
+                    exit: exit_for(&e),
+                    message: e.to_string(),
+                };
+                if conversion.sources.len() == 1 {
+                    return Err(failure);
+                }
+                exit = exit.max(failure.exit);
+                ui.error(&failure);
+            }
+        }
+    }
     if ui.json {
-        let rows: Vec<Value> = checks.iter().map(|c| check_json(source, c)).collect();
+        let rows: Vec<Value> = rows.iter().map(|(s, c)| check_json(s, c)).collect();
         ui.print_json(&Value::Array(rows));
     } else {
-        for c in &checks {
+        for (_, c) in &rows {
             let reason = c
                 .reason
                 .as_deref()
@@ -97,7 +112,7 @@ pub fn check(ui: &Ui, models: ModelsDir, args: &CheckArgs) -> Result<Exit, Failu
             ));
         }
     }
-    Ok(Exit::Ok)
+    Ok(exit)
 }
 
 /// One `list --json` entry.
@@ -109,6 +124,7 @@ pub fn entry_json(e: &Entry) -> Value {
         .unwrap_or(0);
     json!({
         "basename": e.basename,
+        "model_kind": e.model_kind.folder(),
         "precision": e.precision.canonical_name(),
         "path": path_str(&e.path),
         "size": e.size,
@@ -157,6 +173,11 @@ pub fn stats_json(s: &Stats) -> Value {
         "count": s.count,
         "total_bytes": s.total_bytes,
         "by_precision": by,
+        "by_kind": s
+            .by_kind
+            .iter()
+            .map(|(k, t)| (k.clone(), json!({"count": t.count, "bytes": t.bytes})))
+            .collect::<serde_json::Map<String, Value>>(),
         "unusable": {"count": s.unusable.count, "bytes": s.unusable.bytes},
     })
 }
@@ -170,6 +191,16 @@ pub fn stats_text(s: &Stats) -> String {
             t.count,
             HumanBytes(t.bytes).to_string()
         ));
+    }
+    // Only when there is something besides diffusion models (the usual case stays as it was).
+    if s.by_kind.keys().any(|k| k != "diffusion_models") {
+        for (kind, t) in &s.by_kind {
+            out.push_str(&format!(
+                "\n  {kind:<16} {:>4}  {:>11}",
+                t.count,
+                HumanBytes(t.bytes).to_string()
+            ));
+        }
     }
     if s.unusable.count > 0 {
         out.push_str(&format!(

@@ -1,7 +1,7 @@
 //! `convcache convert SRC --to T[,T...]`: presentation over [`smart::smart_convert`].
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use cache::ModelsDir;
 use detect::Precision;
@@ -15,6 +15,10 @@ use crate::size::parse_size;
 
 /// The environment variable holding the default of `convert --max-cache-size`.
 pub const MAX_SIZE_ENV: &str = "CONVCACHE_MAX_SIZE";
+
+/// Set (non-empty), `convert` ends with a note on stderr of the bytes of model files it read
+/// from the disk (`convcache: read stats: N bytes of model files read`), for benchmarks.
+pub const READ_STATS_ENV: &str = "CONVCACHE_READ_STATS";
 
 /// One target's result, as printed.
 #[derive(Debug)]
@@ -156,36 +160,23 @@ pub fn report_notes(report: &ConversionReport) -> Vec<String> {
     notes
 }
 
-/// Converts `source` to each target in order, as `request` says; a failed target does not stop
-/// the others, and an output answered for one target is never evicted to make room for the
-/// next.
-pub fn convert_all(request: &smart::Options<'_>, source: &Path, targets: &[Precision]) -> Vec<Row> {
-    // The source's digest, once a target has computed or found it, spares the next targets a
-    // pass over the source (each call checks that the source is unchanged before using it).
-    let mut known_digest = None;
-    let mut spare = request.spare.clone();
-    targets
-        .iter()
-        .map(|&target| {
-            let options = smart::Options {
-                known_digest: known_digest.clone(),
-                spare: spare.clone(),
-                ..request.clone()
-            };
-            let started = Instant::now();
-            let result = smart::smart_convert(source, target, &options);
-            if let Ok(o) = &result {
-                spare.push(o.path.clone());
-                if let Some(k) = &o.known_digest {
-                    known_digest = Some(k.clone());
-                }
-            }
-            Row {
-                source: source.to_path_buf(),
-                target,
-                result,
-                elapsed: started.elapsed(),
-            }
+/// Converts each source to each target as `request` says ([`smart::many::convert_many`]: every
+/// pair planned first, hits answered at once, each source read once for all of its targets,
+/// at most `jobs` conversions at once). A failed pair does not stop the others, and an output of
+/// this command is never evicted to make room for another. One row per pair, in order.
+pub fn convert_all(
+    request: &smart::Options<'_>,
+    sources: &[PathBuf],
+    targets: &[Precision],
+    jobs: usize,
+) -> Vec<Row> {
+    smart::many::convert_many(sources, targets, request, jobs)
+        .into_iter()
+        .map(|p| Row {
+            source: p.source,
+            target: p.target,
+            result: p.result,
+            elapsed: p.elapsed,
         })
         .collect()
 }
@@ -278,7 +269,17 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failu
         ProgressArg::None => None,
     };
     request.cancel = crate::interrupt::install();
-    let rows = convert_all(&request, &conversion.source, &conversion.targets);
+    let jobs = args
+        .jobs
+        .map_or_else(smart::many::default_jobs, usize::from);
+    let rows = convert_all(&request, &conversion.sources, &conversion.targets, jobs);
+    if std::env::var_os(READ_STATS_ENV).is_some_and(|v| !v.is_empty()) {
+        // Asked for explicitly: shown even with --json or -q.
+        eprintln!(
+            "convcache: read stats: {} bytes of model files read",
+            tensorfile::read_count::bytes_read()
+        );
+    }
     let exit = present(ui, &rows);
     // Interrupted, even if the conversion under way had passed its last check and published.
     Ok(match crate::interrupt::arrived(request.cancel.as_deref()) {

@@ -75,13 +75,23 @@ pub fn run(ui: &Ui) -> Result<Exit, Failure> {
 
     ui.print("\n== convert to bf16, fp8, nf4 and Q4_K_M (converts)");
     let interrupted = || crate::interrupt::arrived(request.cancel.as_deref());
-    let first = convert_all(&request, &source, &TARGETS);
+    let first = convert_all(
+        &request,
+        std::slice::from_ref(&source),
+        &TARGETS,
+        smart::many::default_jobs(),
+    );
     show(&first);
     if interrupted() {
         return Ok(Exit::Interrupted);
     }
     ui.print("\n== the same again (answered from the cache)");
-    let second = convert_all(&request, &source, &TARGETS);
+    let second = convert_all(
+        &request,
+        std::slice::from_ref(&source),
+        &TARGETS,
+        smart::many::default_jobs(),
+    );
     show(&second);
     if interrupted() {
         return Ok(Exit::Interrupted);

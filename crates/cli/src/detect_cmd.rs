@@ -67,6 +67,9 @@ pub fn describe(d: &Value) -> String {
         a => text(a),
     };
     let _ = writeln!(s, "  architecture  {arch}");
+    if d.get("model_kind").and_then(Value::as_str) == Some("text_encoders") {
+        let _ = writeln!(s, "  kind          text encoder");
+    }
     if let Some(fp8) = d.get("fp8_scaling").filter(|v| !v.is_null()) {
         let _ = writeln!(s, "  fp8 scaling   {}", text(fp8));
     }

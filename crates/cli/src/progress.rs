@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use detect::Precision;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use smart::{Observer, Outcome, Pair, SmartError, Stage};
 
@@ -27,10 +27,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One bar per pair being converted, drawn on stderr.
+/// One bar per pair being converted, drawn on stderr (pairs converted at once get a line
+/// each).
 #[derive(Debug, Default)]
 pub struct Bars {
     bars: Mutex<HashMap<PairKey, Bar>>,
+    lines: MultiProgress,
 }
 
 /// One pair's bar and what its prefix shows.
@@ -43,9 +45,9 @@ struct Bar {
 }
 
 impl Bar {
-    /// A bar labelled `flux.safetensors -> bf16`.
-    fn new(pair: Pair<'_>) -> Bar {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    /// A bar labelled `flux.safetensors -> bf16`, a line of `lines`.
+    fn new(pair: Pair<'_>, lines: &MultiProgress) -> Bar {
+        let bar = lines.add(ProgressBar::new(0));
         let style = ProgressStyle::with_template(
             "{msg} {prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
         )
@@ -81,7 +83,9 @@ impl Bars {
     /// Runs `f` on `pair`'s bar, made at its first event.
     fn with_bar(&self, pair: Pair<'_>, f: impl FnOnce(&mut Bar)) {
         let mut bars = lock(&self.bars);
-        f(bars.entry(key(pair)).or_insert_with(|| Bar::new(pair)));
+        f(bars
+            .entry(key(pair))
+            .or_insert_with(|| Bar::new(pair, &self.lines)));
     }
 }
 
@@ -116,6 +120,7 @@ impl Observer for Bars {
     fn finished(&self, pair: Pair<'_>, _result: Result<&Outcome, &SmartError>) {
         if let Some(b) = lock(&self.bars).remove(&key(pair)) {
             b.bar.finish_and_clear();
+            self.lines.remove(&b.bar);
         }
     }
 }

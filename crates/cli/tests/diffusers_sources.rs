@@ -183,7 +183,7 @@ fn single_file_diffusers_folders_convert_and_are_named_after_the_repository() {
         ("sd3-tiny", "sd3", "sd3"),
         ("sdxl-tiny", "sdxl", "sdxl"),
         ("wan-tiny", "wan", "wan"),
-        ("z-image-tiny", "z_image", "lumina2"),
+        ("z-image-tiny", "z_image", "z_image"),
     ] {
         let dir = copy_fixture(&s, repo);
         let d = detect_json(&s, &dir);

@@ -95,6 +95,7 @@ fn convert_bytes(backend: &dyn Backend, source: &Path, target: Precision) -> Vec
         target,
         extra_metadata: &extra,
         options: BackendOptions::default(),
+        shared_read: None,
     };
     assert!(backend.supports(&detection, target), "{target}");
     let planned = backend.plan(&job).expect("plan");

@@ -52,6 +52,17 @@ const BLOCKS: &[(Arch, &[&str])] = &[
     (Arch::Hyvid, &["double_blocks.", "single_blocks."]),
     (Arch::Wan, &["blocks."]),
     (Arch::Lumina2, &["layers."]),
+    (Arch::Flux2, &["double_blocks.", "single_blocks."]),
+    (Arch::Chroma, &["double_blocks.", "single_blocks."]),
+    (Arch::Ltxav, &["transformer_blocks."]),
+    (Arch::Hyvid15, &["double_blocks.", "single_blocks."]),
+    (Arch::ZImage, &["layers."]),
+    // Text encoders: the encoder's blocks (T5's `relative_attention_bias` is excluded by
+    // the GGUF table, its layer norms by the norm rule).
+    (Arch::T5xxl, &["encoder.block."]),
+    (Arch::Umt5xxl, &["encoder.block."]),
+    (Arch::ClipL, &["text_model.encoder.layers."]),
+    (Arch::ClipG, &["text_model.encoder.layers."]),
 ];
 
 /// Why a weight the rule selects is written in high precision.

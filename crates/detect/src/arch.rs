@@ -12,6 +12,14 @@
 //! of any one of its [`Arch::keys_detect`] tuples is present; the first match wins. If the
 //! matching architecture has a [`Arch::keys_banned`] key, the file is in the diffusers layout
 //! and is refused: ComfyUI-GGUF only loads the reference layout (fused q/k/v, original names).
+//!
+//! Beyond convert.py's list, the table has the variants it folds into another architecture,
+//! told apart by ComfyUI's `comfy/model_detection.py` keys and tried before the row they
+//! refine (Flux.2 and Chroma before flux, LTX-2 before ltxv, HunyuanVideo 1.5 before hyvid,
+//! Z-Image before lumina2; each written under its parent's `general.architecture`, the name
+//! ComfyUI-GGUF's loader accepts), and the text encoders of ComfyUI's `detect_te_model`
+//! (T5-XXL, umt5-xxl, CLIP-L, CLIP-G), whose [`ModelKind`] sends their outputs to
+//! `text_encoders/`. Every per-architecture fact lives in this one table.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -45,6 +53,25 @@ pub enum Arch {
     Lumina2,
     /// Qwen-Image (`qwen_image`).
     QwenImage,
+    /// Flux.2 (`flux2`; written as `flux`, which ComfyUI-GGUF loads it as).
+    Flux2,
+    /// Chroma and Chroma Radiance (`chroma`; written as `flux`).
+    Chroma,
+    /// LTX-2, audio and video (`ltxav`, ComfyUI's name; written as `ltxv`, and ComfyUI tells
+    /// the two apart by its keys and the `config` metadata).
+    Ltxav,
+    /// HunyuanVideo 1.5 (`hyvid15`; written as `hyvid`).
+    Hyvid15,
+    /// Z-Image (`z_image`; written as `lumina2`, which ComfyUI-GGUF loads it as).
+    ZImage,
+    /// T5-XXL v1.1 text encoder (`t5xxl`; written as `t5encoder`).
+    T5xxl,
+    /// umt5-xxl text encoder of Wan (`umt5xxl`; written as `t5encoder`).
+    Umt5xxl,
+    /// CLIP-L text encoder (`clip_l`; no GGUF).
+    ClipL,
+    /// CLIP-G (OpenCLIP bigG) text encoder (`clip_g`; no GGUF).
+    ClipG,
 }
 
 /// A tensor-name rule of the quantization blacklist.
@@ -68,6 +95,67 @@ impl KeyPattern {
 
 use KeyPattern::{Contains as C, Exact as E};
 
+/// What kind of model a file holds, which decides the models folder its outputs go to.
+/// Serialized as its folder name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum ModelKind {
+    /// A diffusion model (`models/diffusion_models/`).
+    #[default]
+    #[serde(rename = "diffusion_models")]
+    DiffusionModel,
+    /// A text encoder (`models/text_encoders/`).
+    #[serde(rename = "text_encoders")]
+    TextEncoder,
+}
+
+impl ModelKind {
+    /// Every kind, in listing order.
+    pub const ALL: [ModelKind; 2] = [ModelKind::DiffusionModel, ModelKind::TextEncoder];
+
+    /// The ComfyUI models folder of this kind (`diffusion_models`, `text_encoders`); also the
+    /// name in JSON.
+    pub fn folder(self) -> &'static str {
+        match self {
+            ModelKind::DiffusionModel => "diffusion_models",
+            ModelKind::TextEncoder => "text_encoders",
+        }
+    }
+
+    /// The kind of a detected architecture string: an [`Arch`] name, or a
+    /// `general.architecture` a GGUF text encoder carries (ComfyUI-GGUF's `TXT_ARCH_LIST`:
+    /// `t5`, `t5encoder`, `llama`, `qwen2vl`, `qwen3`, `qwen3vl`). Anything else (unknown
+    /// included) is a diffusion model, the cache's default folder.
+    pub fn of_architecture(architecture: Option<&str>) -> ModelKind {
+        const GGUF_TEXT: &[&str] = &["t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl"];
+        match architecture {
+            Some(a) if GGUF_TEXT.contains(&a) => ModelKind::TextEncoder,
+            Some(a) => a
+                .parse::<Arch>()
+                .map_or(ModelKind::DiffusionModel, Arch::kind),
+            None => ModelKind::DiffusionModel,
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ModelKind::DiffusionModel => "diffusion model",
+            ModelKind::TextEncoder => "text encoder",
+        })
+    }
+}
+
+/// How a GGUF output names an architecture's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufNaming {
+    /// The source's names (prefix stripped): what ComfyUI-GGUF's diffusion loader reads.
+    Reference,
+    /// llama.cpp's T5 encoder names (`token_embd`, `enc.blk.N.attn_q`, ...), which
+    /// ComfyUI-GGUF's `CLIPLoaderGGUF` maps back with its `T5_SD_MAP`.
+    LlamaCppT5,
+}
+
 /// Per-architecture data; one row per [`Arch`], in detection order.
 struct ArchSpec {
     arch: Arch,
@@ -79,7 +167,115 @@ struct ArchSpec {
     shape_fix: bool,
     ndims_fix: bool,
     no_quant: &'static [KeyPattern],
+    kind: ModelKind,
+    /// `general.architecture` when it differs from `name`: one ComfyUI-GGUF's loader accepts.
+    gguf_name: Option<&'static str>,
+    gguf_naming: GgufNaming,
+    /// Why no GGUF output is made, when none can be loaded.
+    gguf_refusal: Option<&'static str>,
 }
+
+/// The defaults of a diffusion-model row (the fields a row does not set).
+const DIFFUSION: ArchSpec = ArchSpec {
+    arch: Arch::Flux,
+    name: "",
+    detect: &[],
+    banned: &[],
+    hiprec: &[],
+    ignore: &[],
+    shape_fix: false,
+    ndims_fix: false,
+    no_quant: &[],
+    kind: ModelKind::DiffusionModel,
+    gguf_name: None,
+    gguf_naming: GgufNaming::Reference,
+    gguf_refusal: None,
+};
+
+/// ComfyUI's CLIP text encoders: ComfyUI-GGUF's `CLIPLoaderGGUF` has no key map for them
+/// (only T5, LLaMA-family and Qwen-VL), so a GGUF of one cannot be loaded.
+const CLIP_GGUF_REFUSAL: &str = "ComfyUI-GGUF cannot load CLIP text encoders from GGUF \
+     (its CLIPLoaderGGUF maps only T5/umt5 and LLaMA-family names back); convert CLIP to \
+     fp16, bf16 or fp8 instead";
+
+/// Text-encoder tensors never quantized in a GGUF: the token embedding (ComfyUI-GGUF
+/// dequantizes a umt5 one back to F16 at load anyway), and T5's relative attention bias
+/// (llama.cpp's quantizer never quantizes `attn_rel_b`).
+const T5_NO_QUANT: &[KeyPattern] = &[
+    E("shared.weight"),
+    E("encoder.embed_tokens.weight"),
+    C("relative_attention_bias."),
+];
+
+/// CLIP's embeddings and projection stay high precision in every quantized target.
+const CLIP_NO_QUANT: &[KeyPattern] = &[
+    C("embeddings."),
+    E("text_projection.weight"),
+    E("text_projection"),
+    E("logit_scale"),
+];
+
+/// Flux's rules, with auto_convert's Flux.2 additions (Flux.2 is `flux` to ComfyUI-GGUF).
+const FLUX_NO_QUANT: &[KeyPattern] = &[
+    C("txt_in."),
+    C("img_in."),
+    C("time_in."),
+    C("vector_in."),
+    C("guidance_in."),
+    C("final_layer."),
+    // Flux.2
+    C("single_stream_modulation."),
+    C("double_stream_modulation_"),
+];
+
+/// Chroma: Flux's rules, and its guidance approximator (`distilled_guidance_layer`, which
+/// replaces Flux's modulation inputs) kept in the base precision.
+const CHROMA_NO_QUANT: &[KeyPattern] = &[
+    C("txt_in."),
+    C("img_in."),
+    C("time_in."),
+    C("vector_in."),
+    C("guidance_in."),
+    C("final_layer."),
+    C("single_stream_modulation."),
+    C("double_stream_modulation_"),
+    C("distilled_guidance_layer."),
+    // Chroma Radiance's pixel-space head.
+    C("nerf_image_embedder."),
+    C("nerf_final_layer"),
+    C("img_in_patch."),
+];
+
+const LTXV_NO_QUANT: &[KeyPattern] = &[
+    C("adaln_single."),
+    C("caption_projection."),
+    C("patchify_proj."),
+    C("proj_out."),
+    C("scale_shift_table"),
+];
+
+/// HunyuanVideo's rules and 1.5's `cond_type_embedding` (ComfyUI-GGUF PR #364: quantized,
+/// its shape no longer matches).
+const HYVID15_NO_QUANT: &[KeyPattern] = &[
+    C("txt_in."),
+    C("img_in."),
+    C("time_in."),
+    C("vector_in."),
+    C("guidance_in."),
+    C("final_layer."),
+    C("cond_type_embedding."),
+];
+
+const LUMINA2_NO_QUANT: &[KeyPattern] = &[
+    C("t_embedder."),
+    C("x_embedder."),
+    C("final_layer."),
+    C("cap_embedder."),
+    C("context_refiner."),
+    C("noise_refiner."),
+    C("x_pad_token."),
+    C("cap_pad_token."),
+];
 
 const FLUX_LIKE_NO_QUANT: &[KeyPattern] = &[
     C("txt_in."),
@@ -102,8 +298,48 @@ const UNET_NO_QUANT: &[KeyPattern] = &[
     E("out.2.weight"),
 ];
 
-/// The tables, in convert.py's `arch_list` order (auto_convert branch).
-const SPECS: [ArchSpec; 12] = [
+/// The tables, in convert.py's `arch_list` order (auto_convert branch), with the variants
+/// convert.py folds into an architecture (Flux.2 and Chroma into flux, LTX-2 into ltxv,
+/// HunyuanVideo 1.5 into hyvid, Z-Image into lumina2) each right before the row it refines,
+/// told apart by ComfyUI's `model_detection.py` keys, and the text encoders last (ComfyUI's
+/// `detect_te_model` keys).
+const SPECS: [ArchSpec; 21] = [
+    ArchSpec {
+        arch: Arch::Flux2,
+        name: "flux2",
+        detect: &[&[
+            "double_blocks.0.img_attn.proj.weight",
+            "double_stream_modulation_img.lin.weight",
+        ]],
+        gguf_name: Some("flux"),
+        no_quant: FLUX_NO_QUANT,
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::Chroma,
+        name: "chroma",
+        detect: &[
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.norms.0.scale",
+            ],
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.norms.0.weight",
+            ],
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.0.norms.0.scale",
+            ],
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.0.norms.0.weight",
+            ],
+        ],
+        gguf_name: Some("flux"),
+        no_quant: CHROMA_NO_QUANT,
+        ..DIFFUSION
+    },
     ArchSpec {
         arch: Arch::Flux,
         name: "flux",
@@ -116,17 +352,8 @@ const SPECS: [ArchSpec; 12] = [
         ignore: &[],
         shape_fix: false,
         ndims_fix: false,
-        no_quant: &[
-            C("txt_in."),
-            C("img_in."),
-            C("time_in."),
-            C("vector_in."),
-            C("guidance_in."),
-            C("final_layer."),
-            // Flux.2
-            C("single_stream_modulation."),
-            C("double_stream_modulation_"),
-        ],
+        no_quant: FLUX_NO_QUANT,
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Sd3,
@@ -150,6 +377,7 @@ const SPECS: [ArchSpec; 12] = [
             E("proj_out.weight"),
             E("pos_embed"),
         ],
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Aura,
@@ -172,6 +400,7 @@ const SPECS: [ArchSpec; 12] = [
             E("positional_encoding"),
             E("register_tokens"),
         ],
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Hidream,
@@ -193,6 +422,7 @@ const SPECS: [ArchSpec; 12] = [
             C(".ff_i.gate.weight"),
             C("caption_projection."),
         ],
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Cosmos,
@@ -214,6 +444,7 @@ const SPECS: [ArchSpec; 12] = [
             C("pos_embedder."),
             C("final_layer."),
         ],
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::QwenImage,
@@ -235,6 +466,24 @@ const SPECS: [ArchSpec; 12] = [
             C("proj_out."),
             C("norm_out."),
         ],
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::Ltxav,
+        name: "ltxav",
+        detect: &[&[
+            "adaln_single.emb.timestep_embedder.linear_1.bias",
+            "audio_adaln_single.linear.weight",
+        ]],
+        // The audio stream's tables (`audio_scale_shift_table`,
+        // `scale_shift_table_a2v_ca_*`) are raw parameters like the video ones; LTX-2.5's
+        // `learnable_registers` too (ComfyUI-GGUF #477: from BF16 they load with doubled dims).
+        hiprec: &["scale_shift_table", "learnable_registers"],
+        // ltxv's substrings also cover `audio_adaln_single.`, `av_ca_*_adaln_single.`,
+        // `audio_caption_projection.`, `audio_patchify_proj.` and `audio_proj_out.`.
+        no_quant: LTXV_NO_QUANT,
+        gguf_name: Some("ltxv"),
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Ltxv,
@@ -249,13 +498,21 @@ const SPECS: [ArchSpec; 12] = [
         ignore: &[],
         shape_fix: false,
         ndims_fix: false,
-        no_quant: &[
-            C("adaln_single."),
-            C("caption_projection."),
-            C("patchify_proj."),
-            C("proj_out."),
-            C("scale_shift_table"),
-        ],
+        no_quant: LTXV_NO_QUANT,
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::Hyvid15,
+        name: "hyvid15",
+        detect: &[&[
+            "double_blocks.0.img_attn_proj.weight",
+            "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
+            "cond_type_embedding.weight",
+        ]],
+        ndims_fix: true,
+        no_quant: HYVID15_NO_QUANT,
+        gguf_name: Some("hyvid"),
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Hyvid,
@@ -270,6 +527,7 @@ const SPECS: [ArchSpec; 12] = [
         shape_fix: false,
         ndims_fix: true,
         no_quant: FLUX_LIKE_NO_QUANT,
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Wan,
@@ -305,6 +563,7 @@ const SPECS: [ArchSpec; 12] = [
             C("casual_audio_encoder."),
             C("trainable_cond_mask."),
         ],
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Sdxl,
@@ -328,6 +587,7 @@ const SPECS: [ArchSpec; 12] = [
         shape_fix: true,
         ndims_fix: false,
         no_quant: UNET_NO_QUANT,
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Sd1,
@@ -349,6 +609,21 @@ const SPECS: [ArchSpec; 12] = [
         shape_fix: true,
         ndims_fix: false,
         no_quant: UNET_NO_QUANT,
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::ZImage,
+        name: "z_image",
+        detect: &[&[
+            "cap_embedder.1.weight",
+            "context_refiner.0.attention.qkv.weight",
+            "x_pad_token",
+            "cap_pad_token",
+        ]],
+        hiprec: &["x_pad_token", "cap_pad_token"],
+        no_quant: LUMINA2_NO_QUANT,
+        gguf_name: Some("lumina2"),
+        ..DIFFUSION
     },
     ArchSpec {
         arch: Arch::Lumina2,
@@ -363,35 +638,89 @@ const SPECS: [ArchSpec; 12] = [
         ignore: &[],
         shape_fix: false,
         ndims_fix: false,
-        no_quant: &[
-            C("t_embedder."),
-            C("x_embedder."),
-            C("final_layer."),
-            C("cap_embedder."),
-            C("context_refiner."),
-            C("noise_refiner."),
-            C("x_pad_token."),
-            C("cap_pad_token."),
-        ],
+        no_quant: LUMINA2_NO_QUANT,
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::Umt5xxl,
+        name: "umt5xxl",
+        // umt5 has a relative attention bias in every block, T5 v1.1 only in the first.
+        detect: &[&[
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_1.weight",
+            "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+        ]],
+        no_quant: T5_NO_QUANT,
+        kind: ModelKind::TextEncoder,
+        gguf_name: Some("t5encoder"),
+        gguf_naming: GgufNaming::LlamaCppT5,
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::T5xxl,
+        name: "t5xxl",
+        detect: &[&[
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            "encoder.block.0.layer.1.DenseReluDense.wi_1.weight",
+        ]],
+        no_quant: T5_NO_QUANT,
+        kind: ModelKind::TextEncoder,
+        gguf_name: Some("t5encoder"),
+        gguf_naming: GgufNaming::LlamaCppT5,
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::ClipG,
+        name: "clip_g",
+        detect: &[&[
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.30.mlp.fc1.weight",
+        ]],
+        no_quant: CLIP_NO_QUANT,
+        kind: ModelKind::TextEncoder,
+        gguf_refusal: Some(CLIP_GGUF_REFUSAL),
+        ..DIFFUSION
+    },
+    ArchSpec {
+        arch: Arch::ClipL,
+        name: "clip_l",
+        detect: &[&[
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.0.mlp.fc1.weight",
+        ]],
+        no_quant: CLIP_NO_QUANT,
+        kind: ModelKind::TextEncoder,
+        gguf_refusal: Some(CLIP_GGUF_REFUSAL),
+        ..DIFFUSION
     },
 ];
 
 impl Arch {
     /// Every architecture, in the order detection tries them (convert.py's `arch_list`):
-    /// sdxl before sd1, whose diffusers probe is a subset of sdxl's.
-    pub const DETECTION_ORDER: [Arch; 12] = [
+    /// sdxl before sd1, whose diffusers probe is a subset of sdxl's; each variant before the
+    /// architecture whose keys it extends; umt5 before T5, CLIP-G before CLIP-L.
+    pub const DETECTION_ORDER: [Arch; 21] = [
+        Arch::Flux2,
+        Arch::Chroma,
         Arch::Flux,
         Arch::Sd3,
         Arch::Aura,
         Arch::Hidream,
         Arch::Cosmos,
         Arch::QwenImage,
+        Arch::Ltxav,
         Arch::Ltxv,
+        Arch::Hyvid15,
         Arch::Hyvid,
         Arch::Wan,
         Arch::Sdxl,
         Arch::Sd1,
+        Arch::ZImage,
         Arch::Lumina2,
+        Arch::Umt5xxl,
+        Arch::T5xxl,
+        Arch::ClipG,
+        Arch::ClipL,
     ];
 
     fn spec(self) -> &'static ArchSpec {
@@ -399,9 +728,31 @@ impl Arch {
         SPECS.iter().find(|s| s.arch == self).unwrap_or(&SPECS[0])
     }
 
-    /// The `general.architecture` string (one of ComfyUI-GGUF's `IMG_ARCH_LIST`).
+    /// convcache's name of the architecture (`detect`'s answer, the `--arch` value).
     pub fn name(self) -> &'static str {
         self.spec().name
+    }
+
+    /// The `general.architecture` a GGUF output carries: one of ComfyUI-GGUF's
+    /// `IMG_ARCH_LIST` for a diffusion model (a variant takes the name of the architecture
+    /// ComfyUI-GGUF loads it as), `t5encoder` (in its `TXT_ARCH_LIST`) for T5 and umt5.
+    pub fn gguf_name(self) -> &'static str {
+        self.spec().gguf_name.unwrap_or(self.spec().name)
+    }
+
+    /// Diffusion model or text encoder.
+    pub fn kind(self) -> ModelKind {
+        self.spec().kind
+    }
+
+    /// How a GGUF output names this architecture's tensors.
+    pub fn gguf_naming(self) -> GgufNaming {
+        self.spec().gguf_naming
+    }
+
+    /// Why this architecture gets no GGUF output (`None`: it does).
+    pub fn gguf_refusal(self) -> Option<&'static str> {
+        self.spec().gguf_refusal
     }
 
     /// Key tuples; the architecture matches when all keys of any one tuple are present.
@@ -471,7 +822,7 @@ impl fmt::Display for Arch {
 /// An `--arch` value that names no architecture.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown architecture `{0}` (expected one of: flux, sd3, aura, hidream, cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2)"
+    "unknown architecture `{0}` (expected one of: flux, flux2, chroma, sd3, aura, hidream, cosmos, qwen_image, ltxv, ltxav, hyvid, hyvid15, wan, sdxl, sd1, lumina2, z_image, t5xxl, umt5xxl, clip_l, clip_g)"
 )]
 pub struct UnknownArchName(pub String);
 
@@ -502,9 +853,11 @@ pub enum ArchError {
     },
     /// No architecture's key set is present.
     #[error(
-        "unknown model architecture: the tensor names match none of flux, sd3, aura, hidream, \
-         cosmos, qwen_image, ltxv, hyvid, wan, sdxl, sd1, lumina2 (a full checkpoint with VAE \
-         and text encoders must have its diffusion model extracted; --arch forces one)"
+        "unknown model architecture: the tensor names match none of flux, flux2, chroma, sd3, \
+         aura, hidream, cosmos, qwen_image, ltxv, ltxav, hyvid, hyvid15, wan, sdxl, sd1, \
+         lumina2, z_image, nor a T5-XXL, umt5-xxl, CLIP-L or CLIP-G text encoder (a full \
+         checkpoint with VAE and text encoders must have its diffusion model extracted; --arch \
+         forces one)"
     )]
     Unknown,
 }

@@ -66,6 +66,9 @@ pub struct Detection {
     /// The model architecture (`"flux"`, `"sdxl"`, ...): GGUF's `general.architecture`; for
     /// safetensors, detected from the tensor names. `null` when unknown.
     pub architecture: Option<String>,
+    /// Which models folder outputs go to: `"diffusion_models"` or `"text_encoders"`
+    /// ([`crate::arch::ModelKind::of_architecture`] of `architecture`, set with it).
+    pub model_kind: crate::arch::ModelKind,
     /// ComfyUI scaled-fp8 layout, when present (safetensors only).
     pub fp8_scaling: Option<Fp8Scaling>,
     /// bitsandbytes layout, when present (safetensors only); it decides `precision`.
@@ -561,6 +564,7 @@ pub fn detect(path: &Path) -> Result<Detection, DetectError> {
             supported_as_source: false,
             histogram: Vec::new(),
             architecture: None,
+            model_kind: crate::arch::ModelKind::DiffusionModel,
             fp8_scaling: None,
             bitsandbytes: None,
             metadata: BTreeMap::new(),
@@ -854,6 +858,7 @@ fn detect_safetensors(
         evidence,
         supported_as_source,
         histogram: sorted_histogram(rows),
+        model_kind: crate::arch::ModelKind::of_architecture(architecture.as_deref()),
         architecture,
         fp8_scaling,
         bitsandbytes,
@@ -1020,6 +1025,7 @@ fn detect_gguf(path: &Path, gguf: &GgufFile, file_len: u64) -> Detection {
         evidence,
         supported_as_source: true,
         histogram: sorted_histogram(rows),
+        model_kind: crate::arch::ModelKind::of_architecture(architecture.as_deref()),
         architecture,
         fp8_scaling: None,
         bitsandbytes: None,

@@ -3,7 +3,8 @@
 //! unknown case, the order that decides overlaps, and the prefix rules.
 
 use detect::arch::{
-    Arch, ArchError, DIFFUSION_MODEL_PREFIX, KeyPattern, KeyPrefix, detect_arch, strip_prefix,
+    Arch, ArchError, DIFFUSION_MODEL_PREFIX, GgufNaming, KeyPattern, KeyPrefix, ModelKind,
+    detect_arch, strip_prefix,
 };
 
 /// Filler keys every real model has, which must never decide anything.
@@ -100,6 +101,83 @@ fn each_reference_layout_is_detected_from_its_minimal_key_set() {
                 "context_refiner.0.attention.qkv.weight",
             ],
         ),
+        // The variants convert.py folds into an architecture, by ComfyUI's
+        // model_detection.py keys.
+        (
+            Arch::Flux2,
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "double_stream_modulation_img.lin.weight",
+            ],
+        ),
+        (
+            Arch::Chroma,
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.norms.0.scale",
+            ],
+        ),
+        (
+            Arch::Chroma,
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.0.norms.0.weight",
+            ],
+        ),
+        (
+            Arch::Ltxav,
+            &[
+                "adaln_single.emb.timestep_embedder.linear_1.bias",
+                "audio_adaln_single.linear.weight",
+            ],
+        ),
+        (
+            Arch::Hyvid15,
+            &[
+                "double_blocks.0.img_attn_proj.weight",
+                "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
+                "cond_type_embedding.weight",
+            ],
+        ),
+        (
+            Arch::ZImage,
+            &[
+                "cap_embedder.1.weight",
+                "context_refiner.0.attention.qkv.weight",
+                "x_pad_token",
+                "cap_pad_token",
+            ],
+        ),
+        // Text encoders, by ComfyUI's detect_te_model keys.
+        (
+            Arch::T5xxl,
+            &[
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "encoder.block.0.layer.1.DenseReluDense.wi_1.weight",
+            ],
+        ),
+        (
+            Arch::Umt5xxl,
+            &[
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "encoder.block.0.layer.1.DenseReluDense.wi_1.weight",
+                "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+            ],
+        ),
+        (
+            Arch::ClipL,
+            &[
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.encoder.layers.0.mlp.fc1.weight",
+            ],
+        ),
+        (
+            Arch::ClipG,
+            &[
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.encoder.layers.30.mlp.fc1.weight",
+            ],
+        ),
     ];
     for (arch, keys) in cases {
         assert_eq!(detect(keys), Ok(*arch), "{keys:?}");
@@ -193,8 +271,135 @@ fn order_decides_overlapping_key_sets() {
         ]),
         Ok(Arch::Flux)
     );
-    assert_eq!(Arch::DETECTION_ORDER[0], Arch::Flux);
-    assert_eq!(Arch::DETECTION_ORDER[11], Arch::Lumina2);
+    // Each variant is tried before the architecture whose keys it extends, so a real file of
+    // the variant (which has the parent's keys too) is the variant.
+    let variant_with_parent_keys: &[(Arch, &[&str])] = &[
+        (
+            Arch::Flux2,
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "double_stream_modulation_img.lin.weight",
+            ],
+        ),
+        (
+            Arch::Chroma,
+            &[
+                "double_blocks.0.img_attn.proj.weight",
+                "distilled_guidance_layer.norms.0.scale",
+            ],
+        ),
+        (
+            Arch::Ltxav,
+            &[
+                "adaln_single.emb.timestep_embedder.linear_1.bias",
+                "adaln_single.emb.timestep_embedder.linear_2.weight",
+                "transformer_blocks.27.scale_shift_table",
+                "caption_projection.linear_2.weight",
+                "audio_adaln_single.linear.weight",
+            ],
+        ),
+        (
+            Arch::Hyvid15,
+            &[
+                "double_blocks.0.img_attn_proj.weight",
+                "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
+                "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight",
+                "cond_type_embedding.weight",
+            ],
+        ),
+        (
+            Arch::ZImage,
+            &[
+                "cap_embedder.1.weight",
+                "context_refiner.0.attention.qkv.weight",
+                "x_pad_token",
+                "cap_pad_token",
+            ],
+        ),
+        (
+            Arch::Umt5xxl,
+            &[
+                "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "encoder.block.0.layer.1.DenseReluDense.wi_1.weight",
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
+            ],
+        ),
+        (
+            Arch::ClipG,
+            &[
+                "text_model.embeddings.token_embedding.weight",
+                "text_model.encoder.layers.0.mlp.fc1.weight",
+                "text_model.encoder.layers.30.mlp.fc1.weight",
+            ],
+        ),
+    ];
+    for (arch, keys) in variant_with_parent_keys {
+        assert_eq!(detect(keys), Ok(*arch), "{keys:?}");
+    }
+    let pos = |a| Arch::DETECTION_ORDER.iter().position(|&b| b == a).unwrap();
+    assert!(pos(Arch::Flux2) < pos(Arch::Flux) && pos(Arch::Chroma) < pos(Arch::Flux));
+    assert!(pos(Arch::Ltxav) < pos(Arch::Ltxv));
+    assert!(pos(Arch::Hyvid15) < pos(Arch::Hyvid));
+    assert!(pos(Arch::ZImage) < pos(Arch::Lumina2));
+}
+
+#[test]
+fn variants_are_written_under_a_name_comfyui_gguf_loads_and_text_encoders_are_their_kind() {
+    // ComfyUI-GGUF's loader.py IMG_ARCH_LIST and TXT_ARCH_LIST.
+    const IMG: &[&str] = &[
+        "flux",
+        "sd1",
+        "sdxl",
+        "sd3",
+        "aura",
+        "hidream",
+        "cosmos",
+        "ltxv",
+        "hyvid",
+        "wan",
+        "lumina2",
+        "qwen_image",
+    ];
+    const TXT: &[&str] = &["t5", "t5encoder", "llama", "qwen2vl", "qwen3", "qwen3vl"];
+    for arch in Arch::DETECTION_ORDER {
+        match (arch.kind(), arch.gguf_refusal()) {
+            (ModelKind::DiffusionModel, None) => {
+                assert!(IMG.contains(&arch.gguf_name()), "{arch}");
+                assert_eq!(arch.gguf_naming(), GgufNaming::Reference, "{arch}");
+            }
+            (ModelKind::TextEncoder, None) => {
+                assert!(TXT.contains(&arch.gguf_name()), "{arch}");
+                assert_eq!(arch.gguf_naming(), GgufNaming::LlamaCppT5, "{arch}");
+            }
+            (ModelKind::TextEncoder, Some(reason)) => {
+                assert!(matches!(arch, Arch::ClipL | Arch::ClipG), "{arch}");
+                assert!(reason.contains("CLIP"), "{reason}");
+            }
+            (ModelKind::DiffusionModel, Some(_)) => panic!("{arch}: a refused diffusion model"),
+        }
+    }
+    assert_eq!(Arch::Chroma.gguf_name(), "flux");
+    assert_eq!(Arch::Ltxav.gguf_name(), "ltxv");
+    assert_eq!(Arch::Umt5xxl.gguf_name(), "t5encoder");
+    assert_eq!(
+        ModelKind::of_architecture(Some("t5encoder")),
+        ModelKind::TextEncoder
+    );
+    assert_eq!(
+        ModelKind::of_architecture(Some("umt5xxl")),
+        ModelKind::TextEncoder
+    );
+    assert_eq!(
+        ModelKind::of_architecture(Some("clip_l")),
+        ModelKind::TextEncoder
+    );
+    assert_eq!(
+        ModelKind::of_architecture(Some("flux2")),
+        ModelKind::DiffusionModel
+    );
+    assert_eq!(ModelKind::of_architecture(None), ModelKind::DiffusionModel);
+    assert_eq!(ModelKind::TextEncoder.folder(), "text_encoders");
 }
 
 #[test]
@@ -211,18 +416,27 @@ fn names_round_trip_and_parse_leniently() {
     assert_eq!(
         names,
         [
+            "flux2",
+            "chroma",
             "flux",
             "sd3",
             "aura",
             "hidream",
             "cosmos",
             "qwen_image",
+            "ltxav",
             "ltxv",
+            "hyvid15",
             "hyvid",
             "wan",
             "sdxl",
             "sd1",
-            "lumina2"
+            "z_image",
+            "lumina2",
+            "umt5xxl",
+            "t5xxl",
+            "clip_g",
+            "clip_l"
         ]
     );
 }
@@ -237,7 +451,7 @@ fn per_arch_tables() {
         );
         assert_eq!(
             arch.ndims_fix(),
-            matches!(arch, Arch::Hyvid | Arch::Wan),
+            matches!(arch, Arch::Hyvid | Arch::Hyvid15 | Arch::Wan),
             "{arch}"
         );
         assert!(!arch.no_quant_patterns().is_empty(), "{arch}");
@@ -260,6 +474,22 @@ fn per_arch_tables() {
     assert!(Arch::Sd3.is_quant_excluded("pos_embed"));
     assert!(!Arch::Sd3.is_quant_excluded("x.pos_embed"));
     assert!(KeyPattern::Contains("head.").matches("head.head.weight"));
+    // The new rows.
+    assert!(Arch::Chroma.is_quant_excluded("distilled_guidance_layer.layers.3.in_layer.weight"));
+    assert!(!Arch::Flux.is_quant_excluded("distilled_guidance_layer.layers.3.in_layer.weight"));
+    assert!(Arch::Flux2.is_quant_excluded("double_stream_modulation_img.lin.weight"));
+    assert!(Arch::Ltxav.is_quant_excluded("audio_adaln_single.linear.weight"));
+    assert!(Arch::Ltxav.is_quant_excluded("av_ca_a2v_gate_adaln_single.linear.weight"));
+    assert!(Arch::Ltxav.is_hiprec("transformer_blocks.3.scale_shift_table_a2v_ca_audio"));
+    assert!(Arch::Hyvid15.is_quant_excluded("cond_type_embedding.weight"));
+    assert!(Arch::ZImage.is_hiprec("cap_pad_token"));
+    assert!(Arch::T5xxl.is_quant_excluded("shared.weight"));
+    assert!(
+        Arch::Umt5xxl.is_quant_excluded(
+            "encoder.block.5.layer.0.SelfAttention.relative_attention_bias.weight"
+        )
+    );
+    assert!(!Arch::T5xxl.is_quant_excluded("encoder.block.5.layer.0.SelfAttention.q.weight"));
 }
 
 #[test]

@@ -260,6 +260,7 @@ fn metadata_and_json_fields_are_stable() {
             "supported_as_source",
             "histogram",
             "architecture",
+            "model_kind",
             "fp8_scaling",
             "bitsandbytes",
             "metadata",

@@ -11,10 +11,11 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use detect::arch::GgufNaming;
 use rayon::prelude::*;
 use serde::Serialize;
 use tensorfile::pipeline::{self, Piece, StreamError};
-use tensorfile::{SourceError, TensorSource};
+use tensorfile::{Dtype, SourceError, TensorSource};
 
 use crate::Arch;
 use crate::mix::{self, DroppedTensor, GgufPlan, SourcePlanError};
@@ -149,9 +150,10 @@ fn full_metadata(
 }
 
 /// Key prefixes of the source's metadata that are not carried into a GGUF output: the policy's
-/// own namespaces (`general.*`, ComfyUI-GGUF's `comfy.gguf.*`) and convcache's provenance,
-/// which describes this output, not the source's origin.
-const NOT_CARRIED_PREFIXES: &[&str] = &["general.", "comfy.gguf.", "convcache."];
+/// own namespaces (`general.*`, ComfyUI-GGUF's `comfy.gguf.*`, `tokenizer.*`, which only the
+/// source's SentencePiece model fills: a GGUF source's string keys alone would be a partial
+/// tokenizer) and convcache's provenance, which describes this output, not the source's origin.
+const NOT_CARRIED_PREFIXES: &[&str] = &["general.", "comfy.gguf.", "tokenizer.", "convcache."];
 
 /// Source metadata keys about the safetensors container rather than the model, not carried:
 /// `format` (`"pt"`, the framework `save_file` was called from) says nothing about GGUF tensors.
@@ -415,14 +417,67 @@ pub enum ConversionPlanError {
         /// What the writer refused.
         source: io::Error,
     },
+    /// A text encoder's tokenizer tensor could not be read.
+    #[error("{}: reading spiece_model: {source}", path.display())]
+    Tokenizer {
+        /// The source file.
+        path: PathBuf,
+        /// The read error.
+        source: SourceError,
+    },
 }
 
 impl ConversionPlanError {
-    /// Always true: planning reads only the source's header, so every refusal is about the
-    /// input (a header the writer cannot lay out holds names or shapes it cannot encode).
+    /// Whether the input is at fault: planning reads only the source's header (a header the
+    /// writer cannot lay out holds names or shapes it cannot encode), and a text encoder's
+    /// small tokenizer tensor, whose read error says.
     pub fn is_input_fault(&self) -> bool {
-        true
+        match self {
+            ConversionPlanError::Tokenizer { source, .. } => source.is_input_fault(),
+            _ => true,
+        }
     }
+}
+
+/// A T5 encoder's tokenizer as `tokenizer.ggml.*` key-values after the policy's keys, read
+/// from the source's `spiece_model` tensor (Comfy-Org's files carry the SentencePiece model
+/// there). ComfyUI-GGUF rebuilds umt5-xxl's tokenizer from these keys (for a token embedding
+/// of 256384 x 4096) and fails to load the file without them, so a source without a readable
+/// one gets a warning.
+fn tokenizer_into_plan(
+    source: &dyn TensorSource,
+    plan: &mut GgufPlan,
+    warnings: &mut Vec<String>,
+) -> Result<(), ConversionPlanError> {
+    use crate::text_encoder::{MAX_SPIECE_MODEL_BYTES, parse_sentencepiece, tokenizer_metadata};
+    let found = source.tensors().iter().enumerate().find(|(_, t)| {
+        detect::arch::strip_prefix(&t.name) == "spiece_model"
+            && matches!(t.dtype, Dtype::U8 | Dtype::I8)
+            && t.source_bytes <= MAX_SPIECE_MODEL_BYTES
+    });
+    let Some((index, t)) = found else {
+        if plan.arch == Arch::Umt5xxl {
+            warnings.push(
+                "no spiece_model tensor (SentencePiece tokenizer) in the source: ComfyUI-GGUF \
+                 cannot rebuild umt5-xxl's tokenizer from this GGUF"
+                    .into(),
+            );
+        }
+        return Ok(());
+    };
+    // Bounded above; the tensor's byte length was checked against the file with its header.
+    let mut bytes = vec![0u8; t.source_bytes as usize];
+    source
+        .read_raw(index, 0, &mut bytes)
+        .map_err(|e| ConversionPlanError::Tokenizer {
+            path: source.path().to_owned(),
+            source: e,
+        })?;
+    match parse_sentencepiece(&bytes) {
+        Ok(sp) => plan.metadata.extend(tokenizer_metadata(&sp)),
+        Err(e) => warnings.push(format!("{e}; the GGUF carries no tokenizer")),
+    }
+    Ok(())
 }
 
 /// A source, its GGUF plan and the provenance keys: everything [`GgufConversion::write`]
@@ -446,7 +501,11 @@ impl GgufConversion {
         target: FileType,
         provenance: &BTreeMap<String, String>,
     ) -> Result<GgufConversion, ConversionPlanError> {
-        let plan = mix::plan_source(source.as_ref(), forced_arch, target)?;
+        let mut plan = mix::plan_source(source.as_ref(), forced_arch, target)?;
+        let mut warnings = Vec::new();
+        if plan.arch.gguf_naming() == GgufNaming::LlamaCppT5 {
+            tokenizer_into_plan(source.as_ref(), &mut plan, &mut warnings)?;
+        }
         let extra = extra_metadata(&plan, source.metadata(), provenance);
         let output_len = output_len(&plan, &extra).map_err(|e| ConversionPlanError::Layout {
             path: source.path().to_owned(),
@@ -457,7 +516,7 @@ impl GgufConversion {
             plan,
             extra,
             output_len,
-            warnings: Vec::new(),
+            warnings,
         })
     }
 
@@ -488,6 +547,11 @@ impl GgufConversion {
     /// The exact size of the output.
     pub fn output_len(&self) -> u64 {
         self.output_len
+    }
+
+    /// Warnings about the source found while planning (they lead the report's warnings).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// Source bytes read for the planned tensors (the total of [`GgufConversion::write`]'s

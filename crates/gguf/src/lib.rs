@@ -54,6 +54,7 @@ pub mod dequantize;
 pub mod mix;
 pub mod quant;
 pub mod source;
+pub mod text_encoder;
 
 pub use detect::arch::{Arch, ArchError, detect_arch};
 pub use tensorfile::gguf::{

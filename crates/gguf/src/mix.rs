@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use detect::arch::{self, Arch, KeyPrefix};
+use detect::arch::{self, Arch, GgufNaming, KeyPrefix};
 use tensorfile::source::Stored;
 use tensorfile::{Dtype, TensorSource};
 
@@ -215,6 +215,26 @@ pub enum PlanError {
     /// Every tensor was dropped.
     #[error("no tensors left to convert")]
     Empty,
+    /// The architecture gets no GGUF output (CLIP text encoders).
+    #[error("{arch} has no GGUF output: {reason}")]
+    NoGguf {
+        /// The architecture.
+        arch: Arch,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A tensor of a text encoder that its GGUF naming cannot express, so the loader could
+    /// not give it back.
+    #[error(
+        "tensor `{name}` is not part of a {arch} encoder as ComfyUI-GGUF's text-encoder loader \
+         maps it (a GGUF would lose it)"
+    )]
+    UnmappedTensor {
+        /// The tensor.
+        name: String,
+        /// The architecture.
+        arch: Arch,
+    },
 }
 
 /// Why a source cannot be planned: [`PlanError`] with the file named.
@@ -286,6 +306,47 @@ fn strip_prefixes<'a>(
         }
     }
     kept
+}
+
+/// A kept tensor: (GGUF name, name in the arch tables, source index, tensor).
+type NamedTensor<'a> = (String, String, usize, InputTensor<'a>);
+
+/// The GGUF name of each kept tensor under `arch`'s naming, beside the name the arch tables
+/// match (the prefix-stripped source name). A T5 encoder's tied `encoder.embed_tokens.weight`
+/// (a copy of `shared.weight`, which llama.cpp also writes once) is dropped; any other key
+/// outside the encoder is refused rather than left out.
+fn gguf_names<'a>(
+    arch: Arch,
+    stripped: Vec<(String, usize, InputTensor<'a>)>,
+    dropped: &mut Vec<DroppedTensor>,
+) -> Result<Vec<NamedTensor<'a>>, PlanError> {
+    match arch.gguf_naming() {
+        GgufNaming::Reference => Ok(stripped
+            .into_iter()
+            .map(|(n, i, t)| (n.clone(), n, i, t))
+            .collect()),
+        GgufNaming::LlamaCppT5 => {
+            let has_shared = stripped.iter().any(|(n, _, _)| n == "shared.weight");
+            let mut out = Vec::with_capacity(stripped.len());
+            for (n, i, t) in stripped {
+                if n == "encoder.embed_tokens.weight" && has_shared {
+                    dropped.push(DroppedTensor {
+                        name: t.name.to_owned(),
+                        reason: "tied copy of shared.weight",
+                    });
+                    continue;
+                }
+                match crate::text_encoder::t5_gguf_name(&n) {
+                    Some(g) => out.push((g, n, i, t)),
+                    // Integer tensors (Comfy-Org's `spiece_model` tokenizer bytes) are not
+                    // weights; the main loop drops them.
+                    None if t.dtype == SourceDtype::NonFloat => out.push((n.clone(), n, i, t)),
+                    None => return Err(PlanError::UnmappedTensor { name: n, arch }),
+                }
+            }
+            Ok(out)
+        }
+    }
 }
 
 fn contains_any(name: &str, patterns: &[&str]) -> bool {
@@ -399,9 +460,18 @@ pub fn plan(
     target: FileType,
 ) -> Result<GgufPlan, PlanError> {
     let mut dropped = Vec::new();
-    let mut named = strip_prefixes(tensors, &mut dropped);
+    let stripped = strip_prefixes(tensors, &mut dropped);
+    let arch = match forced_arch {
+        Some(a) => a,
+        None => arch::detect_arch(stripped.iter().map(|(n, _, _)| n.as_str()))?,
+    };
+    if let Some(reason) = arch.gguf_refusal() {
+        return Err(PlanError::NoGguf { arch, reason });
+    }
+    // (GGUF name, name in the arch tables, source index, tensor).
+    let mut named = gguf_names(arch, stripped, &mut dropped)?;
     let mut seen = std::collections::HashSet::with_capacity(named.len());
-    for (name, _, _) in &named {
+    for (name, _, _, _) in &named {
         if !seen.insert(name.as_str()) {
             return Err(PlanError::DuplicateName { name: name.clone() });
         }
@@ -410,18 +480,14 @@ pub fn plan(
     if target.base_type().is_quantized() {
         named.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     }
-    let arch = match forced_arch {
-        Some(a) => a,
-        None => arch::detect_arch(named.iter().map(|(n, _, _)| n.as_str()))?,
-    };
     let quantized_target = target.base_type().is_quantized();
 
     let mut planned = Vec::with_capacity(named.len());
     let mut high_dim = Vec::new();
     let mut v_seen = 0usize;
     let mut fallbacks = Vec::new();
-    for (name, source_index, src) in named {
-        if arch.is_ignored(&name) {
+    for (name, table_name, source_index, src) in named {
+        if arch.is_ignored(&table_name) {
             dropped.push(DroppedTensor {
                 name,
                 reason: "ignored for this architecture",
@@ -457,7 +523,7 @@ pub fn plan(
 
         let high_precision_source = matches!(src.dtype, SourceDtype::F32 | SourceDtype::BF16);
         let keep_f32 = high_precision_source
-            && (src.shape.len() == 1 || n <= QUANTIZATION_THRESHOLD || arch.is_hiprec(&name));
+            && (src.shape.len() == 1 || n <= QUANTIZATION_THRESHOLD || arch.is_hiprec(&table_name));
         let base_type = match target {
             FileType::AllF32 => GgmlType::F32,
             _ if keep_f32 => GgmlType::F32,
@@ -500,7 +566,7 @@ pub fn plan(
             && name.ends_with("weight")
             && !name.contains("_norm.weight")
             && ggml_n_dims(&shape) == 2
-            && !arch.is_quant_excluded(&name);
+            && !arch.is_quant_excluded(&table_name);
         let ggml_type = if quantizable {
             let chosen = mix_type(target, &name, arch, v_seen);
             if name_group(&name) == Some(NameGroup::VProjection) {
@@ -547,7 +613,7 @@ pub fn plan(
     let file_type = target;
     let mut metadata: Vec<(String, MetadataValue)> = vec![(
         "general.architecture".into(),
-        MetadataValue::String(arch.name().into()),
+        MetadataValue::String(arch.gguf_name().into()),
     )];
     let version_and_type = [
         (

@@ -77,12 +77,19 @@ impl GgufSource {
             path: path.to_owned(),
             source,
         })?;
+        // A T5 text encoder's llama.cpp names are served as ComfyUI's keys, mapped back the
+        // way ComfyUI-GGUF's CLIPLoaderGGUF does, so every target writes ComfyUI's names.
+        let t5 = matches!(file.architecture(), Some("t5" | "t5encoder"));
         let tensors = file
             .tensors
             .iter()
             .map(|t| {
                 Ok(SourceTensor {
-                    name: t.name.clone(),
+                    name: if t5 {
+                        crate::text_encoder::comfyui_gguf_t5_key(&t.name)
+                    } else {
+                        t.name.clone()
+                    },
                     shape: logical_shape(&file, t)?,
                     dtype: Dtype::F32,
                     stored: Stored::Ggml(t.ggml_type),
@@ -109,9 +116,19 @@ impl GgufSource {
     }
 
     /// The architecture the file declares (`general.architecture`), when it names one: it
-    /// wins over detection from the tensor names (sd.cpp files declare none).
+    /// wins over detection from the tensor names (sd.cpp files declare none). A variant that
+    /// is written under its parent's name (Chroma and Flux.2 as `flux`, LTX-2 as `ltxv`, ...)
+    /// is recovered from the tensor names when they detect as a variant of that name.
     pub fn declared_arch(&self) -> Option<Arch> {
-        self.file.architecture().and_then(|s| s.parse().ok())
+        let declared = self.file.architecture()?;
+        let by_names = detect::arch::detect_arch(
+            self.tensors
+                .iter()
+                .map(|t| detect::arch::strip_prefix(&t.name)),
+        )
+        .ok()
+        .filter(|a| a.gguf_name() == declared);
+        by_names.or_else(|| declared.parse().ok())
     }
 }
 

@@ -32,6 +32,19 @@ pub struct Job<'a> {
     pub extra_metadata: &'a BTreeMap<String, String>,
     /// The request's converter settings.
     pub options: BackendOptions,
+    /// The one read of the source this conversion shares with others running at once
+    /// ([`crate::many`]); `None`: it reads the source on its own.
+    pub shared_read: Option<&'a tensorfile::shared_read::Seat>,
+}
+
+impl Job<'_> {
+    /// The safetensors source as converters read it ([`tensorfile::open_safetensors`]), through
+    /// the shared read when there is one.
+    pub fn open_safetensors(
+        &self,
+    ) -> Result<Box<dyn tensorfile::TensorSource>, tensorfile::SourceError> {
+        tensorfile::open_safetensors_shared(self.source_path, self.shared_read)
+    }
 }
 
 /// A converter: safetensors precisions, bitsandbytes, GGUF.

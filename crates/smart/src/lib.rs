@@ -82,6 +82,7 @@
 
 mod backend;
 pub mod backends;
+pub mod many;
 mod publish;
 
 use std::path::{Path, PathBuf};
@@ -144,6 +145,14 @@ pub struct Options<'a> {
     /// Files never evicted to make room: the outputs this request's caller already answered
     /// with (earlier targets of the same command). The source is always spared.
     pub spare: Vec<PathBuf>,
+    /// This conversion's seat at a read of the source shared with other conversions running
+    /// at once ([`many::convert_many`] sets it): the converter reads through it, and the
+    /// source digest is the shared read's.
+    pub shared_read: Option<many::SharedSeat>,
+    /// The outputs other conversions of the same request are writing at once
+    /// ([`many::convert_many`] sets it): they count against the size budget, and conversions
+    /// check for room one at a time.
+    pub room_in_flight: Option<Arc<many::RoomInFlight>>,
     /// Continue an interrupted conversion of the same output from its last durable checkpoint
     /// when its journal and temporary check out ([`cache::journal`]; the default). `false`
     /// removes them and starts over.
@@ -171,6 +180,8 @@ impl<'a> Options<'a> {
             max_cache_size: None,
             make_room: false,
             spare: Vec::new(),
+            shared_read: None,
+            room_in_flight: None,
             resume: true,
             checkpoint_every: std::time::Duration::from_secs(1),
         }
@@ -197,6 +208,7 @@ impl<'a> Options<'a> {
             converter_version,
             cancel: self.cancel.clone(),
             known_digest: self.known_digest.clone(),
+            model_kind: cache::ModelKind::default(),
         }
     }
 
@@ -206,6 +218,12 @@ impl<'a> Options<'a> {
             .as_deref()
             .is_some_and(|c| c.load(Ordering::Relaxed))
     }
+}
+
+/// Diffusion model or text encoder, which picks the models folder of the outputs: `--arch`
+/// does not change it (it only forces GGUF's table), the source's own keys do.
+fn model_kind(detection: &Detection) -> cache::ModelKind {
+    detection.model_kind
 }
 
 impl std::fmt::Debug for Options<'_> {
@@ -223,6 +241,8 @@ impl std::fmt::Debug for Options<'_> {
             .field("max_cache_size", &self.max_cache_size)
             .field("make_room", &self.make_room)
             .field("spare", &self.spare)
+            .field("shared_read", &self.shared_read.is_some())
+            .field("room_in_flight", &self.room_in_flight)
             .finish()
     }
 }
@@ -634,8 +654,9 @@ fn answer(
         .iter()
         .copied()
         .find(|b| b.supports(&detection, target));
-    let lookup_options =
+    let mut lookup_options =
         options.lookup_options(backend.map(|b| b.converter_version(target, &backend_options)));
+    lookup_options.model_kind = model_kind(&detection);
     let cache = Cache::new(options.models_dir.clone());
     // Leftovers of killed writers go on the next run, hit or miss. Best effort: a read-only
     // models dir must still answer hits.
@@ -767,12 +788,13 @@ pub fn check_with(
             });
             continue;
         }
-        let lookup_options = options.lookup_options(
+        let mut lookup_options = options.lookup_options(
             backends
                 .iter()
                 .find(|b| b.supports(&detection, target))
                 .map(|b| b.converter_version(target, &backend_options)),
         );
+        lookup_options.model_kind = model_kind(&detection);
         // Reuse the digest across targets (it is only valid while the source is unchanged,
         // which lookup_again checks).
         let l = match &earlier {

@@ -399,7 +399,10 @@ impl Convert<'_> {
         if let Some(d) = known_digest {
             return Ok(planned(plan_with(d.to_owned())?, None));
         }
-        if self.backend.observes_source(self.detection, self.target) {
+        // A shared read hashes the source as it reads it, for every converter.
+        if self.backend.observes_source(self.detection, self.target)
+            || self.options.shared_read.is_some()
+        {
             let placeholder = placeholder_digest();
             let plan = plan_with(placeholder.clone())?;
             return Ok(planned(plan, Some(placeholder)));
@@ -424,6 +427,7 @@ impl Convert<'_> {
             target: self.target,
             extra_metadata: &provenance.to_metadata(),
             options: self.backend_options,
+            shared_read: self.options.shared_read.as_ref().map(|sr| sr.seat()),
         })?;
         Ok((provenance, planned))
     }
@@ -553,9 +557,18 @@ impl Convert<'_> {
             (temporary, None, hasher)
         };
         let offset = resumed.as_ref().map_or(0, |c| c.offset);
-        removed.extend(self.fit(dir, out, needed - offset)?);
+        // Conversions of one request running at once check for room one at a time, each
+        // counting the outputs the others are writing.
+        let turn = self
+            .options
+            .room_in_flight
+            .as_deref()
+            .map(crate::many::RoomInFlight::enter);
+        let others = turn.as_ref().map_or(0, |t| t.others());
+        removed.extend(self.fit(dir, out, needed - offset, others)?);
         let tmp = temporary.path().to_path_buf();
         reserve_space(temporary.file(), out, needed)?;
+        let _in_flight = turn.map(|t| t.hold(needed));
         let mut writer = BufWriter::with_capacity(
             WRITE_BUFFER,
             Sink {
@@ -601,9 +614,10 @@ impl Convert<'_> {
             self.bytes(Stage::Converting, bytes_reported, bytes_total);
         };
         let mut source_hasher = digest::StreamDigest::new();
+        let shared = self.options.shared_read.as_ref();
         let skip = resumed.as_ref().map_or(0, |c| c.pieces);
         let result = tensorfile::pipeline::resumable(skip, || match (&digest_in_pass, &hashed) {
-            (Some(_), None) => {
+            (Some(_), None) if shared.is_none() => {
                 planned.write_observing_source(&mut writer, &mut progress, &mut |bytes: &[u8]| {
                     source_hasher.update(bytes)
                 })
@@ -656,18 +670,26 @@ impl Convert<'_> {
         let mut sink = writer
             .into_inner()
             .map_err(|e| io_err(&tmp, "write the temporary output")(e.into_error()))?;
+        // Done reading: a shared read no longer waits for this conversion.
+        drop(planned);
         if let Some(placeholder) = digest_in_pass {
             let digest = match hashed {
+                // Resumed: hashed in a pass of its own before converting.
                 Some(digest) => digest,
                 None => {
-                    if source_hasher.len() != lookup.source.size {
+                    let (hashed_len, digest) = match shared {
+                        Some(s) => s
+                            .source_digest()
+                            .map_err(io_err(self.source, "read the source"))?,
+                        None => (source_hasher.len(), source_hasher.finish()),
+                    };
+                    if hashed_len != lookup.source.size {
                         return Err(SmartError::Io {
                             path: self.source.to_path_buf(),
                             op: "read the source",
                             source: io::Error::other(format!(
                                 "it changed during the conversion ({} bytes read, {} expected)",
-                                source_hasher.len(),
-                                lookup.source.size
+                                hashed_len, lookup.source.size
                             )),
                         });
                     }
@@ -675,7 +697,7 @@ impl Convert<'_> {
                     // place during the read (same size) gives a digest of no real state of the
                     // file, but also a new mtime, so the output is stale at its next lookup,
                     // never a wrong hit.
-                    source_hasher.finish()
+                    digest
                 }
             };
             let Some(at) = only_occurrence(sink.hasher.head(), placeholder.as_bytes()) else {
@@ -710,7 +732,15 @@ impl Convert<'_> {
     /// Fails early, before writing anything, when the output cannot fit: free space in `dir`
     /// and [`Options::max_cache_size`] (with [`Options::make_room`], evicting least recently
     /// used outputs first when that makes it fit; they are returned), and the file-size limit.
-    fn fit(&self, dir: &Path, out: &Path, needed: u64) -> Result<Vec<Removed>, SmartError> {
+    /// `others`: bytes of outputs other conversions of the request are writing (already
+    /// reserved on the disk, not yet listed in the cache), which count against the budget.
+    fn fit(
+        &self,
+        dir: &Path,
+        out: &Path,
+        needed: u64,
+        others: u64,
+    ) -> Result<Vec<Removed>, SmartError> {
         let available_space =
             || fs4::available_space(dir).map_err(io_err(dir, "read the free space of"));
         let available = available_space()?;
@@ -718,8 +748,9 @@ impl Convert<'_> {
         spare.push(self.source.to_path_buf());
         let request = RoomRequest {
             output: out,
-            output_bytes: needed,
-            disk_available: available,
+            output_bytes: needed + others,
+            // Their blocks are reserved already: not missing from the disk a second time.
+            disk_available: available + others,
             max_cache_bytes: self.options.max_cache_size,
             spare: &spare,
         };

@@ -148,6 +148,7 @@ fn convert(fixture: &Path, target: FileType) -> (Vec<u8>, serde_json::Value) {
         target: detect::Precision::Gguf(target),
         extra_metadata: &extra,
         options: BackendOptions::default(),
+        shared_read: None,
     };
     let backend = GgufBackend;
     assert!(backend.supports(&detection, job.target));

@@ -303,6 +303,7 @@ fn backend_convert(src: &Path, target: Precision, out: &Path) {
         target,
         extra_metadata: &extra,
         options: smart::BackendOptions::default(),
+        shared_read: None,
     };
     let planned = BACKEND.plan(&job).unwrap();
     let mut f = std::io::BufWriter::new(fs::File::create(out).unwrap());

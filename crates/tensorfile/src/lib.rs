@@ -15,6 +15,8 @@
 //!   layout), byte for byte as comfy-kitchen's eager ones.
 //! - [`diffusers`]: diffusers-layout models (Flux, SD3, the SDXL/SD1 UNet, Wan, Z-Image)
 //!   served in ComfyUI's key layout (renames, fused q/k/v, swapped modulation halves).
+//! - [`shared_read`]: one read of a source for several conversions at once (a bounded window
+//!   of chunks the conversions read through); [`read_count`]: bytes of model files read.
 //! - [`pipeline`]: the streaming pipeline every converter writes through (produce the next
 //!   piece on the thread pool while the previous one is written).
 //!
@@ -65,11 +67,15 @@ pub mod cast;
 pub mod diffusers;
 pub mod gguf;
 pub mod pipeline;
+pub mod read_count;
 pub mod safetensors;
 pub mod scaled;
 pub mod sharded;
+pub mod shared_read;
 pub mod source;
 
 pub use cast::{CastError, CastStats, cast_slice, widen_to_f32};
 pub use safetensors::{Dtype, ReadBuffer, SafetensorsFile, SafetensorsWriter, TensorSpec};
-pub use source::{SourceError, SourceTensor, TensorSource, open_safetensors};
+pub use source::{
+    SourceError, SourceTensor, TensorSource, open_safetensors, open_safetensors_shared,
+};

@@ -384,6 +384,15 @@ impl TensorSource for SafetensorsFile {
 /// [`crate::diffusers::DiffusersView`]; a diffusers repository folder stands for its model
 /// ([`crate::diffusers::resolve_source`]).
 pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceError> {
+    open_safetensors_shared(path, None)
+}
+
+/// [`open_safetensors`], a single file reading its tensor data through `seat`'s window
+/// ([`crate::shared_read`]) when `seat` reads that file. A sharded source reads on its own.
+pub fn open_safetensors_shared(
+    path: &Path,
+    seat: Option<&crate::shared_read::Seat>,
+) -> Result<Box<dyn TensorSource>, SourceError> {
     use crate::diffusers::DiffusersView;
     let resolved = crate::diffusers::resolve_source(path);
     let path = resolved.as_path();
@@ -398,7 +407,7 @@ pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceErro
             Err(sharded) => Box::new(sharded),
         });
     }
-    let file = SafetensorsFile::open(path)?;
+    let file = SafetensorsFile::open_shared(path, seat)?;
     match crate::scaled::ScaledLayout::of_file(&file) {
         Ok(None) => Ok(match DiffusersView::wrap(file)? {
             Ok(view) => Box::new(view),

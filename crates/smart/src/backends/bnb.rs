@@ -41,7 +41,8 @@ impl Backend for BnbBackend {
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let source = tensorfile::open_safetensors(job.source_path)
+        let source = job
+            .open_safetensors()
             .map_err(|e| SmartError::backend(::bnb::BnbError::from(e)))?;
         let plan = if job.source.bitsandbytes.is_some() {
             ::bnb::plan_dequantize_file(&*source, job.target)

@@ -41,10 +41,7 @@ impl Backend for ComfyQuantBackend {
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let source = Source::open(
-            job.source_path,
-            self.observes_source(job.source, job.target),
-        )?;
+        let source = Source::open(job, self.observes_source(job.source, job.target))?;
         let plan = comfyquant::plan(source.get(), job.target).map_err(SmartError::backend)?;
         let metadata =
             precision::convert::merged_metadata(source.get().metadata(), job.extra_metadata);

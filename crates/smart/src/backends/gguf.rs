@@ -22,7 +22,7 @@ use crate::{Backend, BackendOptions, ConversionReport, Job, PlannedConversion, S
 pub struct GgufBackend;
 
 /// Bump when the bytes written for some target change.
-const VERSION: &str = "gguf-2";
+const VERSION: &str = "gguf-3";
 
 impl Backend for GgufBackend {
     fn supports(&self, source: &Detection, target: Precision) -> bool {
@@ -51,7 +51,7 @@ impl Backend for GgufBackend {
         let gguf_source = || GgufSource::open(path).map_err(SmartError::backend);
         Ok(match (job.source.format, job.target) {
             (Format::Safetensors, Precision::Gguf(ft)) => {
-                let source = tensorfile::open_safetensors(path).map_err(SmartError::backend)?;
+                let source = job.open_safetensors().map_err(SmartError::backend)?;
                 Box::new(
                     GgufConversion::plan(source, forced_arch, ft, provenance)
                         .map_err(SmartError::backend)?,

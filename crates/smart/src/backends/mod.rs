@@ -45,17 +45,16 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    /// Opens `path` as [`Source::File`] when `as_stored`, else as a view.
-    pub(crate) fn open(
-        path: &std::path::Path,
-        as_stored: bool,
-    ) -> Result<Source, crate::SmartError> {
+    /// Opens the job's source as [`Source::File`] when `as_stored`, else as a view, through the
+    /// job's shared read when there is one.
+    pub(crate) fn open(job: &crate::Job<'_>, as_stored: bool) -> Result<Source, crate::SmartError> {
         Ok(if as_stored {
             Source::File(
-                tensorfile::SafetensorsFile::open(path).map_err(crate::SmartError::backend)?,
+                tensorfile::SafetensorsFile::open_shared(job.source_path, job.shared_read)
+                    .map_err(crate::SmartError::backend)?,
             )
         } else {
-            Source::View(tensorfile::open_safetensors(path).map_err(crate::SmartError::backend)?)
+            Source::View(job.open_safetensors().map_err(crate::SmartError::backend)?)
         })
     }
 

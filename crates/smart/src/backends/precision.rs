@@ -39,10 +39,7 @@ impl Backend for PrecisionBackend {
     }
 
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
-        let src = Source::open(
-            job.source_path,
-            self.observes_source(job.source, job.target),
-        )?;
+        let src = Source::open(job, self.observes_source(job.source, job.target))?;
         let plan = conv::plan(src.get(), job.target).map_err(SmartError::backend)?;
         let metadata = conv::merged_metadata(src.get().metadata(), job.extra_metadata);
         let output_len = plan

@@ -976,6 +976,8 @@ pub struct SafetensorsFile {
     mmap: memmap2::Mmap,
     /// The header's tensors as a [`crate::TensorSource`] serves them.
     source_tensors: Vec<crate::SourceTensor>,
+    /// The shared window its tensor reads go through ([`SafetensorsFile::open_shared`]).
+    window: Option<crate::shared_read::Reader>,
 }
 
 impl SafetensorsFile {
@@ -1009,7 +1011,13 @@ impl SafetensorsFile {
             mmap,
             source_tensors: crate::source::safetensors_tensors(&header),
             header,
+            window: None,
         })
+    }
+
+    /// Reads tensor data through `seat`'s window from now on, if it reads this very file.
+    pub(crate) fn attach(&mut self, seat: &crate::shared_read::Seat) {
+        self.window = seat.join(&self.file);
     }
 
     /// The header's tensors as this file serves them as a [`crate::TensorSource`].
@@ -1127,8 +1135,18 @@ impl SafetensorsFile {
         Ok(prefix)
     }
 
+    /// Tensor data: through the shared window when there is one. The length prefix and
+    /// header ([`SafetensorsFile::read_prefix`]) are read directly: they are checked against
+    /// the file as it is now, and the window may already have passed them.
     fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
-        self.file.read_exact_at(buf, at)
+        if let Some(window) = &self.window
+            && at >= self.header.data_start
+        {
+            return window.read_exact_at(buf, at);
+        }
+        self.file.read_exact_at(buf, at)?;
+        crate::read_count::add(buf.len() as u64);
+        Ok(())
     }
 }
 
