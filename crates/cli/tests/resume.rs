@@ -174,3 +174,44 @@ fn cleanup_keeps_a_resumable_temporary_and_removes_it_once_its_source_is_gone() 
     );
     assert!(!cache::journal::journal_path(&out).exists());
 }
+
+#[test]
+fn a_killed_command_of_several_targets_resumes_through_the_shared_read() {
+    let s = Scratch::new();
+    let src = s.source("big.safetensors", LARGE);
+    let out = s.converted_dir().join("big_fp16.safetensors");
+    // fp16 and bf16 of one source share one read of it.
+    let mut child = s
+        .cmd(&["convert", src.arg(), "--to", "fp16,bf16"])
+        .env("CONVCACHE_CHECKPOINT_MS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    while !cache::journal::read_journal(&out).is_some_and(|j| j.checkpoint.offset > 1 << 20) {
+        assert!(!out.exists(), "finished before it could be killed");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+
+    let v = s
+        .run(&["--json", "convert", src.arg(), "--to", "fp16,bf16"])
+        .ok()
+        .json();
+    let rows = v.as_array().expect("rows");
+    assert_eq!(rows.len(), 2, "{v}");
+    assert!(rows[0]["resumed_from"].as_u64().is_some(), "{v}");
+    for (row, target) in rows.iter().zip(["fp16", "bf16"]) {
+        assert_eq!(row["status"], "converted", "{row}");
+        assert!(
+            std::fs::read(path_of(row)).expect("read") == clean_conversion(&s, &src.path, target),
+            "{target}: differs from an uninterrupted conversion"
+        );
+    }
+}
