@@ -23,6 +23,8 @@ mod bench_python;
 /// The cases of one command with several targets or sources.
 #[path = "bench_multi.rs"]
 mod multi;
+#[path = "bench_resume.rs"]
+mod resume;
 #[path = "bench_sharded.rs"]
 mod sharded;
 
@@ -360,6 +362,7 @@ fn cases() -> Vec<Case> {
             max_ms: None,
             rss_limit: false,
         },
+        resume::case(),
     ]
     .into_iter()
     .chain(bench_python::cases())
@@ -1260,6 +1263,11 @@ pub fn run(args: &BenchArgs) -> DynResult<ExitCode> {
         }
         if multi::handles(case.id) {
             sections.push_str(&multi::section(&env, case, args.reps, &mut verdicts));
+            continue;
+        }
+        if case.id == resume::ID {
+            warm(&env.model(case.model))?;
+            sections.push_str(&resume::section(&env, case, args.reps, &mut verdicts));
             continue;
         }
         env.notes.borrow_mut().clear();

@@ -8,6 +8,10 @@
 //! - `kills`: SIGKILL after a random delay or when the temporary reaches a random size; every
 //!   file at the cache path must be the reference (or absent), the next call must produce the
 //!   reference, and no temporary may remain after it;
+//! - `resumes`: SIGKILL once or twice in a row at a random point of the output (read from the
+//!   resume journal; checkpoints at every boundary), then rerun: the cache path never holds
+//!   anything but the reference, a journal left by the kill is always resumed from (the row
+//!   says `resumed_from`, at or past the journal's checkpoint), and the result is the reference;
 //! - `races`: 8 processes on the same conversion (exactly one `converted`, the others `cached`,
 //!   one path), and 8 processes on different targets of one source;
 //! - `disk-full`: `prlimit --fsize` below the output size, and a small tmpfs filled by another
@@ -125,6 +129,9 @@ struct Counts {
     source_mutations: u64,
     cleanup_runs: u64,
     cli_calls: u64,
+    resume_kills: u64,
+    /// Reruns that continued a killed conversion.
+    resumed: u64,
 }
 
 struct Torture {
@@ -554,6 +561,96 @@ impl Torture {
             self.check_cache_path("kill", r, &models);
             let call = self.convert(&models, &source, &r.target)?;
             self.expect_reference("kill", r, &models, &call, &["converted", "cached"]);
+        }
+        Ok(())
+    }
+
+    /// The resume journal of `output` (`.convcache/<name>.journal`): (checkpoint offset,
+    /// temporary name), if there is one that parses.
+    fn journal(output: &Path) -> Option<(u64, String)> {
+        let name = output.file_name()?.to_str()?;
+        let path = output
+            .parent()?
+            .join(".convcache")
+            .join(format!("{name}.journal"));
+        let v: Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+        let offset = v.get("checkpoint")?.get("offset")?.as_u64()?;
+        let temporary = v.get("temporary")?.as_str()?.to_owned();
+        Some((offset, temporary))
+    }
+
+    /// (a') SIGKILL at random points (journal offsets), once or twice in a row, then rerun.
+    fn resumes(&mut self, r: &Reference, n: usize) -> DynResult<()> {
+        let models = self.work.join(format!("resume-{}", r.target));
+        let output = models.join(&r.rel);
+        let src = self.source.to_string_lossy().into_owned();
+        for _ in 0..n {
+            let _ = fs::remove_file(&output);
+            for _ in 0..1 + self.rng.below(2) {
+                let threshold = self.rng.below(r.size);
+                let mut c = self.command(&models, &["convert", &src, "--to", &r.target]);
+                c.env("CONVCACHE_CHECKPOINT_MS", "0");
+                let mut child = self.spawn(c)?;
+                let start = Instant::now();
+                let mut finished = false;
+                loop {
+                    if child.try_wait()?.is_some() {
+                        finished = true;
+                        break;
+                    }
+                    if Self::journal(&output).is_some_and(|(o, _)| o >= threshold)
+                        || start.elapsed() > CALL_TIMEOUT
+                    {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                if !finished {
+                    kill(&mut child);
+                }
+                let _ = child.wait();
+                self.counts.resume_kills += 1;
+                self.check_cache_path("resume", r, &models);
+                if let Some((_, tmp)) = Self::journal(&output)
+                    && !models.join(&r.rel).with_file_name(&tmp).is_file()
+                {
+                    self.violation(
+                        "resume",
+                        &r.target,
+                        "a journal without its temporary".into(),
+                    );
+                }
+            }
+            let journal = Self::journal(&output);
+            let call = self.convert(&models, &self.source.clone(), &r.target)?;
+            let resumed_from = call
+                .first()
+                .and_then(|v| v.get("resumed_from").and_then(Value::as_u64));
+            match (journal, resumed_from) {
+                (Some((offset, _)), Some(from)) if from >= offset => self.counts.resumed += 1,
+                (Some((offset, _)), from) => self.violation(
+                    "resume",
+                    &r.target,
+                    format!(
+                        "a journal at byte {offset} was not resumed from (resumed_from {from:?})"
+                    ),
+                ),
+                (None, Some(from)) => self.violation(
+                    "resume",
+                    &r.target,
+                    format!("resumed from byte {from} without a journal"),
+                ),
+                (None, None) => {}
+            }
+            self.expect_reference("resume", r, &models, &call, &["converted", "cached"]);
+            let journal_left = Self::journal(&output).is_some();
+            if journal_left {
+                self.violation(
+                    "resume",
+                    &r.target,
+                    "a journal left after publishing".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -1324,6 +1421,7 @@ pub fn run(args: &TortureArgs) -> DynResult<ExitCode> {
     } else {
         (26, 3, 4, 3, 2)
     };
+    let resume_rounds = if args.short { 2 } else { 12 };
     let source = work.join("src/flux_torture.safetensors");
     fs::create_dir_all(work.join("src"))?;
     write_source(&source, blocks, args.seed ^ 0x5eed)?;
@@ -1362,6 +1460,7 @@ pub fn run(args: &TortureArgs) -> DynResult<ExitCode> {
     for r in refs.clone() {
         let t0 = Instant::now();
         t.kills(&r, kills)?;
+        t.resumes(&r, resume_rounds)?;
         t.race_same(&r, rounds)?;
         t.disk_full(&r, &refs, fulls)?;
         t.corruptions(&r, &refs, corrupt_rounds)?;
@@ -1413,6 +1512,10 @@ pub fn run(args: &TortureArgs) -> DynResult<ExitCode> {
     println!(
         "  corrupted files left no mark of convcache's, kept, converted beside: {}",
         c.converted_beside
+    );
+    println!(
+        "  resume: {} kills, {} reruns resumed from a journal",
+        c.resume_kills, c.resumed
     );
     println!("  source mutations: {}", c.source_mutations);
     println!("  cleanup runs: {}", c.cleanup_runs);

@@ -282,6 +282,8 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, BnbError> {
                 out_len,
                 source_bytes,
                 tensors_done: 0,
+                // A step's pieces hand its state on; the step's last one ends it.
+                carries_state: true,
             })
         };
         // The tensor read window by window (the others' bytes count when the step ends).
@@ -420,9 +422,12 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, BnbError> {
                 out_len: 0,
                 source_bytes: 0,
                 tensors_done: 0,
+                // A step's pieces hand its state on; the step's last one ends it.
+                carries_state: true,
             });
         }
         if let Some(last) = step_pieces.last_mut() {
+            last.carries_state = false;
             last.source_bytes += sources
                 .iter()
                 .filter(|&&i| i != main)

@@ -203,6 +203,7 @@ fn digest_one_file(
 /// [`StreamDigest::holding_head`] keeps the first chunk's bytes instead of hashing them at once,
 /// so that they can still be [patched](StreamDigest::patch_head) (a header value written as a
 /// placeholder and filled in once the data after it is known) before [`StreamDigest::finish`].
+#[derive(Clone)]
 pub struct StreamDigest {
     len: u64,
     in_chunk: usize,
@@ -312,6 +313,12 @@ impl StreamDigest {
     /// Whether nothing was fed.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The digest of everything fed so far (held head bytes as they are now), leaving the
+    /// digest open for more: a resume journal's checkpoint.
+    pub fn digest_so_far(&self) -> String {
+        self.clone().finish()
     }
 
     /// The digest of everything fed, as [`digest_bytes`] would give for the concatenation.

@@ -26,6 +26,10 @@
 //!   time the output was produced or served from the cache (least-recently-used eviction).
 //! - `.convcache/flux_bf16.safetensors.digest`: its output record ([`record`]), written by the
 //!   converter before it publishes the output; `.digest.tmp` while being replaced.
+//! - `.convcache/flux_bf16.safetensors.journal`: the resume journal of a conversion being
+//!   written or interrupted ([`journal`]): its temporary is kept and resumed by the next
+//!   conversion of the same output while the journal checks out; `.journal.tmp` while being
+//!   replaced.
 //!
 //! # What may be deleted
 //! [`Cache::cleanup`], [`Cache::evict_to`] and [`Cache::make_room`] only remove regular files (never symlinks, never
@@ -35,6 +39,7 @@
 
 pub mod digest;
 mod examine;
+pub mod journal;
 mod models_dir;
 pub mod naming;
 pub mod provenance;

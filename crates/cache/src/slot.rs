@@ -11,7 +11,10 @@
 //!   made durable: no crash leaves an output without the record that says how far to trust it,
 //!   and a crash between the record and the rename leaves a record of other bytes beside the
 //!   previous file, which a lookup then hashes and reports broken unless its bytes are those;
-//! - the temporary is removed when the [`Temporary`] is dropped unpublished (an error, a cancel).
+//! - the temporary is removed when the [`Temporary`] is dropped unpublished (an error), with its
+//!   resume journal ([`crate::journal`]), unless the writer keeps it to be resumed
+//!   ([`Temporary::keep_for_resume`], after a cancel); a temporary kept so, or left by a killed
+//!   writer, is resumed by the next writer ([`OutputSlot::resume`]) or removed by it.
 //!
 //! The lock is released when the slot is dropped.
 
@@ -20,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::journal::{read_journal, remove_journal};
 use crate::naming::parse_output_name;
 use crate::provenance::system_time_ns;
 use crate::record::{
@@ -257,8 +261,11 @@ impl OutputSlot {
     }
 
     /// Removes this output's temporaries left by earlier writers (none is alive: they write
-    /// only under this lock), and returns the removed paths.
-    pub(crate) fn remove_dead_temporaries(&self) -> Result<Vec<PathBuf>, CacheError> {
+    /// only under this lock), but the one named `spare`, and returns the removed paths.
+    pub(crate) fn remove_dead_temporaries(
+        &self,
+        spare: Option<&str>,
+    ) -> Result<Vec<PathBuf>, CacheError> {
         let output = &self.output;
         let Some(dir) = output.parent() else {
             return Ok(Vec::new());
@@ -276,6 +283,7 @@ impl OutputSlot {
             let name = ent.file_name();
             let is_ours = name
                 .to_str()
+                .filter(|n| Some(*n) != spare)
                 .and_then(parse_temp_name)
                 .is_some_and(|(o, _)| o == out_name);
             let regular = ent.metadata().is_ok_and(|m| m.file_type().is_file());
@@ -291,15 +299,17 @@ impl OutputSlot {
         Ok(removed)
     }
 
-    /// Removes the temporaries of dead writers of this output, then creates this process's
-    /// temporary beside it (`.<name>.<pid>.tmp`, which must not exist yet).
+    /// Removes the temporaries of dead writers of this output and its resume journal, then
+    /// creates this process's temporary beside it (`.<name>.<pid>.tmp`, which must not exist
+    /// yet).
     ///
     /// `sync`: make the output durable before it is published (the default). Without it the
     /// output is published from the page cache and its record carries this boot's id (see
     /// [`OutputRecord::unsynced_boot_id`]); where the boot cannot be identified, it is synced
     /// anyway ([`Temporary::is_synced`] says which).
     pub fn create_temporary(&self, sync: bool) -> Result<Temporary, CacheError> {
-        self.remove_dead_temporaries()?;
+        self.discard_journal()?;
+        self.remove_dead_temporaries(None)?;
         let unsynced_boot_id = if sync { None } else { current_boot_id() };
         let path = temp_path(&self.output, std::process::id());
         let file = File::options()
@@ -307,12 +317,7 @@ impl OutputSlot {
             .create_new(true)
             .open(&path)
             .map_err(io_err(&path, "create the temporary output"))?;
-        Ok(Temporary {
-            path,
-            file,
-            unsynced_boot_id,
-            published: false,
-        })
+        Ok(Temporary::adopt(path, file, unsynced_boot_id, &self.output))
     }
 
     /// Publishes `temporary` as this output, whose content digest is `digest` (of every byte
@@ -347,6 +352,8 @@ impl OutputSlot {
             ..OutputRecord::of_file(&tmp, digest)?
         };
         write_output_record(&self.output, &record)?;
+        // Before the rename: a journal never outlives its temporary's publication.
+        remove_journal(&self.output);
         fs::rename(&tmp, &self.output)
             .map_err(io_err(&self.output, "publish the output (rename)"))?;
         temporary.published = true;
@@ -369,9 +376,44 @@ pub struct Temporary {
     /// Set when the output is published unsynced: the boot it is written in.
     unsynced_boot_id: Option<String>,
     published: bool,
+    /// The output it is for (whose resume journal goes with it).
+    output: PathBuf,
+    /// Left in place when dropped unpublished ([`Temporary::keep_for_resume`]).
+    keep: bool,
 }
 
 impl Temporary {
+    /// A temporary at `path` (open in `file`) for `output`.
+    pub(crate) fn adopt(
+        path: PathBuf,
+        file: File,
+        unsynced_boot_id: Option<String>,
+        output: &Path,
+    ) -> Temporary {
+        Temporary {
+            path,
+            file,
+            unsynced_boot_id,
+            published: false,
+            output: output.to_path_buf(),
+            keep: false,
+        }
+    }
+
+    /// Removes the resume journal: the temporary is about to change before its last
+    /// checkpoint (a header value patched), so it can no longer be resumed.
+    pub fn forget_journal(&self) {
+        remove_journal(&self.output);
+    }
+
+    /// Keeps the temporary and its resume journal when it is dropped unpublished (a cancelled
+    /// conversion, to be resumed), if there is a journal naming it. Returns whether it is kept.
+    pub fn keep_for_resume(&mut self) -> bool {
+        let name = self.path.file_name().and_then(|n| n.to_str());
+        self.keep = read_journal(&self.output).is_some_and(|j| Some(j.temporary.as_str()) == name);
+        self.keep
+    }
+
     /// Where it is.
     pub fn path(&self) -> &Path {
         &self.path
@@ -391,8 +433,9 @@ impl Temporary {
 
 impl Drop for Temporary {
     fn drop(&mut self) {
-        if !self.published {
+        if !self.published && !self.keep {
             let _ = fs::remove_file(&self.path);
+            remove_journal(&self.output);
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Lookup, listing, statistics, cleanup and eviction over the output dirs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use crate::record::{
     DataCheck, SourceSeen, check_output_data, read_output_record, remove_output_record,
 };
 use crate::slot::{
-    OutputSlot, RecordedFacts, Upkeep, parse_temp_name, record_use_at, use_stamp_path,
+    OutputSlot, RecordedFacts, STATE_DIR, Upkeep, parse_temp_name, record_use_at, use_stamp_path,
 };
 use crate::{CacheError, ModelsDir, digest};
 
@@ -787,21 +787,43 @@ impl Cache {
         }
     }
 
-    /// Removes temporaries in the output dirs whose writer is gone (its output's lock is free).
-    /// Returns the removed paths. For commands that write (a conversion, a cleanup); lookups and
-    /// listings leave temporaries alone.
+    /// Removes temporaries in the output dirs whose writer is gone (its output's lock is free),
+    /// but those of interrupted conversions that can still be resumed (their resume journal
+    /// names them, is younger than [`crate::journal::RESUME_KEEP`] and their source is
+    /// unchanged), and resume journals that cannot be. Returns the removed temporaries. For
+    /// commands that write (a conversion, a cleanup); lookups and listings leave temporaries
+    /// alone.
     pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>, CacheError> {
         let mut removed = Vec::new();
         for (dir, _, _) in self.dirs(Kind::All) {
             let Ok(rd) = fs::read_dir(&dir) else { continue };
+            let mut outputs = BTreeSet::new();
             for ent in rd.flatten() {
                 let name = ent.file_name();
-                let Some((output_name, _pid)) = name.to_str().and_then(parse_temp_name) else {
-                    continue;
-                };
+                if let Some((output_name, _pid)) = name.to_str().and_then(parse_temp_name) {
+                    outputs.insert(output_name.to_owned());
+                }
+            }
+            // Journals whose temporary is gone.
+            if let Ok(rd) = fs::read_dir(dir.join(STATE_DIR)) {
+                for ent in rd.flatten() {
+                    let name = ent.file_name();
+                    if let Some(output_name) =
+                        name.to_str().and_then(|n| n.strip_suffix(".journal"))
+                        && parse_output_name(output_name).is_some()
+                    {
+                        outputs.insert(output_name.to_owned());
+                    }
+                }
+            }
+            for output_name in outputs {
                 let output = dir.join(output_name);
                 if let Some(slot) = OutputSlot::try_acquire(&output)? {
-                    removed.extend(slot.remove_dead_temporaries()?);
+                    let keep = crate::journal::keepable_temporary(&output);
+                    removed.extend(slot.remove_dead_temporaries(keep.as_deref())?);
+                    if keep.is_some_and(|t| !dir.join(t).is_file()) {
+                        crate::journal::remove_journal(&output);
+                    }
                 }
             }
         }

@@ -112,6 +112,12 @@ pub struct ConvertArgs {
     /// still converts them all at once.
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
+    /// Convert from the start even when an interrupted conversion of the same output left a
+    /// temporary and its journal (which are then removed). By default such a conversion
+    /// continues from its last durable checkpoint, after checking that the source is unchanged
+    /// and the temporary's bytes match the journal.
+    #[arg(long)]
+    pub no_resume: bool,
 }
 
 /// How `convert` shows progress.

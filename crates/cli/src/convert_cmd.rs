@@ -76,6 +76,7 @@ impl Row {
                 "replaced": o.replaced,
                 "note": o.note,
                 "removed": removed_json(&o.removed),
+                "resumed_from": o.resumed_from,
                 "error": null,
             }),
             Err(e) => json!({
@@ -87,6 +88,7 @@ impl Row {
                 "replaced": null,
                 "note": null,
                 "removed": [],
+                "resumed_from": null,
                 "error": one_line(&e.to_string()),
             }),
         }
@@ -105,6 +107,9 @@ impl Row {
         }
         if let Some(why) = &o.replaced {
             notes.push(format!("replaced: {why}"));
+        }
+        if let Some(from) = o.resumed_from {
+            notes.push(format!("resumed from byte {from}"));
         }
         if let Some(note) = &o.note {
             notes.push(note.clone());
@@ -221,12 +226,24 @@ pub fn request<'a>(ui: &Ui, conversion: &ConversionArgs, models: ModelsDir) -> s
     request
 }
 
+/// Environment variable: the least milliseconds between two resume checkpoints (default
+/// 1000), for tests and benchmarks that interrupt short conversions.
+pub const CHECKPOINT_MS_ENV: &str = "CONVCACHE_CHECKPOINT_MS";
+
 /// `convcache convert`.
 pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failure> {
     let conversion = &args.conversion;
     let mut request = request(ui, conversion, models);
     request.sync_output = !args.no_fsync;
     request.make_room = args.make_room;
+    request.resume = !args.no_resume;
+    // For tests and benchmarks (docs/cli.md): journal resume checkpoints this often.
+    if let Some(ms) = std::env::var(CHECKPOINT_MS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        request.checkpoint_every = std::time::Duration::from_millis(ms);
+    }
     request.max_cache_size = match (args.max_cache_size, std::env::var_os(MAX_SIZE_ENV)) {
         (Some(size), _) => Some(size),
         (None, Some(v)) if !v.is_empty() => {

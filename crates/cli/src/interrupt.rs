@@ -1,9 +1,10 @@
 //! Ctrl-C (SIGINT), SIGTERM and SIGHUP while converting.
 //!
 //! The first signal sets the flag `smart` checks ([`smart::Options::cancel`]): the running
-//! conversion, hashing pass or lock wait stops soon after, its temporary is removed, nothing is
-//! published, and the command exits with [`crate::output::Exit::Interrupted`]. A second signal
-//! exits at once (a temporary left then is removed by the next run). Commands that write no
+//! conversion, hashing pass or lock wait stops soon after, nothing is published (the temporary
+//! is kept with its resume journal for the next run to continue, or removed when no checkpoint
+//! was journaled yet), and the command exits with [`crate::output::Exit::Interrupted`]. A second
+//! signal exits at once (the next run resumes or removes what is left). Commands that write no
 //! temporary keep the default handling: the signal ends them.
 
 use std::sync::Arc;

@@ -17,8 +17,9 @@ pub enum Exit {
     /// 2: bad input (a source that cannot be read, is not a model or cannot become the
     /// target) or bad usage.
     BadInput = 2,
-    /// 130: interrupted (Ctrl-C, SIGTERM, SIGHUP): the conversion stopped, its temporary was
-    /// removed and nothing was published.
+    /// 130: interrupted (Ctrl-C, SIGTERM, SIGHUP): the conversion stopped and nothing was
+    /// published; its temporary is kept with its resume journal for the next run to continue
+    /// (once a checkpoint was journaled), else removed.
     Interrupted = 130,
 }
 

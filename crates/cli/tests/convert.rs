@@ -241,6 +241,9 @@ fn sigkill_mid_conversion_leaves_nothing_corrupt_and_a_rerun_converts() {
 fn start_and_wait_for_a_temporary(s: &Scratch, src: &Path, out: &Path) -> std::process::Child {
     let child = s
         .cmd(&["convert", &src.display().to_string(), "--to", "bf16"])
+        // No resume checkpoint before the interrupt: the temporary is removed (a journaled one
+        // is kept, see tests/resume.rs).
+        .env("CONVCACHE_CHECKPOINT_MS", "3600000")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

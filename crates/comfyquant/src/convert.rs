@@ -261,6 +261,8 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, String> {
                 out_len,
                 source_bytes,
                 tensors_done: 0,
+                // A step's pieces hand its state on; the step's last one ends it.
+                carries_state: true,
             })
         };
         let outputs = match step {
@@ -321,9 +323,12 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, String> {
                 out_len: 0,
                 source_bytes: 0,
                 tensors_done: 0,
+                // A step's pieces hand its state on; the step's last one ends it.
+                carries_state: true,
             });
         }
         if let Some(last) = step_pieces.last_mut() {
+            last.carries_state = false;
             last.tensors_done = 1;
         }
         let planned = plan

@@ -235,7 +235,7 @@ fn write_gguf_chunked<W: Write>(
     let scratch = ScratchPool::default();
     pipeline::stream(
         chunks,
-        &mut ChunkSink(|bytes: &[u8]| writer.write_chunk(bytes)),
+        &mut ChunkSink(&mut writer),
         &|chunk: &Chunk<'_>, dst: &mut [u8]| convert_chunk(chunk, source, dst, &scratch),
         &mut |chunk| progress(chunk.index, chunk.start + chunk.len),
     )
@@ -254,18 +254,18 @@ pub(crate) fn from_stream<E>(e: StreamError<E>, write: impl FnOnce(io::Error) ->
     }
 }
 
-/// A [`Write`] that hands each buffer, whole, to a container writer's `write_chunk` (the
-/// pipeline writes one piece per call, and a piece never crosses a tensor).
-pub(crate) struct ChunkSink<F>(pub(crate) F);
+/// A [`Write`] that hands each buffer, whole, to a GGUF writer's `write_chunk` (the pipeline
+/// writes one piece per call, and a piece never crosses a tensor); a flush reaches the file.
+struct ChunkSink<'a, W: Write>(&'a mut GgufWriter<W>);
 
-impl<F: FnMut(&[u8]) -> io::Result<()>> Write for ChunkSink<F> {
+impl<W: Write> Write for ChunkSink<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (self.0)(buf)?;
+        self.0.write_chunk(buf)?;
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.0.flush()
     }
 }
 

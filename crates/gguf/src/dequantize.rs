@@ -15,7 +15,7 @@ use tensorfile::pipeline::{self, Piece};
 use tensorfile::safetensors::writer;
 use tensorfile::{CastError, Dtype, SafetensorsWriter, SourceError, TensorSource, TensorSpec};
 
-use crate::convert::{ChunkSink, from_stream, share};
+use crate::convert::{from_stream, share};
 use crate::mix::DroppedTensor;
 use crate::source::GgufSource;
 
@@ -203,7 +203,7 @@ impl Dequantization {
             SafetensorsWriter::new(out, &self.specs, &self.metadata).map_err(write_err)?;
         pipeline::stream(
             pieces,
-            &mut ChunkSink(|bytes: &[u8]| writer.write_chunk(bytes)),
+            &mut writer,
             &|piece: &Slice, dst: &mut [u8]| self.produce(piece, dst),
             &mut |piece| {
                 let t = &tensors[piece.index];

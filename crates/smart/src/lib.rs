@@ -25,9 +25,11 @@
 //! reconverted. An output without a record is served with [`Outcome::note`] saying so (and
 //! reconverted when [`Options::strict`]).
 //!
-//! On any error the temporary is removed and nothing appears at the cache path; a temporary
-//! left by a killed process is removed by the next conversion of that output (or any
-//! conversion into that dir, through [`cache::Cache::sweep_temporaries`]).
+//! On any error the temporary is removed and nothing appears at the cache path. A cancelled or
+//! killed conversion leaves its temporary with a resume journal ([`cache::journal`]): the next
+//! conversion of that output continues it when everything checks out ([`Options::resume`]),
+//! else removes it; sweeps ([`cache::Cache::sweep_temporaries`]) remove those that can no
+//! longer be resumed.
 //!
 //! Converters plug in through [`Backend`] (see [`backends`]).
 //!
@@ -114,8 +116,10 @@ pub struct Options<'a> {
     /// Told of stages, bytes, tensors and the answer, as the conversion goes.
     pub observer: Option<&'a dyn Observer>,
     /// Set to stop (an interrupt): a conversion, a hashing pass or a wait for another
-    /// process's lock fails with [`SmartError::Cancelled`] soon after, nothing is published
-    /// and the temporary is removed. A call made once it is set does nothing.
+    /// process's lock fails with [`SmartError::Cancelled`] soon after and nothing is
+    /// published; the temporary is kept with its resume journal once a checkpoint was
+    /// journaled (see [`Options::resume`]), else removed. A call made once it is set does
+    /// nothing.
     pub cancel: Option<Arc<AtomicBool>>,
     /// The source's digest from an earlier call ([`Outcome::known_digest`]): used instead of
     /// hashing the source while its path, size and mtime are unchanged (not with
@@ -149,6 +153,14 @@ pub struct Options<'a> {
     /// ([`many::convert_many`] sets it): they count against the size budget, and conversions
     /// check for room one at a time.
     pub room_in_flight: Option<Arc<many::RoomInFlight>>,
+    /// Continue an interrupted conversion of the same output from its last durable checkpoint
+    /// when its journal and temporary check out ([`cache::journal`]; the default). `false`
+    /// removes them and starts over.
+    pub resume: bool,
+    /// The least time between two checkpoints of a conversion's resume journal (each one
+    /// syncs the data written so far, unless unsynced): an interruption loses about this much
+    /// work. Default 1 s; tests use zero (a checkpoint at every boundary).
+    pub checkpoint_every: std::time::Duration,
 }
 
 impl<'a> Options<'a> {
@@ -170,6 +182,8 @@ impl<'a> Options<'a> {
             spare: Vec::new(),
             shared_read: None,
             room_in_flight: None,
+            resume: true,
+            checkpoint_every: std::time::Duration::from_secs(1),
         }
     }
 
@@ -277,6 +291,11 @@ pub struct Outcome {
     /// the source is not hashed again.
     #[serde(skip)]
     pub known_digest: Option<KnownDigest>,
+    /// The byte of the output from which this conversion continued an interrupted one
+    /// ([`Options::resume`]); the bytes before it were checked against the interrupted one's
+    /// journal, not converted again (so the report's counts cover the part converted now).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 fn ser_precision<S: serde::Serializer>(p: &Precision, s: S) -> Result<S::Ok, S::Error> {
@@ -613,6 +632,7 @@ fn answer(
         note,
         removed: Vec::new(),
         known_digest,
+        resumed_from: None,
     };
     let Some(sp) = source_precision else {
         return Err(SmartError::UnknownSourcePrecision(source.to_path_buf()));
@@ -678,6 +698,7 @@ fn answer(
         report: done.report,
         replaced: done.replaced,
         removed: done.removed,
+        resumed_from: done.resumed_from,
         ..outcome(done.status, done.path, done.note, done.known_digest)
     })
 }

@@ -13,8 +13,9 @@ use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
+use cache::journal::{Checkpoint, ConversionIdentity, Journal};
 use cache::{
     Cache, CacheError, KnownDigest, Lookup, LookupOptions, LookupStatus, OutputSlot, Provenance,
     Removed, Room, RoomRequest, digest,
@@ -52,6 +53,7 @@ pub(crate) struct Done {
     pub note: Option<String>,
     pub removed: Vec<Removed>,
     pub known_digest: Option<KnownDigest>,
+    pub resumed_from: Option<u64>,
 }
 
 /// The source digest a lookup knows for the source as it found it: a hit's provenance digest
@@ -75,6 +77,26 @@ fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> SmartError
 /// Written bytes between two requests to start their writeback (see [`Sink::start_writeback`]).
 const WRITEBACK_STEP: u64 = 16 << 20;
 
+/// The resume journal kept while writing (see [`cache::journal`]).
+struct Checkpoints {
+    /// The output the journal is of.
+    output: PathBuf,
+    /// The temporary written.
+    temporary: PathBuf,
+    identity: ConversionIdentity,
+    /// When resumed: the checkpoint continued from, where the stream must line up.
+    resumed: Option<Checkpoint>,
+    /// Pieces at the last checkpoint.
+    pieces: u64,
+    last: Instant,
+    /// The least time between two checkpoints ([`Options::checkpoint_every`]).
+    every: Duration,
+    /// Make the data durable before journaling it.
+    sync: bool,
+    /// Set when a journal could not be written: no more are (the conversion goes on).
+    failed: bool,
+}
+
 /// The temporary file's writer: remembers the first I/O error (to tell a full disk from other
 /// failures whatever the converter wraps it in), counts and hashes bytes, honours cancellation
 /// and, when the output will be fsynced, starts writeback early.
@@ -89,6 +111,15 @@ struct Sink<'a> {
     early_writeback: bool,
     /// Bytes whose writeback has been started.
     writeback_started: u64,
+    /// Bytes still to drop (a resumed conversion's stream before its checkpoint, already in
+    /// the temporary).
+    discard: u64,
+    checkpoints: Checkpoints,
+    /// The resumed stream did not line up with its journal's checkpoint.
+    resume_mismatch: bool,
+    /// Resuming, until the stream's boundary 0: compare the bytes discarded (the header the
+    /// converter writes before its stream) with the temporary's.
+    check_head: bool,
 }
 
 impl Sink<'_> {
@@ -120,11 +151,71 @@ impl Sink<'_> {
     }
 }
 
+impl Sink<'_> {
+    /// At a boundary the stream can be resumed from, with `pieces` pieces written: checks a
+    /// resumed stream lines up with its checkpoint, and journals a checkpoint when one is due.
+    fn boundary(&mut self, pieces: u64) -> io::Result<()> {
+        if pieces == 0 {
+            self.check_head = false;
+            return Ok(());
+        }
+        let cp = &mut self.checkpoints;
+        if let Some(resumed) = &cp.resumed
+            && pieces <= resumed.pieces
+        {
+            if pieces != resumed.pieces || self.discard != 0 || self.written != resumed.offset {
+                self.resume_mismatch = true;
+                return Err(io::Error::other(
+                    "the resumed conversion does not line up with its journal",
+                ));
+            }
+            return Ok(());
+        }
+        if cp.failed || pieces <= cp.pieces || cp.last.elapsed() < cp.every {
+            return Ok(());
+        }
+        if cp.sync {
+            // The journal must never promise bytes that are not on the disk.
+            self.file.sync_data()?;
+        }
+        let checkpoint = Checkpoint {
+            pieces,
+            offset: self.written,
+            digest: self.hasher.digest_so_far(),
+        };
+        let journal = Journal::new(&cp.temporary, cp.identity.clone(), checkpoint);
+        // Best effort: a conversion that cannot journal still converts.
+        cp.failed = cache::journal::write_journal(&cp.output, &journal, cp.sync).is_err();
+        cp.pieces = pieces;
+        cp.last = Instant::now();
+        Ok(())
+    }
+}
+
 impl Write for Sink<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             self.cancelled = true;
             return Err(io::Error::other("conversion cancelled"));
+        }
+        if self.discard > 0 {
+            let n = self.discard.min(buf.len() as u64);
+            if self.check_head {
+                // The header depends on more than the journal's identity (the source's
+                // metadata, the converter's code): it must be the temporary's, byte for byte.
+                let mut on_disk = vec![0u8; n as usize];
+                let at = self.written - self.discard;
+                let same = std::os::unix::fs::FileExt::read_exact_at(self.file, &mut on_disk, at)
+                    .is_ok_and(|()| on_disk == buf[..n as usize]);
+                if !same {
+                    self.resume_mismatch = true;
+                    return Err(io::Error::other(
+                        "the resumed conversion's header differs from its temporary's",
+                    ));
+                }
+            }
+            self.discard -= n;
+            return Ok(n as usize);
         }
         match (&mut self.file).write(buf) {
             Ok(n) => {
@@ -141,7 +232,11 @@ impl Write for Sink<'_> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        (&mut self.file).flush()
+        (&mut self.file).flush()?;
+        match tensorfile::pipeline::at_boundary() {
+            Some(pieces) => self.boundary(pieces),
+            None => Ok(()),
+        }
     }
 }
 
@@ -223,6 +318,7 @@ impl Convert<'_> {
                         removed: Vec::new(),
                         known_digest: known_digest(&again),
                         note: again.note,
+                        resumed_from: None,
                     });
                 }
                 // `again` carries the first lookup's digest only if the source's size and
@@ -249,16 +345,37 @@ impl Convert<'_> {
 
         let mut digest = lookup.source_digest.clone();
         let mut removed = Vec::new();
+        if self.options.resume
+            && let Some(planned) = self.plan_resumed(slot, &lookup)?
+        {
+            // A digest hashed for the resume serves a start over too.
+            if planned.hashed.is_some() {
+                digest.clone_from(&planned.hashed);
+            }
+            match self.write_temporary(slot, &lookup, planned, &mut removed, true)? {
+                Written::Published(report, digest, resumed_from) => {
+                    let done = self.published(slot, &lookup, out, report, digest);
+                    return Ok(Done {
+                        removed,
+                        resumed_from,
+                        ..done
+                    });
+                }
+                Written::Retry(computed) => digest = Some(computed),
+                Written::StartOver => {}
+            }
+        }
         // At most twice: the second time with the digest the first pass computed, when its
         // placeholder could not be patched (see `write_temporary`).
         for _ in 0..2 {
             let planned = self.plan(&lookup, digest.as_deref())?;
-            match self.write_temporary(slot, &lookup, planned, &mut removed)? {
-                Written::Published(report, digest) => {
+            match self.write_temporary(slot, &lookup, planned, &mut removed, false)? {
+                Written::Published(report, digest, _) => {
                     let done = self.published(slot, &lookup, out, report, digest);
                     return Ok(Done { removed, ..done });
                 }
                 Written::Retry(computed) => digest = Some(computed),
+                Written::StartOver => {}
             }
         }
         Err(SmartError::Verify {
@@ -272,25 +389,12 @@ impl Convert<'_> {
     /// replaced by the digest of the bytes it reads; any other converter waits for a hashing
     /// pass over the source first.
     fn plan(&self, lookup: &Lookup, known_digest: Option<&str>) -> Result<Planned, SmartError> {
-        let version = self
-            .backend
-            .converter_version(self.target, &self.backend_options);
-        let plan_with = |digest: String| -> Result<_, SmartError> {
-            let provenance = Provenance::new(&lookup.source, digest, self.target, version.clone());
-            let planned = self.backend.plan(&Job {
-                source_path: self.source,
-                source: self.detection,
-                target: self.target,
-                extra_metadata: &provenance.to_metadata(),
-                options: self.backend_options,
-                shared_read: self.options.shared_read.as_ref().map(|s| s.seat()),
-            })?;
-            Ok((provenance, planned))
-        };
+        let plan_with = |digest: String| self.plan_with(lookup, digest);
         let planned = |(provenance, conversion), placeholder| Planned {
             provenance,
             conversion,
             placeholder,
+            hashed: None,
         };
         if let Some(d) = known_digest {
             return Ok(planned(plan_with(d.to_owned())?, None));
@@ -303,6 +407,73 @@ impl Convert<'_> {
             let plan = plan_with(placeholder.clone())?;
             return Ok(planned(plan, Some(placeholder)));
         }
+        let digest = self.hash_source(lookup)?;
+        Ok(planned(plan_with(digest)?, None))
+    }
+
+    /// The conversion planned with `digest` as the source digest in its provenance.
+    fn plan_with(
+        &self,
+        lookup: &Lookup,
+        digest: String,
+    ) -> Result<(Provenance, Box<dyn PlannedConversion>), SmartError> {
+        let version = self
+            .backend
+            .converter_version(self.target, &self.backend_options);
+        let provenance = Provenance::new(&lookup.source, digest, self.target, version);
+        let planned = self.backend.plan(&Job {
+            source_path: self.source,
+            source: self.detection,
+            target: self.target,
+            extra_metadata: &provenance.to_metadata(),
+            options: self.backend_options,
+            shared_read: self.options.shared_read.as_ref().map(|sr| sr.seat()),
+        })?;
+        Ok((provenance, planned))
+    }
+
+    /// The conversion an interrupted one of this output was, planned again with the source
+    /// digest its journal records (the header it wrote), when the source is unchanged since:
+    /// same path, size and mtime (the cache's fast identity), and the same digest when the
+    /// lookup knows it. With a placeholder in that header, the source is hashed first, in a
+    /// separate pass (the converter's own pass no longer reads all of it). `None` when there
+    /// is nothing to resume; whether the temporary checks out is for `write_temporary`.
+    fn plan_resumed(
+        &self,
+        slot: &OutputSlot,
+        lookup: &Lookup,
+    ) -> Result<Option<Planned>, SmartError> {
+        let Some(journal) = cache::journal::read_journal(slot.output()) else {
+            return Ok(None);
+        };
+        let id = &journal.identity;
+        let src = &lookup.source;
+        let same_source = (&id.source_path, id.source_size, id.source_mtime_ns)
+            == (&src.path, src.size, src.mtime_ns);
+        let same_digest = id.placeholder
+            || lookup
+                .source_digest
+                .as_ref()
+                .is_none_or(|d| *d == id.source_digest);
+        if !(same_source && same_digest) {
+            return Ok(None);
+        }
+        let hashed = if id.placeholder {
+            Some(self.hash_source(lookup)?)
+        } else {
+            None
+        };
+        let (provenance, conversion) = self.plan_with(lookup, id.source_digest.clone())?;
+        Ok(Some(Planned {
+            provenance,
+            conversion,
+            placeholder: id.placeholder.then(|| id.source_digest.clone()),
+            hashed,
+        }))
+    }
+
+    /// Hashes the source (a pass of its own), reporting it as the hashing stage.
+    fn hash_source(&self, lookup: &Lookup) -> Result<String, SmartError> {
         self.stage(Stage::Hashing);
         let mut hashed = 0;
         let digest = digest::digest_file_cancellable(
@@ -317,30 +488,75 @@ impl Convert<'_> {
         if hashed != total {
             self.bytes(Stage::Hashing, total, total);
         }
-        Ok(planned(plan_with(digest)?, None))
+        Ok(digest)
+    }
+
+    /// What the resume journal says this conversion is.
+    fn identity(&self, planned: &Planned) -> ConversionIdentity {
+        let p = &planned.provenance;
+        ConversionIdentity {
+            source_path: p.source_path.clone(),
+            source_size: p.source_size,
+            source_mtime_ns: p.source_mtime_ns,
+            source_digest: p.source_digest.clone(),
+            placeholder: planned.placeholder.is_some(),
+            target: self.target.canonical_name().to_string(),
+            converter_version: p.converter_version.clone(),
+            output_len: planned.conversion.output_len(),
+        }
     }
 
     /// Streams `planned` into the slot's temporary, verifies it and publishes it. With a
-    /// placeholder digest in its header, the source is hashed as the converter reads it and the
-    /// placeholder is overwritten in place; if the placeholder is not found exactly once in the
-    /// output's first chunk, the temporary is dropped (which removes it) and [`Written::Retry`]
-    /// carries the computed digest for a conversion planned with it. Outputs evicted to make
-    /// room are added to `removed`.
+    /// placeholder digest in its header, the source is hashed as the converter reads it (or was
+    /// hashed before, when resuming) and the placeholder is overwritten in place; if the
+    /// placeholder is not found exactly once in the output's first chunk, the temporary is
+    /// dropped (which removes it) and [`Written::Retry`] carries the computed digest for a
+    /// conversion planned with it. Outputs evicted to make room are added to `removed`.
+    ///
+    /// `resume`: continue the interrupted conversion's temporary if its journal and bytes check
+    /// out ([`OutputSlot::resume`]), else [`Written::StartOver`]. Either way the stream is
+    /// resumable ([`tensorfile::pipeline::resumable`]): checkpoints are journaled as it goes,
+    /// and a cancel keeps the temporary and its journal for the next run.
     fn write_temporary(
         &self,
         slot: &OutputSlot,
         lookup: &Lookup,
         planned: Planned,
         removed: &mut Vec<Removed>,
+        resume: bool,
     ) -> Result<Written, SmartError> {
         let out = slot.output();
         let dir = out.parent().unwrap_or(Path::new("."));
+        let identity = self.identity(&planned);
         let Planned {
             mut provenance,
             conversion: planned,
             placeholder: digest_in_pass,
+            hashed,
         } = planned;
         let needed = planned.output_len();
+        let hold_head = digest_in_pass.is_some();
+        let sync = self.options.sync_output;
+        let (mut temporary, resumed, hasher) = if resume {
+            match slot
+                .resume(&identity, hold_head, sync)
+                .map_err(|e| slot_error(e, out))?
+            {
+                Ok(r) => (r.temporary, Some(r.checkpoint), r.digest),
+                Err(_why) => return Ok(Written::StartOver),
+            }
+        } else {
+            let hasher = if hold_head {
+                digest::StreamDigest::holding_head()
+            } else {
+                digest::StreamDigest::new()
+            };
+            let temporary = slot
+                .create_temporary(sync)
+                .map_err(|e| slot_error(e, out))?;
+            (temporary, None, hasher)
+        };
+        let offset = resumed.as_ref().map_or(0, |c| c.offset);
         // Conversions of one request running at once check for room one at a time, each
         // counting the outputs the others are writing.
         let turn = self
@@ -349,10 +565,7 @@ impl Convert<'_> {
             .as_deref()
             .map(crate::many::RoomInFlight::enter);
         let others = turn.as_ref().map_or(0, |t| t.others());
-        removed.extend(self.fit(dir, out, needed, others)?);
-        let temporary = slot
-            .create_temporary(self.options.sync_output)
-            .map_err(|e| slot_error(e, out))?;
+        removed.extend(self.fit(dir, out, needed - offset, others)?);
         let tmp = temporary.path().to_path_buf();
         reserve_space(temporary.file(), out, needed)?;
         let _in_flight = turn.map(|t| t.hold(needed));
@@ -360,17 +573,27 @@ impl Convert<'_> {
             WRITE_BUFFER,
             Sink {
                 file: temporary.file(),
-                written: 0,
-                hasher: if digest_in_pass.is_some() {
-                    digest::StreamDigest::holding_head()
-                } else {
-                    digest::StreamDigest::new()
-                },
+                written: offset,
+                hasher,
                 error: None,
                 cancel: self.options.cancel.as_deref(),
                 cancelled: false,
                 early_writeback: temporary.is_synced(),
-                writeback_started: 0,
+                writeback_started: offset,
+                discard: offset,
+                checkpoints: Checkpoints {
+                    output: out.to_path_buf(),
+                    temporary: tmp.clone(),
+                    identity,
+                    pieces: resumed.as_ref().map_or(0, |c| c.pieces),
+                    resumed: resumed.clone(),
+                    last: Instant::now(),
+                    every: self.options.checkpoint_every,
+                    sync: temporary.is_synced(),
+                    failed: false,
+                },
+                resume_mismatch: false,
+                check_head: resumed.is_some(),
             },
         );
         let (bytes_total, tensors_total) = planned.totals();
@@ -392,14 +615,15 @@ impl Convert<'_> {
         };
         let mut source_hasher = digest::StreamDigest::new();
         let shared = self.options.shared_read.as_ref();
-        let result = match &digest_in_pass {
-            Some(_) if shared.is_none() => {
+        let skip = resumed.as_ref().map_or(0, |c| c.pieces);
+        let result = tensorfile::pipeline::resumable(skip, || match (&digest_in_pass, &hashed) {
+            (Some(_), None) if shared.is_none() => {
                 planned.write_observing_source(&mut writer, &mut progress, &mut |bytes: &[u8]| {
                     source_hasher.update(bytes)
                 })
             }
             _ => planned.write(&mut writer, &mut progress),
-        }
+        })
         .and_then(|report| {
             writer
                 .flush()
@@ -408,6 +632,7 @@ impl Convert<'_> {
         });
         let sink = writer.get_ref();
         let (cancelled, first_error, written) = (sink.cancelled, sink.error, sink.written);
+        let resume_mismatch = sink.resume_mismatch;
         let report = match result {
             Ok(r) => {
                 // Written completely: whatever the converter's last report said.
@@ -415,8 +640,18 @@ impl Convert<'_> {
                 r
             }
             Err(e) => {
+                drop(writer);
                 if cancelled {
+                    // Kept with its journal (if a checkpoint was journaled): the next
+                    // conversion of this output continues from there.
+                    temporary.keep_for_resume();
                     return Err(SmartError::Cancelled(out.to_path_buf()));
+                }
+                if resume_mismatch || (resumed.is_some() && first_error.is_none()) {
+                    // The resumed stream did not line up with its journal, or the converter
+                    // failed after a resume: convert from the start (a real fault recurs there
+                    // and is reported then).
+                    return Ok(Written::StartOver);
                 }
                 if let Some((kind, raw)) = first_error
                     && is_no_space(raw, kind)
@@ -438,31 +673,41 @@ impl Convert<'_> {
         // Done reading: a shared read no longer waits for this conversion.
         drop(planned);
         if let Some(placeholder) = digest_in_pass {
-            let (hashed_len, digest) = match shared {
-                Some(s) => s
-                    .source_digest()
-                    .map_err(io_err(self.source, "read the source"))?,
-                None => (source_hasher.len(), source_hasher.finish()),
+            let digest = match hashed {
+                // Resumed: hashed in a pass of its own before converting.
+                Some(digest) => digest,
+                None => {
+                    let (hashed_len, digest) = match shared {
+                        Some(s) => s
+                            .source_digest()
+                            .map_err(io_err(self.source, "read the source"))?,
+                        None => (source_hasher.len(), source_hasher.finish()),
+                    };
+                    if hashed_len != lookup.source.size {
+                        return Err(SmartError::Io {
+                            path: self.source.to_path_buf(),
+                            op: "read the source",
+                            source: io::Error::other(format!(
+                                "it changed during the conversion ({} bytes read, {} expected)",
+                                hashed_len, lookup.source.size
+                            )),
+                        });
+                    }
+                    // The digest covers the bytes as they were read. A source rewritten in
+                    // place during the read (same size) gives a digest of no real state of the
+                    // file, but also a new mtime, so the output is stale at its next lookup,
+                    // never a wrong hit.
+                    digest
+                }
             };
-            if hashed_len != lookup.source.size {
-                return Err(SmartError::Io {
-                    path: self.source.to_path_buf(),
-                    op: "read the source",
-                    source: io::Error::other(format!(
-                        "it changed during the conversion ({} bytes read, {} expected)",
-                        hashed_len, lookup.source.size
-                    )),
-                });
-            }
-            // The digest covers the bytes as they were read. A source rewritten in place during
-            // the read (same size) gives a digest of no real state of the file, but also a new
-            // mtime, so the output is stale at its next lookup, never a wrong hit.
             let Some(at) = only_occurrence(sink.hasher.head(), placeholder.as_bytes()) else {
                 return Ok(Written::Retry(digest));
             };
             if !sink.hasher.patch_head(at, digest.as_bytes()) {
                 return Ok(Written::Retry(digest));
             }
+            // Bytes before the last checkpoint change: no longer resumable.
+            temporary.forget_journal();
             write_at(sink.file, digest.as_bytes(), at as u64).map_err(io_err(
                 &tmp,
                 "write the source digest into the temporary output",
@@ -477,7 +722,11 @@ impl Convert<'_> {
         self.stage(Stage::Publishing);
         slot.publish(temporary, output_digest, self.options.cancel.as_deref())
             .map_err(|e| slot_error(e, out))?;
-        Ok(Written::Published(report, provenance.source_digest))
+        Ok(Written::Published(
+            report,
+            provenance.source_digest,
+            resumed.map(|c| c.offset),
+        ))
     }
 
     /// Fails early, before writing anything, when the output cannot fit: free space in `dir`
@@ -581,6 +830,7 @@ impl Convert<'_> {
             replaced,
             note: lookup.note.clone(),
             removed: Vec::new(),
+            resumed_from: None,
             // The digest recorded in the provenance, of the source as the lookup found it.
             known_digest: Some(KnownDigest {
                 source: lookup.source.clone(),
@@ -595,16 +845,22 @@ struct Planned {
     provenance: Provenance,
     conversion: Box<dyn PlannedConversion>,
     /// The stand-in for the source digest in the header, when the digest is computed in the
-    /// conversion's own pass.
+    /// conversion's own pass (or, resuming, was computed before).
     placeholder: Option<String>,
+    /// The source digest to overwrite the placeholder with, when resuming (the converter's
+    /// own pass reads only what is left of the source).
+    hashed: Option<String>,
 }
 
 /// What [`Convert::write_temporary`] ended with.
 enum Written {
-    /// Published; the converter's report and the source digest in its provenance.
-    Published(ConversionReport, String),
+    /// Published; the converter's report, the source digest in its provenance, and the byte
+    /// it resumed from.
+    Published(ConversionReport, String, Option<u64>),
     /// Nothing published: plan again with this source digest.
     Retry(String),
+    /// Nothing to resume (or the resumed stream did not line up): convert from the start.
+    StartOver,
 }
 
 /// A stand-in for the source digest in a header written before the source has been read:

@@ -380,6 +380,12 @@ impl<W: Write> GgufWriter<W> {
         Ok(())
     }
 
+    /// Flushes the sink (a resumable stream flushes at its boundaries, see
+    /// [`crate::pipeline::resumable`]).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// Checks every declared byte was written, flushes, and returns the sink.
     pub fn finish(mut self) -> io::Result<W> {
         if let Some(&len) = self.lens.get(self.current) {
