@@ -226,10 +226,6 @@ pub fn request<'a>(ui: &Ui, conversion: &ConversionArgs, models: ModelsDir) -> s
     request
 }
 
-/// Environment variable: the least milliseconds between two resume checkpoints (default
-/// 1000), for tests and benchmarks that interrupt short conversions.
-pub const CHECKPOINT_MS_ENV: &str = "CONVCACHE_CHECKPOINT_MS";
-
 /// `convcache convert`.
 pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failure> {
     let conversion = &args.conversion;
@@ -237,13 +233,6 @@ pub fn run(ui: &Ui, models: ModelsDir, args: &ConvertArgs) -> Result<Exit, Failu
     request.sync_output = !args.no_fsync;
     request.make_room = args.make_room;
     request.resume = !args.no_resume;
-    // For tests and benchmarks (docs/cli.md): journal resume checkpoints this often.
-    if let Some(ms) = std::env::var(CHECKPOINT_MS_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        request.checkpoint_every = std::time::Duration::from_millis(ms);
-    }
     request.max_cache_size = match (args.max_cache_size, std::env::var_os(MAX_SIZE_ENV)) {
         (Some(size), _) => Some(size),
         (None, Some(v)) if !v.is_empty() => {

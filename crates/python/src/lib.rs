@@ -285,9 +285,10 @@ fn run_conversion<T: Send>(
 }
 
 /// Converts `source_path` to `target_precision`, or answers from the source itself or the
-/// cache. Returns `(path, was_newly_converted)`.
+/// cache. Returns `(path, was_newly_converted)`. A cancelled conversion removes its temporary
+/// unless `keep_partial` (then a journaled temporary is kept for the next call to resume).
 #[pyfunction]
-#[pyo3(signature = (source_path, target_precision, *, models_dir=None, strict=false, progress=None))]
+#[pyo3(signature = (source_path, target_precision, *, models_dir=None, strict=false, progress=None, keep_partial=false))]
 fn smart_convert<'py>(
     py: Python<'py>,
     source_path: PathBuf,
@@ -295,6 +296,7 @@ fn smart_convert<'py>(
     models_dir: Option<PathBuf>,
     strict: bool,
     progress: Option<Bound<'py, PyAny>>,
+    keep_partial: bool,
 ) -> PyResult<(Bound<'py, PyAny>, bool)> {
     let target = parse_target(target_precision)?;
     let cancel = Arc::new(AtomicBool::new(false));
@@ -314,6 +316,7 @@ fn smart_convert<'py>(
     };
     let mut options = smart::Options::new(models(models_dir)?);
     options.strict = strict;
+    options.keep_on_cancel = keep_partial;
     options.cancel = Some(cancel.clone());
     options.observer = observer.as_ref().map(|o| o as &dyn Observer);
     let result = run_conversion(py, &cancel, || {

@@ -29,7 +29,8 @@ def test_the_gil_is_released_while_converting(models, big_model):
     t.start()
     time.sleep(0.01)
     started = time.perf_counter()
-    path, new = convcache.smart_convert(big_model, "Q8_0", models_dir=models)
+    # Q4_K_M: its scale search keeps the cores busy for long enough to watch.
+    path, new = convcache.smart_convert(big_model, "Q4_K_M", models_dir=models)
     ended = time.perf_counter()
     done.set()
     t.join()
@@ -88,6 +89,46 @@ def test_progress_returning_false_cancels(models, big_model):
     # The next call converts normally.
     path, new = convcache.smart_convert(big_model, "fp16", models_dir=models)
     assert new and os.path.isfile(path)
+
+
+def _cancel_after_a_checkpoint(monkeypatch):
+    """A progress callback that cancels once a resume checkpoint was journaled (a checkpoint
+    at every piece boundary: `CONVCACHE_CHECKPOINT_MS=0`, read when the conversion starts)."""
+    monkeypatch.setenv("CONVCACHE_CHECKPOINT_MS", "0")
+
+    def progress(done, total, stage):
+        return False if stage == "converting" and 0 < done < total else None
+
+    return progress
+
+
+def _journals(models):
+    return [os.path.join(r, f) for r, _d, fs in os.walk(models) for f in fs if f.endswith(".journal")]
+
+
+def test_cancel_removes_even_a_journaled_temporary(models, big_model, monkeypatch):
+    with pytest.raises(convcache.Cancelled):
+        convcache.smart_convert(big_model, "fp16", models_dir=models, progress=_cancel_after_a_checkpoint(monkeypatch))
+    _assert_nothing_published(models)
+    assert _journals(models) == []
+
+
+def test_keep_partial_keeps_a_cancelled_conversion_for_the_next_call(models, big_model, tmp_path, monkeypatch):
+    with pytest.raises(convcache.Cancelled):
+        convcache.smart_convert(
+            big_model, "fp16", models_dir=models, progress=_cancel_after_a_checkpoint(monkeypatch), keep_partial=True
+        )
+    assert outputs(models) == []
+    assert len(leftovers(models)) == 1 and len(_journals(models)) == 1
+    path, new = convcache.smart_convert(big_model, "fp16", models_dir=models)
+    assert new and leftovers(models) == [] and _journals(models) == []
+    clean, _ = convcache.smart_convert(big_model, "fp16", models_dir=tmp_path / "clean")
+    with open(path, "rb") as a, open(clean, "rb") as b:
+        resumed, fresh = a.read(), b.read()
+    # The same bytes but the provenance's output-independent fields: same length, same data.
+    assert len(resumed) == len(fresh)
+    header = 8 + int.from_bytes(fresh[:8], "little")
+    assert resumed[header:] == fresh[header:]
 
 
 def test_an_exception_in_progress_cancels_and_propagates(models, big_model):

@@ -161,12 +161,26 @@ pub struct Options<'a> {
     /// syncs the data written so far, unless unsynced): an interruption loses about this much
     /// work. Default 1 s; tests use zero (a checkpoint at every boundary).
     pub checkpoint_every: std::time::Duration,
+    /// Whether a cancelled conversion keeps its journaled temporary for the next run to
+    /// resume (the CLI's Ctrl-C: the default), or removes it and its journal (the Python
+    /// package's cancel, which promises that nothing is left behind).
+    pub keep_on_cancel: bool,
 }
+
+/// Environment variable: the least milliseconds between two resume checkpoints (default
+/// 1000), read by [`Options::new`] for tests and benchmarks that interrupt short conversions
+/// (the CLI and the Python package alike).
+pub const CHECKPOINT_MS_ENV: &str = "CONVCACHE_CHECKPOINT_MS";
 
 impl<'a> Options<'a> {
     /// Defaults: not strict, no digest on every lookup, no double quantization, no observer,
-    /// no size budget, no eviction.
+    /// no size budget, no eviction; resume on, a checkpoint at most every second (or every
+    /// [`CHECKPOINT_MS_ENV`] milliseconds).
     pub fn new(models_dir: ModelsDir) -> Options<'a> {
+        let checkpoint_ms = std::env::var(CHECKPOINT_MS_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
         Options {
             models_dir,
             strict: false,
@@ -183,7 +197,8 @@ impl<'a> Options<'a> {
             shared_read: None,
             room_in_flight: None,
             resume: true,
-            checkpoint_every: std::time::Duration::from_secs(1),
+            checkpoint_every: std::time::Duration::from_millis(checkpoint_ms),
+            keep_on_cancel: true,
         }
     }
 

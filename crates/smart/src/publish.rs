@@ -643,8 +643,11 @@ impl Convert<'_> {
                 drop(writer);
                 if cancelled {
                     // Kept with its journal (if a checkpoint was journaled): the next
-                    // conversion of this output continues from there.
-                    temporary.keep_for_resume();
+                    // conversion of this output continues from there. Otherwise dropping the
+                    // temporary removes both.
+                    if self.options.keep_on_cancel {
+                        temporary.keep_for_resume();
+                    }
                     return Err(SmartError::Cancelled(out.to_path_buf()));
                 }
                 if resume_mismatch || (resumed.is_some() && first_error.is_none()) {

@@ -110,6 +110,7 @@ def smart_convert(
     models_dir: Optional[PathLike] = None,
     strict: bool = False,
     progress: Optional[Progress] = None,
+    keep_partial: bool = False,
 ) -> Tuple[str, bool]:
     """Convert ``source_path`` to ``target_precision``, or answer from the source or the cache.
 
@@ -127,6 +128,10 @@ def smart_convert(
 
     The GIL is released while converting. ``KeyboardInterrupt`` (Ctrl-C) cancels the
     conversion, waits for it to stop (nothing published, temporary removed) and propagates.
+    With ``keep_partial``, a cancelled conversion instead keeps its temporary and resume journal
+    (once it made a checkpoint, about every second), and the next call for the same pair
+    continues from there, as the command line does after Ctrl-C. A conversion killed outright
+    is always resumed by the next call.
     """
     return _native.smart_convert(
         resolve_source(source_path),
@@ -134,6 +139,7 @@ def smart_convert(
         models_dir=_models_dir_arg(models_dir),
         strict=strict,
         progress=progress,
+        keep_partial=keep_partial,
     )
 
 

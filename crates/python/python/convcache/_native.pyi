@@ -26,6 +26,7 @@ def smart_convert(
     models_dir: Optional[_Path] = None,
     strict: bool = False,
     progress: Optional[Callable[[int, int, str], Optional[bool]]] = None,
+    keep_partial: bool = False,
 ) -> Tuple[str, bool]: ...
 def batch_check_conversions(
     source_path: _Path, precisions: List[str], *, models_dir: Optional[_Path] = None
