@@ -294,7 +294,7 @@ fn write_broken(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<u64>)
 #[test]
 fn a_diffusers_folder_comfyuis_map_cannot_serve_is_a_one_line_input_fault() {
     type Edit = fn(&mut Vec<(String, Dtype, Vec<u64>)>);
-    let cases: [(&str, Edit, &str); 4] = [
+    let cases: [(&str, Edit, &str); 5] = [
         (
             "mixed-dtypes",
             |t| t[3].1 = Dtype::F16,
@@ -326,6 +326,21 @@ fn a_diffusers_folder_comfyuis_map_cannot_serve_is_a_one_line_input_fault() {
                 ))
             },
             "`double_stream_modulation_img.linear.weight` has no name",
+        ),
+        (
+            // Lumina-Image-2.0's diffusers names: ComfyUI has no map for them.
+            "lumina2",
+            |t| {
+                t.retain(|(n, _, _)| n.starts_with("x_embedder"));
+                for m in ["to_q", "to_k", "to_v"] {
+                    t.push((
+                        format!("noise_refiner.0.attn.{m}.weight"),
+                        Dtype::BF16,
+                        vec![8, 8],
+                    ));
+                }
+            },
+            "diffusers Lumina-Image-2.0 layout: ComfyUI has no map",
         ),
     ];
     for (name, edit, needle) in cases {

@@ -23,6 +23,8 @@
 //!   `scripts/convert_wan_to_diffusers.py` `TRANSFORMER_KEYS_RENAME_DICT` (renames only).
 //!
 //! Qwen-Image needs no view: ComfyUI's Qwen-Image model uses the diffusers key names.
+//! Lumina-Image-2.0's diffusers layout has no ComfyUI map and is refused
+//! ([`DiffusersError::NoComfyMap`]).
 //!
 //! Renames are total: a key the map does not know makes the source unsupported
 //! ([`DiffusersError::UnknownKey`]) rather than reaching an output under a diffusers name
@@ -141,6 +143,19 @@ pub enum DiffusersError {
         /// What is wrong.
         problem: String,
     },
+    /// A diffusers layout ComfyUI has no map for, so no ComfyUI-layout file can be made from it
+    /// (Lumina-Image-2.0's `Lumina2Transformer2DModel`).
+    #[error(
+        "{}: diffusers {model} layout: ComfyUI has no map from it to its own layout, so convcache \
+         cannot write a file ComfyUI loads; convert the original (non-diffusers) checkpoint",
+        path.display()
+    )]
+    NoComfyMap {
+        /// The source.
+        path: PathBuf,
+        /// The model whose layout it is.
+        model: &'static str,
+    },
     /// Two diffusers keys map to one ComfyUI tensor (or a renamed key collides with a kept one).
     #[error(
         "{}: diffusers {layout} layout: `{first}` and `{second}` both become `{tensor}`",
@@ -167,7 +182,8 @@ impl DiffusersError {
             DiffusersError::UnknownKey { path, .. }
             | DiffusersError::MissingPart { path, .. }
             | DiffusersError::BadParts { path, .. }
-            | DiffusersError::Collision { path, .. } => path,
+            | DiffusersError::Collision { path, .. }
+            | DiffusersError::NoComfyMap { path, .. } => path,
         }
     }
 }
@@ -854,6 +870,15 @@ impl Mapping {
     /// diffusers layout convcache maps. `path` is for messages.
     pub fn plan(path: &Path, tensors: &[SourceTensor]) -> Result<Option<Mapping>, DiffusersError> {
         let names: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+        // Lumina-Image-2.0 in diffusers' naming (`attn.`, where Z-Image's has `attention.`):
+        // refused, not passed through as an unknown model under diffusers names.
+        if names.contains("x_embedder.weight") && names.contains("noise_refiner.0.attn.to_q.weight")
+        {
+            return Err(DiffusersError::NoComfyMap {
+                path: path.to_owned(),
+                model: "Lumina-Image-2.0",
+            });
+        }
         let Some(layout) = Layout::of_names(&names) else {
             return Ok(None);
         };
