@@ -71,16 +71,8 @@ impl Failure {
     }
 }
 
-/// Collapses a possibly multi-line message into one line, so every error is exactly one line
-/// on stderr whatever a library put in its Display.
-pub fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
+/// Every error is exactly one line on stderr, whatever a library put in its Display.
+pub use smart::one_line;
 
 /// Where and how results go.
 #[derive(Debug, Clone, Copy)]

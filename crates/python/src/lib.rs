@@ -34,7 +34,7 @@ use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList};
 use serde_json::Value;
-use smart::{Observer, Pair, SmartError, Stage, Status};
+use smart::{Observer, Pair, SmartError, Stage, Status, one_line};
 
 pyo3::create_exception!(
     convcache,
@@ -70,16 +70,6 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// The least time between two progress calls within one stage (a stage's first and last calls
 /// are always made).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
-
-/// The one-line form of an error message (the CLI's error line without its `convcache: `).
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
 
 /// The exception for a failed smart call.
 fn error_to_py(e: &SmartError) -> PyErr {

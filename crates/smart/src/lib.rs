@@ -167,6 +167,18 @@ pub struct Options<'a> {
     pub keep_on_cancel: bool,
 }
 
+/// Collapses a possibly multi-line message into one line (its non-empty lines, trimmed, joined
+/// by `; `): how both edges, the CLI's stderr and the Python package's exceptions, show an
+/// error, whatever a library put in its Display.
+pub fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Environment variable: the least milliseconds between two resume checkpoints (default
 /// 1000), read by [`Options::new`] for tests and benchmarks that interrupt short conversions
 /// (the CLI and the Python package alike).

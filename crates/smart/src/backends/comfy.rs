@@ -90,10 +90,7 @@ impl PlannedConversion for Planned {
         progress: &mut dyn FnMut(u64, u64),
         observer: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<ConversionReport, SmartError> {
-        // Only called when `observes_source` said so, which it does not for a view.
-        let Source::File(file) = &self.source else {
-            return Err(SmartError::backend(crate::backend::CannotObserve));
-        };
+        let file = self.source.observed_file()?;
         let report = comfyquant::convert_observing_source(
             file,
             &self.plan,

@@ -58,6 +58,15 @@ impl Source {
         })
     }
 
+    /// The file, for `PlannedConversion::write_observing_source`, which is only called when
+    /// `Backend::observes_source` said so, which it does not for a view.
+    pub(crate) fn observed_file(&self) -> Result<&tensorfile::SafetensorsFile, crate::SmartError> {
+        match self {
+            Source::File(f) => Ok(f),
+            Source::View(_) => Err(crate::SmartError::backend(crate::backend::CannotObserve)),
+        }
+    }
+
     /// The source to read.
     pub(crate) fn get(&self) -> &dyn tensorfile::TensorSource {
         match self {

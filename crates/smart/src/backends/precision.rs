@@ -86,10 +86,7 @@ impl PlannedConversion for Planned {
         progress: &mut dyn FnMut(u64, u64),
         observer: &mut (dyn FnMut(&[u8]) + Send),
     ) -> Result<ConversionReport, SmartError> {
-        // Only called when `observes_source` said so, which it does not for a view.
-        let Source::File(file) = &self.src else {
-            return Err(SmartError::backend(crate::backend::CannotObserve));
-        };
+        let file = self.src.observed_file()?;
         let report = conv::convert_observing_source(
             file,
             &self.plan,
