@@ -613,7 +613,9 @@ pub fn several_specs() -> Vec<FileSpec> {
 /// Writes the benchmark models into `dir`, skipping files already there at the right size, and
 /// the bf16 one as a three-shard diffusers folder ([`diffusers::write_large_sharded`]).
 pub fn write_large(dir: &Path, force: bool) -> DynResult<Vec<PathBuf>> {
-    write_specs(dir, large_specs(), force)
+    let mut paths = write_specs(dir, large_specs(), force)?;
+    paths.push(diffusers::write_large_sharded(dir, force)?);
+    Ok(paths)
 }
 
 /// Writes `specs` into `dir`, skipping files already there at the right size.
@@ -634,7 +636,6 @@ pub fn write_specs(dir: &Path, specs: Vec<FileSpec>, force: bool) -> DynResult<V
         }
         paths.push(path);
     }
-    paths.push(diffusers::write_large_sharded(dir, force)?);
     Ok(paths)
 }
 
