@@ -416,25 +416,17 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, BnbError> {
         // The step's other tensors (auxiliaries of a dequantized weight) count with its last
         // piece, as do the tensors it finishes.
         let sources = step.sources();
-        if step_pieces.is_empty() {
-            step_pieces.push(Piece {
-                work: Work::Nothing,
-                out_len: 0,
-                source_bytes: 0,
-                tensors_done: 0,
-                // A step's pieces hand its state on; the step's last one ends it.
-                carries_state: true,
-            });
-        }
-        if let Some(last) = step_pieces.last_mut() {
-            last.carries_state = false;
-            last.source_bytes += sources
-                .iter()
-                .filter(|&&i| i != main)
-                .map(|&i| tensors[i].source_bytes)
-                .sum::<u64>();
-            last.tensors_done = sources.len() as u64;
-        }
+        let others = sources
+            .iter()
+            .filter(|&&i| i != main)
+            .map(|&i| tensors[i].source_bytes)
+            .sum::<u64>();
+        Piece::close_step(
+            &mut step_pieces,
+            Work::Nothing,
+            others,
+            sources.len() as u64,
+        );
         let specs = plan
             .specs
             .get(spec_at..spec_at + step.outputs())

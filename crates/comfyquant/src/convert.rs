@@ -317,20 +317,7 @@ fn pieces(plan: &Plan) -> Result<Vec<Piece<'_>>, String> {
                 1
             }
         };
-        if step_pieces.is_empty() {
-            step_pieces.push(Piece {
-                work: Work::Nothing,
-                out_len: 0,
-                source_bytes: 0,
-                tensors_done: 0,
-                // A step's pieces hand its state on; the step's last one ends it.
-                carries_state: true,
-            });
-        }
-        if let Some(last) = step_pieces.last_mut() {
-            last.carries_state = false;
-            last.tensors_done = 1;
-        }
+        Piece::close_step(&mut step_pieces, Work::Nothing, 0, 1);
         let planned = plan
             .specs
             .get(spec_at..spec_at + outputs)

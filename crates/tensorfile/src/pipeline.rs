@@ -56,6 +56,37 @@ pub struct Unit<W> {
     pub carries_state: bool,
 }
 
+impl<W> Unit<W> {
+    /// Closes one conversion step's `pieces` (a step: the output tensors made from one or more
+    /// source tensors): an empty step gets one `nothing` piece, so that its progress is still
+    /// reported; every piece but the last hands the step's state on (not a place to resume);
+    /// the last one finishes the step, `extra_source_bytes` (source bytes no piece read on its
+    /// own, such as a fused tensor's other parts) and `tensors` source tensors.
+    pub fn close_step(
+        pieces: &mut Vec<Unit<W>>,
+        nothing: W,
+        extra_source_bytes: u64,
+        tensors: u64,
+    ) {
+        if pieces.is_empty() {
+            pieces.push(Unit {
+                work: nothing,
+                out_len: 0,
+                source_bytes: 0,
+                tensors_done: 0,
+                carries_state: true,
+            });
+        }
+        let last = pieces.len() - 1;
+        for (i, piece) in pieces.iter_mut().enumerate() {
+            piece.carries_state = i != last;
+        }
+        let last = &mut pieces[last];
+        last.source_bytes += extra_source_bytes;
+        last.tensors_done = tensors;
+    }
+}
+
 impl<W: Sync> Piece for Unit<W> {
     fn out_len(&self) -> usize {
         self.out_len
