@@ -129,14 +129,25 @@ fn digest_sharded(
         sizes.push(len.len());
     }
     let total = sizes.iter().fold(0u64, |a, &b| a.saturating_add(b));
-    let mut combined = b"convcache-sharded-1".to_vec();
+    let mut digests = Vec::with_capacity(sizes.len());
     let mut before = 0u64;
     for (file, size) in index.files().zip(sizes) {
         let d = digest_one_file(file, &mut |done, _| progress(before + done, total), cancel)?;
-        combined.extend_from_slice(d.as_bytes());
+        digests.push(d);
         before = before.saturating_add(size);
     }
-    Ok(format!("{:032x}", xxh3_128(&combined)))
+    Ok(sharded_digest(&digests))
+}
+
+/// The digest of a sharded source from the digests of its files (see the module
+/// documentation): the index's first, then each shard's in serving order
+/// ([`tensorfile::sharded::ShardIndex::files`]).
+pub fn sharded_digest(file_digests: &[String]) -> String {
+    let mut combined = b"convcache-sharded-1".to_vec();
+    for d in file_digests {
+        combined.extend_from_slice(d.as_bytes());
+    }
+    format!("{:032x}", xxh3_128(&combined))
 }
 
 /// [`digest_file_cancellable`] for one regular file.

@@ -22,20 +22,6 @@ fn path_of(v: &Value) -> PathBuf {
     )
 }
 
-/// The `CONVCACHE_READ_STATS` count of a run.
-fn bytes_read(stderr: &str) -> u64 {
-    stderr
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("convcache: read stats: ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no read stats line in {stderr}"))
-}
-
 #[test]
 fn several_sources_and_targets_read_each_source_once_and_match_separate_commands() {
     let together = Scratch::new();
@@ -129,6 +115,53 @@ fn targets_that_read_the_source_twice_still_match_separate_commands() {
         );
     }
     src.assert_unchanged();
+}
+
+/// A GGUF source is read once for all of its targets too (dequantized and requantized), and
+/// its outputs equal separate commands'.
+#[test]
+fn a_gguf_source_is_read_once_for_several_targets() {
+    let s = Scratch::new();
+    let src = s.source("flux_gguf.safetensors", MEDIUM);
+    let q8 = path_of(only(
+        &s.run(&["--json", "convert", src.arg(), "--to", "Q8_0"])
+            .ok()
+            .json(),
+    ));
+    let gguf = s.root().join("flux_gguf.gguf");
+    std::fs::rename(&q8, &gguf).expect("move the GGUF out of the cache");
+    let gguf_arg = gguf.to_str().expect("utf-8");
+    let targets = ["fp16", "bf16", "Q4_K_M", "Q5_0"];
+    let run = s
+        .cmd(&["--json", "convert", gguf_arg, "--to", &targets.join(",")])
+        .env("CONVCACHE_READ_STATS", "1")
+        .output()
+        .expect("spawn");
+    let run = Run::from(run).ok();
+    let rows = run.json().as_array().expect("array").clone();
+    assert_eq!(rows.len(), targets.len());
+    let size = std::fs::metadata(&gguf).expect("stat").len();
+    let read = bytes_read(&run.stderr);
+    assert!(
+        read <= size + size / 20,
+        "read {read} bytes of a {size}-byte GGUF source for {} targets",
+        targets.len()
+    );
+    for (r, target) in rows.iter().zip(targets) {
+        assert_eq!(r["status"], "converted", "{r}");
+        let out = path_of(r);
+        let bytes = std::fs::read(&out).expect("read output");
+        std::fs::remove_file(&out).expect("remove output");
+        let alone = s
+            .run(&["--json", "convert", gguf_arg, "--to", target])
+            .ok()
+            .json();
+        assert_eq!(path_of(only(&alone)), out);
+        assert!(
+            std::fs::read(&out).expect("read output") == bytes,
+            "{target} differs from a separate command"
+        );
+    }
 }
 
 #[test]

@@ -223,6 +223,50 @@ fn a_sharded_folder_is_cached_under_the_model_folders_name_until_a_shard_changes
     assert!(!bf16.exists() && !q8.exists());
 }
 
+/// Several targets of a sharded source in one command read each shard once (the shared read
+/// also makes the source digest, as the cache makes it: the outputs, provenance included,
+/// equal separate commands').
+#[test]
+fn several_targets_of_a_sharded_folder_read_it_once_and_match_separate_commands() {
+    let s = Scratch::new();
+    let folder = flux_folder(&s, &MEDIUM);
+    let arg = folder.to_str().expect("utf-8");
+    let targets = ["bf16", "Q8_0", "nf4", "fp8"];
+    let run = s
+        .cmd(&["--json", "convert", arg, "--to", &targets.join(",")])
+        .env("CONVCACHE_READ_STATS", "1")
+        .output()
+        .expect("spawn");
+    let run = Run::from(run).ok();
+    let rows = run.json().as_array().expect("rows").clone();
+    assert_eq!(rows.len(), targets.len());
+    let size: u64 = std::fs::read_dir(&folder)
+        .expect("list")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .sum();
+    let read = bytes_read(&run.stderr);
+    assert!(
+        read <= size + size / 20,
+        "read {read} bytes of a {size}-byte sharded source for {} targets",
+        targets.len()
+    );
+    for (r, target) in rows.iter().zip(targets) {
+        assert_eq!(r["status"], "converted", "{r}");
+        let out = PathBuf::from(r["path"].as_str().expect("path"));
+        let bytes = std::fs::read(&out).expect("read output");
+        std::fs::remove_file(&out).expect("remove output");
+        let alone = s
+            .run(&["--json", "convert", arg, "--to", target])
+            .ok()
+            .json();
+        assert_eq!(only(&alone)["path"], r["path"]);
+        assert!(
+            std::fs::read(&out).expect("read output") == bytes,
+            "{target} differs from a separate command"
+        );
+    }
+}
+
 /// Runs `convert DIR --to bf16` and `--to q8_0`: exit 2, one error line naming `names` and
 /// holding `needle`, nothing published.
 fn assert_sharded_input_fault(s: &Scratch, dir: &Path, names: &Path, needle: &str) {

@@ -65,6 +65,8 @@ impl GgufSourceError {
 pub struct GgufSource {
     file: GgufFile,
     raw: File,
+    /// The shared window tensor data is read through ([`GgufSource::open_shared`]).
+    window: Option<tensorfile::shared_read::Reader>,
     tensors: Vec<SourceTensor>,
     metadata: BTreeMap<String, String>,
 }
@@ -72,11 +74,22 @@ pub struct GgufSource {
 impl GgufSource {
     /// Opens and validates `path`, its `comfy.gguf.orig_shape` entries included.
     pub fn open(path: &Path) -> Result<GgufSource, GgufSourceError> {
+        Self::open_shared(path, None)
+    }
+
+    /// [`GgufSource::open`], reading tensor data through `seat`'s window
+    /// ([`tensorfile::shared_read`]) when `seat` reads this very file: several conversions of
+    /// one GGUF source read it once.
+    pub fn open_shared(
+        path: &Path,
+        seat: Option<&tensorfile::shared_read::Seat>,
+    ) -> Result<GgufSource, GgufSourceError> {
         let file = GgufFile::open(path)?;
         let raw = File::open(path).map_err(|source| GgufSourceError::Io {
             path: path.to_owned(),
             source,
         })?;
+        let window = seat.and_then(|s| s.join(&raw));
         // A T5 text encoder's llama.cpp names are served as ComfyUI's keys, mapped back the
         // way ComfyUI-GGUF's CLIPLoaderGGUF does, so every target writes ComfyUI's names.
         let t5 = matches!(file.architecture(), Some("t5" | "t5encoder"));
@@ -105,6 +118,7 @@ impl GgufSource {
         Ok(GgufSource {
             file,
             raw,
+            window,
             tensors,
             metadata,
         })
@@ -129,6 +143,19 @@ impl GgufSource {
         .ok()
         .filter(|a| a.gguf_name() == declared);
         by_names.or_else(|| declared.parse().ok())
+    }
+}
+
+impl GgufSource {
+    /// Tensor data at `at`: through the shared window when there is one, else a positioned
+    /// read, counted in [`tensorfile::read_count`].
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        if let Some(window) = &self.window {
+            return window.read_exact_at(buf, at);
+        }
+        self.raw.read_exact_at(buf, at)?;
+        tensorfile::read_count::add(buf.len() as u64);
+        Ok(())
     }
 }
 
@@ -213,8 +240,7 @@ impl TensorSource for GgufSource {
             .and_then(|o| o.checked_add(b0 * type_size))
             .ok_or_else(outside)?;
         let mut raw = vec![0u8; usize::try_from((b1 - b0) * type_size).map_err(|_| outside())?];
-        self.raw
-            .read_exact_at(&mut raw, at)
+        self.read_exact_at(&mut raw, at)
             .map_err(|e| SourceError::Io {
                 path: path.clone(),
                 source: io::Error::new(

@@ -10,13 +10,15 @@
 //!    check fails (unreadable, unknown precision) is answered pair by pair the same way, so
 //!    every pair gets [`crate::smart_convert`]'s own error. Every output path planned for the
 //!    request is spared from eviction ([`Options::spare`]).
-//! 2. **Convert.** The remaining pairs of a source form a group. A group of several targets of
-//!    one safetensors file shares one read ([`tensorfile::shared_read`]): one thread per pair,
-//!    each in a rayon pool of its own (a converter that runs ahead waits inside its reads for
-//!    the others, which must not hold the threads they need), each reading through its
-//!    [`SharedSeat`]; the shared read also hashes the source, so no converter needs a hashing
-//!    pass of its own, and a thread reads ahead of the converters while they compute. Other groups (one target, a GGUF or sharded source) convert their pairs
-//!    one after another, as separate calls would.
+//! 2. **Convert.** The remaining pairs of a source form a group. A group of several targets
+//!    shares one read of the source ([`tensorfile::shared_read`]; a safetensors file, each shard
+//!    of a sharded source in turn, or a GGUF file): one thread per pair, each in a rayon pool
+//!    of its own (a converter that runs ahead waits inside its reads for the others, which
+//!    must not hold the threads they need), each reading through its [`SharedSeat`]; the
+//!    shared read also hashes the source (a sharded source's shards, combined with its index
+//!    as the cache's digest combines them), so no converter needs a hashing pass of its own,
+//!    and a thread reads ahead of the converters while they compute. A group of one target
+//!    converts as a single call would.
 //! 3. **Jobs.** At most `jobs` conversions run at once; a shared group counts as
 //!    `min(targets, jobs)` (its targets start together, or the source would be read again).
 //!    Groups start in request order.
@@ -32,7 +34,7 @@ use cache::KnownDigest;
 use cache::digest::StreamDigest;
 use detect::Precision;
 use detect::detection::Format;
-use tensorfile::shared_read::{Seat, SharedRead, WindowConfig};
+use tensorfile::shared_read::{Seat, SharedFiles, SharedRead, WindowConfig};
 
 use crate::{Options, Outcome, SmartError};
 
@@ -65,7 +67,10 @@ pub struct SharedSeat {
 impl std::fmt::Debug for SharedSeat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedSeat")
-            .field("source", &self.source.read.path())
+            .field(
+                "source",
+                &self.source.files.files().first().map(|r| r.path()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -77,34 +82,74 @@ impl SharedSeat {
     }
 
     /// The source's size and digest as the shared read read it (reading what no converter
-    /// needed, once every converter is past it).
+    /// needed, once every converter is past it); a sharded source's as
+    /// [`cache::digest::sharded_digest`] makes it from its files' digests.
     pub(crate) fn source_digest(&self) -> std::io::Result<(u64, String)> {
-        let len = self.source.read.read_to_end()?;
-        let digest = self.source.digest.get_or_init(|| {
-            let mut hasher = self.source.hasher.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::take(&mut *hasher).finish()
+        let source = &*self.source;
+        let mut len = source.files.read_to_end()?;
+        let digest = source.digest.get_or_init(|| {
+            let mut digests: Vec<String> = source
+                .hashers
+                .iter()
+                .map(|h| std::mem::take(&mut *h.lock().unwrap_or_else(|p| p.into_inner())).finish())
+                .collect();
+            match &source.index {
+                Some((_, index_digest)) => {
+                    digests.insert(0, index_digest.clone());
+                    cache::digest::sharded_digest(&digests)
+                }
+                None => digests.pop().unwrap_or_default(),
+            }
         });
+        if let Some((index_len, _)) = &source.index {
+            len = len.saturating_add(*index_len);
+        }
         Ok((len, digest.clone()))
     }
 }
 
-/// A source read once for several conversions, hashed as it is read.
+/// A source read once for several conversions, hashed as it is read: one file (safetensors or
+/// GGUF), or a sharded source's shards, each hashed as its window fetches it (the index, a
+/// small file, is hashed when the source is opened).
 struct SharedSource {
-    read: SharedRead,
-    hasher: Arc<Mutex<StreamDigest>>,
+    files: SharedFiles,
+    hashers: Vec<Arc<Mutex<StreamDigest>>>,
+    /// A sharded source's index: its size and digest.
+    index: Option<(u64, String)>,
     digest: OnceLock<String>,
 }
 
 impl SharedSource {
-    fn open(path: &Path, seats: usize) -> std::io::Result<Arc<SharedSource>> {
-        let hasher = Arc::new(Mutex::new(StreamDigest::new()));
-        let sink = Arc::clone(&hasher);
-        let read = SharedRead::open(path, seats, WindowConfig::default(), move |bytes| {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).update(bytes)
-        })?;
+    /// Opens every file of `source` for `seats` conversions. A failure here only means the
+    /// group converts without sharing (each conversion then reports what is wrong).
+    fn open(source: &Path, seats: usize) -> std::io::Result<Arc<SharedSource>> {
+        let resolved = tensorfile::diffusers::resolve_source(source);
+        let (files, index) =
+            match tensorfile::sharded::locate_index(&resolved).map_err(std::io::Error::other)? {
+                Some(index_path) => {
+                    let index = tensorfile::sharded::ShardIndex::read(&index_path)
+                        .map_err(std::io::Error::other)?;
+                    let bytes = std::fs::read(&index_path)?;
+                    let index_digest = (bytes.len() as u64, cache::digest::digest_bytes(&bytes));
+                    (index.shards, Some(index_digest))
+                }
+                None => (vec![resolved], None),
+            };
+        let mut reads = Vec::with_capacity(files.len());
+        let mut hashers = Vec::with_capacity(files.len());
+        for file in &files {
+            let hasher = Arc::new(Mutex::new(StreamDigest::new()));
+            let sink = Arc::clone(&hasher);
+            let read = SharedRead::open(file, seats, WindowConfig::default(), move |bytes| {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).update(bytes)
+            })?;
+            reads.push(read);
+            hashers.push(hasher);
+        }
         Ok(Arc::new(SharedSource {
-            read,
-            hasher,
+            files: SharedFiles::new(reads),
+            hashers,
+            index,
             digest: OnceLock::new(),
         }))
     }
@@ -179,7 +224,7 @@ pub fn convert_many(
     let budget = Budget::new(jobs);
     std::thread::scope(|scope| {
         for group in &groups {
-            let shared = group.pairs.len() > 1 && reads_as_one_file(group.source);
+            let shared = group.pairs.len() > 1 && reads_shared(group.source);
             let weight = if shared {
                 group.pairs.len().min(jobs)
             } else {
@@ -220,9 +265,10 @@ fn convert_pair(source: &Path, target: Precision, options: &Options<'_>) -> Pair
     }
 }
 
-/// Whether `source` is one safetensors file (what a shared read serves).
-fn reads_as_one_file(source: &Path) -> bool {
-    detect::detect(source).is_ok_and(|d| d.format == Format::Safetensors && d.shards.is_none())
+/// Whether `source` is what a shared read serves: a safetensors file, a sharded safetensors
+/// source, or a GGUF file.
+fn reads_shared(source: &Path) -> bool {
+    detect::detect(source).is_ok_and(|d| matches!(d.format, Format::Safetensors | Format::Gguf))
 }
 
 /// The group's pairs one after another, each handing the source digest to the next.
@@ -263,11 +309,11 @@ fn convert_shared(
     let threads = default_jobs();
     let out = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        scope.spawn(|| shared.read.read_ahead());
+        scope.spawn(|| shared.files.read_ahead());
         for (seat_index, &(row, target)) in group.pairs.iter().enumerate() {
             let seat = SharedSeat {
                 source: Arc::clone(&shared),
-                seat: shared.read.seat(seat_index),
+                seat: shared.files.seat(seat_index),
             };
             let out = &out;
             scope.spawn(move || {

@@ -384,6 +384,15 @@ impl ShardedSource {
     /// Opens the sharded source `path` stands for (an index, or a folder holding one; see
     /// [`locate_index`]), opening and validating every shard and checking it against the index.
     pub fn open(path: &Path) -> Result<ShardedSource, ShardError> {
+        Self::open_shared(path, None)
+    }
+
+    /// [`ShardedSource::open`], each shard reading its tensor data through `seat`'s window for
+    /// it ([`crate::shared_read::SharedFiles`]) when `seat` reads that shard.
+    pub fn open_shared(
+        path: &Path,
+        seat: Option<&crate::shared_read::Seat>,
+    ) -> Result<ShardedSource, ShardError> {
         let index_path = locate_index(path)?.ok_or_else(|| ShardError::BadIndex {
             path: path.to_owned(),
             problem: format!("no `*{INDEX_SUFFIX}` here"),
@@ -391,7 +400,7 @@ impl ShardedSource {
         let index = ShardIndex::read(&index_path)?;
         let mut shards = Vec::with_capacity(index.shards.len());
         for shard in &index.shards {
-            let file = SafetensorsFile::open(shard).map_err(|e| match e {
+            let file = SafetensorsFile::open_shared(shard, seat).map_err(|e| match e {
                 SafetensorsError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                     ShardError::MissingShard {
                         path: shard.clone(),

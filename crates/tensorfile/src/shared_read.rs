@@ -14,8 +14,10 @@
 //!   the reader furthest behind never waits (the window is larger than a chunk plus the slack
 //!   plus one chunk it needs), so readers in the same order go in lockstep.
 //! - A reader that needs bytes the window has already dropped (a converter that reads tensors
-//!   in another order than the file, a conversion that joined late) reads them from the disk
-//!   itself: never wrong, only one more read of those bytes.
+//!   in another order than the file, a conversion that joined late, a second pass) reads them
+//!   from the disk itself: never wrong, only one more read of those bytes. While it reads
+//!   behind the window it does not hold the window back (the others would wait for it to
+//!   catch up, reading nothing).
 //! - Each planned conversion is a [`Seat`]. Until every seat has joined (opened the file) or is
 //!   done, or a grace period has passed, nothing is dropped, so conversions that start a few
 //!   milliseconds apart still share the whole read. The grace period bounds the wait for a
@@ -27,6 +29,12 @@
 //!
 //! [`SharedRead::read_ahead`], run on a thread of its own, keeps the window full ahead of the
 //! readers, so a cold source is read while the converters compute.
+//!
+//! A source of several files (a sharded model's shards) is a [`SharedFiles`]: one window per
+//! file, one [`Seat`] per conversion at all of them. A conversion that reads a file beyond the
+//! slack is past the earlier files; a file's window is emptied once every conversion is past
+//! it, so shards read one after another hold at most two windows (the last shard's, like a
+//! single file's, until the conversions end).
 //!
 //! Memory is the window (a few chunks), never the model.
 
@@ -197,12 +205,9 @@ impl SharedRead {
         (state.fetched, state.direct)
     }
 
-    /// Seat `index` (one per planned conversion).
+    /// Seat `index` (one per planned conversion) at this file alone.
     pub fn seat(&self, index: usize) -> Seat {
-        Seat {
-            shared: self.clone(),
-            index,
-        }
+        SharedFiles::new(vec![self.clone()]).seat(index)
     }
 
     /// Reads ahead of the readers for as long as one of them may still read: fetches the next
@@ -236,39 +241,112 @@ impl SharedRead {
     }
 }
 
-/// One conversion's place at a [`SharedRead`]: files it opens with it read through the window.
+/// The files of one source, each read once for the same conversions through a window of its
+/// own: one file, or a sharded source's shards, which converters read one after another (see
+/// the module documentation). Cloning gives another handle to the same windows.
 #[derive(Debug, Clone)]
+pub struct SharedFiles {
+    reads: Arc<[SharedRead]>,
+}
+
+impl SharedFiles {
+    /// The shared reads of a source's files, in the order converters read them.
+    pub fn new(reads: Vec<SharedRead>) -> SharedFiles {
+        SharedFiles {
+            reads: reads.into(),
+        }
+    }
+
+    /// The files' shared reads, in order.
+    pub fn files(&self) -> &[SharedRead] {
+        &self.reads
+    }
+
+    /// Seat `index` (one per planned conversion) at every file.
+    pub fn seat(&self, index: usize) -> Seat {
+        Seat {
+            files: self.clone(),
+            index,
+            joined: Arc::default(),
+        }
+    }
+
+    /// [`SharedRead::read_ahead`] of each file in turn (a file's readers are served ahead
+    /// while the next file waits for them): for a thread of its own.
+    pub fn read_ahead(&self) {
+        for read in self.reads.iter() {
+            read.read_ahead();
+        }
+    }
+
+    /// [`SharedRead::read_to_end`] of every file; returns their sizes added.
+    pub fn read_to_end(&self) -> io::Result<u64> {
+        self.reads
+            .iter()
+            .try_fold(0u64, |total, r| Ok(total.saturating_add(r.read_to_end()?)))
+    }
+
+    /// [`SharedRead::bytes_read`] of every file, added.
+    pub fn bytes_read(&self) -> (u64, u64) {
+        self.reads.iter().fold((0, 0), |(f, d), r| {
+            let (rf, rd) = r.bytes_read();
+            (f + rf, d + rd)
+        })
+    }
+}
+
+/// A reader a seat opened: its file's position in the [`SharedFiles`], the file's window, and
+/// the reader's id there.
+type JoinedReader = (usize, Arc<Inner>, usize);
+
+/// One conversion's place at a [`SharedFiles`]: files it opens with it read through their
+/// window.
+#[derive(Clone)]
 pub struct Seat {
-    shared: SharedRead,
+    files: SharedFiles,
     index: usize,
+    /// The readers this seat's conversion opened: (file's position in `files`, its window,
+    /// reader id there).
+    joined: Arc<Mutex<Vec<JoinedReader>>>,
+}
+
+impl std::fmt::Debug for Seat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seat")
+            .field("files", &self.files)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Seat {
-    /// The shared read this seat belongs to.
-    pub fn shared(&self) -> &SharedRead {
-        &self.shared
+    /// The shared files this seat belongs to.
+    pub fn files(&self) -> &SharedFiles {
+        &self.files
     }
 
     /// This conversion will read no more (it finished, failed or was answered without reading):
-    /// the window no longer waits for it to join.
+    /// no window waits for it to join any longer.
     pub fn done(&self) {
-        let inner = &*self.shared.inner;
-        let mut state = inner.lock();
-        if let Some(s) = state.seats.get_mut(self.index) {
-            *s = SeatState::Done;
+        for read in self.files.reads.iter() {
+            let inner = &*read.inner;
+            let mut state = inner.lock();
+            if let Some(s) = state.seats.get_mut(self.index) {
+                *s = SeatState::Done;
+            }
+            drop(state);
+            inner.moved.notify_all();
         }
-        drop(state);
-        inner.moved.notify_all();
     }
 
-    /// A reader of `file` through the window, if `file` is the file the window reads (same
+    /// A reader of `file` through its window, if `file` is one of the files read (same
     /// device, inode and size); `None` otherwise (it then reads on its own).
-    pub(crate) fn join(&self, file: &File) -> Option<Reader> {
-        let inner = &self.shared.inner;
+    pub fn join(&self, file: &File) -> Option<Reader> {
         let meta = file.metadata().ok()?;
-        if (meta.dev(), meta.ino()) != inner.identity || meta.len() != inner.len {
-            return None;
-        }
+        let (position, read) = self.files.reads.iter().enumerate().find(|(_, r)| {
+            (meta.dev(), meta.ino()) == r.inner.identity && meta.len() == r.inner.len
+        })?;
+        let inner = &read.inner;
         let mut state = inner.lock();
         if let Some(s) = state.seats.get_mut(self.index)
             && *s == SeatState::Waiting
@@ -280,18 +358,30 @@ impl Seat {
         state.marks.push(Some(lo));
         drop(state);
         inner.moved.notify_all();
+        let mut joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
+        let earlier = joined
+            .iter()
+            .filter(|(p, _, _)| *p < position)
+            .map(|(_, inner, id)| (Arc::clone(inner), *id))
+            .collect();
+        joined.push((position, Arc::clone(inner), id));
         Some(Reader {
             inner: Arc::clone(inner),
             id,
+            earlier: Mutex::new(earlier),
         })
     }
 }
 
-/// A registered reader of a [`SharedRead`] (held by a [`SafetensorsFile`]); leaves the window
-/// when dropped.
-pub(crate) struct Reader {
+/// A registered reader of a [`SharedRead`] (held by a [`SafetensorsFile`] or another source's
+/// reader); leaves the window when dropped.
+pub struct Reader {
     inner: Arc<Inner>,
     id: usize,
+    /// The same conversion's readers of earlier files of a [`SharedFiles`], until it is past
+    /// them: reading this file beyond the slack (the parallel pieces still reading behind)
+    /// means it will not read them again, so their windows need not wait for it.
+    earlier: Mutex<Vec<(Arc<Inner>, usize)>>,
 }
 
 impl std::fmt::Debug for Reader {
@@ -313,8 +403,10 @@ impl Drop for Reader {
 
 impl Reader {
     /// Fills `buf` with the file's bytes at `at`: from the window, fetching forward as needed,
-    /// or from the disk for bytes the window has dropped.
-    pub(crate) fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+    /// or from the disk for bytes the window has dropped. Reading beyond the slack into a file
+    /// marks the conversion as past its earlier files: once every reader is past a file, its
+    /// window is emptied.
+    pub fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
         let inner = &*self.inner;
         let end = at
             .checked_add(buf.len() as u64)
@@ -356,6 +448,17 @@ impl Reader {
             buf[done..done + n].copy_from_slice(&chunk[from..from + n]);
             pos += n as u64;
         }
+        if at > inner.config.slack {
+            let earlier =
+                std::mem::take(&mut *self.earlier.lock().unwrap_or_else(|p| p.into_inner()));
+            for (file, id) in earlier {
+                let mut state = file.lock();
+                if let Some(m) = state.marks.get_mut(id).and_then(Option::as_mut) {
+                    *m = u64::MAX;
+                }
+                file.release_passed(&mut state);
+            }
+        }
         Ok(())
     }
 }
@@ -378,7 +481,12 @@ impl Inner {
             return false;
         }
         let passed = state.lo + front.len() as u64 + self.config.slack;
-        state.marks.iter().flatten().all(|&m| m >= passed)
+        state
+            .marks
+            .iter()
+            .flatten()
+            .filter(|&&m| m >= state.lo)
+            .all(|&m| m >= passed)
     }
 
     /// Fetches until the window holds `pos` (`pos < hi`), dropping passed chunks to make room
@@ -441,6 +549,23 @@ impl Inner {
             self.moved.notify_all();
         }
         Ok(state)
+    }
+
+    /// Drops every chunk all readers are past once the whole file is fetched, spare buffers
+    /// too: nothing will be fetched again (a sharded source's readers have moved on to the
+    /// next shard, whose window fills meanwhile).
+    fn release_passed(&self, state: &mut State) {
+        if state.hi < self.len {
+            return;
+        }
+        while self.may_drop_front(state) {
+            let front = state.chunks.pop_front().expect("may_drop_front saw one");
+            state.lo += front.len() as u64;
+        }
+        if state.chunks.is_empty() {
+            state.spare = Vec::new();
+        }
+        self.moved.notify_all();
     }
 
     fn wait<'a>(&'a self, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
@@ -608,6 +733,64 @@ mod tests {
         reader.read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(buf, bytes);
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    /// Two files read one after the other by two readers: each file is fetched once and
+    /// observed in order, and the first file's window is empty once both are past it.
+    #[test]
+    fn several_files_are_each_read_once_and_released_when_passed() {
+        let (f1, b1) = file_of(20_011);
+        let (f2, b2) = file_of(17_003);
+        let observed = [
+            Arc::new(Mutex::new(Vec::new())),
+            Arc::new(Mutex::new(Vec::new())),
+        ];
+        let reads: Vec<SharedRead> = [f1.path(), f2.path()]
+            .into_iter()
+            .zip(&observed)
+            .map(|(p, o)| {
+                let sink = Arc::clone(o);
+                SharedRead::open(p, 2, small(), move |b: &[u8]| {
+                    sink.lock().unwrap().extend_from_slice(b)
+                })
+                .unwrap()
+            })
+            .collect();
+        let files = SharedFiles::new(reads);
+        let both_read = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| files.read_ahead());
+            for seat in 0..2 {
+                let (files, both_read) = (&files, &both_read);
+                let sources = [(f1.path(), &b1), (f2.path(), &b2)];
+                s.spawn(move || {
+                    let seat = files.seat(seat);
+                    let readers: Vec<Reader> = sources
+                        .iter()
+                        .map(|(p, _)| seat.join(&File::open(p).unwrap()).unwrap())
+                        .collect();
+                    for (reader, (_, bytes)) in readers.iter().zip(sources) {
+                        for pos in (0..bytes.len()).step_by(700) {
+                            let n = 700.min(bytes.len() - pos);
+                            let mut buf = vec![0u8; n];
+                            reader.read_exact_at(&mut buf, pos as u64).unwrap();
+                            assert_eq!(buf, bytes[pos..pos + n]);
+                        }
+                    }
+                    both_read.wait();
+                    // Both readers read the second file beyond the slack: the first file's
+                    // window is empty, while the second's still holds its tail.
+                    assert!(files.files()[0].inner.lock().chunks.is_empty());
+                    assert!(files.files()[0].inner.lock().spare.is_empty());
+                    assert!(!files.files()[1].inner.lock().chunks.is_empty());
+                    seat.done();
+                });
+            }
+        });
+        assert_eq!(files.read_to_end().unwrap(), (b1.len() + b2.len()) as u64);
+        assert_eq!(files.bytes_read(), ((b1.len() + b2.len()) as u64, 0));
+        assert_eq!(*observed[0].lock().unwrap(), b1);
+        assert_eq!(*observed[1].lock().unwrap(), b2);
     }
 
     #[test]

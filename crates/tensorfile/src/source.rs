@@ -387,8 +387,8 @@ pub fn open_safetensors(path: &Path) -> Result<Box<dyn TensorSource>, SourceErro
     open_safetensors_shared(path, None)
 }
 
-/// [`open_safetensors`], a single file reading its tensor data through `seat`'s window
-/// ([`crate::shared_read`]) when `seat` reads that file. A sharded source reads on its own.
+/// [`open_safetensors`], reading tensor data through `seat`'s windows
+/// ([`crate::shared_read`]) for the files (the one file, or the shards) `seat` reads.
 pub fn open_safetensors_shared(
     path: &Path,
     seat: Option<&crate::shared_read::Seat>,
@@ -397,7 +397,7 @@ pub fn open_safetensors_shared(
     let resolved = crate::diffusers::resolve_source(path);
     let path = resolved.as_path();
     if crate::sharded::locate_index(path)?.is_some() {
-        let sharded = crate::sharded::ShardedSource::open(path)?;
+        let sharded = crate::sharded::ShardedSource::open_shared(path, seat)?;
         if let Some(shard) = sharded.scaled_shard() {
             let path = shard.to_owned();
             return Err(crate::sharded::ShardError::ScaledShard { path }.into());

@@ -260,3 +260,18 @@ pub fn only(v: &Value) -> &Value {
     assert_eq!(a.len(), 1, "{v}");
     &a[0]
 }
+
+/// The `CONVCACHE_READ_STATS` count of a run: bytes of model files it read from the disk.
+#[allow(dead_code)] // Not every test binary reads the stats.
+pub fn bytes_read(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("convcache: read stats: ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no read stats line in {stderr}"))
+}

@@ -48,7 +48,8 @@ impl Backend for GgufBackend {
     fn plan(&self, job: &Job<'_>) -> Result<Box<dyn PlannedConversion>, SmartError> {
         let (path, provenance) = (job.source_path, job.extra_metadata);
         let forced_arch = job.options.gguf_arch;
-        let gguf_source = || GgufSource::open(path).map_err(SmartError::backend);
+        let gguf_source =
+            || GgufSource::open_shared(path, job.shared_read).map_err(SmartError::backend);
         Ok(match (job.source.format, job.target) {
             (Format::Safetensors, Precision::Gguf(ft)) => {
                 let source = job.open_safetensors().map_err(SmartError::backend)?;
