@@ -1578,6 +1578,89 @@ mod tests {
         assert!(err.contains("has no name"), "{err}");
     }
 
+    fn lumina2_block(rows_q: u64, rows_k: u64, rows_v: u64) -> Vec<SourceTensor> {
+        vec![
+            t("x_embedder.weight", &[8, 4]),
+            t("noise_refiner.0.attn.to_q.weight", &[rows_q, 8]),
+            t("noise_refiner.0.attn.to_k.weight", &[rows_k, 8]),
+            t("noise_refiner.0.attn.to_v.weight", &[rows_v, 8]),
+        ]
+    }
+
+    #[test]
+    fn lumina2_fuses_grouped_query_attention_and_nothing_else() {
+        let path = Path::new("m");
+        let ok = Mapping::plan(path, &lumina2_block(8, 4, 4))
+            .expect("plan")
+            .expect("lumina2");
+        assert_eq!(ok.layout(), Layout::Lumina2);
+        let qkv = ok
+            .tensors()
+            .iter()
+            .find(|t| t.name == "noise_refiner.0.attention.qkv.weight")
+            .expect("fused");
+        assert_eq!(qkv.shape, [16, 8]);
+        // k and v of different sizes, or q not a whole number of k's heads.
+        for (q, k, v) in [(8, 4, 2), (6, 4, 4)] {
+            let err = Mapping::plan(path, &lumina2_block(q, k, v))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("grouped-query"), "{err}");
+        }
+        // ComfyUI's NextDiT has no q/k/v bias and no modulation in its context refiners.
+        for extra in [
+            "noise_refiner.0.attn.to_q.bias",
+            "context_refiner.0.norm1.linear.weight",
+            "context_refiner.0.norm1.norm.weight",
+            "layers.0.norm1.weight",
+        ] {
+            let mut ts = lumina2_block(8, 4, 4);
+            ts.push(t(extra, &[8]));
+            let err = Mapping::plan(path, &ts).expect_err("refused");
+            assert!(
+                matches!(&err, DiffusersError::UnknownKey { key, layout: "lumina2", .. }
+                    if key == extra),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn flux2_is_told_from_flux_and_takes_no_bias() {
+        let path = Path::new("m");
+        let mut ts = flux_block(Dtype::BF16, 4);
+        ts.push(t("double_stream_modulation_img.linear.weight", &[24, 4]));
+        ts.push(t("norm_out.linear.weight", &[8, 4]));
+        let m = Mapping::plan(path, &ts).expect("plan").expect("flux2");
+        assert_eq!(m.layout(), Layout::Flux2);
+        let names: Vec<&str> = m.tensors().iter().map(|t| t.name.as_str()).collect();
+        for want in [
+            "img_in.weight",
+            "double_blocks.0.img_attn.qkv.weight",
+            "double_blocks.0.txt_attn.qkv.weight",
+            "double_stream_modulation_img.lin.weight",
+            "final_layer.adaLN_modulation.1.weight",
+        ] {
+            assert!(names.contains(&want), "{names:?}");
+        }
+        // ComfyUI builds Flux.2 without biases; Flux.1's modules are not Flux.2's.
+        for extra in [
+            "transformer_blocks.0.attn.to_q.bias",
+            "norm_out.linear.bias",
+            "transformer_blocks.0.ff.net.0.proj.weight",
+            "single_transformer_blocks.0.proj_mlp.weight",
+        ] {
+            let mut bad = ts.clone();
+            bad.push(t(extra, &[4]));
+            let err = Mapping::plan(path, &bad).expect_err("refused");
+            assert!(
+                matches!(&err, DiffusersError::UnknownKey { key, layout: "flux2", .. }
+                    if key == extra),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn missing_part_is_named() {
         let ts = [
