@@ -307,7 +307,15 @@ fn lumina2_and_flux2_views_are_comfyuis_state_dicts() {
 fn reference_layouts_and_qwen_image_are_served_as_they_are() {
     use tensorfile::diffusers::Mapping;
     use tensorfile::source::{SourceTensor, Stored};
-    for arch in ["flux", "sd3", "sdxl", "sd1", "wan"] {
+    for arch in [
+        "flux",
+        "sd3",
+        "sdxl",
+        "sd1",
+        "wan",
+        "archs/flux2",
+        "archs/z_image",
+    ] {
         let path = root().join(format!("fixtures/{arch}_bf16.safetensors"));
         let file = SafetensorsFile::open(&path).expect("golden test");
         assert!(
