@@ -484,9 +484,10 @@ do not edit. `cargo xtask fixtures --check` fails when these files differ from a
 - `adversarial/`: hostile files `detect` must refuse, written from `detect::corpus` (the
   same cases detect's tests check); `adversarial/expected.json` gives each one's error kind.
 - `diffusers/`: models in diffusers' layout and repository folders (source:
-  `xtask/src/fixtures_diffusers.rs`): `FLUX.1-tiny/transformer/` as three shards and a
-  `diffusion_pytorch_model.safetensors.index.json`; `sd3-tiny/transformer/`, `sdxl-tiny/unet/`,
-  `wan-tiny/transformer/` and `z-image-tiny/transformer/` as one
+  `xtask/src/fixtures_diffusers.rs`): `FLUX.1-tiny/transformer/` as three shards and
+  `FLUX.2-tiny/transformer/` as two, each with a `diffusion_pytorch_model.safetensors.index.json`;
+  `sd3-tiny/transformer/`, `sdxl-tiny/unet/`, `wan-tiny/transformer/`,
+  `z-image-tiny/transformer/` and `lumina2-tiny/transformer/` as one
   `diffusion_pytorch_model.safetensors` each. BF16, diffusers key names and shape patterns.
 - `sd3_mixed.safetensors`: F32 norms and biases first, BF16 for the bulk (dominant by bytes), an
   I64 tensor, a BOOL tensor, a 0-d F32 scalar (`logit_scale`) and a 1-element tensor.

@@ -2,8 +2,10 @@
 //!
 //! Key names and shape patterns are those of the diffusers model classes
 //! (`FluxTransformer2DModel`, `SD3Transformer2DModel`, `UNet2DConditionModel`,
-//! `WanTransformer3DModel`, `ZImageTransformer2DModel`); widths are tiny. Each model sits in a
-//! repository-like folder (`<repo>/transformer/` or `<repo>/unet/`): Flux as three shards and a
+//! `WanTransformer3DModel`, `ZImageTransformer2DModel`, `Lumina2Transformer2DModel`,
+//! `Flux2Transformer2DModel`, at huggingface/diffusers @ 58eb52c0 for the last two); widths are
+//! tiny. Each model sits in a repository-like folder (`<repo>/transformer/` or `<repo>/unet/`):
+//! Flux as three shards and Flux.2 as two, each with a
 //! `diffusion_pytorch_model.safetensors.index.json`, the others as one
 //! `diffusion_pytorch_model.safetensors`.
 //!
@@ -369,6 +371,123 @@ pub fn z_image() -> Layout {
     l
 }
 
+/// Lumina-Image-2.0's `Lumina2Transformer2DModel`: two main layers, two noise refiners (with
+/// `LuminaRMSNormZero`) and two context refiners (without); grouped-query attention like the
+/// real model's (24 heads, 8 key/value heads): here 4 heads of 16 and 2 key/value heads, so
+/// `to_q` has twice the rows of `to_k` / `to_v`. The feed-forward width is diffusers'
+/// `LuminaFeedForward` of `inner_dim = 4 * dim` (multiple_of 256, no multiplier).
+pub fn lumina2() -> Layout {
+    let (dim, hd, heads, kv_heads, cap, patch_out) = (64, 16, 4, 2, 96, 64);
+    let ffn = 256;
+    let mut l = Layout::new("lumina2");
+    l.linear("x_embedder", dim, patch_out, true);
+    l.linear(
+        "time_caption_embed.timestep_embedder.linear_1",
+        dim,
+        256,
+        true,
+    );
+    l.linear(
+        "time_caption_embed.timestep_embedder.linear_2",
+        dim,
+        dim,
+        true,
+    );
+    l.param(
+        "time_caption_embed.caption_embedder.0.weight",
+        &[cap],
+        Init::Norm,
+    );
+    l.linear("time_caption_embed.caption_embedder.1", dim, cap, true);
+    let blocks = [
+        ("noise_refiner.0", true),
+        ("noise_refiner.1", true),
+        ("context_refiner.0", false),
+        ("context_refiner.1", false),
+        ("layers.0", true),
+        ("layers.1", true),
+    ];
+    for (p, modulated) in blocks {
+        l.linear(&format!("{p}.attn.to_q"), heads * hd, dim, false);
+        l.linear(&format!("{p}.attn.to_k"), kv_heads * hd, dim, false);
+        l.linear(&format!("{p}.attn.to_v"), kv_heads * hd, dim, false);
+        l.linear(&format!("{p}.attn.to_out.0"), dim, heads * hd, false);
+        l.param(format!("{p}.attn.norm_q.weight"), &[hd], Init::Norm);
+        l.param(format!("{p}.attn.norm_k.weight"), &[hd], Init::Norm);
+        l.linear(&format!("{p}.feed_forward.linear_1"), ffn, dim, false);
+        l.linear(&format!("{p}.feed_forward.linear_2"), dim, ffn, false);
+        l.linear(&format!("{p}.feed_forward.linear_3"), ffn, dim, false);
+        if modulated {
+            l.linear(&format!("{p}.norm1.linear"), 4 * dim, dim, true);
+            l.param(format!("{p}.norm1.norm.weight"), &[dim], Init::Norm);
+        } else {
+            l.param(format!("{p}.norm1.weight"), &[dim], Init::Norm);
+        }
+        for n in ["ffn_norm1", "norm2", "ffn_norm2"] {
+            l.param(format!("{p}.{n}.weight"), &[dim], Init::Norm);
+        }
+    }
+    l.linear("norm_out.linear_1", dim, dim, true);
+    l.linear("norm_out.linear_2", patch_out, dim, true);
+    l
+}
+
+/// Flux.2's `Flux2Transformer2DModel` (dev: with the guidance embedder): no biases anywhere,
+/// the shared modulations at the top, SwiGLU feed-forwards (`linear_in` twice the hidden
+/// width), the single blocks' fused `to_qkv_mlp_proj`. 4 heads of 16, mlp_ratio 3, 128 input
+/// channels (patch 1), two blocks of each kind.
+pub fn flux2() -> Layout {
+    let (h, hd, ctx) = (64, 16, 96);
+    let mlp = 3 * h;
+    let mut l = Layout::new("flux2");
+    l.linear("x_embedder", h, 128, false);
+    l.linear("context_embedder", h, ctx, false);
+    for e in ["timestep_embedder", "guidance_embedder"] {
+        l.linear(&format!("time_guidance_embed.{e}.linear_1"), h, 256, false);
+        l.linear(&format!("time_guidance_embed.{e}.linear_2"), h, h, false);
+    }
+    l.linear("double_stream_modulation_img.linear", 6 * h, h, false);
+    l.linear("double_stream_modulation_txt.linear", 6 * h, h, false);
+    l.linear("single_stream_modulation.linear", 3 * h, h, false);
+    for i in 0..2 {
+        let p = format!("transformer_blocks.{i}");
+        for m in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+        ] {
+            l.linear(&format!("{p}.attn.{m}"), h, h, false);
+        }
+        for n in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
+            l.param(format!("{p}.attn.{n}.weight"), &[hd], Init::Norm);
+        }
+        l.linear(&format!("{p}.attn.to_out.0"), h, h, false);
+        l.linear(&format!("{p}.attn.to_add_out"), h, h, false);
+        for ff in ["ff", "ff_context"] {
+            l.linear(&format!("{p}.{ff}.linear_in"), 2 * mlp, h, false);
+            l.linear(&format!("{p}.{ff}.linear_out"), h, mlp, false);
+        }
+    }
+    for i in 0..2 {
+        let p = format!("single_transformer_blocks.{i}");
+        l.linear(
+            &format!("{p}.attn.to_qkv_mlp_proj"),
+            3 * h + 2 * mlp,
+            h,
+            false,
+        );
+        l.param(format!("{p}.attn.norm_q.weight"), &[hd], Init::Norm);
+        l.param(format!("{p}.attn.norm_k.weight"), &[hd], Init::Norm);
+        l.linear(&format!("{p}.attn.to_out"), h, h + mlp, false);
+    }
+    l.linear("norm_out.linear", 2 * h, h, false);
+    l.linear("proj_out", 128, h, false);
+    l
+}
+
 /// One fixture model: its folder under `fixtures/`, layout and shard count (1: a single file).
 struct Model {
     dir: &'static str,
@@ -402,6 +521,16 @@ fn models() -> Vec<Model> {
             dir: "diffusers/z-image-tiny/transformer",
             layout: z_image(),
             shards: 1,
+        },
+        Model {
+            dir: "diffusers/lumina2-tiny/transformer",
+            layout: lumina2(),
+            shards: 1,
+        },
+        Model {
+            dir: "diffusers/FLUX.2-tiny/transformer",
+            layout: flux2(),
+            shards: 2,
         },
     ]
 }

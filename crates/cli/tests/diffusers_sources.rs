@@ -61,11 +61,18 @@ fn detect_json(s: &Scratch, path: &Path) -> serde_json::Value {
     run.json()[0].clone()
 }
 
-#[test]
-fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
-    let s = Scratch::new();
-    let repo = copy_fixture(&s, "FLUX.1-tiny");
+/// Converts the fixture repository `repo` to bf16, Q4_K_M and nf4 in one run and checks each
+/// output carries exactly ComfyUI's names (golden `model`), the bf16 one ComfyUI's bytes, and
+/// each is detected as `arch` (the GGUF as `gguf_arch`, its `general.architecture`: Flux.2 is
+/// written as flux, which ComfyUI-GGUF loads it as). The outputs' paths, in that order.
+fn converts_to_bf16_q4_k_m_nf4(
+    s: &Scratch,
+    repo: &Path,
+    model: &str,
+    [arch, gguf_arch]: [&str; 2],
+) -> [PathBuf; 3] {
     let arg = repo.to_str().expect("utf-8");
+    let name = repo.file_name().expect("name").to_str().expect("utf-8");
     let run = s
         .run(&["--json", "convert", arg, "--to", "bf16,q4_k_m,nf4"])
         .ok();
@@ -76,10 +83,10 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
         .iter()
         .map(|r| r["status"].as_str().expect("status"))
         .collect();
-    assert_eq!(statuses, ["converted"; 3], "{rows}");
-    let bf16 = s.converted_dir().join("FLUX.1-tiny_bf16.safetensors");
-    let q4 = gguf_dir(&s).join("FLUX.1-tiny_Q4_K_M.gguf");
-    let nf4 = s.converted_dir().join("FLUX.1-tiny_nf4.safetensors");
+    assert_eq!(statuses, ["converted"; 3], "{name}: {rows}");
+    let bf16 = s.converted_dir().join(format!("{name}_bf16.safetensors"));
+    let q4 = gguf_dir(s).join(format!("{name}_Q4_K_M.gguf"));
+    let nf4 = s.converted_dir().join(format!("{name}_nf4.safetensors"));
     for (row, path) in rows
         .as_array()
         .expect("rows")
@@ -89,7 +96,7 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
         assert_eq!(PathBuf::from(row["path"].as_str().expect("path")), *path);
     }
 
-    let (table, computed) = golden("flux");
+    let (table, computed) = golden(model);
     let comfy_keys: BTreeSet<&str> = table.keys().map(String::as_str).collect();
 
     // bf16 of a bf16 model: every tensor is ComfyUI's, byte for byte.
@@ -100,37 +107,56 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
         .map(String::as_str)
         .filter(|k| *k != "__metadata__")
         .collect();
-    assert_eq!(keys, comfy_keys);
-    for (name, row) in &table {
+    assert_eq!(keys, comfy_keys, "{name}");
+    for (key, row) in &table {
         if row["from"].is_null() {
-            assert!(out.tensor(name) == computed.tensor(name), "{name}");
+            assert!(out.tensor(key) == computed.tensor(key), "{name}: {key}");
         }
     }
 
-    // Q4_K_M: ComfyUI's names, ComfyUI-GGUF's flux rules.
+    // Q4_K_M: ComfyUI's names.
     let gguf = tensorfile::gguf::GgufFile::open(&q4).expect("open the GGUF");
     let names: BTreeSet<&str> = gguf.tensors.iter().map(|t| t.name.as_str()).collect();
-    assert_eq!(names, comfy_keys);
+    assert_eq!(names, comfy_keys, "{name}");
 
-    // nf4: every ComfyUI weight present (quantized ones with their quant state).
+    // nf4: every ComfyUI weight present (quantized ones with their quant state), nothing else.
     let out = Safetensors::read(&nf4);
     for k in &comfy_keys {
-        assert!(out.header.contains_key(*k), "nf4 lacks {k}");
+        assert!(out.header.contains_key(*k), "{name}: nf4 lacks {k}");
     }
+    for k in out.header.keys().filter(|k| *k != "__metadata__") {
+        assert!(
+            comfy_keys.contains(k.as_str())
+                || comfy_keys
+                    .iter()
+                    .any(|c| k.strip_prefix(c).is_some_and(|r| r.starts_with('.'))),
+            "{name}: nf4 has {k}"
+        );
+    }
+
+    for (path, arch) in [(&bf16, arch), (&q4, gguf_arch), (&nf4, arch)] {
+        assert_eq!(
+            detect_json(s, path)["architecture"],
+            arch,
+            "{}",
+            path.display()
+        );
+    }
+    [bf16, q4, nf4]
+}
+
+#[test]
+fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
+    let s = Scratch::new();
+    let repo = copy_fixture(&s, "FLUX.1-tiny");
+    let arg = repo.to_str().expect("utf-8");
+    let [bf16, q4, nf4] = converts_to_bf16_q4_k_m_nf4(&s, &repo, "flux", ["flux", "flux"]);
+    let out = Safetensors::read(&nf4);
     assert!(
         !out.header
             .keys()
             .any(|k| k.contains("to_q") || k.contains("proj_mlp"))
     );
-
-    for path in [&bf16, &q4, &nf4] {
-        assert_eq!(
-            detect_json(&s, path)["architecture"],
-            "flux",
-            "{}",
-            path.display()
-        );
-    }
 
     // The same model named by its transformer folder or its index: cache hits.
     for again in [
@@ -174,6 +200,49 @@ fn a_sharded_flux_repository_converts_to_comfyui_layout_bf16_q4_k_m_and_nf4() {
             .join("FLUX.1-tiny_nvfp4.safetensors")
             .exists()
     );
+}
+
+/// The layouts ComfyUI has no map for, served by the inverse of diffusers' own conversion:
+/// Lumina-Image-2.0 (one file) and Flux.2 (sharded).
+#[test]
+fn lumina2_and_flux2_repositories_convert_to_comfyui_layout_bf16_q4_k_m_nf4_and_fp8_scaled() {
+    let s = Scratch::new();
+    for (repo, model, gguf_arch) in [
+        ("lumina2-tiny", "lumina2", "lumina2"),
+        ("FLUX.2-tiny", "flux2", "flux"),
+    ] {
+        let dir = copy_fixture(&s, repo);
+        let d = detect_json(&s, &dir);
+        assert_eq!(d["architecture"], model, "{d}");
+        assert_eq!(d["diffusers"], model, "{d}");
+        let [bf16, ..] = converts_to_bf16_q4_k_m_nf4(&s, &dir, model, [model, gguf_arch]);
+        // ComfyUI's fp8_scaled reads the same renamed, fused tensors.
+        s.run(&[
+            "convert",
+            dir.to_str().expect("utf-8"),
+            "--to",
+            "fp8_scaled",
+        ])
+        .ok();
+        let fp8 = s
+            .converted_dir()
+            .join(format!("{repo}_fp8_scaled.safetensors"));
+        assert_eq!(detect_json(&s, &fp8)["architecture"], model, "{repo}");
+        let fp8_keys: BTreeSet<String> = Safetensors::read(&fp8)
+            .header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .filter(|k| !k.ends_with(".comfy_quant") && !k.ends_with(".weight_scale"))
+            .cloned()
+            .collect();
+        let bf16_keys: BTreeSet<String> = Safetensors::read(&bf16)
+            .header
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .cloned()
+            .collect();
+        assert_eq!(fp8_keys, bf16_keys, "{repo}: fp8_scaled keys");
+    }
 }
 
 #[test]
@@ -317,7 +386,8 @@ fn a_diffusers_folder_comfyuis_map_cannot_serve_is_a_one_line_input_fault() {
             "`transformer_blocks.0.attn.to_gate.weight` has no name in ComfyUI's layout",
         ),
         (
-            "flux2-modulation",
+            // Flux.2 (its shared modulation) with a bias: ComfyUI builds Flux.2 without any.
+            "flux2-bias",
             |t| {
                 t.push((
                     "double_stream_modulation_img.linear.weight".into(),
@@ -325,22 +395,22 @@ fn a_diffusers_folder_comfyuis_map_cannot_serve_is_a_one_line_input_fault() {
                     vec![48, 8],
                 ))
             },
-            "`double_stream_modulation_img.linear.weight` has no name",
+            "diffusers flux2 layout: tensor `x_embedder.bias` has no name in ComfyUI's layout",
         ),
         (
-            // Lumina-Image-2.0's diffusers names: ComfyUI has no map for them.
-            "lumina2",
+            // Lumina 2 with k and v of different sizes: no grouped-query split gives them back.
+            "lumina2-kv-sizes",
             |t| {
                 t.retain(|(n, _, _)| n.starts_with("x_embedder"));
-                for m in ["to_q", "to_k", "to_v"] {
+                for (m, rows) in [("to_q", 8), ("to_k", 8), ("to_v", 4)] {
                     t.push((
                         format!("noise_refiner.0.attn.{m}.weight"),
                         Dtype::BF16,
-                        vec![8, 8],
+                        vec![rows, 8],
                     ));
                 }
             },
-            "diffusers Lumina-Image-2.0 layout: ComfyUI has no map",
+            "cannot fuse `noise_refiner.0.attention.qkv.weight`: its q, k and v parts have sizes 8, 8, 4",
         ),
     ];
     for (name, edit, needle) in cases {

@@ -84,7 +84,7 @@ pub struct Detection {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<u64>,
     /// For a model in a diffusers layout, which one (`"flux"`, `"sd3"`, `"unet"`, `"wan"`,
-    /// `"z_image"`): converters read it in ComfyUI's layout ([`tensorfile::diffusers`]), and
+    /// `"z_image"`, `"lumina2"`, `"flux2"`: [`tensorfile::diffusers::Layout::name`]): converters read it in ComfyUI's layout ([`tensorfile::diffusers`]), and
     /// `architecture` is detected from those names. Absent from the JSON otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diffusers: Option<String>,

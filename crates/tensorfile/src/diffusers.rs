@@ -4,14 +4,14 @@
 //! the final modulation, so every converter writes files ComfyUI's ordinary loaders and
 //! ComfyUI-GGUF read.
 //!
-//! The maps are ComfyUI's, applied in the direction its loader applies them to a diffusers
-//! file (`comfy.sd.load_diffusion_model_state_dict` → `model_detection.convert_diffusers_mmdit`
-//! / `unet_to_diffusers`), from `comfy/utils.py` (Comfy-Org/ComfyUI @ a125cd84):
+//! Where ComfyUI has a map, the map is ComfyUI's, applied in the direction its loader applies
+//! it to a diffusers file (`comfy.sd.load_diffusion_model_state_dict` →
+//! `model_detection.convert_diffusers_mmdit` / `unet_to_diffusers`), from `comfy/utils.py`
+//! (Comfy-Org/ComfyUI @ a125cd84):
 //!
 //! - [`Layout::Flux`]: `flux_to_diffusers` (Flux.1 dev/schnell and their fine-tunes). RMSNorm
 //!   weights become `*.query_norm.scale` / `*.key_norm.scale`, the names of the reference
-//!   checkpoints. Flux.2's diffusers layout (`double_stream_modulation_img.linear`,
-//!   `time_guidance_embed`, ...) has no complete ComfyUI map and is refused.
+//!   checkpoints.
 //! - [`Layout::Sd3`]: `mmdit_to_diffusers` (the last joint block's `norm1_context` is swapped
 //!   too; `depth` is `pos_embed.proj.weight`'s rows / 64, as in ComfyUI).
 //! - [`Layout::Unet`]: `unet_to_diffusers` (SDXL's and SD1's `unet/`), with the block counts
@@ -19,17 +19,41 @@
 //!   every model it knows).
 //! - [`Layout::ZImage`]: `z_image_to_diffusers` (Z-Image, detected as `lumina2`); keys the map
 //!   does not name pass through under their own name, as ComfyUI passes them.
-//! - [`Layout::Wan`]: ComfyUI has no Wan diffusers map; this is the inverse of diffusers' own
-//!   `scripts/convert_wan_to_diffusers.py` `TRANSFORMER_KEYS_RENAME_DICT` (renames only).
+//!
+//! ComfyUI has no map for the others (none in `comfy/utils.py` / `convert_diffusers_mmdit` as of
+//! Comfy-Org/ComfyUI @ 0b61ce5b: a Flux.2 diffusers file falls into its Flux.1 branch, a
+//! Lumina 2 one into none). Theirs are the inverse of diffusers' own conversion (original
+//! checkpoint → diffusers), checked against the names and shapes of ComfyUI's model:
+//!
+//! - [`Layout::Wan`]: diffusers' `scripts/convert_wan_to_diffusers.py`
+//!   `TRANSFORMER_KEYS_RENAME_DICT` (renames only).
+//! - [`Layout::Lumina2`]: huggingface/diffusers @ 58eb52c0, `src/diffusers/loaders/
+//!   single_file_utils.py` `convert_lumina2_to_diffusers` (what
+//!   `Lumina2Transformer2DModel.from_single_file` runs; diffusers has no standalone Lumina 2
+//!   script): `LUMINA_KEY_MAP`, `ATTENTION_NORM_MAP`, `CONTEXT_REFINER_MAP`, `FINAL_LAYER_MAP`
+//!   renamed back, and `convert_lumina_attn_to_diffusers`' split of `attention.qkv` undone: q,
+//!   k and v concatenated along dim 0. Lumina 2's attention is grouped-query, so q is larger
+//!   than k and v (ComfyUI's `JointAttention` in `comfy/ldm/lumina/model.py` @ 617048a5 splits
+//!   `qkv` at `n_heads`, `n_kv_heads`, `n_kv_heads` heads). No halves are swapped: both final
+//!   layers modulate by a scale only. The original checkpoint's unused `norm_final.weight`,
+//!   which the diffusers conversion drops, is not in ComfyUI's `NextDiT` either.
+//! - [`Layout::Flux2`]: diffusers @ 58eb52c0, `scripts/convert_flux2_to_diffusers.py` (the same
+//!   maps as `single_file_utils.py` `convert_flux2_transformer_checkpoint_to_diffusers`):
+//!   `FLUX2_TRANSFORMER_KEYS_RENAME_DICT`, `FLUX2_TRANSFORMER_DOUBLE_BLOCK_KEY_MAP`,
+//!   `FLUX2_TRANSFORMER_SINGLE_BLOCK_KEY_MAP` renamed back (norm weights to `.scale`, as for
+//!   Flux.1); `convert_flux2_double_stream_blocks`' `torch.chunk(qkv, 3)` undone (q, k, v
+//!   concatenated); `convert_ada_layer_norm_weights`' `swap_scale_shift` of
+//!   `final_layer.adaLN_modulation.1` undone (it is its own inverse). The single blocks' q/k/v/mlp
+//!   projection is fused on both sides. The names are those of ComfyUI's `Flux` built with
+//!   Flux.2's parameters (`model_detection.py` @ 0b61ce5b: `global_modulation`, `mlp_silu_act`,
+//!   no `qkv_bias` / `ops_bias`; `comfy/ldm/flux/model.py`, `layers.py`).
 //!
 //! Qwen-Image needs no view: ComfyUI's Qwen-Image model uses the diffusers key names.
-//! Lumina-Image-2.0's diffusers layout has no ComfyUI map and is refused
-//! ([`DiffusersError::NoComfyMap`]).
 //!
 //! Renames are total: a key the map does not know makes the source unsupported
 //! ([`DiffusersError::UnknownKey`]) rather than reaching an output under a diffusers name
 //! (ComfyUI drops such keys silently). A fused tensor needs every part, all of one dtype and
-//! of one row shape.
+//! of one row shape, with q, k and v of the sizes ComfyUI's attention splits them at.
 //!
 //! A fused tensor is the concatenation of its parts along dim 0, so its bytes are the parts'
 //! bytes one after the other: a read of any range is served piecewise from the parts, memory
@@ -60,6 +84,11 @@ pub enum Layout {
     Wan,
     /// Z-Image (`ZImageTransformer2DModel`, ComfyUI's lumina2 family).
     ZImage,
+    /// Lumina-Image-2.0 (`Lumina2Transformer2DModel`; ComfyUI's lumina2 `NextDiT`).
+    Lumina2,
+    /// Flux.2 dev and Klein (`Flux2Transformer2DModel`; ComfyUI's flux model with Flux.2's
+    /// parameters).
+    Flux2,
 }
 
 impl Layout {
@@ -71,6 +100,8 @@ impl Layout {
             Layout::Unet => "unet",
             Layout::Wan => "wan",
             Layout::ZImage => "z_image",
+            Layout::Lumina2 => "lumina2",
+            Layout::Flux2 => "flux2",
         }
     }
 
@@ -78,10 +109,17 @@ impl Layout {
     /// that no reference-layout file has, so a ComfyUI-layout file is never claimed).
     pub fn of_names(names: &HashSet<&str>) -> Option<Layout> {
         let has = |k: &str| names.contains(k);
-        if has("noise_refiner.0.attention.norm_k.weight")
+        // Lumina 2 names its attention `attn` where Z-Image (and the reference layout) has
+        // `attention`.
+        if has("x_embedder.weight") && has("noise_refiner.0.attn.to_k.weight") {
+            Some(Layout::Lumina2)
+        } else if has("noise_refiner.0.attention.norm_k.weight")
             && has("noise_refiner.0.attention.to_k.weight")
         {
             Some(Layout::ZImage)
+        } else if has("x_embedder.weight") && has("double_stream_modulation_img.linear.weight") {
+            // Flux.2 has Flux.1's block names plus the shared modulations: tested first.
+            Some(Layout::Flux2)
         } else if has("x_embedder.weight")
             && (has("transformer_blocks.0.attn.add_q_proj.weight")
                 || has("single_transformer_blocks.0.attn.norm_k.weight"))
@@ -96,6 +134,35 @@ impl Layout {
             Some(Layout::Wan)
         } else {
             None
+        }
+    }
+}
+
+impl Layout {
+    /// Whether fused q, k and v parts of `rows` rows each fit ComfyUI's attention. ComfyUI's
+    /// maps narrow q, k and v at multiples of one size; Lumina 2's attention is grouped-query
+    /// (`JointAttention` splits its `qkv` at `n_heads`, `n_kv_heads`, `n_kv_heads` heads), so
+    /// there k and v are of one size and q a whole multiple of it.
+    fn check_qkv_rows(self, rows: &[u64]) -> Result<(), &'static str> {
+        match (self, rows) {
+            (Layout::Lumina2, &[q, k, v]) => {
+                if k == v && k > 0 && q % k == 0 {
+                    Ok(())
+                } else {
+                    Err(
+                        "ComfyUI's grouped-query attention needs k and v of one size and q a \
+                         whole multiple of it",
+                    )
+                }
+            }
+            (Layout::Lumina2, _) => Err("Lumina 2 fuses exactly q, k and v"),
+            _ => {
+                if rows.iter().all(|&r| r == rows[0]) {
+                    Ok(())
+                } else {
+                    Err("ComfyUI splits them at multiples of one size")
+                }
+            }
         }
     }
 }
@@ -143,19 +210,6 @@ pub enum DiffusersError {
         /// What is wrong.
         problem: String,
     },
-    /// A diffusers layout ComfyUI has no map for, so no ComfyUI-layout file can be made from it
-    /// (Lumina-Image-2.0's `Lumina2Transformer2DModel`).
-    #[error(
-        "{}: diffusers {model} layout: ComfyUI has no map from it to its own layout, so convcache \
-         cannot write a file ComfyUI loads; convert the original (non-diffusers) checkpoint",
-        path.display()
-    )]
-    NoComfyMap {
-        /// The source.
-        path: PathBuf,
-        /// The model whose layout it is.
-        model: &'static str,
-    },
     /// Two diffusers keys map to one ComfyUI tensor (or a renamed key collides with a kept one).
     #[error(
         "{}: diffusers {layout} layout: `{first}` and `{second}` both become `{tensor}`",
@@ -182,8 +236,7 @@ impl DiffusersError {
             DiffusersError::UnknownKey { path, .. }
             | DiffusersError::MissingPart { path, .. }
             | DiffusersError::BadParts { path, .. }
-            | DiffusersError::Collision { path, .. }
-            | DiffusersError::NoComfyMap { path, .. } => path,
+            | DiffusersError::Collision { path, .. } => path,
         }
     }
 }
@@ -836,6 +889,201 @@ fn z_image_target(key: &str) -> Option<Target> {
     whole(lookup(Z_IMAGE_BASIC, key).unwrap_or_else(|| key.to_owned()))
 }
 
+/// Lumina 2 per-block renames, diffusers → ComfyUI's `JointTransformerBlock`: the inverse of
+/// `convert_lumina2_to_diffusers`' `LUMINA_KEY_MAP` / `ATTENTION_NORM_MAP` (q, k and v are
+/// fused separately). Every block has them.
+const LUMINA2_BLOCK: &[(&str, &str)] = &[
+    ("attn.to_out.0.weight", "attention.out.weight"),
+    ("attn.norm_q.weight", "attention.q_norm.weight"),
+    ("attn.norm_k.weight", "attention.k_norm.weight"),
+    ("feed_forward.linear_1.weight", "feed_forward.w1.weight"),
+    ("feed_forward.linear_2.weight", "feed_forward.w2.weight"),
+    ("feed_forward.linear_3.weight", "feed_forward.w3.weight"),
+    ("norm2.weight", "attention_norm2.weight"),
+    ("ffn_norm1.weight", "ffn_norm1.weight"),
+    ("ffn_norm2.weight", "ffn_norm2.weight"),
+];
+
+/// Lumina 2 modulated blocks (`layers`, `noise_refiner`): diffusers' `LuminaRMSNormZero`
+/// (`norm1.linear`, `norm1.norm`) is ComfyUI's `adaLN_modulation.1` and `attention_norm1`.
+const LUMINA2_MODULATED: &[(&str, &str)] = &[
+    ("norm1.linear.weight", "adaLN_modulation.1.weight"),
+    ("norm1.linear.bias", "adaLN_modulation.1.bias"),
+    ("norm1.norm.weight", "attention_norm1.weight"),
+];
+
+/// Lumina 2 top-level renames (`LUMINA_KEY_MAP`, `FINAL_LAYER_MAP`, diffusers → ComfyUI). The
+/// final layer's modulation is a scale only, in the same order on both sides: no swap.
+const LUMINA2_BASIC: &[(&str, &str)] = &[
+    ("x_embedder.weight", "x_embedder.weight"),
+    ("x_embedder.bias", "x_embedder.bias"),
+    (
+        "time_caption_embed.timestep_embedder.linear_1.weight",
+        "t_embedder.mlp.0.weight",
+    ),
+    (
+        "time_caption_embed.timestep_embedder.linear_1.bias",
+        "t_embedder.mlp.0.bias",
+    ),
+    (
+        "time_caption_embed.timestep_embedder.linear_2.weight",
+        "t_embedder.mlp.2.weight",
+    ),
+    (
+        "time_caption_embed.timestep_embedder.linear_2.bias",
+        "t_embedder.mlp.2.bias",
+    ),
+    (
+        "time_caption_embed.caption_embedder.0.weight",
+        "cap_embedder.0.weight",
+    ),
+    (
+        "time_caption_embed.caption_embedder.1.weight",
+        "cap_embedder.1.weight",
+    ),
+    (
+        "time_caption_embed.caption_embedder.1.bias",
+        "cap_embedder.1.bias",
+    ),
+    (
+        "norm_out.linear_1.weight",
+        "final_layer.adaLN_modulation.1.weight",
+    ),
+    (
+        "norm_out.linear_1.bias",
+        "final_layer.adaLN_modulation.1.bias",
+    ),
+    ("norm_out.linear_2.weight", "final_layer.linear.weight"),
+    ("norm_out.linear_2.bias", "final_layer.linear.bias"),
+];
+
+/// Lumina-Image-2.0: only the names ComfyUI's `NextDiT` has (no q/k/v or output bias, no
+/// modulation in the context refiners), so a variant with other modules is refused.
+fn lumina2_target(key: &str) -> Option<Target> {
+    for (prefix, modulated) in [
+        ("layers", true),
+        ("noise_refiner", true),
+        ("context_refiner", false),
+    ] {
+        let Some((i, rest)) = block(key, prefix) else {
+            continue;
+        };
+        let to = format!("{prefix}.{i}");
+        let slot = match rest {
+            "attn.to_q.weight" => Some(0),
+            "attn.to_k.weight" => Some(1),
+            "attn.to_v.weight" => Some(2),
+            _ => None,
+        };
+        if let Some(s) = slot {
+            return part(format!("{to}.attention.qkv.weight"), s, 3);
+        }
+        let own = if modulated {
+            lookup(LUMINA2_MODULATED, rest)
+        } else {
+            // An unmodulated block's `norm1` is the RMSNorm itself.
+            (rest == "norm1.weight").then(|| "attention_norm1.weight".to_owned())
+        };
+        let c = own.or_else(|| lookup(LUMINA2_BLOCK, rest))?;
+        return whole(format!("{to}.{c}"));
+    }
+    whole(lookup(LUMINA2_BASIC, key)?)
+}
+
+/// Flux.2 double-block renames: the inverse of `FLUX2_TRANSFORMER_DOUBLE_BLOCK_KEY_MAP`
+/// (norm weights back to the reference checkpoints' `.scale`, as for Flux.1).
+const FLUX2_DOUBLE: &[(&str, &str)] = &[
+    ("attn.norm_q.weight", "img_attn.norm.query_norm.scale"),
+    ("attn.norm_k.weight", "img_attn.norm.key_norm.scale"),
+    ("attn.to_out.0.weight", "img_attn.proj.weight"),
+    ("ff.linear_in.weight", "img_mlp.0.weight"),
+    ("ff.linear_out.weight", "img_mlp.2.weight"),
+    ("attn.norm_added_q.weight", "txt_attn.norm.query_norm.scale"),
+    ("attn.norm_added_k.weight", "txt_attn.norm.key_norm.scale"),
+    ("attn.to_add_out.weight", "txt_attn.proj.weight"),
+    ("ff_context.linear_in.weight", "txt_mlp.0.weight"),
+    ("ff_context.linear_out.weight", "txt_mlp.2.weight"),
+];
+
+/// Flux.2 single-block renames: the inverse of `FLUX2_TRANSFORMER_SINGLE_BLOCK_KEY_MAP` (the
+/// q/k/v/mlp projection is fused on both sides).
+const FLUX2_SINGLE: &[(&str, &str)] = &[
+    ("attn.to_qkv_mlp_proj.weight", "linear1.weight"),
+    ("attn.to_out.weight", "linear2.weight"),
+    ("attn.norm_q.weight", "norm.query_norm.scale"),
+    ("attn.norm_k.weight", "norm.key_norm.scale"),
+];
+
+/// Flux.2 top-level renames: the inverse of `FLUX2_TRANSFORMER_KEYS_RENAME_DICT`
+/// (`norm_out.linear` is swapped).
+const FLUX2_BASIC: &[(&str, &str)] = &[
+    ("x_embedder.weight", "img_in.weight"),
+    ("context_embedder.weight", "txt_in.weight"),
+    (
+        "time_guidance_embed.timestep_embedder.linear_1.weight",
+        "time_in.in_layer.weight",
+    ),
+    (
+        "time_guidance_embed.timestep_embedder.linear_2.weight",
+        "time_in.out_layer.weight",
+    ),
+    (
+        "time_guidance_embed.guidance_embedder.linear_1.weight",
+        "guidance_in.in_layer.weight",
+    ),
+    (
+        "time_guidance_embed.guidance_embedder.linear_2.weight",
+        "guidance_in.out_layer.weight",
+    ),
+    (
+        "double_stream_modulation_img.linear.weight",
+        "double_stream_modulation_img.lin.weight",
+    ),
+    (
+        "double_stream_modulation_txt.linear.weight",
+        "double_stream_modulation_txt.lin.weight",
+    ),
+    (
+        "single_stream_modulation.linear.weight",
+        "single_stream_modulation.lin.weight",
+    ),
+    ("proj_out.weight", "final_layer.linear.weight"),
+];
+
+/// Flux.2: weights only (ComfyUI builds Flux.2 with `qkv_bias` and `ops_bias` off, so a bias
+/// has no place in its model and is refused).
+fn flux2_target(key: &str) -> Option<Target> {
+    if let Some((i, rest)) = block(key, "transformer_blocks") {
+        let to = format!("double_blocks.{i}");
+        let img = match rest {
+            "attn.to_q.weight" => Some(0),
+            "attn.to_k.weight" => Some(1),
+            "attn.to_v.weight" => Some(2),
+            _ => None,
+        };
+        if let Some(s) = img {
+            return part(format!("{to}.img_attn.qkv.weight"), s, 3);
+        }
+        let txt = match rest {
+            "attn.add_q_proj.weight" => Some(0),
+            "attn.add_k_proj.weight" => Some(1),
+            "attn.add_v_proj.weight" => Some(2),
+            _ => None,
+        };
+        if let Some(s) = txt {
+            return part(format!("{to}.txt_attn.qkv.weight"), s, 3);
+        }
+        return whole(format!("{to}.{}", lookup(FLUX2_DOUBLE, rest)?));
+    }
+    if let Some((i, rest)) = block(key, "single_transformer_blocks") {
+        return whole(format!("single_blocks.{i}.{}", lookup(FLUX2_SINGLE, rest)?));
+    }
+    match key {
+        "norm_out.linear.weight" => swapped("final_layer.adaLN_modulation.1.weight".into()),
+        _ => whole(lookup(FLUX2_BASIC, key)?),
+    }
+}
+
 fn target(layout: Layout, key: &str, ctx: &Context) -> Option<Target> {
     match layout {
         Layout::Flux => flux_target(key),
@@ -843,6 +1091,8 @@ fn target(layout: Layout, key: &str, ctx: &Context) -> Option<Target> {
         Layout::Unet => unet_target(key, ctx),
         Layout::Wan => wan_target(key),
         Layout::ZImage => z_image_target(key),
+        Layout::Lumina2 => lumina2_target(key),
+        Layout::Flux2 => flux2_target(key),
     }
 }
 
@@ -870,15 +1120,6 @@ impl Mapping {
     /// diffusers layout convcache maps. `path` is for messages.
     pub fn plan(path: &Path, tensors: &[SourceTensor]) -> Result<Option<Mapping>, DiffusersError> {
         let names: HashSet<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-        // Lumina-Image-2.0 in diffusers' naming (`attn.`, where Z-Image's has `attention.`):
-        // refused, not passed through as an unknown model under diffusers names.
-        if names.contains("x_embedder.weight") && names.contains("noise_refiner.0.attn.to_q.weight")
-        {
-            return Err(DiffusersError::NoComfyMap {
-                path: path.to_owned(),
-                model: "Lumina-Image-2.0",
-            });
-        }
         let Some(layout) = Layout::of_names(&names) else {
             return Ok(None);
         };
@@ -1028,13 +1269,14 @@ impl Mapping {
                             byte_len: byte_len(t)?,
                         });
                     }
-                    // ComfyUI narrows q, k and v at multiples of one size.
                     let qkv = &parts[..3.min(parts.len())];
-                    if qkv.iter().any(|t| t.shape[0] != head.shape[0]) {
+                    let qkv_rows: Vec<u64> = qkv.iter().map(|t| t.shape[0]).collect();
+                    if let Err(need) = layout.check_qkv_rows(&qkv_rows) {
                         return Err(bad(format!(
-                            "its q, k and v parts have different sizes ({})",
-                            qkv.iter()
-                                .map(|t| t.shape[0].to_string())
+                            "its q, k and v parts have sizes {}; {need}",
+                            qkv_rows
+                                .iter()
+                                .map(u64::to_string)
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         )));
@@ -1318,7 +1560,7 @@ mod tests {
         assert_eq!(qkv.shape, [12, 4]);
         for (ts, needle) in [
             (flux_block(Dtype::F16, 4), "is BF16 but"),
-            (flux_block(Dtype::BF16, 8), "different sizes"),
+            (flux_block(Dtype::BF16, 8), "multiples of one size"),
         ] {
             let err = Mapping::plan(path, &ts).expect_err("refused").to_string();
             assert!(err.contains(needle), "{err}");
@@ -1334,6 +1576,89 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(err.contains("has no name"), "{err}");
+    }
+
+    fn lumina2_block(rows_q: u64, rows_k: u64, rows_v: u64) -> Vec<SourceTensor> {
+        vec![
+            t("x_embedder.weight", &[8, 4]),
+            t("noise_refiner.0.attn.to_q.weight", &[rows_q, 8]),
+            t("noise_refiner.0.attn.to_k.weight", &[rows_k, 8]),
+            t("noise_refiner.0.attn.to_v.weight", &[rows_v, 8]),
+        ]
+    }
+
+    #[test]
+    fn lumina2_fuses_grouped_query_attention_and_nothing_else() {
+        let path = Path::new("m");
+        let ok = Mapping::plan(path, &lumina2_block(8, 4, 4))
+            .expect("plan")
+            .expect("lumina2");
+        assert_eq!(ok.layout(), Layout::Lumina2);
+        let qkv = ok
+            .tensors()
+            .iter()
+            .find(|t| t.name == "noise_refiner.0.attention.qkv.weight")
+            .expect("fused");
+        assert_eq!(qkv.shape, [16, 8]);
+        // k and v of different sizes, or q not a whole number of k's heads.
+        for (q, k, v) in [(8, 4, 2), (6, 4, 4)] {
+            let err = Mapping::plan(path, &lumina2_block(q, k, v))
+                .expect_err("refused")
+                .to_string();
+            assert!(err.contains("grouped-query"), "{err}");
+        }
+        // ComfyUI's NextDiT has no q/k/v bias and no modulation in its context refiners.
+        for extra in [
+            "noise_refiner.0.attn.to_q.bias",
+            "context_refiner.0.norm1.linear.weight",
+            "context_refiner.0.norm1.norm.weight",
+            "layers.0.norm1.weight",
+        ] {
+            let mut ts = lumina2_block(8, 4, 4);
+            ts.push(t(extra, &[8]));
+            let err = Mapping::plan(path, &ts).expect_err("refused");
+            assert!(
+                matches!(&err, DiffusersError::UnknownKey { key, layout: "lumina2", .. }
+                    if key == extra),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn flux2_is_told_from_flux_and_takes_no_bias() {
+        let path = Path::new("m");
+        let mut ts = flux_block(Dtype::BF16, 4);
+        ts.push(t("double_stream_modulation_img.linear.weight", &[24, 4]));
+        ts.push(t("norm_out.linear.weight", &[8, 4]));
+        let m = Mapping::plan(path, &ts).expect("plan").expect("flux2");
+        assert_eq!(m.layout(), Layout::Flux2);
+        let names: Vec<&str> = m.tensors().iter().map(|t| t.name.as_str()).collect();
+        for want in [
+            "img_in.weight",
+            "double_blocks.0.img_attn.qkv.weight",
+            "double_blocks.0.txt_attn.qkv.weight",
+            "double_stream_modulation_img.lin.weight",
+            "final_layer.adaLN_modulation.1.weight",
+        ] {
+            assert!(names.contains(&want), "{names:?}");
+        }
+        // ComfyUI builds Flux.2 without biases; Flux.1's modules are not Flux.2's.
+        for extra in [
+            "transformer_blocks.0.attn.to_q.bias",
+            "norm_out.linear.bias",
+            "transformer_blocks.0.ff.net.0.proj.weight",
+            "single_transformer_blocks.0.proj_mlp.weight",
+        ] {
+            let mut bad = ts.clone();
+            bad.push(t(extra, &[4]));
+            let err = Mapping::plan(path, &bad).expect_err("refused");
+            assert!(
+                matches!(&err, DiffusersError::UnknownKey { key, layout: "flux2", .. }
+                    if key == extra),
+                "{err}"
+            );
+        }
     }
 
     #[test]

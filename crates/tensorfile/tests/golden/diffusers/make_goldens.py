@@ -28,6 +28,17 @@ Wan: ComfyUI has no diffusers map; the inverse of diffusers' scripts/convert_wan
 TRANSFORMER_KEYS_RENAME_DICT is used, and every inverted key is checked to convert back to
 the diffusers key with the script's own forward logic.
 
+Lumina-Image-2.0 and Flux.2: ComfyUI has no diffusers map either (none in comfy/utils.py or
+model_detection.py convert_diffusers_mmdit @ 0b61ce5b). The inverse of diffusers' own
+conversion is written out (q/k/v concatenated, Flux.2's final modulation halves swapped back),
+and the forward conversion, reproduced from huggingface/diffusers @ 58eb52c0, is run on the
+result: it must give back every fixture tensor, name and bytes. Reproduced:
+src/diffusers/loaders/single_file_utils.py `convert_lumina2_to_diffusers` (its q/k/v split at
+the fixture's rows instead of Lumina-Image-2.0's hard-coded 2304/768/768) and
+scripts/convert_flux2_to_diffusers.py `FLUX2_TRANSFORMER_*` maps, `swap_scale_shift`,
+`convert_ada_layer_norm_weights`, `convert_flux2_double_stream_blocks`,
+`convert_flux2_single_stream_blocks` and the two loops of `convert_flux2_transformer_to_diffusers`.
+
 The UNet config is what ComfyUI's `unet_config_from_diffusers_unet` + `convert_config` give for
 an SDXL-shaped UNet (num_res_blocks [2, 2, 2], transformer depths [0, 0, 1, 1, 2, 2] / output
 [0, 0, 0, 1, 1, 1, 2, 2, 2], middle 2); the fixture's tiny widths match no supported model, so
@@ -36,6 +47,7 @@ the config is written here rather than matched.
 
 import json
 import os
+import re
 import sys
 
 import torch
@@ -636,6 +648,312 @@ def wan_from_diffusers(state_dict):
     return out
 
 
+# ---- Lumina-Image-2.0 and Flux.2: diffusers' own conversions, run forward to check the inverse --
+#
+# ComfyUI has no diffusers map for either (comfy/utils.py, model_detection.py
+# convert_diffusers_mmdit @ 0b61ce5b). The ComfyUI-layout state dict is the one whose diffusers
+# conversion is the fixture: the inverse below is written out, then the forward conversion
+# (reproduced from huggingface/diffusers @ 58eb52c0) is run on it and must give back every
+# diffusers tensor, name and bytes.
+
+
+def lumina2_to_diffusers(checkpoint, q_dim, kv_dim):
+    """src/diffusers/loaders/single_file_utils.py `convert_lumina2_to_diffusers` (what
+    `Lumina2Transformer2DModel.from_single_file` runs), with one change: its
+    `convert_lumina_attn_to_diffusers` splits `qkv` at Lumina-Image-2.0's 2304 / 768 / 768
+    rows, here at the fixture's q / k / v rows (4 heads and 2 key/value heads of 16)."""
+    converted_state_dict = {}
+    checkpoint.pop("norm_final.weight", None)
+    keys = list(checkpoint.keys())
+    for k in keys:
+        if "model.diffusion_model." in k:
+            checkpoint[k.replace("model.diffusion_model.", "")] = checkpoint.pop(k)
+
+    LUMINA_KEY_MAP = {
+        "cap_embedder": "time_caption_embed.caption_embedder",
+        "t_embedder.mlp.0": "time_caption_embed.timestep_embedder.linear_1",
+        "t_embedder.mlp.2": "time_caption_embed.timestep_embedder.linear_2",
+        "attention": "attn",
+        ".out.": ".to_out.0.",
+        "k_norm": "norm_k",
+        "q_norm": "norm_q",
+        "w1": "linear_1",
+        "w2": "linear_2",
+        "w3": "linear_3",
+        "adaLN_modulation.1": "norm1.linear",
+    }
+    ATTENTION_NORM_MAP = {
+        "attention_norm1": "norm1.norm",
+        "attention_norm2": "norm2",
+    }
+    CONTEXT_REFINER_MAP = {
+        "context_refiner.0.attention_norm1": "context_refiner.0.norm1",
+        "context_refiner.0.attention_norm2": "context_refiner.0.norm2",
+        "context_refiner.1.attention_norm1": "context_refiner.1.norm1",
+        "context_refiner.1.attention_norm2": "context_refiner.1.norm2",
+    }
+    FINAL_LAYER_MAP = {
+        "final_layer.adaLN_modulation.1": "norm_out.linear_1",
+        "final_layer.linear": "norm_out.linear_2",
+    }
+
+    def convert_lumina_attn_to_diffusers(tensor, diffusers_key):
+        to_q, to_k, to_v = torch.split(tensor, [q_dim, kv_dim, kv_dim], dim=0)
+        return {
+            diffusers_key.replace("qkv", "to_q"): to_q,
+            diffusers_key.replace("qkv", "to_k"): to_k,
+            diffusers_key.replace("qkv", "to_v"): to_v,
+        }
+
+    for key in keys:
+        diffusers_key = key
+        for k, v in CONTEXT_REFINER_MAP.items():
+            diffusers_key = diffusers_key.replace(k, v)
+        for k, v in FINAL_LAYER_MAP.items():
+            diffusers_key = diffusers_key.replace(k, v)
+        for k, v in ATTENTION_NORM_MAP.items():
+            diffusers_key = diffusers_key.replace(k, v)
+        for k, v in LUMINA_KEY_MAP.items():
+            diffusers_key = diffusers_key.replace(k, v)
+
+        if "qkv" in diffusers_key:
+            converted_state_dict.update(convert_lumina_attn_to_diffusers(checkpoint.pop(key), diffusers_key))
+        else:
+            converted_state_dict[diffusers_key] = checkpoint.pop(key)
+
+    return converted_state_dict
+
+
+# The inverse: ComfyUI's NextDiT names (comfy/ldm/lumina/model.py @ 617048a5), per block and
+# top level. Modulated blocks (layers, noise_refiner) have LuminaRMSNormZero's norm1.linear /
+# norm1.norm; context refiners a plain norm1.
+LUMINA2_BLOCK_INVERSE = {
+    "attn.to_out.0.weight": "attention.out.weight",
+    "attn.norm_q.weight": "attention.q_norm.weight",
+    "attn.norm_k.weight": "attention.k_norm.weight",
+    "feed_forward.linear_1.weight": "feed_forward.w1.weight",
+    "feed_forward.linear_2.weight": "feed_forward.w2.weight",
+    "feed_forward.linear_3.weight": "feed_forward.w3.weight",
+    "norm2.weight": "attention_norm2.weight",
+    "ffn_norm1.weight": "ffn_norm1.weight",
+    "ffn_norm2.weight": "ffn_norm2.weight",
+}
+LUMINA2_MODULATED_INVERSE = {
+    "norm1.linear.weight": "adaLN_modulation.1.weight",
+    "norm1.linear.bias": "adaLN_modulation.1.bias",
+    "norm1.norm.weight": "attention_norm1.weight",
+}
+LUMINA2_BASIC_INVERSE = {
+    "x_embedder.weight": "x_embedder.weight",
+    "x_embedder.bias": "x_embedder.bias",
+    "time_caption_embed.timestep_embedder.linear_1.weight": "t_embedder.mlp.0.weight",
+    "time_caption_embed.timestep_embedder.linear_1.bias": "t_embedder.mlp.0.bias",
+    "time_caption_embed.timestep_embedder.linear_2.weight": "t_embedder.mlp.2.weight",
+    "time_caption_embed.timestep_embedder.linear_2.bias": "t_embedder.mlp.2.bias",
+    "time_caption_embed.caption_embedder.0.weight": "cap_embedder.0.weight",
+    "time_caption_embed.caption_embedder.1.weight": "cap_embedder.1.weight",
+    "time_caption_embed.caption_embedder.1.bias": "cap_embedder.1.bias",
+    "norm_out.linear_1.weight": "final_layer.adaLN_modulation.1.weight",
+    "norm_out.linear_1.bias": "final_layer.adaLN_modulation.1.bias",
+    "norm_out.linear_2.weight": "final_layer.linear.weight",
+    "norm_out.linear_2.bias": "final_layer.linear.bias",
+}
+BLOCK_RE = re.compile(r"^(layers|noise_refiner|context_refiner)\.(\d+)\.(.+)$")
+
+
+def lumina2_from_diffusers(state_dict):
+    out = {}
+    qkv = {}
+    for key, weight in state_dict.items():
+        m = BLOCK_RE.match(key)
+        if m is None:
+            out[LUMINA2_BASIC_INVERSE[key]] = weight
+            continue
+        prefix, i, rest = m.groups()
+        to = "{}.{}".format(prefix, i)
+        if rest in ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight"):
+            qkv.setdefault(to, {})[rest[len("attn.to_"):][0]] = weight
+        elif prefix == "context_refiner" and rest == "norm1.weight":
+            out[to + ".attention_norm1.weight"] = weight
+        elif prefix != "context_refiner" and rest in LUMINA2_MODULATED_INVERSE:
+            out[to + "." + LUMINA2_MODULATED_INVERSE[rest]] = weight
+        else:
+            out[to + "." + LUMINA2_BLOCK_INVERSE[rest]] = weight
+    for to, parts in qkv.items():
+        out[to + ".attention.qkv.weight"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+# scripts/convert_flux2_to_diffusers.py (58eb52c0): the transformer maps and handlers, verbatim
+# but for the dict-typing imports; `convert_flux2_transformer_to_diffusers` without building
+# the model.
+FLUX2_TRANSFORMER_KEYS_RENAME_DICT = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+    "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+    "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+    "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+    "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+    "single_stream_modulation.lin": "single_stream_modulation.linear",
+    "final_layer.linear": "proj_out",
+}
+FLUX2_TRANSFORMER_ADA_LAYER_NORM_KEY_MAP = {
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+FLUX2_TRANSFORMER_DOUBLE_BLOCK_KEY_MAP = {
+    "img_attn.norm.query_norm": "attn.norm_q",
+    "img_attn.norm.key_norm": "attn.norm_k",
+    "img_attn.proj": "attn.to_out.0",
+    "img_mlp.0": "ff.linear_in",
+    "img_mlp.2": "ff.linear_out",
+    "txt_attn.norm.query_norm": "attn.norm_added_q",
+    "txt_attn.norm.key_norm": "attn.norm_added_k",
+    "txt_attn.proj": "attn.to_add_out",
+    "txt_mlp.0": "ff_context.linear_in",
+    "txt_mlp.2": "ff_context.linear_out",
+}
+FLUX2_TRANSFORMER_SINGLE_BLOCK_KEY_MAP = {
+    "linear1": "attn.to_qkv_mlp_proj",
+    "linear2": "attn.to_out",
+    "norm.query_norm": "attn.norm_q",
+    "norm.key_norm": "attn.norm_k",
+}
+
+
+def flux2_convert_ada_layer_norm_weights(key, state_dict):
+    if ".weight" not in key:
+        return
+    if "adaLN_modulation" in key:
+        key_without_param_type, param_type = key.rsplit(".", maxsplit=1)
+        new_key_without_param_type = FLUX2_TRANSFORMER_ADA_LAYER_NORM_KEY_MAP[key_without_param_type]
+        new_key = ".".join([new_key_without_param_type, param_type])
+        swapped_weight = swap_scale_shift(state_dict.pop(key))
+        state_dict[new_key] = swapped_weight
+
+
+def flux2_convert_double_stream_blocks(key, state_dict):
+    if ".weight" not in key and ".bias" not in key and ".scale" not in key:
+        return
+    new_prefix = "transformer_blocks"
+    if "double_blocks." in key:
+        parts = key.split(".")
+        block_idx = parts[1]
+        modality_block_name = parts[2]
+        within_block_name = ".".join(parts[2:-1])
+        param_type = parts[-1]
+        if param_type == "scale":
+            param_type = "weight"
+        if "qkv" in within_block_name:
+            fused_qkv_weight = state_dict.pop(key)
+            to_q_weight, to_k_weight, to_v_weight = torch.chunk(fused_qkv_weight, 3, dim=0)
+            if "img" in modality_block_name:
+                new_q_name, new_k_name, new_v_name = "attn.to_q", "attn.to_k", "attn.to_v"
+            elif "txt" in modality_block_name:
+                new_q_name, new_k_name, new_v_name = "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"
+            state_dict[".".join([new_prefix, block_idx, new_q_name, param_type])] = to_q_weight
+            state_dict[".".join([new_prefix, block_idx, new_k_name, param_type])] = to_k_weight
+            state_dict[".".join([new_prefix, block_idx, new_v_name, param_type])] = to_v_weight
+        else:
+            new_within_block_name = FLUX2_TRANSFORMER_DOUBLE_BLOCK_KEY_MAP[within_block_name]
+            new_key = ".".join([new_prefix, block_idx, new_within_block_name, param_type])
+            state_dict[new_key] = state_dict.pop(key)
+
+
+def flux2_convert_single_stream_blocks(key, state_dict):
+    if ".weight" not in key and ".bias" not in key and ".scale" not in key:
+        return
+    new_prefix = "single_transformer_blocks"
+    if "single_blocks." in key:
+        parts = key.split(".")
+        block_idx = parts[1]
+        within_block_name = ".".join(parts[2:-1])
+        param_type = parts[-1]
+        if param_type == "scale":
+            param_type = "weight"
+        new_within_block_name = FLUX2_TRANSFORMER_SINGLE_BLOCK_KEY_MAP[within_block_name]
+        new_key = ".".join([new_prefix, block_idx, new_within_block_name, param_type])
+        state_dict[new_key] = state_dict.pop(key)
+
+
+FLUX2_TRANSFORMER_SPECIAL_KEYS_REMAP = {
+    "adaLN_modulation": flux2_convert_ada_layer_norm_weights,
+    "double_blocks": flux2_convert_double_stream_blocks,
+    "single_blocks": flux2_convert_single_stream_blocks,
+}
+
+
+def flux2_to_diffusers(original_state_dict):
+    for key in list(original_state_dict.keys()):
+        new_key = key[:]
+        for replace_key, rename_key in FLUX2_TRANSFORMER_KEYS_RENAME_DICT.items():
+            new_key = new_key.replace(replace_key, rename_key)
+        original_state_dict[new_key] = original_state_dict.pop(key)
+    for key in list(original_state_dict.keys()):
+        for special_key, handler_fn_inplace in FLUX2_TRANSFORMER_SPECIAL_KEYS_REMAP.items():
+            if special_key not in key:
+                continue
+            handler_fn_inplace(key, original_state_dict)
+    return original_state_dict
+
+
+# The inverse: ComfyUI's Flux with Flux.2's parameters (global modulation, SwiGLU MLPs, no
+# biases), norm weights under the reference checkpoints' `.scale`.
+FLUX2_BASIC_INVERSE = {v: k for k, v in FLUX2_TRANSFORMER_KEYS_RENAME_DICT.items()}
+FLUX2_DOUBLE_INVERSE = {v: k for k, v in FLUX2_TRANSFORMER_DOUBLE_BLOCK_KEY_MAP.items()}
+FLUX2_SINGLE_INVERSE = {v: k for k, v in FLUX2_TRANSFORMER_SINGLE_BLOCK_KEY_MAP.items()}
+FLUX2_QKV = {
+    "attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+    "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+    "attn.add_v_proj": ("txt_attn.qkv", 2),
+}
+
+
+def flux2_reference_param(module, end):
+    """The reference name's last part: RMSNorm weights are `.scale` in BFL's checkpoints."""
+    return "scale" if module.endswith("_norm") and end == "weight" else end
+
+
+def flux2_from_diffusers(state_dict):
+    out = {}
+    qkv = {}
+    for key, weight in state_dict.items():
+        module, end = key.rsplit(".", 1)
+        parts = module.split(".")
+        if parts[0] == "transformer_blocks":
+            to = "double_blocks." + parts[1]
+            within = ".".join(parts[2:])
+            if within in FLUX2_QKV:
+                name, slot = FLUX2_QKV[within]
+                qkv.setdefault("{}.{}.{}".format(to, name, end), {})[slot] = weight
+                continue
+            ref = FLUX2_DOUBLE_INVERSE[within]
+            out["{}.{}.{}".format(to, ref, flux2_reference_param(ref, end))] = weight
+        elif parts[0] == "single_transformer_blocks":
+            ref = FLUX2_SINGLE_INVERSE[".".join(parts[2:])]
+            out["single_blocks.{}.{}.{}".format(parts[1], ref, flux2_reference_param(ref, end))] = weight
+        elif module == "norm_out.linear":
+            out["final_layer.adaLN_modulation.1." + end] = swap_scale_shift(weight)
+        else:
+            out["{}.{}".format(FLUX2_BASIC_INVERSE[module], end)] = weight
+    for name, parts in qkv.items():
+        out[name] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    return out
+
+
+def check_round_trip(model, diffusers_sd, comfy_sd, forward):
+    """diffusers' own conversion of the ComfyUI-layout dict must give back the fixture."""
+    back = forward({k: v.clone() for k, v in comfy_sd.items()})
+    if set(back) != set(diffusers_sd):
+        sys.exit("{}: the forward conversion gives {} (extra) / {} (missing)".format(
+            model, sorted(set(back) - set(diffusers_sd)), sorted(set(diffusers_sd) - set(back))))
+    for k, t in diffusers_sd.items():
+        if back[k].dtype != t.dtype or back[k].shape != t.shape or not torch.equal(
+                back[k].contiguous().view(torch.uint8), t.view(torch.uint8)):
+            sys.exit("{}: {} does not convert back".format(model, k))
+
+
 # ---- the loader's order (comfy/sd.py load_diffusion_model_state_dict) ---------------------
 
 SDXL_LIKE_UNET_CONFIG = {
@@ -650,6 +968,16 @@ SDXL_LIKE_UNET_CONFIG = {
 def comfy_from_diffusers(sd, model):
     if model == "wan":
         return wan_from_diffusers(sd)
+    if model == "lumina2":
+        out = lumina2_from_diffusers(sd)
+        q = sd["layers.0.attn.to_q.weight"].shape[0]
+        kv = sd["layers.0.attn.to_k.weight"].shape[0]
+        check_round_trip(model, sd, out, lambda c: lumina2_to_diffusers(c, q, kv))
+        return out
+    if model == "flux2":
+        out = flux2_from_diffusers(sd)
+        check_round_trip(model, sd, out, flux2_to_diffusers)
+        return out
     new_sd = convert_diffusers_mmdit(sd, "")
     if new_sd is not None:
         return new_sd
@@ -679,6 +1007,8 @@ MODELS = [
     ("sdxl", "sdxl-tiny/unet"),
     ("wan", "wan-tiny/transformer"),
     ("z_image", "z-image-tiny/transformer"),
+    ("lumina2", "lumina2-tiny/transformer"),
+    ("flux2", "FLUX.2-tiny/transformer"),
 ]
 
 
