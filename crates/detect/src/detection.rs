@@ -840,8 +840,9 @@ fn detect_safetensors(
         Some(m) => {
             diffusers = Some(m.layout().name().to_owned());
             notes.push(format!(
-                "diffusers {} layout: read in ComfyUI's key layout (renamed, q/k/v fused, modulation halves swapped as ComfyUI does)",
-                m.layout().name()
+                "diffusers {} layout: read in ComfyUI's key layout ({})",
+                m.layout().name(),
+                m.layout().changes()
             ));
             architecture_from_tensor_names(m.tensors().iter().map(|t| t.name.as_str()), &mut notes)
         }

@@ -105,6 +105,17 @@ impl Layout {
         }
     }
 
+    /// What serving this layout in ComfyUI's does to the tensors, for messages.
+    pub fn changes(self) -> &'static str {
+        match self {
+            Layout::Flux => "renamed, q/k/v and q/k/v/mlp fused, final modulation halves swapped",
+            Layout::Sd3 => "renamed, q/k/v fused, modulation halves swapped",
+            Layout::Flux2 => "renamed, q/k/v fused, final modulation halves swapped",
+            Layout::ZImage | Layout::Lumina2 => "renamed, q/k/v fused",
+            Layout::Unet | Layout::Wan => "renamed",
+        }
+    }
+
     /// The layout a key set is in, by the keys ComfyUI's loader tests (plus one key of each
     /// that no reference-layout file has, so a ComfyUI-layout file is never claimed).
     pub fn of_names(names: &HashSet<&str>) -> Option<Layout> {
