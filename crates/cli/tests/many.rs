@@ -98,22 +98,7 @@ fn targets_that_read_the_source_twice_still_match_separate_commands() {
         .ok()
         .json();
     let rows = rows.as_array().expect("array").clone();
-    assert_eq!(rows.len(), targets.len());
-    for (r, target) in rows.iter().zip(targets) {
-        assert_eq!(r["status"], "converted", "{r}");
-        let out = path_of(r);
-        let bytes = std::fs::read(&out).expect("read output");
-        std::fs::remove_file(&out).expect("remove output");
-        let alone = s
-            .run(&["--json", "convert", src.arg(), "--to", target])
-            .ok()
-            .json();
-        assert_eq!(path_of(only(&alone)), out);
-        assert!(
-            std::fs::read(&out).expect("read output") == bytes,
-            "{target} differs from a separate command"
-        );
-    }
+    assert_rows_match_separate_commands(&s, src.arg(), &rows, &targets);
     src.assert_unchanged();
 }
 
@@ -139,7 +124,6 @@ fn a_gguf_source_is_read_once_for_several_targets() {
         .expect("spawn");
     let run = Run::from(run).ok();
     let rows = run.json().as_array().expect("array").clone();
-    assert_eq!(rows.len(), targets.len());
     let size = std::fs::metadata(&gguf).expect("stat").len();
     let read = bytes_read(&run.stderr);
     assert!(
@@ -147,21 +131,7 @@ fn a_gguf_source_is_read_once_for_several_targets() {
         "read {read} bytes of a {size}-byte GGUF source for {} targets",
         targets.len()
     );
-    for (r, target) in rows.iter().zip(targets) {
-        assert_eq!(r["status"], "converted", "{r}");
-        let out = path_of(r);
-        let bytes = std::fs::read(&out).expect("read output");
-        std::fs::remove_file(&out).expect("remove output");
-        let alone = s
-            .run(&["--json", "convert", gguf_arg, "--to", target])
-            .ok()
-            .json();
-        assert_eq!(path_of(only(&alone)), out);
-        assert!(
-            std::fs::read(&out).expect("read output") == bytes,
-            "{target} differs from a separate command"
-        );
-    }
+    assert_rows_match_separate_commands(&s, gguf_arg, &rows, &targets);
 }
 
 #[test]

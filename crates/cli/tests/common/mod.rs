@@ -275,3 +275,35 @@ pub fn bytes_read(stderr: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no read stats line in {stderr}"))
 }
+
+/// Each row of a several-target `convert --json` of `source` (rows in `targets`' order) is
+/// converted and holds the bytes a separate `convert SOURCE --to TARGET` writes to the same
+/// path (each output is removed and made again alone).
+#[allow(dead_code)] // Not every test binary converts several targets.
+pub fn assert_rows_match_separate_commands(
+    s: &Scratch,
+    source: &str,
+    rows: &[Value],
+    targets: &[&str],
+) {
+    assert_eq!(rows.len(), targets.len(), "one row per target");
+    for (r, target) in rows.iter().zip(targets) {
+        assert_eq!(r["status"], "converted", "{r}");
+        let out = PathBuf::from(
+            r["path"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no path in {r}")),
+        );
+        let bytes = std::fs::read(&out).expect("read output");
+        std::fs::remove_file(&out).expect("remove output");
+        let alone = s
+            .run(&["--json", "convert", source, "--to", target])
+            .ok()
+            .json();
+        assert_eq!(only(&alone)["path"], r["path"], "{target}");
+        assert!(
+            std::fs::read(&out).expect("read output") == bytes,
+            "{target} of {source} differs from a separate command"
+        );
+    }
+}
