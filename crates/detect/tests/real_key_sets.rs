@@ -325,3 +325,28 @@ fn fixtures_have_the_real_key_sets() {
     // flux2, chroma, ltxav, hyvid15, z_image, and both Wan 2.2 fixtures.
     assert_eq!(compared, 7);
 }
+
+/// Comfy-Org's `flux2_dev_fp8mixed` has fp8 weights with `weight_scale` and no `.comfy_quant`
+/// tensors: the layers' formats are in its header, which the source did not record. Its
+/// tensors alone are still Flux.2, but not a file convcache may read as plain fp8/bf16 (the
+/// scales would be dropped): detection says so instead of naming a precision to convert from.
+#[test]
+fn flux2_fp8mixed_tensors_without_their_layer_formats_are_not_read_unscaled() {
+    let set = key_sets()
+        .into_iter()
+        .find(|s| s.label() == "flux2_dev_fp8mixed.json")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flux2_dev_fp8mixed.safetensors");
+    sparse_safetensors(&path, &set.tensors);
+    let d = detect(&path).unwrap();
+    assert_eq!(d.architecture.as_deref(), Some("flux2"));
+    assert!(!d.supported_as_source);
+    assert!(
+        d.notes
+            .iter()
+            .any(|n| n.contains("double_blocks.0.img_mlp.0.weight_scale")),
+        "{:?}",
+        d.notes
+    );
+}
