@@ -126,7 +126,9 @@ fn flux2() -> Layout {
 /// shapes of lodestone's checkpoint in huggingface/diffusers#11010 and the keys
 /// diffusers' `convert_chroma_transformer_checkpoint_to_diffusers` consumes.
 fn chroma() -> Layout {
-    let hidden = ROW;
+    // Narrower than the blocks' rows (the files stay small), wide enough that each of its
+    // matrices has more than 1024 elements as the real ones do.
+    let hidden = 64;
     let mut l = Layout::new("chroma");
     l.linear("img_in", OUT, 64, true);
     l.linear("txt_in", OUT, ROW, true);
@@ -267,14 +269,12 @@ fn ltxav() -> Layout {
 /// HunyuanVideo 1.5: HunyuanVideo's double blocks (no single blocks), a 5-D Conv3d
 /// `img_in.proj`, `time_in.mlp.{0,2}`, the vision input (`vision_in.proj`: LayerNorm 0,
 /// Linear 1 and 3, LayerNorm 4), the ByT5 input (`byt5_in.layernorm`, `fc1`..`fc3`) and
-/// `cond_type_embedding` [3, hidden]. Evidence: the keys of the HunyuanVideo 1.5 GGUFs (made
+/// `cond_type_embedding` [3, model width]. Evidence: the keys of the HunyuanVideo 1.5 GGUFs (made
 /// from the ComfyUI file by ComfyUI-GGUF, which keeps names) that the tt-forge model loader
 /// `_convert_hunyuan_video15_transformer_to_diffusers` maps (jayn7/HunyuanVideo-1.5_I2V_720p-GGUF),
 /// and ComfyUI's `model_detection.py`, which reads `vision_in.proj.0.weight`'s first dim as
 /// the vision width.
 fn hyvid15() -> Layout {
-    // Wider than 1024 elements, as the real [3, 2048] table, so it keeps its type-table row.
-    let hidden = 2 * ROW;
     let mut l = Layout::new("hyvid15");
     l.param("img_in.proj.weight", &[OUT, 65, 1, 1, 1], Init::Weight);
     l.param("img_in.proj.bias", &[OUT], Init::Bias);
@@ -296,14 +296,15 @@ fn hyvid15() -> Layout {
     l.linear("time_in.mlp.0", OUT, ROW, true);
     l.linear("time_in.mlp.2", OUT, OUT, true);
     l.norm("vision_in.proj.0", ROW);
-    l.linear("vision_in.proj.1", hidden, ROW, true);
-    l.linear("vision_in.proj.3", OUT, hidden, true);
+    l.linear("vision_in.proj.1", OUT, ROW, true);
+    l.linear("vision_in.proj.3", OUT, OUT, true);
     l.norm("vision_in.proj.4", OUT);
     l.norm("byt5_in.layernorm", ROW);
     l.linear("byt5_in.fc1", OUT, ROW, true);
     l.linear("byt5_in.fc2", OUT, OUT, true);
     l.linear("byt5_in.fc3", OUT, OUT, true);
-    l.param("cond_type_embedding.weight", &[3, hidden], Init::Weight);
+    // More than 1024 elements, as the real [3, 2048] table, so it keeps its type-table row.
+    l.param("cond_type_embedding.weight", &[3, 2 * ROW], Init::Weight);
     let p = "double_blocks.0";
     for s in ["img", "txt"] {
         l.linear(&format!("{p}.{s}_mod.linear"), 2 * OUT, ROW, true);
@@ -359,10 +360,11 @@ fn z_image() -> Layout {
 
 /// Wan 2.2: Wan 2.1's keys. The 5B TI2V model has 48 latent channels in and out (the
 /// Wan 2.2 VAE); the A14B experts (high noise and low noise, the same layout) take 36 in for
-/// I2V (16 for T2V) and give 16 out. Only the widths differ from Wan 2.1. Square
-/// `text_embedding.2` / `time_embedding.2`, `time_projection.1` [6 * dim, dim]: the shapes of
-/// Comfy-Org's `wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors` in invoke-ai/InvokeAI
-/// `tests/backend/model_manager/load/state_dicts/wan22_t2v_14b_scaled_fp8_keys.py`.
+/// I2V (16 for T2V) and give 16 out. Only the widths differ from Wan 2.1. `time_projection.1`
+/// makes the 6 modulation vectors of the blocks; the real model's `text_embedding.2` and
+/// `time_embedding.2` are square (the fixture narrows their outputs, as every linear's, to stay
+/// small). Names and ranks: Comfy-Org's `wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors` in
+/// invoke-ai/InvokeAI `tests/backend/model_manager/load/state_dicts/wan22_t2v_14b_scaled_fp8_keys.py`.
 fn wan22(in_dim: u64, out_dim: u64) -> Layout {
     let dim = ROW;
     let mut l = Layout::new("wan");
@@ -373,10 +375,10 @@ fn wan22(in_dim: u64, out_dim: u64) -> Layout {
     );
     l.param("patch_embedding.bias", &[dim], Init::Bias);
     l.linear("text_embedding.0", dim, 64, true);
-    l.linear("text_embedding.2", dim, dim, true);
+    l.linear("text_embedding.2", OUT, dim, true);
     l.linear("time_embedding.0", dim, 64, true);
-    l.linear("time_embedding.2", dim, dim, true);
-    l.linear("time_projection.1", 6 * dim, dim, true);
+    l.linear("time_embedding.2", OUT, dim, true);
+    l.linear("time_projection.1", 6 * OUT, dim, true);
     let p = "blocks.0";
     l.param(format!("{p}.modulation"), &[1, 6, dim], Init::Weight);
     for attn in ["self_attn", "cross_attn"] {

@@ -125,7 +125,6 @@ const CASES: &[Case] = &[
             ("double_blocks.0.img_mod.linear.weight", Q4K),
             ("byt5_in.fc1.weight", Q4K),
             ("vision_in.proj.1.weight", Q4K),
-            ("vision_in.proj.3.weight", Q4K),
             // Rows of 32: the K-quant fallback.
             ("byt5_in.fc2.weight", F16),
             // The LayerNorms of the vision and ByT5 inputs.
