@@ -492,9 +492,11 @@ do not edit. `cargo xtask fixtures --check` fails when these files differ from a
 - `sd3_mixed.safetensors`: F32 norms and biases first, BF16 for the bulk (dominant by bytes), an
   I64 tensor, a BOOL tensor, a 0-d F32 scalar (`logit_scale`) and a 1-element tensor.
 - `archs/`: one file per newer architecture and text encoder (`xtask/src/fixtures_archs.rs`):
-  the key layouts of Flux.2, Chroma, LTX-2 (with its `config` metadata), HunyuanVideo 1.5,
-  Z-Image, Wan 2.2 (5B TI2V, A14B), T5-XXL (fp16 and fp8), umt5-xxl (with a `spiece_model` U8
-  tensor), CLIP-L and CLIP-G, tiny but with rows of 256 in the block linears.
+  the key layouts of Flux.2, Chroma, LTX-2 (a checkpoint: `model.diffusion_model.` keys, an
+  unprefixed text projection, its `config` metadata), HunyuanVideo 1.5, Z-Image, Wan 2.2 (5B
+  TI2V, A14B), T5-XXL (fp16 and fp8), umt5-xxl (with a `spiece_model` U8 tensor), CLIP-L and
+  CLIP-G, tiny but with rows of 256 in the block linears. The names follow real key lists
+  (`crates/detect/tests/real_key_sets/`, each citing its source).
 ";
 
 fn manifest_entry(

@@ -1,8 +1,9 @@
 //! `fixtures/archs/`: the key layouts of the newer architectures and of the text encoders,
 //! with tiny dims (one file each).
 //!
-//! Key names follow ComfyUI's modules (`comfy/ldm/*`, `comfy/text_encoders/*`) and the keys
-//! ComfyUI's `model_detection.py` / `detect_te_model` tell each model apart by. Widths are
+//! Key names are those of the files ComfyUI users load, as found in real key lists (each
+//! function cites its evidence; `crates/detect/tests/real_key_sets/` holds the lists and
+//! `crates/detect/tests/real_key_sets.rs` detects each one). Widths are
 //! small but the input width (the GGUF row) of the block linears is 256, so a K-quant target
 //! quantizes them and the per-tensor type tables are the real ones; the embedders and heads
 //! keep narrower rows. Values as in the other fixtures.
@@ -56,7 +57,14 @@ pub fn specs() -> Vec<FileSpec> {
         spec("clip_l_fp16.safetensors", &clip(12, false), "fp16", f16),
         spec("clip_g_fp16.safetensors", &clip(32, true), "fp16", f16),
     ];
-    let mut ltx = spec("ltxav_bf16.safetensors", &ltxav(), "bf16", bf16);
+    let mut ltx = FileSpec::from_layout(
+        "ltxav_bf16.safetensors".into(),
+        &ltxav_checkpoint(),
+        "bf16",
+        bf16,
+        LTX_PREFIX,
+    );
+    ltx.metadata = BTreeMap::from([("format".into(), "pt".into())]);
     // LTX-2 checkpoints carry their transformer config, which ComfyUI's model detection
     // reads (and ComfyUI-GGUF hands back from the GGUF's string metadata).
     ltx.metadata.insert(
@@ -90,8 +98,10 @@ fn spec(
     s
 }
 
-/// Flux.2: Flux's blocks without biases, shared modulation (`double_stream_modulation_*`,
-/// `single_stream_modulation`), no `vector_in`.
+/// Flux.2: Flux's blocks without biases, shared modulation (`double_stream_modulation_*`:
+/// 6 vectors, `single_stream_modulation`: 3), no `vector_in`. Evidence: the key list of
+/// Comfy-Org's `flux2_dev_fp8mixed.safetensors` in invoke-ai/InvokeAI
+/// `tests/backend/model_manager/load/state_dicts/flux2_transformer_fp8mixed_keys.py`.
 fn flux2() -> Layout {
     let mut l = Layout::new("flux2");
     l.linear("img_in", OUT, 128, false);
@@ -100,8 +110,8 @@ fn flux2() -> Layout {
     l.linear("time_in.out_layer", OUT, OUT, false);
     l.linear("guidance_in.in_layer", OUT, ROW, false);
     l.linear("guidance_in.out_layer", OUT, OUT, false);
-    l.linear("double_stream_modulation_img.lin", 2 * OUT, ROW, false);
-    l.linear("double_stream_modulation_txt.lin", 2 * OUT, ROW, false);
+    l.linear("double_stream_modulation_img.lin", 6 * OUT, ROW, false);
+    l.linear("double_stream_modulation_txt.lin", 6 * OUT, ROW, false);
     l.linear("single_stream_modulation.lin", 3 * OUT, ROW, false);
     flux_blocks(&mut l, false);
     l.linear("final_layer.adaLN_modulation.1", 2 * OUT, ROW, false);
@@ -109,24 +119,31 @@ fn flux2() -> Layout {
     l
 }
 
-/// Chroma: Flux's blocks, no modulation linears; the `distilled_guidance_layer` approximator
-/// makes the modulation instead.
+/// Chroma: Flux's blocks (with biases), no modulation linears and no `time_in`/`guidance_in`/
+/// `final_layer.adaLN_modulation`; the `distilled_guidance_layer` approximator makes the
+/// modulation instead: `in_proj` [hidden, 64], square `layers.N.{in,out}_layer`
+/// [hidden, hidden], `norms.N.scale` [hidden], `out_proj` [model width, hidden]. Evidence: the
+/// shapes of lodestone's checkpoint in huggingface/diffusers#11010 and the keys
+/// diffusers' `convert_chroma_transformer_checkpoint_to_diffusers` consumes.
 fn chroma() -> Layout {
+    // Narrower than the blocks' rows (the files stay small), wide enough that each of its
+    // matrices has more than 1024 elements as the real ones do.
+    let hidden = 64;
     let mut l = Layout::new("chroma");
     l.linear("img_in", OUT, 64, true);
     l.linear("txt_in", OUT, ROW, true);
-    l.linear("distilled_guidance_layer.in_proj", OUT, 64, true);
+    l.linear("distilled_guidance_layer.in_proj", hidden, 64, true);
     for i in 0..2 {
         let p = format!("distilled_guidance_layer.layers.{i}");
-        l.linear(&format!("{p}.in_layer"), OUT, ROW, true);
-        l.linear(&format!("{p}.out_layer"), ROW, OUT, true);
+        l.linear(&format!("{p}.in_layer"), hidden, hidden, true);
+        l.linear(&format!("{p}.out_layer"), hidden, hidden, true);
         l.param(
             format!("distilled_guidance_layer.norms.{i}.scale"),
-            &[ROW],
+            &[hidden],
             Init::Norm,
         );
     }
-    l.linear("distilled_guidance_layer.out_proj", OUT, ROW, true);
+    l.linear("distilled_guidance_layer.out_proj", OUT, hidden, true);
     flux_blocks(&mut l, true);
     l.linear("final_layer.linear", 64, ROW, true);
     l
@@ -157,8 +174,26 @@ fn flux_blocks(l: &mut Layout, bias: bool) {
     l.param(format!("{p}.norm.key_norm.scale"), &[32], Init::Norm);
 }
 
-/// LTX-2 (ComfyUI's `ltxav`): LTX-Video's keys plus the audio stream and the audio/video
-/// cross attention.
+/// The prefix of the transformer's keys in LTX-2's single-file checkpoint.
+const LTX_PREFIX: &str = "model.diffusion_model.";
+
+/// LTX-2 as ComfyUI users load it (`ltx-2-19b-dev*.safetensors`): one checkpoint whose
+/// transformer keys carry `model.diffusion_model.`, beside unprefixed components (the text
+/// projection `text_embedding_projection.*`, and `vae.*`, `audio_vae.*`, `vocoder.*`, of which
+/// the fixture keeps only the text projection: their inner names are not in the evidence).
+/// Evidence: ModelTC/LightX2V `lightx2v/models/networks/ltx2/weights/{pre,post,transformer}_weights.py`
+/// (the transformer's names, prefixed), modelscope/DiffSynth-Studio
+/// `diffsynth/utils/state_dict_converters/ltx2_{dit,text_encoder}.py` (the prefix, the
+/// connectors under it and the unprefixed `text_embedding_projection.`).
+fn ltxav_checkpoint() -> Layout {
+    let mut l = ltxav().prefixed(LTX_PREFIX);
+    l.linear("text_embedding_projection.aggregate_embed", OUT, ROW, false);
+    l
+}
+
+/// LTX-2's transformer (ComfyUI's `ltxav`): LTX-Video's keys plus the audio stream and the
+/// audio/video cross attention. `adaln_single.linear` makes 6 vectors per stream, the
+/// cross-attention scale/shift ones 4 and the gates 1 (the per-block tables' row counts).
 fn ltxav() -> Layout {
     let mut l = Layout::new("ltxav");
     let adaln = |l: &mut Layout, p: &str, coeff: u64| {
@@ -177,14 +212,14 @@ fn ltxav() -> Layout {
         l.linear(&format!("{p}.linear"), coeff * OUT, ROW, true);
     };
     l.linear("patchify_proj", ROW, 128, true);
-    adaln(&mut l, "adaln_single", 2);
+    adaln(&mut l, "adaln_single", 6);
     l.linear("caption_projection.linear_1", OUT, ROW, true);
     l.linear("caption_projection.linear_2", OUT, OUT, true);
     l.linear("audio_patchify_proj", ROW, 128, true);
-    adaln(&mut l, "audio_adaln_single", 2);
-    adaln(&mut l, "av_ca_video_scale_shift_adaln_single", 2);
+    adaln(&mut l, "audio_adaln_single", 6);
+    adaln(&mut l, "av_ca_video_scale_shift_adaln_single", 4);
     adaln(&mut l, "av_ca_a2v_gate_adaln_single", 1);
-    adaln(&mut l, "av_ca_audio_scale_shift_adaln_single", 2);
+    adaln(&mut l, "av_ca_audio_scale_shift_adaln_single", 4);
     adaln(&mut l, "av_ca_v2a_gate_adaln_single", 1);
     l.linear("audio_caption_projection.linear_1", OUT, ROW, true);
     l.linear("audio_caption_projection.linear_2", OUT, OUT, true);
@@ -232,7 +267,13 @@ fn ltxav() -> Layout {
 }
 
 /// HunyuanVideo 1.5: HunyuanVideo's double blocks (no single blocks), a 5-D Conv3d
-/// `img_in.proj`, the vision and ByT5 inputs and `cond_type_embedding`.
+/// `img_in.proj`, `time_in.mlp.{0,2}`, the vision input (`vision_in.proj`: LayerNorm 0,
+/// Linear 1 and 3, LayerNorm 4), the ByT5 input (`byt5_in.layernorm`, `fc1`..`fc3`) and
+/// `cond_type_embedding` [3, model width]. Evidence: the keys of the HunyuanVideo 1.5 GGUFs (made
+/// from the ComfyUI file by ComfyUI-GGUF, which keeps names) that the tt-forge model loader
+/// `_convert_hunyuan_video15_transformer_to_diffusers` maps (jayn7/HunyuanVideo-1.5_I2V_720p-GGUF),
+/// and ComfyUI's `model_detection.py`, which reads `vision_in.proj.0.weight`'s first dim as
+/// the vision width.
 fn hyvid15() -> Layout {
     let mut l = Layout::new("hyvid15");
     l.param("img_in.proj.weight", &[OUT, 65, 1, 1, 1], Init::Weight);
@@ -252,12 +293,17 @@ fn hyvid15() -> Layout {
         l.linear(&format!("{p}.mlp.fc2"), OUT, ROW, true);
         l.linear(&format!("{p}.adaLN_modulation.1"), 2 * OUT, ROW, true);
     }
-    l.linear("time_in.in_layer", OUT, ROW, true);
-    l.linear("time_in.out_layer", OUT, OUT, true);
-    l.linear("vision_in.proj.0", OUT, ROW, true);
-    l.linear("vision_in.proj.1", OUT, OUT, true);
+    l.linear("time_in.mlp.0", OUT, ROW, true);
+    l.linear("time_in.mlp.2", OUT, OUT, true);
+    l.norm("vision_in.proj.0", ROW);
+    l.linear("vision_in.proj.1", OUT, ROW, true);
+    l.linear("vision_in.proj.3", OUT, OUT, true);
+    l.norm("vision_in.proj.4", OUT);
+    l.norm("byt5_in.layernorm", ROW);
     l.linear("byt5_in.fc1", OUT, ROW, true);
     l.linear("byt5_in.fc2", OUT, OUT, true);
+    l.linear("byt5_in.fc3", OUT, OUT, true);
+    // More than 1024 elements, as the real [3, 2048] table, so it keeps its type-table row.
     l.param("cond_type_embedding.weight", &[3, 2 * ROW], Init::Weight);
     let p = "double_blocks.0";
     for s in ["img", "txt"] {
@@ -274,7 +320,10 @@ fn hyvid15() -> Layout {
     l
 }
 
-/// Z-Image: Lumina 2's layout at its own widths, with the learned pad tokens.
+/// Z-Image: Lumina 2's layout at its own widths, with the learned pad tokens [1, dim] and
+/// the modulation `adaLN_modulation.0` [4 * dim, 256]. Evidence: the key list (names and
+/// shapes) of a Z-Image Turbo checkpoint in ComfyUI's layout in invoke-ai/InvokeAI
+/// `tests/backend/model_manager/load/state_dicts/z_image_transformer_comfyui_keys.py`.
 fn z_image() -> Layout {
     let mut l = Layout::new("z_image");
     l.linear("x_embedder", ROW, 64, true);
@@ -301,7 +350,7 @@ fn z_image() -> Layout {
         l.param(format!("{p}.ffn_norm1.weight"), &[ROW], Init::Norm);
         l.param(format!("{p}.ffn_norm2.weight"), &[ROW], Init::Norm);
         if modulated {
-            l.linear(&format!("{p}.adaLN_modulation.0"), ROW, OUT, true);
+            l.linear(&format!("{p}.adaLN_modulation.0"), 4 * ROW, OUT, true);
         }
     }
     l.linear("final_layer.linear", 64, ROW, true);
@@ -311,7 +360,11 @@ fn z_image() -> Layout {
 
 /// Wan 2.2: Wan 2.1's keys. The 5B TI2V model has 48 latent channels in and out (the
 /// Wan 2.2 VAE); the A14B experts (high noise and low noise, the same layout) take 36 in for
-/// I2V (16 for T2V) and give 16 out. Only the widths differ from Wan 2.1.
+/// I2V (16 for T2V) and give 16 out. Only the widths differ from Wan 2.1. `time_projection.1`
+/// makes the 6 modulation vectors of the blocks; the real model's `text_embedding.2` and
+/// `time_embedding.2` are square (the fixture narrows their outputs, as every linear's, to stay
+/// small). Names and ranks: Comfy-Org's `wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors` in
+/// invoke-ai/InvokeAI `tests/backend/model_manager/load/state_dicts/wan22_t2v_14b_scaled_fp8_keys.py`.
 fn wan22(in_dim: u64, out_dim: u64) -> Layout {
     let dim = ROW;
     let mut l = Layout::new("wan");
@@ -325,7 +378,7 @@ fn wan22(in_dim: u64, out_dim: u64) -> Layout {
     l.linear("text_embedding.2", OUT, dim, true);
     l.linear("time_embedding.0", dim, 64, true);
     l.linear("time_embedding.2", OUT, dim, true);
-    l.linear("time_projection.1", 2 * OUT, dim, true);
+    l.linear("time_projection.1", 6 * OUT, dim, true);
     let p = "blocks.0";
     l.param(format!("{p}.modulation"), &[1, 6, dim], Init::Weight);
     for attn in ["self_attn", "cross_attn"] {

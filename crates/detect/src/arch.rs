@@ -19,7 +19,8 @@
 //! Z-Image before lumina2; each written under its parent's `general.architecture`, the name
 //! ComfyUI-GGUF's loader accepts), and the text encoders of ComfyUI's `detect_te_model`
 //! (T5-XXL, umt5-xxl, CLIP-L, CLIP-G), whose [`ModelKind`] sends their outputs to
-//! `text_encoders/`. Every per-architecture fact lives in this one table.
+//! `text_encoders/`. Every per-architecture fact lives in this one table. The variants' keys
+//! are checked against the key lists of real files (`tests/real_key_sets/`).
 
 use std::borrow::Cow;
 use std::collections::HashSet;

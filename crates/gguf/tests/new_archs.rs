@@ -124,13 +124,19 @@ const CASES: &[Case] = &[
             ("double_blocks.0.img_mlp.fc2.weight", Q4K),
             ("double_blocks.0.img_mod.linear.weight", Q4K),
             ("byt5_in.fc1.weight", Q4K),
-            ("vision_in.proj.0.weight", Q4K),
+            ("vision_in.proj.1.weight", Q4K),
+            // Rows of 32: the K-quant fallback.
+            ("byt5_in.fc2.weight", F16),
+            // The LayerNorms of the vision and ByT5 inputs.
+            ("vision_in.proj.0.weight", F32),
+            ("byt5_in.layernorm.weight", F32),
             ("cond_type_embedding.weight", BF16),
             (
                 "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight",
                 BF16,
             ),
-            ("time_in.in_layer.weight", BF16),
+            ("time_in.mlp.0.weight", BF16),
+            ("time_in.mlp.2.weight", F32),
             ("final_layer.linear.weight", BF16),
             // 5-D Conv3d: F32 with all its dims.
             ("img_in.proj.weight", F32),
@@ -277,6 +283,36 @@ fn t5_names_map_back_through_comfyui_ggufs_loader() {
             .dropped
             .iter()
             .any(|d| d.name == "spiece_model")
+    );
+}
+
+/// LTX-2's single-file checkpoint: the transformer's `model.diffusion_model.` keys go into the
+/// GGUF without the prefix (the names ComfyUI-GGUF's loader reads); the unprefixed text
+/// projection is no part of the diffusion model and is dropped, as convert.py drops it.
+#[test]
+fn ltx2_checkpoint_gguf_holds_the_transformer_only() {
+    let (planned, out) = convert("ltxav_bf16.safetensors", FileType::Q4KM);
+    let source = tensorfile::open_safetensors(&fixture("ltxav_bf16.safetensors")).unwrap();
+    let transformer: Vec<&str> = source
+        .tensors()
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("model.diffusion_model."))
+        .collect();
+    assert!(transformer.len() > 100, "{}", transformer.len());
+    let names: Vec<&str> = out.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names.len(), transformer.len());
+    for name in transformer {
+        assert!(names.contains(&name), "{name}");
+    }
+    let dropped: Vec<&str> = planned
+        .gguf_plan()
+        .dropped
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(
+        dropped,
+        ["text_embedding_projection.aggregate_embed.weight"]
     );
 }
 

@@ -227,6 +227,33 @@ impl ScaledLayout {
             .iter()
             .any(|t| t.name.ends_with(".scale_weight"));
         if !comfy && marker.is_none() && !legacy_scales {
+            // A `weight_scale` beside a quantized weight is ComfyUI's per-layer layout whose
+            // formats went missing (no `.comfy_quant` tensor, no `_quantization_metadata`):
+            // ComfyUI applies a scale only to a layer with a format, and serving the weight
+            // unscaled would be silently wrong, so the file is refused. (Flux.2 dev's
+            // `flux2_dev_fp8mixed` has such scales and no `.comfy_quant` tensors: its formats
+            // are in the header.)
+            let orphan = header.tensors.iter().find(|t| {
+                t.name.strip_suffix(".weight_scale").is_some_and(|layer| {
+                    index
+                        .get(format!("{layer}.weight").as_str())
+                        .is_some_and(|&w| {
+                            matches!(
+                                header.tensors[w].dtype,
+                                Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::U8 | Dtype::I8
+                            )
+                        })
+                })
+            });
+            if let Some(t) = orphan {
+                return Err(layout_err(
+                    &t.name,
+                    "a quantized weight's weight_scale, but the file gives its layer no \
+                     comfy_quant format (no .comfy_quant tensor, no _quantization_metadata \
+                     entry), so the scale cannot be applied and the weight cannot be read \
+                     correctly",
+                ));
+            }
             return Ok(None);
         }
         if comfy && (marker.is_some() || legacy_scales) {

@@ -80,6 +80,62 @@ fn a_legacy_file_is_served_descaled_with_scales_hidden() {
     assert!(src.read_f32(0, 3, &mut v).is_err());
 }
 
+/// Flux.2 dev's `flux2_dev_fp8mixed` layout (fp8 weights with `weight_scale` and
+/// `input_scale`, no `.comfy_quant` tensors; crates/detect/tests/real_key_sets) is read with
+/// its layer formats from `_quantization_metadata`; without them the scales could not be
+/// applied, and the file is refused instead of being served unscaled.
+#[test]
+fn weight_scales_without_layer_formats_are_refused() {
+    let tensors = [
+        fp8_weight("double_blocks.0.img_mlp.0.weight"),
+        (
+            "double_blocks.0.img_mlp.0.weight_scale",
+            Dtype::F32,
+            vec![],
+            f32s(&[0.5]),
+        ),
+        (
+            "double_blocks.0.img_mlp.0.input_scale",
+            Dtype::F32,
+            vec![],
+            f32s(&[1.0]),
+        ),
+        (
+            "double_blocks.0.img_attn.proj.weight",
+            Dtype::BF16,
+            vec![2],
+            vec![0x80, 0x3f, 0, 0x40],
+        ),
+    ];
+    let e = refused(&tensors, &[]);
+    assert!(
+        e.contains("double_blocks.0.img_mlp.0.weight_scale") && e.contains("no comfy_quant"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    write(
+        &path,
+        &tensors,
+        &[(
+            "_quantization_metadata",
+            r#"{"format_version": "1.0", "layers": {"double_blocks.0.img_mlp.0": {"format": "float8_e4m3fn"}}}"#,
+        )],
+    );
+    let src = open_safetensors(&path).unwrap();
+    let mut v = [0f32; 4];
+    src.read_f32(0, 0, &mut v).unwrap();
+    assert_eq!(v, [0.5, 1.0, -0.5, 0.0]);
+    // A bf16 file with a stray scale name is not quantized: served as it is.
+    let plain = [
+        ("a.weight", Dtype::BF16, vec![2], vec![0x80, 0x3f, 0, 0x40]),
+        ("a.weight_scale", Dtype::F32, vec![], f32s(&[0.5])),
+    ];
+    let path = dir.path().join("plain.safetensors");
+    write(&path, &plain, &[]);
+    assert_eq!(open_safetensors(&path).unwrap().tensors().len(), 2);
+}
+
 #[test]
 fn broken_layouts_are_refused_by_tensor() {
     let e = refused(
