@@ -1182,6 +1182,114 @@ mod tests {
         assert_eq!(names(&quant), sorted);
     }
 
+    /// A T5 v1.1 XXL encoder's tensors (ComfyUI keys, real shapes; no data is planned).
+    fn t5_xxl(blocks: usize) -> Vec<(String, Vec<u64>)> {
+        let (d, inner, ff) = (4096, 4096, 10240);
+        let mut v = vec![("shared.weight".to_owned(), vec![32128, d])];
+        for b in 0..blocks {
+            let p = format!("encoder.block.{b}.layer");
+            for m in ["q", "k", "v"] {
+                v.push((format!("{p}.0.SelfAttention.{m}.weight"), vec![inner, d]));
+            }
+            v.push((format!("{p}.0.SelfAttention.o.weight"), vec![d, inner]));
+            if b == 0 {
+                v.push((
+                    format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
+                    vec![32, 64],
+                ));
+            }
+            v.push((format!("{p}.0.layer_norm.weight"), vec![d]));
+            v.push((format!("{p}.1.DenseReluDense.wi_0.weight"), vec![ff, d]));
+            v.push((format!("{p}.1.DenseReluDense.wi_1.weight"), vec![ff, d]));
+            v.push((format!("{p}.1.DenseReluDense.wo.weight"), vec![d, ff]));
+            v.push((format!("{p}.1.layer_norm.weight"), vec![d]));
+        }
+        v.push(("encoder.final_layer_norm.weight".to_owned(), vec![d]));
+        v
+    }
+
+    fn plan_owned(tensors: &[(String, Vec<u64>)], target: FileType) -> GgufPlan {
+        let inputs: Vec<_> = tensors
+            .iter()
+            .map(|(n, s)| t(n, s, SourceDtype::F16))
+            .collect();
+        plan(&inputs, None, target).unwrap()
+    }
+
+    #[test]
+    fn use_more_bits_is_llama_cpps() {
+        // llama-quant.cpp: i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2.
+        let more: Vec<usize> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
+        assert_eq!(more, [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
+        let more: Vec<usize> = (0..2).filter(|&i| use_more_bits(i, 2)).collect();
+        assert_eq!(more, [1]);
+    }
+
+    #[test]
+    fn t5_xxl_q4_k_m_follows_llama_quantize_on_real_shapes() {
+        let plan = plan_owned(&t5_xxl(24), FileType::Q4KM);
+        assert_eq!(plan.arch, Arch::T5xxl);
+        assert!(plan.fallbacks.is_empty(), "{:?}", plan.fallbacks);
+        // llama-quantize types in name order (enc.blk.0, 1, 10, ..., 19, 2, 20, ..., 23, 3,
+        // ..., 9): use_more_bits' positions 0, 1, 2, 5, 8, ... are these blocks.
+        let q6 = |kind: &str| -> Vec<usize> {
+            let mut b: Vec<usize> = (0..24)
+                .filter(|b| type_of(&plan, &format!("enc.blk.{b}.{kind}.weight")) == GgmlType::Q6K)
+                .collect();
+            b.sort_unstable();
+            b
+        };
+        let want = [0, 1, 3, 6, 7, 8, 9, 10, 13, 16, 19, 21];
+        assert_eq!(q6("attn_v"), want);
+        assert_eq!(q6("ffn_down"), want);
+        assert_eq!(type_of(&plan, "enc.blk.2.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "enc.blk.5.attn_o.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "token_embd.weight"), GgmlType::Q6K);
+        assert_eq!(type_of(&plan, "enc.blk.0.attn_rel_b.weight"), GgmlType::F16);
+        assert_eq!(type_of(&plan, "enc.output_norm.weight"), GgmlType::F16);
+        // Q3_K_M: the first two attn_v in name order (blocks 0 and 1) Q5_K; ffn_down of the
+        // first 24/16 = 1 Q5_K, the rest Q4_K.
+        let plan = plan_owned(&t5_xxl(24), FileType::Q3KM);
+        assert_eq!(type_of(&plan, "enc.blk.1.attn_v.weight"), GgmlType::Q5K);
+        assert_eq!(type_of(&plan, "enc.blk.10.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "enc.blk.0.ffn_down.weight"), GgmlType::Q5K);
+        assert_eq!(type_of(&plan, "enc.blk.1.ffn_down.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "token_embd.weight"), GgmlType::Q6K);
+        let keys: Vec<_> = plan.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"t5encoder.block_count"));
+        let blocks = plan
+            .metadata
+            .iter()
+            .find(|(k, _)| k == "t5encoder.block_count")
+            .map(|(_, v)| v.clone());
+        assert_eq!(blocks, Some(MetadataValue::U32(24)));
+    }
+
+    #[test]
+    fn llama_cpp_rows_no_type_fits_are_f16() {
+        // llama.cpp has no fallback for the 32-element block types and refuses the file;
+        // convcache stores F16 (its last resort for K-quants) and reports it.
+        let mut tensors = t5_xxl(1);
+        for (n, s) in &mut tensors {
+            if n.ends_with("DenseReluDense.wo.weight") {
+                *s = vec![4096, 48];
+            }
+            if n.ends_with("wi_0.weight") || n.ends_with("wi_1.weight") {
+                *s = vec![48, 4096];
+            }
+        }
+        for target in [FileType::Q8_0, FileType::Q4KM] {
+            let plan = plan_owned(&tensors, target);
+            assert_eq!(
+                type_of(&plan, "enc.blk.0.ffn_down.weight"),
+                GgmlType::F16,
+                "{target}"
+            );
+            assert_eq!(plan.fallbacks, ["enc.blk.0.ffn_down.weight"], "{target}");
+            assert!(plan.warnings()[0].contains("llama.cpp's fallback"));
+        }
+    }
+
     #[test]
     fn source_dtypes_follow_convert_py() {
         let st = |d| SourceDtype::of(Stored::Safetensors(d));

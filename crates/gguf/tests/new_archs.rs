@@ -41,7 +41,7 @@ type Case = (
     &'static [(&'static str, GgmlType)],
 );
 
-use GgmlType::{BF16, F16, F32, Q4K, Q5K, Q6K};
+use GgmlType::{BF16, F16, F32, Q4K, Q5_0, Q5K, Q6K, Q8_0};
 
 /// The Q4_K_M type tables. BF16 sources keep unquantized 2-D tensors in BF16 and 1-D or
 /// <= 1024-element ones in F32; F16 sources keep F16. Rows not divisible by 256 fall back to
@@ -188,17 +188,23 @@ const CASES: &[Case] = &[
         Arch::T5xxl,
         "t5encoder",
         &[
+            // llama.cpp's rules (golden/t5_llamacpp checks them against llama-quantize):
+            // of 2 attn_v / ffn_down, use_more_bits upgrades only the second.
             ("enc.blk.0.attn_q.weight", Q4K),
             ("enc.blk.0.attn_k.weight", Q4K),
-            ("enc.blk.0.attn_v.weight", Q6K),
+            ("enc.blk.0.attn_v.weight", Q4K),
+            ("enc.blk.1.attn_v.weight", Q6K),
             ("enc.blk.1.ffn_gate.weight", Q4K),
             ("enc.blk.1.ffn_up.weight", Q4K),
-            ("enc.blk.1.ffn_down.weight", F16),
-            ("enc.blk.0.attn_o.weight", F16),
+            // Rows of 32: llama.cpp's fallbacks Q4_K -> Q5_0, Q6_K -> Q8_0.
+            ("enc.blk.0.ffn_down.weight", Q5_0),
+            ("enc.blk.1.ffn_down.weight", Q8_0),
+            ("enc.blk.0.attn_o.weight", Q5_0),
             ("enc.blk.0.attn_rel_b.weight", F16),
             ("enc.blk.0.attn_norm.weight", F16),
             ("enc.output_norm.weight", F16),
-            ("token_embd.weight", F16),
+            // Quantized as llama.cpp's tied output.
+            ("token_embd.weight", Q6K),
         ],
     ),
     (
@@ -208,7 +214,7 @@ const CASES: &[Case] = &[
         &[
             ("enc.blk.0.attn_q.weight", Q4K),
             ("enc.blk.1.attn_v.weight", Q6K),
-            ("token_embd.weight", F16),
+            ("token_embd.weight", Q6K),
             ("enc.blk.0.attn_rel_b.weight", F16),
         ],
     ),
@@ -219,7 +225,7 @@ const CASES: &[Case] = &[
         &[
             ("enc.blk.1.attn_q.weight", Q4K),
             ("enc.blk.1.attn_v.weight", Q6K),
-            ("token_embd.weight", BF16),
+            ("token_embd.weight", Q6K),
             ("enc.blk.0.attn_rel_b.weight", F32),
             ("enc.blk.1.attn_rel_b.weight", F32),
             ("enc.blk.1.ffn_norm.weight", F32),
@@ -537,7 +543,7 @@ fn other_targets_follow_the_same_tables() {
                 ("enc.blk.0.attn_o.weight", GgmlType::Q8_0),
                 ("enc.blk.1.ffn_down.weight", GgmlType::Q8_0),
                 ("enc.blk.0.attn_rel_b.weight", F16),
-                ("token_embd.weight", F16),
+                ("token_embd.weight", GgmlType::Q8_0),
             ],
         ),
         (
@@ -546,7 +552,7 @@ fn other_targets_follow_the_same_tables() {
             &[
                 ("enc.blk.0.attn_q.weight", GgmlType::Q5K),
                 ("enc.blk.1.attn_v.weight", Q6K),
-                ("token_embd.weight", F16),
+                ("token_embd.weight", Q6K),
             ],
         ),
     ];
