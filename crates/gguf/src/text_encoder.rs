@@ -324,24 +324,52 @@ pub fn parse_sentencepiece(bytes: &[u8]) -> Result<SentencePiece, SentencePieceE
     Ok(sp)
 }
 
+/// The largest vocabulary [`tokenizer_metadata`] pads to (umt5-xxl's is 256384): the row count
+/// comes from the file, and every padding token is a metadata string.
+pub const MAX_PADDED_VOCAB: usize = 1 << 20;
+
+/// SentencePiece's UNUSED piece type (llama.cpp's `TokenType.UNUSED`).
+const UNUSED_PIECE: i32 = 5;
+
 /// The `tokenizer.ggml.*` key-values ComfyUI-GGUF's `gguf_tokenizer_loader` reads back into a
-/// SentencePiece model (as llama.cpp's T5 conversion writes them).
-pub fn tokenizer_metadata(sp: &SentencePiece) -> Vec<(String, crate::MetadataValue)> {
+/// SentencePiece model, as llama.cpp's T5 conversion writes them: when the token embedding has
+/// more rows (`n_vocab`: umt5-xxl's 256384) than the model has pieces, the list is padded to
+/// `n_vocab` with `[PAD{i}]` tokens (score -1000, type UNUSED), as `convert_hf_to_gguf.py`'s
+/// SentencePiece vocabulary does; llama.cpp refuses a T5 file whose token list is shorter than
+/// its embedding. No padding past [`MAX_PADDED_VOCAB`].
+pub fn tokenizer_metadata(
+    sp: &SentencePiece,
+    n_vocab: usize,
+) -> Vec<(String, crate::MetadataValue)> {
     use crate::MetadataValue as V;
     let id = |v: i32| u32::try_from(v).map_or(V::I32(v), V::U32);
+    let padded = if n_vocab <= MAX_PADDED_VOCAB {
+        sp.pieces.len()..n_vocab
+    } else {
+        0..0
+    };
+    let tokens = sp
+        .pieces
+        .iter()
+        .map(|p| V::String(p.0.clone()))
+        .chain(padded.clone().map(|i| V::String(format!("[PAD{i}]"))));
+    let scores = sp
+        .pieces
+        .iter()
+        .map(|p| V::F32(p.1))
+        .chain(padded.clone().map(|_| V::F32(-1000.0)));
+    let types = sp
+        .pieces
+        .iter()
+        .map(|p| V::I32(p.2))
+        .chain(padded.map(|_| V::I32(UNUSED_PIECE)));
     vec![
         ("tokenizer.ggml.model".into(), V::String("t5".into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            V::Array(sp.pieces.iter().map(|p| V::String(p.0.clone())).collect()),
-        ),
-        (
-            "tokenizer.ggml.scores".into(),
-            V::Array(sp.pieces.iter().map(|p| V::F32(p.1)).collect()),
-        ),
+        ("tokenizer.ggml.tokens".into(), V::Array(tokens.collect())),
+        ("tokenizer.ggml.scores".into(), V::Array(scores.collect())),
         (
             "tokenizer.ggml.token_type".into(),
-            V::Array(sp.pieces.iter().map(|p| V::I32(p.2)).collect()),
+            V::Array(types.collect()),
         ),
         (
             "tokenizer.ggml.add_space_prefix".into(),
@@ -411,11 +439,40 @@ mod tests {
         assert_eq!(sp.pieces, [("x".to_owned(), 0.0, 1)]);
         assert_eq!((sp.eos_id, sp.pad_id), (2, -1));
         assert!(sp.add_dummy_prefix && sp.remove_extra_whitespaces);
-        let meta = tokenizer_metadata(&sp);
+        let meta = tokenizer_metadata(&sp, 0);
         let pad = meta
             .iter()
             .find(|(k, _)| k == "tokenizer.ggml.padding_token_id");
         assert_eq!(pad.map(|(_, v)| v), Some(&crate::MetadataValue::I32(-1)));
+        // Padded to the embedding's rows as llama.cpp's converter does; never past the cap.
+        let list = |meta: &[(String, crate::MetadataValue)], key: &str| match meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+        {
+            Some(crate::MetadataValue::Array(a)) => a,
+            other => panic!("{key}: {other:?}"),
+        };
+        let meta = tokenizer_metadata(&sp, 3);
+        use crate::MetadataValue as V;
+        assert_eq!(
+            list(&meta, "tokenizer.ggml.tokens"),
+            [
+                V::String("x".into()),
+                V::String("[PAD1]".into()),
+                V::String("[PAD2]".into())
+            ]
+        );
+        assert_eq!(
+            list(&meta, "tokenizer.ggml.scores"),
+            [V::F32(0.0), V::F32(-1000.0), V::F32(-1000.0)]
+        );
+        assert_eq!(
+            list(&meta, "tokenizer.ggml.token_type"),
+            [V::I32(1), V::I32(5), V::I32(5)]
+        );
+        let meta = tokenizer_metadata(&sp, MAX_PADDED_VOCAB + 1);
+        assert_eq!(list(&meta, "tokenizer.ggml.tokens").len(), 1);
     }
 
     #[test]

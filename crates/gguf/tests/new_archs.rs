@@ -387,8 +387,10 @@ fn umt5_gguf_carries_the_tokenizer_comfyui_gguf_rebuilds() {
     let Some(MetadataValue::Array(tokens)) = get("tokenizer.ggml.tokens") else {
         panic!("no tokens")
     };
-    assert_eq!(tokens.len(), 10);
+    // The 10 pieces, padded to the 128 embedding rows as llama.cpp's converter pads.
+    assert_eq!(tokens.len(), 128);
     assert_eq!(tokens[4], MetadataValue::String("\u{2581}a".into()));
+    assert_eq!(tokens[10], MetadataValue::String("[PAD10]".into()));
     assert_eq!(
         get("tokenizer.ggml.eos_token_id"),
         Some(&MetadataValue::U32(1))
