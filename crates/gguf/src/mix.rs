@@ -525,9 +525,8 @@ impl LlamaCppCategory {
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one
 /// between them.
 fn use_more_bits(i_layer: usize, n_layers: usize) -> bool {
-    i_layer < n_layers / 8
-        || i_layer >= 7 * n_layers / 8
-        || (i_layer >= n_layers / 8 && (i_layer - n_layers / 8) % 3 == 2)
+    // Past the first test i_layer >= n_layers / 8, so the subtraction cannot underflow.
+    i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2
 }
 
 impl LlamaCppMix {
@@ -564,7 +563,7 @@ impl LlamaCppMix {
         use FileType as F;
         use GgmlType as G;
         let default = target.base_type();
-        let fits = |t: GgmlType| ncols % t.block_size() as u64 == 0;
+        let fits = |t: GgmlType| ncols.is_multiple_of(t.block_size() as u64);
         let category = LlamaCppCategory::of(name);
         let chosen = match category {
             LlamaCppCategory::Output | LlamaCppCategory::TokenEmbd
