@@ -709,8 +709,16 @@ pub fn plan(
         }
 
         let high_precision_source = matches!(src.dtype, SourceDtype::F32 | SourceDtype::BF16);
-        let keep_f32 = high_precision_source
-            && (src.shape.len() == 1 || n <= QUANTIZATION_THRESHOLD || arch.is_hiprec(&table_name));
+        // llama.cpp's convert_hf_to_gguf.py stores 1-D tensors and norms in F32 whatever the
+        // source ("most of the codebase that takes in 1D tensors or norms only handles F32"):
+        // the base llama-quantize copies them from.
+        let llama_cpp_f32 = arch.gguf_mixer() == GgufMixer::LlamaCpp
+            && (src.shape.len() <= 1 || name.ends_with("_norm.weight"));
+        let keep_f32 = llama_cpp_f32
+            || high_precision_source
+                && (src.shape.len() == 1
+                    || n <= QUANTIZATION_THRESHOLD
+                    || arch.is_hiprec(&table_name));
         let base_type = match target {
             FileType::AllF32 => GgmlType::F32,
             _ if keep_f32 => GgmlType::F32,
@@ -1245,7 +1253,9 @@ mod tests {
         assert_eq!(type_of(&plan, "enc.blk.5.attn_o.weight"), GgmlType::Q4K);
         assert_eq!(type_of(&plan, "token_embd.weight"), GgmlType::Q6K);
         assert_eq!(type_of(&plan, "enc.blk.0.attn_rel_b.weight"), GgmlType::F16);
-        assert_eq!(type_of(&plan, "enc.output_norm.weight"), GgmlType::F16);
+        // An F16 source's norms are F32, as llama.cpp's converter stores them.
+        assert_eq!(type_of(&plan, "enc.output_norm.weight"), GgmlType::F32);
+        assert_eq!(type_of(&plan, "enc.blk.3.ffn_norm.weight"), GgmlType::F32);
         // Q3_K_M: the first two attn_v in name order (blocks 0 and 1) Q5_K; ffn_down of the
         // first 24/16 = 1 Q5_K, the rest Q4_K.
         let plan = plan_owned(&t5_xxl(24), FileType::Q3KM);

@@ -201,8 +201,9 @@ const CASES: &[Case] = &[
             ("enc.blk.1.ffn_down.weight", Q8_0),
             ("enc.blk.0.attn_o.weight", Q5_0),
             ("enc.blk.0.attn_rel_b.weight", F16),
-            ("enc.blk.0.attn_norm.weight", F16),
-            ("enc.output_norm.weight", F16),
+            // Norms F32, as llama.cpp's converter stores them.
+            ("enc.blk.0.attn_norm.weight", F32),
+            ("enc.output_norm.weight", F32),
             // Quantized as llama.cpp's tied output.
             ("token_embd.weight", Q6K),
         ],

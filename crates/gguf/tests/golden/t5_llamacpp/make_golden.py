@@ -15,9 +15,10 @@ reads convcache's T5 GGUFs, hyperparameters included):
                     llama-quantize's name order enc.blk.0, 1, 10, 11, 2, ... drives its layer
                     counters), 1 head of 32, d_ff 32: attn_o and ffn_down rows of 32 take the
                     K-quant fallbacks. 1-D norms and the small attn_rel_b stay F32.
-  umt5_d160_F16.gguf umt5 layout (attn_rel_b in every block), F16 source: d_model 160 (not a
-                    multiple of 256: token_embd's Q8_0 rule and every K-quant fallback), 2 blocks,
-                    2 heads of 16, d_ff 64.
+  umt5_d160_F16.gguf umt5 layout (attn_rel_b in every block), F16 source (norms stored F32,
+                    as llama.cpp's converter stores them): d_model 160 (not a multiple of 256:
+                    token_embd's Q8_0 rule and every K-quant fallback), 2 blocks, 2 heads of 16,
+                    d_ff 64.
 
 Run from the repository root (the venv has llama-cpp-python, gguf, numpy, safetensors):
     cargo build -p cli
