@@ -157,6 +157,18 @@ pub enum GgufNaming {
     LlamaCppT5,
 }
 
+/// Whose quantizer rules pick each tensor's type in a quantized GGUF output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufMixer {
+    /// ComfyUI-GGUF's patched `llama-quantize` (b3962 + `lcpp.patch`) over `tools/convert.py`'s
+    /// base file: the diffusion models' rules, with the row's `no_quant` exclusions.
+    ComfyUiGguf,
+    /// Stock llama.cpp `llama-quantize` (`llama_tensor_get_type`), as the T5 / umt5 GGUFs
+    /// ComfyUI users download were made: its own rules on llama.cpp tensor names decide what is
+    /// quantized (the row's `no_quant` applies only to the non-GGUF targets).
+    LlamaCpp,
+}
+
 /// Per-architecture data; one row per [`Arch`], in detection order.
 struct ArchSpec {
     arch: Arch,
@@ -172,6 +184,7 @@ struct ArchSpec {
     /// `general.architecture` when it differs from `name`: one ComfyUI-GGUF's loader accepts.
     gguf_name: Option<&'static str>,
     gguf_naming: GgufNaming,
+    gguf_mixer: GgufMixer,
     /// Why no GGUF output is made, when none can be loaded.
     gguf_refusal: Option<&'static str>,
 }
@@ -190,6 +203,7 @@ const DIFFUSION: ArchSpec = ArchSpec {
     kind: ModelKind::DiffusionModel,
     gguf_name: None,
     gguf_naming: GgufNaming::Reference,
+    gguf_mixer: GgufMixer::ComfyUiGguf,
     gguf_refusal: None,
 };
 
@@ -199,9 +213,10 @@ const CLIP_GGUF_REFUSAL: &str = "ComfyUI-GGUF cannot load CLIP text encoders fro
      (its CLIPLoaderGGUF maps only T5/umt5 and LLaMA-family names back); convert CLIP to \
      fp16, bf16 or fp8 instead";
 
-/// Text-encoder tensors never quantized in a GGUF: the token embedding (ComfyUI-GGUF
-/// dequantizes a umt5 one back to F16 at load anyway), and T5's relative attention bias
-/// (llama.cpp's quantizer never quantizes `attn_rel_b`).
+/// Text-encoder tensors kept unquantized by the non-GGUF targets (fp8_scaled, nvfp4, ...): the
+/// token embedding and T5's relative attention bias. GGUF outputs follow llama.cpp's own rules
+/// instead ([`GgufMixer::LlamaCpp`]: `attn_rel_b` stays unquantized, the token embedding is
+/// quantized as llama.cpp's tied output).
 const T5_NO_QUANT: &[KeyPattern] = &[
     E("shared.weight"),
     E("encoder.embed_tokens.weight"),
@@ -655,6 +670,7 @@ const SPECS: [ArchSpec; 21] = [
         kind: ModelKind::TextEncoder,
         gguf_name: Some("t5encoder"),
         gguf_naming: GgufNaming::LlamaCppT5,
+        gguf_mixer: GgufMixer::LlamaCpp,
         ..DIFFUSION
     },
     ArchSpec {
@@ -668,6 +684,7 @@ const SPECS: [ArchSpec; 21] = [
         kind: ModelKind::TextEncoder,
         gguf_name: Some("t5encoder"),
         gguf_naming: GgufNaming::LlamaCppT5,
+        gguf_mixer: GgufMixer::LlamaCpp,
         ..DIFFUSION
     },
     ArchSpec {
@@ -749,6 +766,11 @@ impl Arch {
     /// How a GGUF output names this architecture's tensors.
     pub fn gguf_naming(self) -> GgufNaming {
         self.spec().gguf_naming
+    }
+
+    /// Whose quantizer rules type this architecture's quantized GGUF tensors.
+    pub fn gguf_mixer(self) -> GgufMixer {
+        self.spec().gguf_mixer
     }
 
     /// Why this architecture gets no GGUF output (`None`: it does).

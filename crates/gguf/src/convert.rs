@@ -474,7 +474,17 @@ fn tokenizer_into_plan(
             source: e,
         })?;
     match parse_sentencepiece(&bytes) {
-        Ok(sp) => plan.metadata.extend(tokenizer_metadata(&sp)),
+        Ok(sp) => {
+            // llama.cpp needs one token per embedding row (the list is padded to it).
+            let n_vocab = plan
+                .tensors
+                .iter()
+                .find(|t| t.name == "token_embd.weight")
+                .and_then(|t| t.shape.first())
+                .and_then(|&rows| usize::try_from(rows).ok())
+                .unwrap_or(0);
+            plan.metadata.extend(tokenizer_metadata(&sp, n_vocab));
+        }
         Err(e) => warnings.push(format!("{e}; the GGUF carries no tokenizer")),
     }
     Ok(())

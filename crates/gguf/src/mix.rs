@@ -8,11 +8,15 @@
 //!
 //! Tensor order is convert.py's: the source keys sorted (safetensors' `keys()` order), which
 //! matters because some mixes upgrade only the first N matching tensors.
+//!
+//! Text encoders (T5, umt5) are typed by stock llama.cpp's rules instead ([`GgufMixer::LlamaCpp`]):
+//! the T5 GGUFs ComfyUI users load were made with llama.cpp's own `llama-quantize`, whose
+//! `llama_tensor_get_type` (`src/llama-quant.cpp`) picks the types on llama.cpp's tensor names.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use detect::arch::{self, Arch, GgufNaming, KeyPrefix};
+use detect::arch::{self, Arch, GgufMixer, GgufNaming, KeyPrefix};
 use tensorfile::source::Stored;
 use tensorfile::{Dtype, TensorSource};
 
@@ -171,10 +175,18 @@ impl GgufPlan {
         }
         let n = self.fallbacks.len();
         let some: Vec<&str> = self.fallbacks.iter().take(3).map(String::as_str).collect();
+        let how = match self.arch.gguf_mixer() {
+            GgufMixer::ComfyUiGguf => {
+                "were stored unquantized, as ComfyUI-GGUF's quantizer does (F16 for K-quants)"
+            }
+            GgufMixer::LlamaCpp => {
+                "took llama.cpp's fallback type (Q2_K/Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, \
+                 Q6_K to Q8_0, F16 when that does not fit either)"
+            }
+        };
         vec![format!(
             "{n} tensor(s) the {} mix would quantize have rows that are not whole blocks \
-             and were stored unquantized, as ComfyUI-GGUF's quantizer does (F16 for K-quants): \
-             {}{}",
+             and {how}: {}{}",
             self.file_type,
             some.join(", "),
             if n > 3 { ", ..." } else { "" }
@@ -444,6 +456,180 @@ fn mix_type(target: FileType, name: &str, arch: Arch, v_seen: usize) -> GgmlType
     by_group
 }
 
+/// Stock llama.cpp's per-tensor type choice ([`GgufMixer::LlamaCpp`]), ported from
+/// `src/llama-quant.cpp` (ggml-org/llama.cpp, the quantizer of llama-cpp-python 0.3.36 that
+/// the golden in `tests/golden/t5_llamacpp/` was made with) for the file types convcache offers
+/// (no imatrix, no IQ types, no MoE, not Falcon, no 70B): `tensor_allows_quantization`,
+/// `llama_tensor_get_type_impl` and `tensor_type_fallback`. It keeps the counters of
+/// `quantize_state_impl`, so tensors must be typed in llama-quantize's order: its
+/// `weights_map`, sorted by name (T5's `enc.blk.N.` names are not ordered by layer number,
+/// so `enc.blk.10` comes before `enc.blk.2`, and the "layer" the rules see is that position).
+struct LlamaCppMix {
+    /// `n_attention_wv`: the tensors of the attn_v category in the file.
+    n_attention_wv: usize,
+    /// `i_attention_wv`: attn_v tensors typed so far.
+    i_attention_wv: usize,
+    /// `n_ffn_down`: `hparams.n_layer_all`, the `block_count` the plan writes.
+    n_layer: usize,
+    /// `i_ffn_down`: ffn_down tensors typed so far.
+    i_ffn_down: usize,
+    /// `has_tied_embeddings`: no `output.weight`, so the token embedding takes the output
+    /// tensor's rule (a T5 encoder has no output head).
+    tied_embeddings: bool,
+}
+
+/// `tensor_get_category`'s categories that matter for the file types convcache offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LlamaCppCategory {
+    TokenEmbd,
+    Output,
+    /// `attn_v`, `attn_qkv`, `attn_kv_b` (`category_is_attn_v`).
+    AttentionV,
+    /// `attn_output` (T5's output projection is `attn_o`, which is not in it).
+    AttentionOutput,
+    FfnDown,
+    Other,
+}
+
+impl LlamaCppCategory {
+    /// `tensor_get_category`, in its order.
+    fn of(name: &str) -> LlamaCppCategory {
+        if name == "output.weight" {
+            LlamaCppCategory::Output
+        } else if name == "token_embd.weight" || name == "per_layer_token_embd.weight" {
+            LlamaCppCategory::TokenEmbd
+        } else if ["attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight"]
+            .iter()
+            .any(|p| name.contains(p))
+        {
+            LlamaCppCategory::AttentionV
+        } else if ["attn_k.weight", "attn_q.weight"]
+            .iter()
+            .any(|p| name.contains(p))
+        {
+            // Their rules are IQ-only.
+            LlamaCppCategory::Other
+        } else if name.contains("attn_output.weight") {
+            LlamaCppCategory::AttentionOutput
+        } else if name.contains("ffn_up") || name.contains("ffn_gate") {
+            // Their rules are IQ-only.
+            LlamaCppCategory::Other
+        } else if name.contains("ffn_down") {
+            LlamaCppCategory::FfnDown
+        } else {
+            LlamaCppCategory::Other
+        }
+    }
+}
+
+/// llama.cpp's `use_more_bits`: the first and last eighth of the layers and every third one
+/// between them.
+fn use_more_bits(i_layer: usize, n_layers: usize) -> bool {
+    // Past the first test i_layer >= n_layers / 8, so the subtraction cannot underflow.
+    i_layer < n_layers / 8 || i_layer >= 7 * n_layers / 8 || (i_layer - n_layers / 8) % 3 == 2
+}
+
+impl LlamaCppMix {
+    /// `init_quantize_state_counters` over the file's tensor names.
+    fn new<'a>(names: impl Iterator<Item = &'a str> + Clone) -> LlamaCppMix {
+        LlamaCppMix {
+            n_attention_wv: names
+                .clone()
+                .filter(|n| LlamaCppCategory::of(n) == LlamaCppCategory::AttentionV)
+                .count(),
+            i_attention_wv: 0,
+            n_layer: crate::text_encoder::t5_block_count(names.clone()),
+            i_ffn_down: 0,
+            tied_embeddings: !names.clone().any(|n| n == "output.weight"),
+        }
+    }
+
+    /// `tensor_allows_quantization` (default params: the output tensor may be quantized), with
+    /// the name rules that can match a llama.cpp T5 encoder: at least 2 dims, a name ending in
+    /// `weight`, no norm, no relative position bias (`attn_rel_b`). Its other exclusions name
+    /// tensors of other architectures (Mamba, RWKV, MoE routers, vision towers).
+    fn allows_quantization(name: &str, torch_shape: &[u64]) -> bool {
+        ggml_n_dims(torch_shape) >= 2
+            && name.ends_with("weight")
+            && !name.contains("_norm.weight")
+            && !name.contains("attn_rel_b.weight")
+            && !name.contains("ffn_gate_inp.weight")
+            && !name.contains(".position_embd")
+    }
+
+    /// `llama_tensor_get_type` for a tensor that allows quantization, whose rows hold `ncols`
+    /// elements (ggml's `ne[0]`): the type, and whether `tensor_type_fallback` changed it.
+    fn tensor_type(&mut self, target: FileType, name: &str, ncols: u64) -> (GgmlType, bool) {
+        use FileType as F;
+        use GgmlType as G;
+        let default = target.base_type();
+        let fits = |t: GgmlType| ncols.is_multiple_of(t.block_size() as u64);
+        let category = LlamaCppCategory::of(name);
+        let chosen = match category {
+            LlamaCppCategory::Output | LlamaCppCategory::TokenEmbd
+                if category == LlamaCppCategory::Output || self.tied_embeddings =>
+            {
+                if !fits(default) {
+                    G::Q8_0
+                } else if default != G::Q8_0 {
+                    G::Q6K
+                } else {
+                    default
+                }
+            }
+            LlamaCppCategory::AttentionV => {
+                let i = self.i_attention_wv;
+                self.i_attention_wv += 1;
+                match target {
+                    // n_gqa() is 1 for T5 (no grouped-query attention): not the Q4_K branch.
+                    F::Q2K => G::Q3K,
+                    F::Q3KM if i < 2 => G::Q5K,
+                    F::Q3KM => G::Q4K,
+                    F::Q3KL => G::Q5K,
+                    F::Q4KM | F::Q5KM if use_more_bits(i, self.n_attention_wv) => G::Q6K,
+                    F::Q4KS if i < 4 => G::Q5K,
+                    _ => default,
+                }
+            }
+            LlamaCppCategory::FfnDown => {
+                // n_expert is 1: the layer is the running count, not parsed from the name.
+                let (i, n) = (self.i_ffn_down, self.n_layer);
+                self.i_ffn_down += 1;
+                match target {
+                    F::Q2K => G::Q3K,
+                    F::Q3KM if i < n / 16 => G::Q5K,
+                    F::Q3KM => G::Q4K,
+                    F::Q3KL => G::Q5K,
+                    F::Q4KM | F::Q5KM if use_more_bits(i, n) => G::Q6K,
+                    F::Q4KS if i < n / 8 => G::Q5K,
+                    _ => default,
+                }
+            }
+            LlamaCppCategory::AttentionOutput => match target {
+                F::Q2K => G::Q3K,
+                F::Q3KM => G::Q4K,
+                F::Q3KL => G::Q5K,
+                _ => default,
+            },
+            _ => default,
+        };
+        if fits(chosen) {
+            return (chosen, false);
+        }
+        // tensor_type_fallback. For the 32-element block types llama.cpp has no fallback and
+        // refuses the whole file ("no tensor type fallback is defined"); convcache stores F16,
+        // llama.cpp's own last resort. Real T5 / umt5 rows (4096, 10240) never get here.
+        let fallback = match chosen {
+            G::Q2K | G::Q3K => Some(G::Q4_0),
+            G::Q4K => Some(G::Q5_0),
+            G::Q5K => Some(G::Q5_1),
+            G::Q6K => Some(G::Q8_0),
+            _ => None,
+        };
+        (fallback.filter(|&t| fits(t)).unwrap_or(G::F16), true)
+    }
+}
+
 /// Plans the GGUF file ComfyUI-GGUF's tools would make of `tensors` for `target`.
 ///
 /// `forced_arch` overrides detection (`--arch`). `tensors` must be in the source's data order
@@ -485,6 +671,7 @@ pub fn plan(
     let mut planned = Vec::with_capacity(named.len());
     let mut high_dim = Vec::new();
     let mut v_seen = 0usize;
+    let mut llama_cpp = LlamaCppMix::new(named.iter().map(|(n, _, _, _)| n.as_str()));
     let mut fallbacks = Vec::new();
     for (name, table_name, source_index, src) in named {
         if arch.is_ignored(&table_name) {
@@ -522,8 +709,16 @@ pub fn plan(
         }
 
         let high_precision_source = matches!(src.dtype, SourceDtype::F32 | SourceDtype::BF16);
-        let keep_f32 = high_precision_source
-            && (src.shape.len() == 1 || n <= QUANTIZATION_THRESHOLD || arch.is_hiprec(&table_name));
+        // llama.cpp's convert_hf_to_gguf.py stores 1-D tensors and norms in F32 whatever the
+        // source ("most of the codebase that takes in 1D tensors or norms only handles F32"):
+        // the base llama-quantize copies them from.
+        let llama_cpp_f32 = arch.gguf_mixer() == GgufMixer::LlamaCpp
+            && (src.shape.len() <= 1 || name.ends_with("_norm.weight"));
+        let keep_f32 = llama_cpp_f32
+            || high_precision_source
+                && (src.shape.len() == 1
+                    || n <= QUANTIZATION_THRESHOLD
+                    || arch.is_hiprec(&table_name));
         let base_type = match target {
             FileType::AllF32 => GgmlType::F32,
             _ if keep_f32 => GgmlType::F32,
@@ -562,30 +757,46 @@ pub fn plan(
             orig_shape = Some(std::mem::replace(&mut shape, vec![n / 256, 256]));
         }
 
-        let quantizable = quantized_target
-            && name.ends_with("weight")
-            && !name.contains("_norm.weight")
-            && ggml_n_dims(&shape) == 2
-            && !arch.is_quant_excluded(&table_name);
-        let ggml_type = if quantizable {
-            let chosen = mix_type(target, &name, arch, v_seen);
-            if name_group(&name) == Some(NameGroup::VProjection) {
-                v_seen += 1;
-            }
-            let row = *shape.last().unwrap_or(&1);
-            if row % chosen.block_size() as u64 == 0 {
-                chosen
-            } else {
-                fallbacks.push(name.clone());
-                if chosen.block_size() == 256 {
-                    // The patch's fallback for K-quants is F16, whatever the base.
-                    GgmlType::F16
+        let row = *shape.last().unwrap_or(&1);
+        let ggml_type = match arch.gguf_mixer() {
+            _ if !quantized_target => base_type,
+            GgufMixer::ComfyUiGguf => {
+                let quantizable = name.ends_with("weight")
+                    && !name.contains("_norm.weight")
+                    && ggml_n_dims(&shape) == 2
+                    && !arch.is_quant_excluded(&table_name);
+                if quantizable {
+                    let chosen = mix_type(target, &name, arch, v_seen);
+                    if name_group(&name) == Some(NameGroup::VProjection) {
+                        v_seen += 1;
+                    }
+                    if row % chosen.block_size() as u64 == 0 {
+                        chosen
+                    } else {
+                        fallbacks.push(name.clone());
+                        if chosen.block_size() == 256 {
+                            // The patch's fallback for K-quants is F16, whatever the base.
+                            GgmlType::F16
+                        } else {
+                            base_type
+                        }
+                    }
                 } else {
                     base_type
                 }
             }
-        } else {
-            base_type
+            GgufMixer::LlamaCpp => {
+                if LlamaCppMix::allows_quantization(&name, &shape) {
+                    let (chosen, fell_back) = llama_cpp.tensor_type(target, &name, row);
+                    if fell_back {
+                        fallbacks.push(name.clone());
+                    }
+                    chosen
+                } else {
+                    // llama-quantize copies the tensor in the type its input file holds.
+                    base_type
+                }
+            }
         };
         planned.push(PlannedTensor {
             source_index,
@@ -646,6 +857,15 @@ pub fn plan(
     // copies every key in order and then sets these two again; the ggml of that tag
     // (`gguf_get_or_add_key`) overwrites an existing key in place, so the order stays.
     metadata.extend(version_and_type);
+    if arch.gguf_naming() == GgufNaming::LlamaCppT5 {
+        // The hyperparameters llama.cpp's T5 encoder loader reads (it refuses a file without
+        // them, llama-quantize included); ComfyUI-GGUF ignores them.
+        metadata.extend(crate::text_encoder::t5_hparams(
+            planned
+                .iter()
+                .map(|t| (t.name.as_str(), t.shape.as_slice())),
+        ));
+    }
     metadata.extend(orig_shapes);
 
     Ok(GgufPlan {
@@ -967,6 +1187,116 @@ mod tests {
         let mut sorted = names(&plain);
         sorted.sort();
         assert_eq!(names(&quant), sorted);
+    }
+
+    /// A T5 v1.1 XXL encoder's tensors (ComfyUI keys, real shapes; no data is planned).
+    fn t5_xxl(blocks: usize) -> Vec<(String, Vec<u64>)> {
+        let (d, inner, ff) = (4096, 4096, 10240);
+        let mut v = vec![("shared.weight".to_owned(), vec![32128, d])];
+        for b in 0..blocks {
+            let p = format!("encoder.block.{b}.layer");
+            for m in ["q", "k", "v"] {
+                v.push((format!("{p}.0.SelfAttention.{m}.weight"), vec![inner, d]));
+            }
+            v.push((format!("{p}.0.SelfAttention.o.weight"), vec![d, inner]));
+            if b == 0 {
+                v.push((
+                    format!("{p}.0.SelfAttention.relative_attention_bias.weight"),
+                    vec![32, 64],
+                ));
+            }
+            v.push((format!("{p}.0.layer_norm.weight"), vec![d]));
+            v.push((format!("{p}.1.DenseReluDense.wi_0.weight"), vec![ff, d]));
+            v.push((format!("{p}.1.DenseReluDense.wi_1.weight"), vec![ff, d]));
+            v.push((format!("{p}.1.DenseReluDense.wo.weight"), vec![d, ff]));
+            v.push((format!("{p}.1.layer_norm.weight"), vec![d]));
+        }
+        v.push(("encoder.final_layer_norm.weight".to_owned(), vec![d]));
+        v
+    }
+
+    fn plan_owned(tensors: &[(String, Vec<u64>)], target: FileType) -> GgufPlan {
+        let inputs: Vec<_> = tensors
+            .iter()
+            .map(|(n, s)| t(n, s, SourceDtype::F16))
+            .collect();
+        plan(&inputs, None, target).unwrap()
+    }
+
+    #[test]
+    fn use_more_bits_is_llama_cpps() {
+        // llama-quant.cpp: i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2.
+        let more: Vec<usize> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
+        assert_eq!(more, [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
+        let more: Vec<usize> = (0..2).filter(|&i| use_more_bits(i, 2)).collect();
+        assert_eq!(more, [1]);
+    }
+
+    #[test]
+    fn t5_xxl_q4_k_m_follows_llama_quantize_on_real_shapes() {
+        let plan = plan_owned(&t5_xxl(24), FileType::Q4KM);
+        assert_eq!(plan.arch, Arch::T5xxl);
+        assert!(plan.fallbacks.is_empty(), "{:?}", plan.fallbacks);
+        // llama-quantize types in name order (enc.blk.0, 1, 10, ..., 19, 2, 20, ..., 23, 3,
+        // ..., 9): use_more_bits' positions 0, 1, 2, 5, 8, ... are these blocks.
+        let q6 = |kind: &str| -> Vec<usize> {
+            let mut b: Vec<usize> = (0..24)
+                .filter(|b| type_of(&plan, &format!("enc.blk.{b}.{kind}.weight")) == GgmlType::Q6K)
+                .collect();
+            b.sort_unstable();
+            b
+        };
+        let want = [0, 1, 3, 6, 7, 8, 9, 10, 13, 16, 19, 21];
+        assert_eq!(q6("attn_v"), want);
+        assert_eq!(q6("ffn_down"), want);
+        assert_eq!(type_of(&plan, "enc.blk.2.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "enc.blk.5.attn_o.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "token_embd.weight"), GgmlType::Q6K);
+        assert_eq!(type_of(&plan, "enc.blk.0.attn_rel_b.weight"), GgmlType::F16);
+        // An F16 source's norms are F32, as llama.cpp's converter stores them.
+        assert_eq!(type_of(&plan, "enc.output_norm.weight"), GgmlType::F32);
+        assert_eq!(type_of(&plan, "enc.blk.3.ffn_norm.weight"), GgmlType::F32);
+        // Q3_K_M: the first two attn_v in name order (blocks 0 and 1) Q5_K; ffn_down of the
+        // first 24/16 = 1 Q5_K, the rest Q4_K.
+        let plan = plan_owned(&t5_xxl(24), FileType::Q3KM);
+        assert_eq!(type_of(&plan, "enc.blk.1.attn_v.weight"), GgmlType::Q5K);
+        assert_eq!(type_of(&plan, "enc.blk.10.attn_v.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "enc.blk.0.ffn_down.weight"), GgmlType::Q5K);
+        assert_eq!(type_of(&plan, "enc.blk.1.ffn_down.weight"), GgmlType::Q4K);
+        assert_eq!(type_of(&plan, "token_embd.weight"), GgmlType::Q6K);
+        let keys: Vec<_> = plan.metadata.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"t5encoder.block_count"));
+        let blocks = plan
+            .metadata
+            .iter()
+            .find(|(k, _)| k == "t5encoder.block_count")
+            .map(|(_, v)| v.clone());
+        assert_eq!(blocks, Some(MetadataValue::U32(24)));
+    }
+
+    #[test]
+    fn llama_cpp_rows_no_type_fits_are_f16() {
+        // llama.cpp has no fallback for the 32-element block types and refuses the file;
+        // convcache stores F16 (its last resort for K-quants) and reports it.
+        let mut tensors = t5_xxl(1);
+        for (n, s) in &mut tensors {
+            if n.ends_with("DenseReluDense.wo.weight") {
+                *s = vec![4096, 48];
+            }
+            if n.ends_with("wi_0.weight") || n.ends_with("wi_1.weight") {
+                *s = vec![48, 4096];
+            }
+        }
+        for target in [FileType::Q8_0, FileType::Q4KM] {
+            let plan = plan_owned(&tensors, target);
+            assert_eq!(
+                type_of(&plan, "enc.blk.0.ffn_down.weight"),
+                GgmlType::F16,
+                "{target}"
+            );
+            assert_eq!(plan.fallbacks, ["enc.blk.0.ffn_down.weight"], "{target}");
+            assert!(plan.warnings()[0].contains("llama.cpp's fallback"));
+        }
     }
 
     #[test]

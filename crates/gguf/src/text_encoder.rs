@@ -51,6 +51,81 @@ pub fn t5_gguf_name(key: &str) -> Option<String> {
     Some(format!("enc.blk.{block}.{gguf}{suffix}"))
 }
 
+/// The block number of a llama.cpp T5 encoder tensor name (`enc.blk.N.`).
+fn t5_block(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("enc.blk.")?;
+    let (n, _) = rest.split_once('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// The encoder's `block_count`: one more than the highest `enc.blk.N.` (0 without blocks).
+pub fn t5_block_count<'a>(names: impl Iterator<Item = &'a str>) -> usize {
+    names
+        .filter_map(t5_block)
+        .max()
+        .map_or(0, |b| b.saturating_add(1))
+}
+
+/// T5 v1.1's and umt5's `n_positions` (llama.cpp's converter writes it as the context length).
+const T5_CONTEXT_LENGTH: u32 = 512;
+/// T5 v1.1's and umt5's `layer_norm_epsilon`.
+const T5_LAYER_NORM_EPS: f32 = 1e-6;
+
+/// The `t5encoder.*` hyperparameters llama.cpp's `convert_hf_to_gguf.py` writes for a T5
+/// encoder, read off the tensors (GGUF name, torch shape): `context_length` (512),
+/// `embedding_length` (d_model: `token_embd`'s width), `feed_forward_length` (d_ff: `ffn_up`'s
+/// rows), `block_count`, `attention.head_count` and `attention.relative_buckets_count` (from
+/// `attn_rel_b`, `[buckets, heads]`), `attention.key_length` = `value_length` (d_kv:
+/// `attn_q`'s rows / heads), `attention.layer_norm_epsilon` and `layer_norm_rms_epsilon`
+/// (1e-6). llama.cpp refuses a T5 file without them (llama-quantize included). A value the
+/// tensors do not give (a tensor missing, a size over u32) is left out.
+pub fn t5_hparams<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a [u64])> + Clone,
+) -> Vec<(String, crate::MetadataValue)> {
+    use crate::MetadataValue as V;
+    let dim = |name: &str, axis: usize| {
+        tensors
+            .clone()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, s)| s.get(axis).copied())
+            .and_then(|d| u32::try_from(d).ok())
+    };
+    let n_embd = dim("token_embd.weight", 1).or_else(|| dim("enc.blk.0.attn_q.weight", 1));
+    let n_ff = dim("enc.blk.0.ffn_up.weight", 0);
+    let n_head = dim("enc.blk.0.attn_rel_b.weight", 1).filter(|&h| h > 0);
+    let buckets = dim("enc.blk.0.attn_rel_b.weight", 0);
+    let d_kv = dim("enc.blk.0.attn_q.weight", 0)
+        .zip(n_head)
+        .filter(|(inner, h)| inner % h == 0)
+        .map(|(inner, h)| inner / h);
+    let blocks = u32::try_from(t5_block_count(tensors.clone().map(|(n, _)| n))).ok();
+    let key = |k: &str| format!("t5encoder.{k}");
+    [
+        ("context_length", Some(V::U32(T5_CONTEXT_LENGTH))),
+        ("embedding_length", n_embd.map(V::U32)),
+        ("feed_forward_length", n_ff.map(V::U32)),
+        ("block_count", blocks.map(V::U32)),
+        ("attention.head_count", n_head.map(V::U32)),
+        ("attention.key_length", d_kv.map(V::U32)),
+        ("attention.value_length", d_kv.map(V::U32)),
+        (
+            "attention.layer_norm_epsilon",
+            Some(V::F32(T5_LAYER_NORM_EPS)),
+        ),
+        ("attention.relative_buckets_count", buckets.map(V::U32)),
+        (
+            "attention.layer_norm_rms_epsilon",
+            Some(V::F32(T5_LAYER_NORM_EPS)),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (key(k), v)))
+    .collect()
+}
+
 /// ComfyUI-GGUF's `T5_SD_MAP`, in its order (`loader.py`): what the loader does to a GGUF
 /// name. Public for tests that check the names convcache writes map back.
 pub const COMFYUI_GGUF_T5_SD_MAP: &[(&str, &str)] = &[
@@ -249,24 +324,52 @@ pub fn parse_sentencepiece(bytes: &[u8]) -> Result<SentencePiece, SentencePieceE
     Ok(sp)
 }
 
+/// The largest vocabulary [`tokenizer_metadata`] pads to (umt5-xxl's is 256384): the row count
+/// comes from the file, and every padding token is a metadata string.
+pub const MAX_PADDED_VOCAB: usize = 1 << 20;
+
+/// SentencePiece's UNUSED piece type (llama.cpp's `TokenType.UNUSED`).
+const UNUSED_PIECE: i32 = 5;
+
 /// The `tokenizer.ggml.*` key-values ComfyUI-GGUF's `gguf_tokenizer_loader` reads back into a
-/// SentencePiece model (as llama.cpp's T5 conversion writes them).
-pub fn tokenizer_metadata(sp: &SentencePiece) -> Vec<(String, crate::MetadataValue)> {
+/// SentencePiece model, as llama.cpp's T5 conversion writes them: when the token embedding has
+/// more rows (`n_vocab`: umt5-xxl's 256384) than the model has pieces, the list is padded to
+/// `n_vocab` with `[PAD{i}]` tokens (score -1000, type UNUSED), as `convert_hf_to_gguf.py`'s
+/// SentencePiece vocabulary does; llama.cpp refuses a T5 file whose token list is shorter than
+/// its embedding. No padding past [`MAX_PADDED_VOCAB`].
+pub fn tokenizer_metadata(
+    sp: &SentencePiece,
+    n_vocab: usize,
+) -> Vec<(String, crate::MetadataValue)> {
     use crate::MetadataValue as V;
     let id = |v: i32| u32::try_from(v).map_or(V::I32(v), V::U32);
+    let padded = if n_vocab <= MAX_PADDED_VOCAB {
+        sp.pieces.len()..n_vocab
+    } else {
+        0..0
+    };
+    let tokens = sp
+        .pieces
+        .iter()
+        .map(|p| V::String(p.0.clone()))
+        .chain(padded.clone().map(|i| V::String(format!("[PAD{i}]"))));
+    let scores = sp
+        .pieces
+        .iter()
+        .map(|p| V::F32(p.1))
+        .chain(padded.clone().map(|_| V::F32(-1000.0)));
+    let types = sp
+        .pieces
+        .iter()
+        .map(|p| V::I32(p.2))
+        .chain(padded.map(|_| V::I32(UNUSED_PIECE)));
     vec![
         ("tokenizer.ggml.model".into(), V::String("t5".into())),
-        (
-            "tokenizer.ggml.tokens".into(),
-            V::Array(sp.pieces.iter().map(|p| V::String(p.0.clone())).collect()),
-        ),
-        (
-            "tokenizer.ggml.scores".into(),
-            V::Array(sp.pieces.iter().map(|p| V::F32(p.1)).collect()),
-        ),
+        ("tokenizer.ggml.tokens".into(), V::Array(tokens.collect())),
+        ("tokenizer.ggml.scores".into(), V::Array(scores.collect())),
         (
             "tokenizer.ggml.token_type".into(),
-            V::Array(sp.pieces.iter().map(|p| V::I32(p.2)).collect()),
+            V::Array(types.collect()),
         ),
         (
             "tokenizer.ggml.add_space_prefix".into(),
@@ -336,11 +439,40 @@ mod tests {
         assert_eq!(sp.pieces, [("x".to_owned(), 0.0, 1)]);
         assert_eq!((sp.eos_id, sp.pad_id), (2, -1));
         assert!(sp.add_dummy_prefix && sp.remove_extra_whitespaces);
-        let meta = tokenizer_metadata(&sp);
+        let meta = tokenizer_metadata(&sp, 0);
         let pad = meta
             .iter()
             .find(|(k, _)| k == "tokenizer.ggml.padding_token_id");
         assert_eq!(pad.map(|(_, v)| v), Some(&crate::MetadataValue::I32(-1)));
+        // Padded to the embedding's rows as llama.cpp's converter does; never past the cap.
+        let list = |meta: &[(String, crate::MetadataValue)], key: &str| match meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+        {
+            Some(crate::MetadataValue::Array(a)) => a,
+            other => panic!("{key}: {other:?}"),
+        };
+        let meta = tokenizer_metadata(&sp, 3);
+        use crate::MetadataValue as V;
+        assert_eq!(
+            list(&meta, "tokenizer.ggml.tokens"),
+            [
+                V::String("x".into()),
+                V::String("[PAD1]".into()),
+                V::String("[PAD2]".into())
+            ]
+        );
+        assert_eq!(
+            list(&meta, "tokenizer.ggml.scores"),
+            [V::F32(0.0), V::F32(-1000.0), V::F32(-1000.0)]
+        );
+        assert_eq!(
+            list(&meta, "tokenizer.ggml.token_type"),
+            [V::I32(1), V::I32(5), V::I32(5)]
+        );
+        let meta = tokenizer_metadata(&sp, MAX_PADDED_VOCAB + 1);
+        assert_eq!(list(&meta, "tokenizer.ggml.tokens").len(), 1);
     }
 
     #[test]

@@ -41,7 +41,7 @@ type Case = (
     &'static [(&'static str, GgmlType)],
 );
 
-use GgmlType::{BF16, F16, F32, Q4K, Q5K, Q6K};
+use GgmlType::{BF16, F16, F32, Q4K, Q5_0, Q5K, Q6K, Q8_0};
 
 /// The Q4_K_M type tables. BF16 sources keep unquantized 2-D tensors in BF16 and 1-D or
 /// <= 1024-element ones in F32; F16 sources keep F16. Rows not divisible by 256 fall back to
@@ -194,17 +194,24 @@ const CASES: &[Case] = &[
         Arch::T5xxl,
         "t5encoder",
         &[
+            // llama.cpp's rules (golden/t5_llamacpp checks them against llama-quantize):
+            // of 2 attn_v / ffn_down, use_more_bits upgrades only the second.
             ("enc.blk.0.attn_q.weight", Q4K),
             ("enc.blk.0.attn_k.weight", Q4K),
-            ("enc.blk.0.attn_v.weight", Q6K),
+            ("enc.blk.0.attn_v.weight", Q4K),
+            ("enc.blk.1.attn_v.weight", Q6K),
             ("enc.blk.1.ffn_gate.weight", Q4K),
             ("enc.blk.1.ffn_up.weight", Q4K),
-            ("enc.blk.1.ffn_down.weight", F16),
-            ("enc.blk.0.attn_o.weight", F16),
+            // Rows of 32: llama.cpp's fallbacks Q4_K -> Q5_0, Q6_K -> Q8_0.
+            ("enc.blk.0.ffn_down.weight", Q5_0),
+            ("enc.blk.1.ffn_down.weight", Q8_0),
+            ("enc.blk.0.attn_o.weight", Q5_0),
             ("enc.blk.0.attn_rel_b.weight", F16),
-            ("enc.blk.0.attn_norm.weight", F16),
-            ("enc.output_norm.weight", F16),
-            ("token_embd.weight", F16),
+            // Norms F32, as llama.cpp's converter stores them.
+            ("enc.blk.0.attn_norm.weight", F32),
+            ("enc.output_norm.weight", F32),
+            // Quantized as llama.cpp's tied output.
+            ("token_embd.weight", Q6K),
         ],
     ),
     (
@@ -214,7 +221,7 @@ const CASES: &[Case] = &[
         &[
             ("enc.blk.0.attn_q.weight", Q4K),
             ("enc.blk.1.attn_v.weight", Q6K),
-            ("token_embd.weight", F16),
+            ("token_embd.weight", Q6K),
             ("enc.blk.0.attn_rel_b.weight", F16),
         ],
     ),
@@ -225,7 +232,7 @@ const CASES: &[Case] = &[
         &[
             ("enc.blk.1.attn_q.weight", Q4K),
             ("enc.blk.1.attn_v.weight", Q6K),
-            ("token_embd.weight", BF16),
+            ("token_embd.weight", Q6K),
             ("enc.blk.0.attn_rel_b.weight", F32),
             ("enc.blk.1.attn_rel_b.weight", F32),
             ("enc.blk.1.ffn_norm.weight", F32),
@@ -417,8 +424,10 @@ fn umt5_gguf_carries_the_tokenizer_comfyui_gguf_rebuilds() {
     let Some(MetadataValue::Array(tokens)) = get("tokenizer.ggml.tokens") else {
         panic!("no tokens")
     };
-    assert_eq!(tokens.len(), 10);
+    // The 10 pieces, padded to the 128 embedding rows as llama.cpp's converter pads.
+    assert_eq!(tokens.len(), 128);
     assert_eq!(tokens[4], MetadataValue::String("\u{2581}a".into()));
+    assert_eq!(tokens[10], MetadataValue::String("[PAD10]".into()));
     assert_eq!(
         get("tokenizer.ggml.eos_token_id"),
         Some(&MetadataValue::U32(1))
@@ -573,7 +582,7 @@ fn other_targets_follow_the_same_tables() {
                 ("enc.blk.0.attn_o.weight", GgmlType::Q8_0),
                 ("enc.blk.1.ffn_down.weight", GgmlType::Q8_0),
                 ("enc.blk.0.attn_rel_b.weight", F16),
-                ("token_embd.weight", F16),
+                ("token_embd.weight", GgmlType::Q8_0),
             ],
         ),
         (
@@ -582,7 +591,7 @@ fn other_targets_follow_the_same_tables() {
             &[
                 ("enc.blk.0.attn_q.weight", GgmlType::Q5K),
                 ("enc.blk.1.attn_v.weight", Q6K),
-                ("token_embd.weight", F16),
+                ("token_embd.weight", Q6K),
             ],
         ),
     ];

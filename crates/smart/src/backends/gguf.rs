@@ -21,8 +21,9 @@ use crate::{Backend, BackendOptions, ConversionReport, Job, PlannedConversion, S
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GgufBackend;
 
-/// Bump when the bytes written for some target change.
-const VERSION: &str = "gguf-3";
+/// Bump when the bytes written for some target change (gguf-4: T5/umt5 typed by llama.cpp's
+/// rules and carrying its t5encoder.* hyperparameters).
+const VERSION: &str = "gguf-4";
 
 impl Backend for GgufBackend {
     fn supports(&self, source: &Detection, target: Precision) -> bool {

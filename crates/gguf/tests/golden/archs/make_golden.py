@@ -6,14 +6,17 @@ diffusion_models/gguf), reads it with gguf-py's GGUFReader and writes gguf_py_li
 per fixture, every tensor's [name, type name, torch-order shape] and every metadata key with
 its value (convcache.* provenance keys left out: they hold paths and times). For the umt5
 fixture it also rebuilds the SentencePiece model from the GGUF's tokenizer.ggml.* keys the way
-ComfyUI-GGUF's loader does and checks it equals the source's spiece_model (needs the
-sentencepiece and protobuf packages). For every T5/umt5 output
+ComfyUI-GGUF's loader does and checks it equals the source's spiece_model padded to the
+token embedding's rows as llama.cpp pads (needs the sentencepiece and protobuf packages), and
+checks llama.cpp itself loads that GGUF (llama-cpp-python). For every
+T5/umt5 output
 it applies the loader's T5_SD_MAP to the GGUF names and checks they give back every key of the
 source. The Rust test crates/gguf/tests/new_archs.rs compares convcache's output with this listing.
 
 Run from the repository root, after `cargo build -p cli`:
     /work/bench-venv/bin/python crates/gguf/tests/golden/archs/make_golden.py
 """
+import ctypes
 import json
 import os
 import subprocess
@@ -106,12 +109,41 @@ def check_tokenizer(path, src):
         spm.pieces.append(piece)
     spm.trainer_spec.eos_id = f("tokenizer.ggml.eos_token_id")
     spm.trainer_spec.pad_id = f("tokenizer.ggml.padding_token_id")
-    assert list(spm.pieces) == list(orig.pieces), (spm.pieces, orig.pieces)
+    # Padded to the token embedding's rows as llama.cpp's convert_hf_to_gguf.py pads
+    # (ComfyUI-GGUF keeps the padding pieces; they are UNUSED, so never produced).
+    n_vocab = next(int(t.shape[1]) for t in r.tensors if t.name == "token_embd.weight")
+    assert len(spm.pieces) == max(n_vocab, len(orig.pieces)), (len(spm.pieces), n_vocab)
+    assert list(spm.pieces)[: len(orig.pieces)] == list(orig.pieces), (spm.pieces, orig.pieces)
+    for i, p in enumerate(list(spm.pieces)[len(orig.pieces):], start=len(orig.pieces)):
+        assert (p.piece, p.score, p.type) == (f"[PAD{i}]", -1000.0, 5), p
     assert spm.trainer_spec.eos_id == orig.trainer_spec.eos_id
     assert spm.trainer_spec.pad_id == orig.trainer_spec.pad_id
     assert spm.normalizer_spec.add_dummy_prefix == orig.normalizer_spec.add_dummy_prefix
     assert spm.normalizer_spec.remove_extra_whitespaces == orig.normalizer_spec.remove_extra_whitespaces
     print(f"{os.path.basename(src)}: tokenizer rebuilt ({len(spm.pieces)} pieces)", file=sys.stderr)
+
+
+def check_llama_cpp_loads(path):
+    """llama.cpp itself (llama-cpp-python) loads the T5 GGUF (hyperparameters, tokenizer padded
+    to the embedding, tensor shapes) and makes a context for it. (Encoding is not run: on this
+    fixture's tiny quantized dims llama.cpp's encoder crashes on llama-quantize's own output
+    too; an F16 output of the fixture encodes.)"""
+    import llama_cpp
+
+    # Quiet: llama-cpp-python's default log hook fails to decode some of llama.cpp's lines.
+    quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(path.encode(), llama_cpp.llama_model_default_params())
+    assert model, f"llama.cpp cannot load {path}"
+    params = llama_cpp.llama_context_default_params()
+    params.embeddings = True
+    params.n_ctx = 64
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    assert ctx, f"llama.cpp cannot make a context for {path}"
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    print(f"{os.path.basename(path)}: llama.cpp loads it", file=sys.stderr)
 
 
 def main():
@@ -131,6 +163,7 @@ def main():
             assert os.path.dirname(path) == os.path.join(models, kind, "gguf"), path
             if name.startswith("umt5"):
                 check_tokenizer(path, src)
+                check_llama_cpp_loads(path)
             r = gguf.GGUFReader(path)
             if kind == "text_encoders":
                 check_t5_names(r, src)
