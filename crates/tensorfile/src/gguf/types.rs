@@ -167,8 +167,10 @@ impl FromStr for GgmlType {
 
 /// A llama file type: the value of `general.file_type`, and the name of a quantization mix.
 ///
-/// The variant docs summarise each mix; the per-tensor rules (which tensors are quantized,
-/// fused-QKV and per-architecture exceptions, shape fallbacks) live in the `gguf` crate's `mix`.
+/// The variant docs summarise each mix as it applies to diffusion models (ComfyUI-GGUF's
+/// rules); text encoders (T5, umt5) follow llama.cpp's `llama-quantize` instead. The
+/// per-tensor rules of both (which tensors are quantized, fused-QKV and per-architecture
+/// exceptions, shape fallbacks) live in the `gguf` crate's `mix`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FileType {
     /// Every tensor F32 (id 0).
