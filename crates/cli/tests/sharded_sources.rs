@@ -252,10 +252,12 @@ fn several_targets_of_a_sharded_folder_read_it_once_and_match_separate_commands(
     assert_rows_match_separate_commands(&s, arg, &rows, &targets);
 }
 
-/// Runs `convert DIR --to bf16` and `--to q8_0`: exit 2, one error line naming `names` and
-/// holding `needle`, nothing published.
+/// Runs `convert DIR --to bf16`, `--to q8_0` and `--to bf16,q8_0`: exit 2, one error line per
+/// pair naming `names` and holding `needle`, nothing published.
 fn assert_sharded_input_fault(s: &Scratch, dir: &Path, names: &Path, needle: &str) {
-    for target in ["bf16", "q8_0"] {
+    // One target, and two in one command (a group that would share one read): one line per
+    // pair.
+    for target in ["bf16", "q8_0", "bf16,q8_0"] {
         let run = s.run(&["convert", dir.to_str().expect("utf-8"), "--to", target]);
         let err = run.stderr.trim();
         assert_eq!(
@@ -263,9 +265,11 @@ fn assert_sharded_input_fault(s: &Scratch, dir: &Path, names: &Path, needle: &st
             "{needle} -> {target}: exit {}: {err}",
             run.code
         );
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(&names.display().to_string()), "{err}");
-        assert!(err.contains(needle), "{err}");
+        assert_eq!(err.lines().count(), target.split(',').count(), "{err}");
+        for line in err.lines() {
+            assert!(line.contains(&names.display().to_string()), "{err}");
+            assert!(line.contains(needle), "{err}");
+        }
         for out in [s.converted_dir(), gguf_dir(s)] {
             let published: Vec<String> = files_in(&out)
                 .into_iter()
